@@ -1,0 +1,144 @@
+"""Export: a trained run folder -> exports/NAME/ with onnx/model.onnx (fp32), Hugging Face style
+configs, tokenizer files, parity report and manifest. Built in a temporary folder beside the
+target and renamed into place only once the graph passes onnx.checker and parity."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline import manifest
+from pipeline.errors import ParityError, UserError
+from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
+from pipeline.model import GPT
+from pipeline.parity import ParityReport, parity_for_run
+from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
+from pipeline.train import checkpoint_dir, load_model
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is a standard op from 17
+
+
+class _CacheGraph(torch.nn.Module):
+    """Flat inputs and outputs in the contract's order, for the exporter."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = self.model.forward_with_cache(input_ids, attention_mask, position_ids, pairs)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def export_graph(model: GPT, path: Path) -> None:
+    """torch.onnx.export to the graph contract: symbolic batch and sequence dims, fixed heads and head size.
+
+    The TorchScript exporter (dynamo=False) is used on purpose: it names the symbolic dims as the
+    contract does from `dynamic_axes`, constant-folds the tied head's transpose, and handles past = 0;
+    the dynamo exporter cannot express total = past + sequence for a flat list of caches by name.
+    Example sizes are >= 2 everywhere: the exporter would specialize a dim of size 0 or 1.
+    """
+    c = model.config
+    B, T, P = 2, 3, 2
+    ids = torch.randint(0, c.vocab_size, (B, T))
+    mask = torch.ones(B, P + T, dtype=torch.int64)
+    pos = torch.arange(P, P + T).repeat(B, 1)
+    past = [torch.zeros(B, c.n_head, P, c.head_dim) for _ in range(2 * c.n_layer)]
+    ins, outs = list(INPUTS) + past_names(c.n_layer), ["logits"] + present_names(c.n_layer)
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names(c.n_layer)})
+    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names(c.n_layer)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(path), input_names=ins,
+                          output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def hf_config(model: GPT, eot: int) -> dict:
+    """config.json as transformers' GPT2Config writes it, so transformers.js and optimum read it."""
+    c = model.config
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": c.vocab_size, "n_positions": c.n_ctx, "n_ctx": c.n_ctx, "n_embd": c.n_embd,
+        "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": 4 * c.n_embd,
+        "activation_function": "gelu_new" if c.activation == "gelu" else "relu",
+        "layer_norm_epsilon": c.layer_norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+        "onnxgen": {"positional": c.positional, "bias": c.bias, "source": "onnxgen"},
+    }
+
+
+def generation_config(eot: int, n_ctx: int) -> dict:
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False,
+            "max_length": n_ctx, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished folder into place; with force, the old one goes only after the new is whole."""
+    if out.exists():
+        if not force:
+            raise UserError(f"--out {out}: exists; pass --force to replace it")
+        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> ParityReport:
+    run, out = Path(checkpoint), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    model = load_model(run)
+    tok = load_tokenizer(run)
+    if tok.get_vocab_size() != model.config.vocab_size:
+        raise UserError(f"tokenizer {run / 'tokenizer.json'}: {tok.get_vocab_size()} tokens but the model "
+                        f"has vocab_size {model.config.vocab_size}")
+    eot = tok.token_to_id(EOT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "onnx").mkdir()
+        t0 = time.time()
+        export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
+        log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
+        (tmp / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot, model.config.n_ctx), indent=2) + "\n")
+        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        ckpt = checkpoint_dir(run)
+        source = {"checkpoint": str(run.resolve()), "model_sha256": manifest.sha256(ckpt / "model.safetensors"),
+                  "step": json.loads((ckpt / "state.json").read_text())["step"], "kind": "onnxgen"}
+        files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", f"onnx/{VARIANTS['fp32']}"]
+        manifest.record(tmp, "export", files, source=source, opset=OPSET)
+        log.info("checking parity against PyTorch")
+        report = parity_for_run(tmp, run, ["fp32"])
+        report.write(tmp)
+        manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
+        if not report.passed:
+            failures = "; ".join(f for r in report.results for f in r.failures)
+            raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

@@ -1,0 +1,327 @@
+"""Parity: each ONNX variant against the PyTorch fp32 model on the same held-out token windows.
+
+The pattern of minGPT's Hugging Face test, made numeric: logits close, the same greedy tokens.
+Measured per variant:
+    max_abs, p99_abs     |Δlogit| over every position of every window (past 0, batch of windows)
+    cache_max_abs        the same windows fed in two steps (prefix, then the rest with past > 0)
+    padded_max_abs       a left-padded batch of 4 rows against each row run alone (same variant)
+    top1                 agreement of the argmax token
+    kl                   mean KL(PyTorch || variant) per position
+    ppl, ppl_change_pct  perplexity of the windows' next tokens, and its change against PyTorch
+    greedy_match         greedy tokens before the first disagreement (of `greedy_tokens`)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+# reference(input_ids, attention_mask, position_ids, past) -> (logits, presents), torch tensors
+Reference = Callable
+
+
+@dataclass
+class Thresholds:
+    max_abs: float | None = None
+    top1: float | None = None           # minimum agreement, 0..1
+    ppl_change_pct: float | None = None  # maximum |change| in percent
+    greedy_identical: bool = False
+    structural: float | None = None     # bound on cache_max_abs and padded_max_abs
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_abs is not None:
+            parts.append(f"max |Δ| ≤ {self.max_abs:g}")
+        if self.structural is not None:
+            parts.append(f"cache/padded |Δ| ≤ {self.structural:g}")
+        if self.top1 is not None:
+            parts.append(f"top-1 ≥ {self.top1:.0%}")
+        if self.ppl_change_pct is not None:
+            parts.append(f"|Δppl| ≤ {self.ppl_change_pct:g}%")
+        if self.greedy_identical:
+            parts.append("greedy identical")
+        return ", ".join(parts)
+
+
+THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(max_abs=1e-4, structural=1e-4, greedy_identical=True),
+}
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    max_abs: float
+    p99_abs: float
+    cache_max_abs: float
+    padded_max_abs: float
+    top1: float
+    kl: float
+    ppl: float
+    ppl_reference: float
+    ppl_change_pct: float
+    greedy_match: int
+    greedy_tokens: int
+    thresholds: str = ""
+    failures: list[str] = field(default_factory=list)
+    status: str = "pass"      # "pass", "fail" or "not run"
+    note: str = ""
+
+    def check(self, t: Thresholds) -> "VariantResult":
+        self.thresholds = t.describe()
+        f = []
+        if t.max_abs is not None and not self.max_abs <= t.max_abs:
+            f.append(f"max |Δlogit| {self.max_abs:.3g} > {t.max_abs:g}")
+        if t.structural is not None:
+            for name in ("cache_max_abs", "padded_max_abs"):
+                if not getattr(self, name) <= t.structural:
+                    f.append(f"{name} {getattr(self, name):.3g} > {t.structural:g}")
+        if t.top1 is not None and not self.top1 >= t.top1:
+            f.append(f"top-1 agreement {self.top1:.2%} < {t.top1:.0%}")
+        if t.ppl_change_pct is not None and not abs(self.ppl_change_pct) <= t.ppl_change_pct:
+            f.append(f"perplexity change {self.ppl_change_pct:+.3f}% beyond ±{t.ppl_change_pct:g}%")
+        if t.greedy_identical and self.greedy_match < self.greedy_tokens:
+            f.append(f"greedy generation differs at token {self.greedy_match + 1} of {self.greedy_tokens}")
+        self.failures = f
+        self.status = "fail" if f else "pass"
+        return self
+
+
+def held_out_windows(valid_ids: np.ndarray, n_windows: int, length: int) -> np.ndarray:
+    """(n_windows, length) windows at evenly spaced offsets of the held-out split: deterministic."""
+    if len(valid_ids) < length + 1:
+        raise UserError(f"held-out data: {len(valid_ids)} tokens, fewer than one window of {length}")
+    starts = np.linspace(0, len(valid_ids) - length - 1, n_windows).astype(np.int64)
+    return np.stack([valid_ids[s: s + length] for s in starts]).astype(np.int64)
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    return np.clip(mask.cumsum(-1) - 1, 0, None)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class _Torch:
+    """The reference run through the same contract as the graph (numpy in, numpy out)."""
+
+    def __init__(self, reference: Reference, empty_past: Callable[[int], list]):
+        self.reference, self.empty_past = reference, empty_past
+
+    @torch.no_grad()
+    def forward(self, ids, mask, pos, past):
+        logits, presents = self.reference(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos),
+                                          [torch.from_numpy(p) for p in past])
+        return logits.float().numpy(), [p.numpy() for p in presents]
+
+
+def _full(model, windows: np.ndarray) -> np.ndarray:
+    mask = np.ones_like(windows)
+    return model.forward(windows, mask, _positions(mask), model.empty_past(len(windows)))[0]
+
+
+def _two_step(model, windows: np.ndarray, split: int) -> np.ndarray:
+    mask = np.ones_like(windows)
+    pos = _positions(mask)
+    first, past = model.forward(windows[:, :split], mask[:, :split], pos[:, :split], model.empty_past(len(windows)))
+    second, _ = model.forward(windows[:, split:], mask, pos[:, split:], past)
+    return np.concatenate([first, second], axis=1)
+
+
+def _padded_vs_alone(model, windows: np.ndarray, pad_id: int) -> float:
+    """Left-pad 4 rows of different lengths; each row's logits must equal that row run alone,
+    at the prompt and at one further step with past > 0."""
+    L = windows.shape[1]
+    lengths = [L, (3 * L) // 4, L // 2, max(2, L // 4)]
+    rows = [windows[i % len(windows), :n] for i, n in enumerate(lengths)]
+    ids = np.full((4, L), pad_id, dtype=np.int64)
+    mask = np.zeros((4, L), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):], mask[b, L - len(r):] = r, 1
+    pos = _positions(mask)
+    batch_logits, past = model.forward(ids, mask, pos, model.empty_past(4))
+    nxt = batch_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    mask2 = np.concatenate([mask, np.ones((4, 1), np.int64)], 1)
+    step_logits, _ = model.forward(nxt, mask2, pos[:, -1:] + 1, past)
+    worst = 0.0
+    for b, r in enumerate(rows):
+        r = r[None]
+        alone, alone_past = model.forward(r, np.ones_like(r), _positions(np.ones_like(r)), model.empty_past(1))
+        m = np.ones((1, r.shape[1] + 1), np.int64)
+        alone_step, _ = model.forward(nxt[b:b + 1], m, np.array([[r.shape[1]]]), alone_past)
+        worst = max(worst, float(np.abs(batch_logits[b, L - r.shape[1]:] - alone[0]).max()),
+                    float(np.abs(step_logits[b] - alone_step[0]).max()))
+    return worst
+
+
+def _greedy(model, prompt: np.ndarray, n: int, eos_id: int | None = None) -> list[int]:
+    ids = prompt[None].astype(np.int64)
+    mask = np.ones_like(ids)
+    pos = _positions(mask)
+    past = model.empty_past(1)
+    out = []
+    for _ in range(n):
+        logits, past = model.forward(ids, mask, pos, past)
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        ids = np.array([[token]], dtype=np.int64)
+        pos = pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
+    return out
+
+
+def compare(variant: str, lm, reference: _Torch, windows: np.ndarray, pad_id: int, greedy_tokens: int,
+            ref_cache: dict) -> VariantResult:
+    """One variant (an OnnxLM) against the reference. ref_cache keeps the reference's work across variants."""
+    if "full" not in ref_cache:
+        ref_cache["full"] = _full(reference, windows)
+        prompt_len = min(16, windows.shape[1] // 2)
+        ref_cache["prompt"] = windows[0, :prompt_len]
+        ref_cache["greedy"] = _greedy(reference, ref_cache["prompt"], greedy_tokens)
+    ref = ref_cache["full"]
+    got = _full(lm, windows)
+    diff = np.abs(got.astype(np.float64) - ref)
+    split = windows.shape[1] // 2
+    cache = float(np.abs(_two_step(lm, windows, split) - ref).max())
+    padded = _padded_vs_alone(lm, windows, pad_id)
+    ref_lp, got_lp = _log_softmax(ref), _log_softmax(got)
+    kl = float((np.exp(ref_lp) * (ref_lp - got_lp)).sum(-1).mean())
+    targets = windows[:, 1:]
+    nll_ref = -np.take_along_axis(ref_lp[:, :-1], targets[..., None], -1).mean()
+    nll_got = -np.take_along_axis(got_lp[:, :-1], targets[..., None], -1).mean()
+    ppl_ref, ppl_got = math.exp(nll_ref), math.exp(nll_got)
+    greedy = _greedy(lm, ref_cache["prompt"], greedy_tokens)
+    match = next((i for i, (a, b) in enumerate(zip(greedy, ref_cache["greedy"])) if a != b), greedy_tokens)
+    return VariantResult(
+        variant=variant, max_abs=float(diff.max()), p99_abs=float(np.percentile(diff, 99)),
+        cache_max_abs=cache, padded_max_abs=padded, top1=float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        kl=kl, ppl=ppl_got, ppl_reference=ppl_ref, ppl_change_pct=100.0 * (ppl_got / ppl_ref - 1.0),
+        greedy_match=match, greedy_tokens=greedy_tokens,
+    )
+
+
+@dataclass
+class ParityReport:
+    windows: int
+    window_length: int
+    source: str
+    results: list[VariantResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.status != "fail" for r in self.results)
+
+    def to_dict(self) -> dict:
+        return {"windows": self.windows, "window_length": self.window_length, "source": self.source,
+                "passed": self.passed, "variants": {r.variant: asdict(r) for r in self.results}}
+
+    def markdown(self) -> str:
+        lines = [
+            "# Parity report",
+            "",
+            f"Each variant against the PyTorch fp32 model ({self.source}) on {self.windows} held-out windows "
+            f"of {self.window_length} tokens. |Δ| is the absolute logit difference; `cache` feeds the windows in "
+            "two steps (past > 0); `padded` is a left-padded batch of 4 against each row alone; greedy counts "
+            "the tokens generated before the first disagreement.",
+            "",
+            "| variant | status | max abs Δ | p99 abs Δ | cache Δ | padded Δ | top-1 | KL | ppl (PyTorch) | Δppl | greedy | thresholds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in self.results:
+            if r.status == "not run":
+                lines.append(f"| {r.variant} | not run | | | | | | | | | | {r.note} |")
+                continue
+            lines.append(
+                f"| {r.variant} | {r.status} | {r.max_abs:.2e} | {r.p99_abs:.2e} | {r.cache_max_abs:.2e} | "
+                f"{r.padded_max_abs:.2e} | {r.top1:.2%} | {r.kl:.2e} | {r.ppl:.3f} ({r.ppl_reference:.3f}) | "
+                f"{r.ppl_change_pct:+.3f}% | {r.greedy_match}/{r.greedy_tokens} | {r.thresholds} |")
+        failures = [f"- {r.variant}: {f}" for r in self.results for f in r.failures]
+        if failures:
+            lines += ["", "## Failures", "", *failures]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: Path) -> None:
+        (folder / "parity.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (folder / "parity.md").write_text(self.markdown())
+
+
+def run_parity(lms: dict, reference: Reference, empty_past, windows: np.ndarray, pad_id: int,
+               source: str, greedy_tokens: int = 64, thresholds: dict | None = None) -> ParityReport:
+    """lms: variant -> OnnxLM. reference follows the graph contract in torch."""
+    thresholds = thresholds or THRESHOLDS
+    ref = _Torch(reference, empty_past)
+    ref_cache: dict = {}
+    results = []
+    for variant, lm in lms.items():
+        r = compare(variant, lm, ref, windows, pad_id, greedy_tokens, ref_cache)
+        results.append(r.check(thresholds.get(variant, Thresholds())))
+    return ParityReport(windows=len(windows), window_length=windows.shape[1], source=source, results=results)
+
+
+# ----------------------------------------------------------------------------- onnxgen models
+
+def gpt_reference(model):
+    """The PyTorch model through the graph contract, for parity."""
+    def reference(ids, mask, pos, past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = model.forward_with_cache(ids, mask, pos, pairs)
+        return logits, [t for kv in presents for t in kv]
+
+    def empty_past(batch):
+        c = model.config
+        return [np.zeros((batch, c.n_head, 0, c.head_dim), np.float32) for _ in range(2 * c.n_layer)]
+    return reference, empty_past
+
+
+def run_windows(run: Path, n_ctx: int, n_windows: int = 8) -> np.ndarray:
+    valid = np.fromfile(run / "data" / "valid.bin", dtype=np.uint16)
+    return held_out_windows(valid, n_windows, min(128, n_ctx - 1))  # room for one step past the window
+
+
+def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport:
+    """The export in `folder` (its `variants`) against the onnxgen run folder it came from."""
+    from pipeline.runtime import OnnxLM
+    from pipeline.tokenizer import EOT, load_tokenizer
+    from pipeline.train import load_model
+
+    model = load_model(run)
+    reference, empty_past = gpt_reference(model)
+    lms = {v: OnnxLM(folder, variant=v) for v in variants}
+    pad = load_tokenizer(run).token_to_id(EOT)
+    windows = run_windows(run, model.config.n_ctx)
+    return run_parity(lms, reference, empty_past, windows, pad, source=str(run))
+
+
+def check_export(folder: str | Path, checkpoint: str | Path | None = None,
+                 variants: list[str] | None = None) -> ParityReport:
+    """The `parity` stage: every variant present in the export (or those named) against its source.
+    Writes parity.json and parity.md and records them in the manifest."""
+    from pipeline import manifest
+    from pipeline.layout import VARIANTS, variant_path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"export {folder}: folder does not exist")
+    if checkpoint is None:
+        source = manifest.load(folder).get("source") or {}
+        if "checkpoint" not in source:
+            raise UserError(f"export {folder}: manifest names no source checkpoint; pass --checkpoint")
+        checkpoint = source["checkpoint"]
+    present = [v for v in VARIANTS if variant_path(folder, v).is_file()]
+    for v in variants or []:
+        if not variant_path(folder, v).is_file():
+            raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")
+    report = parity_for_run(folder, Path(checkpoint), variants or present)
+    report.write(folder)
+    manifest.record(folder, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
+    return report

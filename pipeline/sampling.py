@@ -1,0 +1,58 @@
+"""Choosing the next token from logits, for a whole batch at once in NumPy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0   # 0: greedy
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1: off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise UserError(f"--temperature {self.temperature}: expected a number >= 0 (0 means greedy)")
+        if self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k}: expected an integer >= 0 (0 means off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"--top-p {self.top_p}: expected a number in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """logits (B, V) float -> next ids (B,) int64."""
+        c = self.config
+        if c.greedy:
+            return logits.argmax(-1).astype(np.int64)
+        z = logits.astype(np.float64) / c.temperature
+        if c.top_k and c.top_k < z.shape[-1]:
+            kth = np.partition(z, -c.top_k, axis=-1)[:, -c.top_k][:, None]
+            z = np.where(z < kth, -np.inf, z)
+        z -= z.max(-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(-1, keepdims=True)
+        if c.top_p < 1.0:
+            order = np.argsort(-p, axis=-1)
+            sorted_p = np.take_along_axis(p, order, -1)
+            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < c.top_p
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, -1)
+            p = np.where(keep, p, 0.0)
+            p /= p.sum(-1, keepdims=True)
+        u = self.rng.random((p.shape[0], 1))
+        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)

@@ -1,0 +1,79 @@
+"""Byte-level BPE with the `tokenizers` library, GPT-2 style: any byte string round-trips."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from pipeline.corpus import EOT
+from pipeline.errors import UserError
+
+
+def train_tokenizer(documents, vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+    if vocab_size < 257:
+        raise UserError(f"--vocab-size {vocab_size}: must be at least 257 (256 bytes + {EOT})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"tokenizer {path}: file does not exist")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for malformed JSON
+        raise UserError(f"tokenizer {path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    if tok.token_to_id(EOT) is None:
+        raise UserError(f"tokenizer {path}: has no {EOT} token")
+    return tok
+
+
+def eot_id(tok: Tokenizer) -> int:
+    return tok.token_to_id(EOT)
+
+
+def encode_documents(tok: Tokenizer, documents: list[str]) -> np.ndarray:
+    """All documents as one stream of ids, each followed by the end-of-text token."""
+    eot = eot_id(tok)
+    ids: list[int] = []
+    for enc in tok.encode_batch(documents, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+    return np.asarray(ids, dtype=dtype)
+
+
+def write_hf_tokenizer_files(tok: Tokenizer, folder: Path, n_ctx: int) -> None:
+    """tokenizer.json plus the two small files transformers.js and onnxruntime-genai also require."""
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": n_ctx,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        **special,
+        "added_tokens_decoder": {
+            str(eot_id(tok)): {"content": EOT, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": True},
+        },
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -1,0 +1,344 @@
+"""Training: corpus -> tokenizer -> GPT checkpoint folder.
+
+A run folder (models/NAME/) holds everything a later stage reads:
+    config.json          the model config (GPTConfig)
+    train.json           the training config and the corpus it saw
+    tokenizer.json       the byte-level BPE
+    data/train.bin       token ids (uint16), data/valid.bin the held-out split
+    checkpoint/          model.safetensors, optimizer.safetensors, state.json; swapped in whole
+    history.jsonl        one line per evaluation
+    loss.png             the loss curves
+Batches are drawn from a generator seeded by (seed, step), so a resumed run sees the same batches
+as an uninterrupted one and ends at the same loss.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.corpus import load_corpus
+from pipeline.errors import UserError
+from pipeline.model import GPT, GPTConfig
+from pipeline.tokenizer import encode_documents, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    block_size: int = 128         # tokens per training window, <= n_ctx
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    checkpoint_interval: int = 100
+    seed: int = 1337
+    vocab_size: int = 8192        # of the tokenizer this run trains
+    valid_fraction: float = 0.05
+    threads: int = 0              # 0: torch's default
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "block_size", "eval_interval", "eval_batches", "checkpoint_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.valid_fraction < 0.5:
+            raise UserError(f"train config: valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+def load_preset(name_or_path: str) -> tuple[GPTConfig, TrainConfig]:
+    """A preset is models/NAME.json (or any path): {"model": {...GPTConfig}, "train": {...TrainConfig}}."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+        raise UserError(f"preset {name_or_path}: not found; expected one of {names} or a path to a .json file")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"preset {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    d.pop("_comment", None)
+    return GPTConfig.from_dict(d.get("model", {})), TrainConfig.from_dict(d.get("train", {}))
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at the last step."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def get_batch(data: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator):
+    starts = rng.integers(0, len(data) - block_size - 1, size=batch_size)
+    x = np.stack([data[s: s + block_size] for s in starts]).astype(np.int64)
+    y = np.stack([data[s + 1: s + 1 + block_size] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, data: np.ndarray, tc: TrainConfig) -> float:
+    """Mean loss on fixed held-out windows (the same windows at every evaluation)."""
+    model.eval()
+    rng = np.random.default_rng([tc.seed, 0xE7A1])
+    losses = [model(*get_batch(data, tc.block_size, tc.batch_size, rng))[1].item() for _ in range(tc.eval_batches)]
+    model.train()
+    return float(np.mean(losses))
+
+
+def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
+    # Decay matrices, not biases, LayerNorm gains or (fixed) position tables.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run: Path, model: GPT, optimizer, state: dict) -> None:
+    """Write checkpoint.tmp/, then swap it in for checkpoint/: a kill at any moment leaves one whole."""
+    tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(state["step"])})
+    opt = optimizer.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for pid, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"state.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(run: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives only a kill in the middle of the swap
+        if (run / name / "state.json").is_file():
+            return run / name
+    return None
+
+
+def load_model(run: str | Path) -> GPT:
+    """The trained model of a run folder, in eval mode. Reads safetensors only."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"checkpoint {run}: folder does not exist")
+    config = GPTConfig.load(run / "config.json")
+    ckpt = checkpoint_dir(run)
+    if ckpt is None:
+        raise UserError(f"checkpoint {run}: has no checkpoint/ with model.safetensors (train it first)")
+    model = GPT(config)
+    load_weights(model, ckpt / "model.safetensors")
+    return model.eval()
+
+
+def load_weights(model: GPT, path: Path) -> None:
+    try:
+        weights = load_file(path)
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    got = {k: v.shape for k, v in weights.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))[:3]
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
+        raise UserError(f"checkpoint {path}: does not match its config.json "
+                        f"(missing {missing}, wrong shapes {[(k, tuple(got[k]), tuple(expected[k])) for k in wrong]})")
+    model.load_state_dict(weights, strict=False)
+
+
+def restore(run: Path, model: GPT, optimizer) -> dict:
+    ckpt = checkpoint_dir(run)
+    state = json.loads((ckpt / "state.json").read_text())
+    load_weights(model, ckpt / "model.safetensors")
+    tensors = load_file(ckpt / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    opt_state: dict = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        opt_state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    return state
+
+
+# ----------------------------------------------------------------------------- the run
+
+def prepare_run(run: Path, config: GPTConfig, tc: TrainConfig, corpus: str | None, preset: str) -> None:
+    """Tokenizer and token files, written once per run folder (resume reuses them)."""
+    log.info("reading corpus %s", corpus or "(Python standard library)")
+    data = load_corpus(corpus, tc.valid_fraction, tc.seed)
+    log.info("corpus: %d files, %.1f MB, %d train / %d valid documents",
+             data.files, data.bytes / 1e6, len(data.train), len(data.valid))
+    t0 = time.time()
+    tok = train_tokenizer(data.train, vocab_size=tc.vocab_size)
+    log.info("tokenizer: %d tokens in %.1fs", tok.get_vocab_size(), time.time() - t0)
+    config.vocab_size = tok.get_vocab_size()
+    (run / "data").mkdir(parents=True, exist_ok=True)
+    train_ids, valid_ids = encode_documents(tok, data.train), encode_documents(tok, data.valid)
+    for name, ids in (("train", train_ids), ("valid", valid_ids)):
+        if len(ids) < tc.block_size + 2:
+            raise UserError(f"corpus {corpus}: the {name} split has {len(ids)} tokens, "
+                            f"fewer than one window of {tc.block_size} (give more text or a smaller block_size)")
+        ids.tofile(run / "data" / f"{name}.bin")
+    log.info("tokens: %d train, %d valid (%.2f bytes/token)", len(train_ids), len(valid_ids),
+             data.bytes / max(1, len(train_ids) + len(valid_ids)))
+    tok.save(str(run / "tokenizer.json"))
+    (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (run / "train.json").write_text(json.dumps({
+        "preset": preset, "train": asdict(tc),
+        "corpus": {"spec": corpus or "stdlib", "files": data.files, "bytes": data.bytes,
+                   "replaced_bytes": data.replaced, "fingerprint": data.fingerprint,
+                   "train_tokens": int(len(train_ids)), "valid_tokens": int(len(valid_ids))},
+    }, indent=2) + "\n")
+
+
+def train(out: str | Path, preset: str = "small", corpus: str | None = None, resume: bool = False,
+          force: bool = False, overrides: dict | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (or resume) the run in `out`. Returns the final state: step, train and validation loss."""
+    run = Path(out)
+    if resume:
+        if checkpoint_dir(run) is None:
+            raise UserError(f"--resume: {run} has no checkpoint to resume from")
+        config = GPTConfig.load(run / "config.json")
+        tc = TrainConfig.from_dict(json.loads((run / "train.json").read_text())["train"])
+        if overrides:
+            tc = TrainConfig.from_dict({**asdict(tc), **overrides})
+    else:
+        if run.exists() and any(run.iterdir()):
+            if not force:
+                raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
+                                "its training or --force to start over")
+            shutil.rmtree(run)
+        config, tc = load_preset(preset)
+        if overrides:
+            tc = TrainConfig.from_dict({**asdict(tc), **overrides})
+        if tc.block_size > config.n_ctx:
+            raise UserError(f"train config: block_size {tc.block_size} exceeds the model's context n_ctx {config.n_ctx}")
+        run.mkdir(parents=True, exist_ok=True)
+        try:
+            prepare_run(run, config, tc, corpus, preset)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)  # nothing half-written
+            raise
+    return _loop(run, config, tc, resume, progress, stop_after)
+
+
+def _loop(run: Path, config: GPTConfig, tc: TrainConfig, resume: bool, progress: bool,
+          stop_after: int | None) -> dict:
+    from tqdm import tqdm
+
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    train_data = np.fromfile(run / "data" / "train.bin", dtype=np.uint16)
+    valid_data = np.fromfile(run / "data" / "valid.bin", dtype=np.uint16)
+    model = GPT(config)
+    optimizer = make_optimizer(model, tc)
+    state = {"step": 0, "train_loss": None, "val_loss": None}
+    if resume:
+        state = restore(run, model, optimizer)
+        log.info("resumed %s at step %d", run, state["step"])
+    model.train()
+    log.info("model: %.2fM parameters, %d layers, %d heads, width %d, context %d",
+             model.num_parameters() / 1e6, config.n_layer, config.n_head, config.n_embd, config.n_ctx)
+    history = run / "history.jsonl"
+    tokens_per_step = tc.batch_size * tc.block_size
+    # Redrawn in place on a terminal; in a log (CI, make), a line every 30 seconds instead.
+    bar = tqdm(total=tc.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    t_last, loss_ema = time.time(), state["train_loss"]
+    last = stop_after if stop_after is not None else tc.steps
+    while state["step"] < min(tc.steps, last):
+        step = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        x, y = get_batch(train_data, tc.block_size, tc.batch_size, np.random.default_rng([tc.seed, step]))
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        state["step"] = step = step + 1
+        state["train_loss"] = loss.item()
+        loss_ema = state["train_loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * state["train_loss"]
+        now = time.time()
+        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):,.0f}")
+        bar.update(1)
+        t_last = now
+        if step % tc.eval_interval == 0 or step == tc.steps:
+            state["val_loss"] = evaluate(model, valid_data, tc)
+            with open(history, "a") as fh:
+                fh.write(json.dumps({"step": step, "train_loss": loss_ema, "val_loss": state["val_loss"],
+                                     "lr": lr_at(step - 1, tc), "time": now}) + "\n")
+            bar.write(f"step {step}: train loss {loss_ema:.4f}, val loss {state['val_loss']:.4f}, "
+                      f"val ppl {math.exp(state['val_loss']):.2f}")
+        if step % tc.checkpoint_interval == 0 or step == tc.steps:
+            save_checkpoint(run, model, optimizer, state)
+    bar.close()
+    plot_loss(run)
+    return state
+
+
+def plot_loss(run: Path) -> None:
+    history = run / "history.jsonl"
+    if not history.exists():
+        return
+    rows = {}
+    for line in history.read_text().splitlines():
+        r = json.loads(line)
+        rows[r["step"]] = r  # a resumed run rewrites the steps it replays: keep the last
+    steps = sorted(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [rows[s]["train_loss"] for s in steps], label="train (EMA)")
+    ax.plot(steps, [rows[s]["val_loss"] for s in steps], label="validation", marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{run.name}: final val ppl {math.exp(rows[steps[-1]]['val_loss']):.2f}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "loss.png.tmp", dpi=100, format="png")
+    plt.close(fig)
+    os.replace(run / "loss.png.tmp", run / "loss.png")
