@@ -203,10 +203,9 @@ def restore(run: Path, model: GPT, optimizer) -> dict:
 
 def prepare_run(run: Path, config: GPTConfig, tc: TrainConfig, corpus: str | None, preset: str) -> None:
     """Tokenizer and token files, written once per run folder (resume reuses them)."""
-    log.info("reading corpus %s", corpus or "(Python standard library)")
     data = load_corpus(corpus, tc.valid_fraction, tc.seed)
-    log.info("corpus: %d files, %.1f MB, %d train / %d valid documents",
-             data.files, data.bytes / 1e6, len(data.train), len(data.valid))
+    log.info("corpus %s: %d files, %.1f MB, %d train / %d valid documents",
+             corpus or "(Python standard library)", data.files, data.bytes / 1e6, len(data.train), len(data.valid))
     t0 = time.time()
     tok = train_tokenizer(data.train, vocab_size=tc.vocab_size)
     log.info("tokenizer: %d tokens in %.1fs", tok.get_vocab_size(), time.time() - t0)
