@@ -4,7 +4,9 @@ User mistakes (UserError) print one line and exit 2; a missed parity threshold e
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -147,10 +149,16 @@ def to_hf(checkpoint, out):
 
     if out.exists():
         raise UserError(f"--out {out}: exists")
-    model = load_model(checkpoint)
-    out.mkdir(parents=True)
-    save_gpt2(model, out)
-    write_hf_tokenizer_files(load_tokenizer(checkpoint), out, model.config.n_ctx)
+    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_gpt2(model, tmp)
+        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     click.echo(f"wrote {out}")
 
 

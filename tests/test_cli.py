@@ -64,3 +64,18 @@ def test_empty_corpus_leaves_no_run_folder(tmp_path):
     proc = onnxgen("train", "--preset", "tiny", "--corpus", tmp_path / "empty.txt", "--out", tmp_path / "run", check=False)
     _fails_cleanly(proc, "empty")
     assert not (tmp_path / "run").exists()
+
+
+def test_to_hf_writes_a_folder_transformers_loads(tmp_path, tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.train import load_model
+
+    onnxgen("to-hf", tiny_run, "--out", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok.encode("import os\nfrom email import message")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_model(tiny_run)(ids)[0], atol=1e-5, rtol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
