@@ -302,7 +302,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path | None = 
         if tc.block_size > base_config.n_ctx:
             raise UserError(f"--block-size {tc.block_size}: exceeds the model's context n_ctx {base_config.n_ctx}")
         lora = (lora or LoraSettings()) if method == "lora" else None
-        world.rows(tc.batch_size)
+        if lora:
+            with torch.device("meta"):  # the module names alone: no memory, no weights read
+                _check_targets(GPT(base_config), lora)
+        world.rows(tc.batch_size)  # refuse what cannot run before anything is written
 
         def prepare():
             if run.exists() and any(run.iterdir()):
@@ -341,7 +344,6 @@ def _finetune_loop(run: Path, base: Path, method: str, lora: LoraSettings | None
     if method == "lora":
         from peft import get_peft_model
 
-        _check_targets(model, lora)
         model = get_peft_model(model, _lora_config(lora))
         files = lambda: _adapter_files(model)  # noqa: E731
         load = lambda ckpt: _load_adapter(model, ckpt)  # noqa: E731
