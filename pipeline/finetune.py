@@ -294,7 +294,10 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path | None = 
         if checkpoint_dir(base) is None:
             raise UserError(f"checkpoint {base}: has no checkpoint (train it first)")
         base_config = GPTConfig.load(base / "config.json")
-        base_train = json.loads((base / "train.json").read_text())["train"] if (base / "train.json").is_file() else {}
+        base_train = {}  # batch and window sizes come from how the base was trained (or fine-tuned)
+        for name in ("train.json", "finetune.json"):
+            if (base / name).is_file():
+                base_train = json.loads((base / name).read_text())["train"]
         tc = TrainConfig.from_dict({
             "batch_size": base_train.get("batch_size", 16), "block_size": base_train.get("block_size", 128),
             "seed": base_train.get("seed", 1337), "threads": base_train.get("threads", 0),
