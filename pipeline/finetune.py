@@ -288,6 +288,8 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path | None = 
             raise UserError(f"--resume: {run} was fine-tuned with --method {spec['method']}, not {method}")
         if Path(spec["base"]["checkpoint"]) != base.resolve():
             raise UserError(f"--resume: {run} was fine-tuned from {spec['base']['checkpoint']}, not {base.resolve()}")
+        if data.is_file() and manifest.sha256(data) != spec["data"]["sha256"]:
+            raise UserError(f"--resume: --data {data} is not the file {run} was fine-tuned on (sha256 differs)")
         tc = TrainConfig.from_dict({**spec["train"], **(overrides or {})})
         lora = LoraSettings(**spec["lora"]) if spec["lora"] else None
     else:

@@ -286,6 +286,9 @@ def train(out: str | Path, preset: str = "small", corpus: str | None = None, res
     if resume:
         if checkpoint_dir(run) is None:
             raise UserError(f"--resume: {run} has no checkpoint to resume from")
+        if not (run / "train.json").is_file():
+            hint = "; it is a fine-tune: resume it with `onnxgen finetune --resume`" if (run / "finetune.json").is_file() else ""
+            raise UserError(f"--resume: {run} has no train.json{hint}")
         config = GPTConfig.load(run / "config.json")
         tc = TrainConfig.from_dict(json.loads((run / "train.json").read_text())["train"])
         if overrides:

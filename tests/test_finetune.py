@@ -121,7 +121,11 @@ def test_full_finetune_on_prose_through_the_cli(tiny_run, finetune_data, tmp_pat
     assert source["model_sha256"] == manifest.sha256(out / "checkpoint" / "model.safetensors")
 
 
-def test_finetune_refuses_bad_input(tiny_run, finetune_data, tmp_path):
+def test_finetune_refuses_bad_input(tiny_run, lora_run, finetune_data, tmp_path):
+    with pytest.raises(UserError, match="sha256 differs"):  # resuming on other data than it was prepared from
+        finetune(tiny_run, finetune_data / "prose.txt", lora_run[0], method="lora", resume=True)
+    with pytest.raises(UserError, match="--method lora"):
+        finetune(tiny_run, finetune_data / "qa.jsonl", lora_run[0], method="full", resume=True)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(UserError, match="line 2"):
