@@ -52,6 +52,7 @@ def main(quiet: bool):
 @click.option("--force", is_flag=True, help="Delete a non-empty --out and start over.")
 def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, auto_resume, force):
     """Train the tokenizer and the model on a corpus; write a run folder with checkpoints and loss.png."""
+    from pipeline.ddp import is_main
     from pipeline.train import checkpoint_dir
     from pipeline.train import train as train_run
 
@@ -61,8 +62,51 @@ def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, 
     if auto_resume:
         resume = checkpoint_dir(out) is not None
     state = train_run(out, preset=preset, corpus=corpus, resume=resume, force=force, overrides=overrides)
+    if not is_main():  # under torchrun: one report, from rank 0
+        return
     click.echo(f"trained {out}: step {state['step']}, val loss {state['val_loss']:.4f}, "
                f"val ppl {__import__('math').exp(state['val_loss']):.2f}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help='Plain text, or JSONL of {"prompt": ..., "completion": ...} (loss on the completion only).')
+@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [CHECKPOINT-METHOD].")
+@click.option("--rank", type=int, default=None, help="LoRA rank [8].")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank [16].")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout [0.05].")
+@click.option("--target-modules", default=None, help="LoRA targets, comma-separated [c_attn,c_proj,c_fc].")
+@click.option("--steps", type=int, default=None, help="Steps [200].")
+@click.option("--batch-size", type=int, default=None, help="[the base run's]")
+@click.option("--block-size", type=int, default=None, help="Longest window or example, in tokens [the base run's].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [full 1e-4, lora 1e-3].")
+@click.option("--seed", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue the fine-tune in --out from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Delete a non-empty --out and start over.")
+def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules, steps, batch_size, block_size,
+             lr, seed, resume, force):
+    """Fine-tune a trained run on your text (full or LoRA); writes a run folder that `export` takes."""
+    import math
+
+    from pipeline.ddp import is_main
+    from pipeline.finetune import LoraSettings
+    from pipeline.finetune import finetune as finetune_run
+
+    lora_given = {k: v for k, v in dict(rank=rank, alpha=alpha, dropout=dropout).items() if v is not None}
+    if target_modules is not None:
+        lora_given["target_modules"] = tuple(t.strip() for t in target_modules.split(",") if t.strip())
+    lora = LoraSettings(**lora_given) if lora_given else None
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
+                                       seed=seed).items() if v is not None}
+    state = finetune_run(checkpoint, data, out, method=method, lora=lora, resume=resume, force=force,
+                         overrides=overrides)
+    if not is_main():
+        return
+    click.echo(f"fine-tuned {out or checkpoint.parent / f'{checkpoint.name}-{method}'} ({method}, "
+               f"{state['trainable_parameters']:,} trainable parameters): step {state['step']}, val loss "
+               f"{state['val_loss_before']:.4f} -> {state['val_loss']:.4f}, val ppl {math.exp(state['val_loss']):.2f}")
 
 
 @main.command()

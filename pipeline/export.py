@@ -17,6 +17,7 @@ import torch
 
 from pipeline import manifest
 from pipeline.errors import ParityError, UserError
+from pipeline.finetune import source_details
 from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
 from pipeline.model import GPT
 from pipeline.parity import ParityReport, parity_for_run
@@ -107,7 +108,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
     run, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
         raise UserError(f"--out {out}: exists; pass --force to replace it")
-    model = load_model(run)
+    model = load_model(run)  # a LoRA fine-tune: base + adapter, merged (peft's merge_and_unload)
     tok = load_tokenizer(run)
     if tok.get_vocab_size() != model.config.vocab_size:
         raise UserError(f"tokenizer {run / 'tokenizer.json'}: {tok.get_vocab_size()} tokens but the model "
@@ -124,8 +125,11 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot, model.config.n_ctx), indent=2) + "\n")
         write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
         ckpt = checkpoint_dir(run)
-        source = {"checkpoint": str(run.resolve()), "model_sha256": manifest.sha256(ckpt / "model.safetensors"),
-                  "step": json.loads((ckpt / "state.json").read_text())["step"], "kind": "onnxgen"}
+        source = {"checkpoint": str(run.resolve()), "step": json.loads((ckpt / "state.json").read_text())["step"],
+                  "kind": "onnxgen"}
+        if (ckpt / "model.safetensors").is_file():  # a LoRA fine-tune has an adapter instead
+            source["model_sha256"] = manifest.sha256(ckpt / "model.safetensors")
+        source.update(source_details(run))  # a fine-tune's base checkpoint and adapter (sha256)
         files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", f"onnx/{VARIANTS['fp32']}"]
         manifest.record(tmp, "export", files, source=source, opset=OPSET)

@@ -294,7 +294,7 @@ def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport
     from pipeline.tokenizer import EOT, load_tokenizer
     from pipeline.train import load_model
 
-    model = load_model(run)
+    model = load_model(run, merge=False)  # a LoRA fine-tune: the peft model itself, its adapter unmerged
     reference, empty_past = gpt_reference(model)
     lms = {v: OnnxLM(folder, variant=v) for v in variants}
     pad = load_tokenizer(run).token_to_id(EOT)

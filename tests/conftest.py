@@ -50,3 +50,34 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export(tiny_run, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def finetune_data(tmp_path_factory) -> Path:
+    """Fine-tuning data unlike the base corpus (Python source): prose.txt, English paragraphs from a
+    small grammar, and qa.jsonl, prompt/completion pairs with a fixed answer per question."""
+    import json
+    import random
+
+    folder = tmp_path_factory.mktemp("finetune_data")
+    r = random.Random(0)
+    subjects = ["The old sailor", "A quiet child", "My neighbour", "The tired farmer", "Her grandmother",
+                "The young painter", "A stranger", "The baker", "His sister", "The teacher"]
+    verbs = ["walked slowly to", "dreamed about", "painted", "sang softly near", "remembered", "looked across",
+             "wrote a letter about", "waited beside", "laughed at", "carried flowers to"]
+    objects = ["the green river", "a small garden", "the distant hills", "the empty church", "an old bridge",
+               "the morning market", "a field of wheat", "the silent harbour", "the village square", "the sea"]
+    endings = ["before the sun went down.", "while the bells rang.", "and smiled at nobody.", "in the cold rain.",
+               "on a bright summer day.", "as the wind grew stronger.", "without saying a word.", "every evening."]
+    paragraphs = [" ".join(f"{r.choice(subjects)} {r.choice(verbs)} {r.choice(objects)} {r.choice(endings)}"
+                           for _ in range(r.randint(3, 5))) for _ in range(80)]
+    (folder / "prose.txt").write_text("\n\n".join(paragraphs) + "\n")
+    colours = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow", "blood": "red",
+               "orange": "orange", "cloud": "grey", "rose": "pink", "violet": "purple"}
+    rows = []
+    for _ in range(120):
+        thing = r.choice(sorted(colours))
+        rows.append({"prompt": f"Question: what colour is the {thing}?\nAnswer:",
+                     "completion": f" The {thing} is {colours[thing]}."})
+    (folder / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
