@@ -71,7 +71,7 @@ class OnnxLM:
             raise UserError(f"export {self.folder}: folder does not exist")
         self.config = read_json(self.folder / "config.json", "config")
         gen = read_json(self.folder / "generation_config.json", "generation config")
-        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json")
+        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
         self.eos_id = int(gen["eos_token_id"])
         self.pad_id = int(gen.get("pad_token_id", self.eos_id))
         self.n_ctx = context_length(self.config)
