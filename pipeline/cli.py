@@ -73,13 +73,13 @@ def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, 
 def export(checkpoint, out, force, hf, corpus):
     """Export a trained run folder (or, with --hf, a Hugging Face model) to ONNX (fp32, KV cache) with
     configs, tokenizer, genai_config.json, parity and manifest."""
-    from pipeline.export import export as export_run
-    from pipeline.hf_import import export_hf
-
     if (checkpoint is None) == (hf is None):
         raise UserError("export: give a CHECKPOINT run folder or --hf DIR (one of them)")
     if corpus is not None and hf is None:
         raise UserError("--corpus: only used with --hf (an onnxgen run holds out its own data)")
+    from pipeline.export import export as export_run
+    from pipeline.hf_import import export_hf
+
     report = export_run(checkpoint, out, force=force) if hf is None else export_hf(hf, out, force=force, corpus=corpus)
     fp32 = report.results[0]
     click.echo(f"exported {out}: fp32 max |Δlogit| {fp32.max_abs:.2e}, greedy {fp32.greedy_match}/"
