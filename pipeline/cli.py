@@ -145,6 +145,18 @@ def run(export_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top
         click.echo(f"onnxgen: stopped at the model's context length ({lm.n_ctx} tokens)", err=True)
 
 
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
+def genai(export_dir, variant):
+    """Point the export's genai_config.json (onnxruntime-genai) at another variant."""
+    from pipeline.genai import use_variant
+    from pipeline.layout import VARIANTS
+
+    path = use_variant(export_dir, variant)
+    click.echo(f"wrote {path}: onnxruntime-genai now runs onnx/{VARIANTS[variant]}")
+
+
 @main.command("to-hf")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True)

@@ -116,3 +116,19 @@ def write_genai_config(folder: str | Path, variant: str = "fp32") -> Path:
     tmp.write_text(json.dumps(genai_config(folder, variant), indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def use_variant(folder: str | Path, variant: str) -> Path:
+    """The `genai` stage: point genai_config.json at another variant (e.g. int4 for a small device)
+    and record the change in the manifest, so `manifest verify` still holds."""
+    from pipeline import manifest
+    from pipeline.layout import variant_path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"export {folder}: folder does not exist")
+    if not variant_path(folder, variant).is_file():
+        raise UserError(f"--variant {variant}: {variant_path(folder, variant)} does not exist in this export")
+    path = write_genai_config(folder, variant)
+    manifest.record(folder, "genai", [GENAI_CONFIG], variant=variant)
+    return path

@@ -7,6 +7,7 @@ would make parity agreement meaningless).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -107,4 +108,25 @@ def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
             onnxgen("export", "--hf", src, "--out", out[family], "--corpus", TEST_CORPUS)
         else:
             export_hf(src, out[family], corpus=str(TEST_CORPUS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the trained export and the Llama import with an int8 variant beside fp32, for the
+    runtime proofs. Made here with onnxruntime.quantization (per-channel dynamic int8, recorded in the
+    manifest) until `onnxgen quantize` lands; then this should call it instead."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pipeline import manifest
+    from pipeline.layout import VARIANTS
+
+    out = {}
+    for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():
+        folder = tmp_path_factory.mktemp("int8") / name
+        shutil.copytree(src, folder)
+        quantize_dynamic(folder / "onnx" / VARIANTS["fp32"], folder / "onnx" / VARIANTS["int8"],
+                         per_channel=True, weight_type=QuantType.QInt8)
+        manifest.record(folder, "quantize", [f"onnx/{VARIANTS['int8']}"], variant="int8")
+        out[name] = folder
     return out

@@ -4,6 +4,7 @@ for every Hugging Face family we import."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -105,3 +106,26 @@ def test_genai_runs_imported_models(hf_exports, family):
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
     assert tokens == want_tokens
     assert len(set(tokens)) > 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny", "llama"])
+def test_genai_runs_the_int8_variant(int8_exports, tmp_path, name):
+    """`onnxgen genai EXPORT --variant int8` repoints the config; genai then runs the int8 graph
+    (logits equal to our int8 run, not to fp32's) and the manifest still verifies."""
+    folder = tmp_path / name
+    shutil.copytree(int8_exports[name], folder)
+    proc = onnxgen("genai", folder, "--variant", "int8")
+    assert "onnx/model_quantized.onnx" in proc.stdout
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"] == \
+        "onnx/model_quantized.onnx"
+    manifest.verify(folder)
+    lm, fp32 = OnnxLM(folder, variant="int8"), OnnxLM(folder)
+    ids = lm.encode(PROMPTS[0])
+    tokens, logits = genai_greedy(folder, ids, STEPS)
+    want_tokens, want_logits = onnxgen_greedy(lm, ids, STEPS)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    assert tokens == want_tokens
+    assert np.abs(logits[0] - onnxgen_greedy(fp32, ids, 1)[1][0]).max() > 1e-4  # it really is the int8 graph
+    proc = onnxgen("genai", folder, "--variant", "int4", check=False)
+    assert proc.returncode == 2 and "model_q4.onnx does not exist" in proc.stderr

@@ -114,11 +114,20 @@ def test_import_generates_as_transformers_does(hf_models, hf_exports, family):
 
 
 @pytest.mark.slow
-def test_parity_stage_and_run_work_on_an_import(hf_exports):
-    """`onnxgen parity` finds the transformers source in the manifest (and its corpus); `onnxgen run` runs it."""
-    folder = hf_exports["qwen2"]
+def test_parity_stage_and_run_work_on_an_import(int8_exports, tmp_path):
+    """`onnxgen parity` finds the transformers source in the manifest (and its corpus) and checks every
+    variant present, int8 included; `onnxgen run` runs the folder."""
+    folder = tmp_path / "llama"
+    shutil.copytree(int8_exports["llama"], folder)
+    at_export = json.loads((folder / "parity.json").read_text())["variants"]["fp32"]
     proc = onnxgen("parity", folder)
     assert "| fp32 | pass |" in proc.stdout
+    parity = json.loads((folder / "parity.json").read_text())
+    assert parity["source"] == manifest.load(folder)["source"]["checkpoint"]
+    fp32, int8 = parity["variants"]["fp32"], parity["variants"]["int8"]
+    assert fp32["max_abs"] <= THRESHOLDS["fp32"].max_abs < int8["max_abs"]  # int8 really was compared
+    # the same windows as at export (the corpus recorded in the manifest, not the default stdlib)
+    assert fp32["ppl_reference"] == pytest.approx(at_export["ppl_reference"], rel=1e-9)
     assert manifest.load(folder)["stages"][-1]["stage"] == "parity"
     manifest.verify(folder)
     lm = OnnxLM(folder)

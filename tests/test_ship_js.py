@@ -47,22 +47,6 @@ def node_modules() -> Path:
     return JS / "node_modules"
 
 
-@pytest.fixture(scope="module")
-def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
-    """Copies of the trained export and the Llama import with an int8 variant beside fp32.
-    Made here with onnxruntime.quantization (per-channel dynamic int8) until `onnxgen quantize` lands."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = {}
-    for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():
-        folder = tmp_path_factory.mktemp("int8") / name
-        shutil.copytree(src, folder)
-        quantize_dynamic(folder / "onnx" / VARIANTS["fp32"], folder / "onnx" / VARIANTS["int8"],
-                         per_channel=True, weight_type=QuantType.QInt8)
-        out[name] = folder
-    return out
-
-
 def _positions(mask: np.ndarray) -> np.ndarray:
     return np.clip(mask.cumsum(-1) - 1, 0, None)
 
