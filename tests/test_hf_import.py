@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import HF_FAMILIES, TEST_CORPUS, onnxgen
+from conftest import HF_FAMILIES, onnxgen
 from pipeline import manifest
 from pipeline.errors import UserError
 from pipeline.hf_import import SUPPORTED, export_hf
