@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import HF_FAMILIES, ROOT, TEST_CORPUS
-from pipeline.layout import VARIANTS
+from pipeline.layout import VARIANTS, variant_path
 from pipeline.runtime import Generation, OnnxLM
 
 JS = ROOT / "tests" / "js"
@@ -28,8 +28,8 @@ JS = ROOT / "tests" / "js"
 ATOL = 1e-4
 MAX_NEW = 20
 TEXTS = ["def parse_header(line):\n    return", "# héllo wörld ✓\n\tx = {'a': 1}", "import os\nfrom email import"]
-# transformers.js's dtype option names the file: q8 -> model_quantized.onnx (our int8)
-DTYPES = {"fp32": "fp32", "int8": "q8"}
+# transformers.js's dtype option names the file: q8 -> model_quantized.onnx (our int8), q4 -> model_q4.onnx
+DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +83,11 @@ def _trim(tokens: list[int], eos: int) -> list[int]:
 @pytest.fixture(scope="module")
 def js_run(node_modules, tiny_export, hf_exports, int8_exports, tmp_path_factory):
     """One node process for every folder (its start-up and imports are the slow part)."""
-    folders = {"tiny": (int8_exports["tiny"], ["fp32", "int8"]), "llama+int8": (int8_exports["llama"], ["fp32", "int8"])}
-    folders.update({f"hf-{family}": (hf_exports[family], ["fp32"]) for family in HF_FAMILIES if family != "llama"})
+    folders = {"tiny": int8_exports["tiny"], "llama+int8": int8_exports["llama"]}
+    folders.update({f"hf-{family}": hf_exports[family] for family in HF_FAMILIES if family != "llama"})
+    # every variant the folder has: fp16/int4 join in once the fixtures make them
+    folders = {k: (f, [v for v in VARIANTS if variant_path(f, v).is_file()]) for k, f in folders.items()}
+    assert "int8" in folders["tiny"][1] and "int8" in folders["llama+int8"][1]
     jobs, cases = [], {}
     for key, (folder, variants) in folders.items():
         lm = OnnxLM(folder)
