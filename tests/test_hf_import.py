@@ -141,3 +141,34 @@ def test_export_needs_exactly_one_source(tmp_path):
     assert proc.returncode == 2 and "CHECKPOINT run folder or --hf DIR" in proc.stderr
     proc = onnxgen("export", tmp_path, "--hf", tmp_path, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "one of them" in proc.stderr
+
+
+def test_a_list_of_eos_ids_is_kept_for_the_other_runtimes(hf_models, tmp_path):
+    """Llama 3 / Qwen2.5 style generation configs list several eos ids: genai_config.json keeps the
+    list (onnxruntime-genai and transformers.js stop on any), pad falls back to the first, OnnxLM loads."""
+    from pipeline.hf_import import generation_config
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_models["llama"], src)
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [7, 0]}))
+    config = json.loads((src / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    gen = generation_config(src, config)
+    assert gen["eos_token_id"] == [7, 0] and gen["pad_token_id"] == 7
+    assert generation_config(src, {**config, "pad_token_id": 0})["pad_token_id"] == 0
+    (src / "generation_config.json").unlink()
+    with pytest.raises(UserError, match="eos_token_id"):
+        generation_config(src, {k: v for k, v in config.items() if k != "eos_token_id"})
+
+
+@pytest.mark.slow
+def test_genai_config_and_runtime_take_a_list_of_eos_ids(hf_exports, tmp_path):
+    from pipeline.genai import genai_config
+
+    folder = tmp_path / "llama"
+    shutil.copytree(hf_exports["llama"], folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [7, 0]}))
+    config = genai_config(folder)
+    assert config["model"]["eos_token_id"] == [7, 0]
+    assert OnnxLM(folder).eos_id == 7
