@@ -144,8 +144,8 @@ def test_export_needs_exactly_one_source(tmp_path):
 
 
 def test_a_list_of_eos_ids_is_kept_for_the_other_runtimes(hf_models, tmp_path):
-    """Llama 3 / Qwen2.5 style generation configs list several eos ids: genai_config.json keeps the
-    list (onnxruntime-genai and transformers.js stop on any), pad falls back to the first, OnnxLM loads."""
+    """Llama 3 / Qwen2.5 style generation configs list several eos ids: the import keeps the list
+    (onnxruntime-genai and transformers.js stop on any), a missing pad falls back to the first."""
     from pipeline.hf_import import generation_config
 
     src = tmp_path / "src"
@@ -163,6 +163,7 @@ def test_a_list_of_eos_ids_is_kept_for_the_other_runtimes(hf_models, tmp_path):
 
 @pytest.mark.slow
 def test_genai_config_and_runtime_take_a_list_of_eos_ids(hf_exports, tmp_path):
+    """genai_config.json keeps the list; OnnxLM loads the folder and stops on the first id."""
     from pipeline.genai import genai_config
 
     folder = tmp_path / "llama"
