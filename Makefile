@@ -6,7 +6,7 @@ ONNXGEN := $(BIN)/onnxgen
 PRESET ?= small
 NAME   ?= default
 
-.PHONY: install export test clean
+.PHONY: install export test js clean
 
 install: $(VENV)/.installed
 
@@ -22,9 +22,18 @@ export: install
 	$(ONNXGEN) train --preset $(PRESET) --out models/$(PRESET) --auto-resume
 	$(ONNXGEN) export models/$(PRESET) --out exports/$(NAME) --force
 
-test: install
+test: install js
 	$(BIN)/python -m pytest -q
 
+# The JavaScript runtimes (onnxruntime-node, transformers.js) for tests/test_ship_js.py, when npm exists;
+# without npm, or if the install fails, those tests skip and say why.
+# ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA binaries; its CPU build ships in the package.
+js:
+	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: tests/test_ship_js.py will be skipped"; \
+	elif [ tests/js/node_modules/.package-lock.json -nt tests/js/package-lock.json ]; then :; \
+	else (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
+		|| echo "npm ci in tests/js failed: tests/test_ship_js.py will be skipped"; fi
+
 clean:
-	rm -rf $(VENV) exports/* models/*/ .pytest_cache
+	rm -rf $(VENV) exports/* models/*/ .pytest_cache tests/js/node_modules
 	find . -name __pycache__ -prune -exec rm -rf {} +

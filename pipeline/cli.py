@@ -110,14 +110,23 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("exports/default"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing export folder.")
-def export(checkpoint, out, force):
-    """Export a trained run folder to ONNX (fp32, KV cache) with configs, tokenizer, parity and manifest."""
+@click.option("--hf", "hf", type=click.Path(path_type=Path), default=None,
+              help="Import a local transformers causal-LM folder (gpt2, llama, qwen2, phi3, gpt_neox) instead.")
+@click.option("--corpus", default=None, help="With --hf: text for the parity windows [Python's standard library].")
+def export(checkpoint, out, force, hf, corpus):
+    """Export a trained run folder (or, with --hf, a Hugging Face model) to ONNX (fp32, KV cache) with
+    configs, tokenizer, genai_config.json, parity and manifest."""
+    if (checkpoint is None) == (hf is None):
+        raise UserError("export: give a CHECKPOINT run folder or --hf DIR (one of them)")
+    if corpus is not None and hf is None:
+        raise UserError("--corpus: only used with --hf (an onnxgen run holds out its own data)")
     from pipeline.export import export as export_run
+    from pipeline.hf_import import export_hf
 
-    report = export_run(checkpoint, out, force=force)
+    report = export_run(checkpoint, out, force=force) if hf is None else export_hf(hf, out, force=force, corpus=corpus)
     fp32 = report.results[0]
     click.echo(f"exported {out}: fp32 max |Δlogit| {fp32.max_abs:.2e}, greedy {fp32.greedy_match}/"
                f"{fp32.greedy_tokens} identical")
@@ -180,6 +189,18 @@ def run(export_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top
     click.echo()
     if result.stop_reason and result.stop_reason[0] == "context":
         click.echo(f"onnxgen: stopped at the model's context length ({lm.n_ctx} tokens)", err=True)
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
+def genai(export_dir, variant):
+    """Point the export's genai_config.json (onnxruntime-genai) at another variant."""
+    from pipeline.genai import use_variant
+    from pipeline.layout import VARIANTS
+
+    path = use_variant(export_dir, variant)
+    click.echo(f"wrote {path}: onnxruntime-genai now runs onnx/{VARIANTS[variant]}")
 
 
 @main.command("to-hf")

@@ -18,6 +18,7 @@ import torch
 from pipeline import manifest
 from pipeline.errors import ParityError, UserError
 from pipeline.finetune import source_details
+from pipeline.genai import GENAI_CONFIG, write_genai_config
 from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
 from pipeline.model import GPT
 from pipeline.parity import ParityReport, parity_for_run
@@ -124,6 +125,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         (tmp / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot, model.config.n_ctx), indent=2) + "\n")
         write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        write_genai_config(tmp)  # onnxruntime-genai runs the folder as it stands
         ckpt = checkpoint_dir(run)
         source = {"checkpoint": str(run.resolve()), "step": json.loads((ckpt / "state.json").read_text())["step"],
                   "kind": "onnxgen"}
@@ -131,7 +133,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
             source["model_sha256"] = manifest.sha256(ckpt / "model.safetensors")
         source.update(source_details(run))  # a fine-tune's base checkpoint and adapter (sha256)
         files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", f"onnx/{VARIANTS['fp32']}"]
+                 "special_tokens_map.json", GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
         manifest.record(tmp, "export", files, source=source, opset=OPSET)
         log.info("checking parity against PyTorch")
         report = parity_for_run(tmp, run, ["fp32"])

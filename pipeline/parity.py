@@ -290,10 +290,13 @@ def run_windows(run: Path, n_ctx: int, n_windows: int = 8) -> np.ndarray:
 
 def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport:
     """The export in `folder` (its `variants`) against the onnxgen run folder it came from."""
+    from pipeline.hf_import import is_hf_folder, parity_for_hf
     from pipeline.runtime import OnnxLM
     from pipeline.tokenizer import EOT, load_tokenizer
     from pipeline.train import load_model
 
+    if is_hf_folder(run):  # imported with `export --hf`: the transformers model is the reference
+        return parity_for_hf(folder, run, variants)
     model = load_model(run, merge=False)  # a LoRA fine-tune: the peft model itself, its adapter unmerged
     reference, empty_past = gpt_reference(model)
     lms = {v: OnnxLM(folder, variant=v) for v in variants}

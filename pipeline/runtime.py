@@ -71,8 +71,9 @@ class OnnxLM:
             raise UserError(f"export {self.folder}: folder does not exist")
         self.config = read_json(self.folder / "config.json", "config")
         gen = read_json(self.folder / "generation_config.json", "generation config")
-        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json")
-        self.eos_id = int(gen["eos_token_id"])
+        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
+        eos = gen["eos_token_id"]  # a list in some imported models (Llama 3, Qwen2.5): stop on the first
+        self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
         self.pad_id = int(gen.get("pad_token_id", self.eos_id))
         self.n_ctx = context_length(self.config)
         path = variant_path(self.folder, variant)

@@ -29,7 +29,8 @@ def train_tokenizer(documents, vocab_size: int = 8192, min_frequency: int = 2) -
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, require_eot: bool = True) -> Tokenizer:
+    """require_eot: onnxgen's own tokenizers end documents with EOT; an imported model's need not."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -39,7 +40,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for malformed JSON
         raise UserError(f"tokenizer {path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    if tok.token_to_id(EOT) is None:
+    if require_eot and tok.token_to_id(EOT) is None:
         raise UserError(f"tokenizer {path}: has no {EOT} token")
     return tok
 

@@ -7,6 +7,7 @@ would make parity agreement meaningless).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -81,3 +82,82 @@ def finetune_data(tmp_path_factory) -> Path:
                      "completion": f" The {thing} is {colours[thing]}."})
     (folder / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
+
+
+# ----------------------------------------------------------------------------- Hugging Face imports
+
+# One tiny random-weight model per supported family (nothing is downloaded): 2 layers, hidden 32,
+# grouped-query attention where the family has it. initializer_range 0.2 (not 0.02) spreads the
+# logits so greedy tokens vary from step to step and a wrong cache or mask would show.
+HF_FAMILIES = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128),
+    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=128),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, rotary_pct=0.25),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """family -> a transformers model folder (safetensors, config, a BPE tokenizer trained here)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.corpus import EOT, load_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hf")
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(load_corpus(str(TEST_CORPUS)).train, 512),
+                                  bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
+    folders = {}
+    for family, sizes in HF_FAMILIES.items():
+        config = AutoConfig.for_model(family, **sizes, vocab_size=512, bos_token_id=0, eos_token_id=0,
+                                      pad_token_id=0, initializer_range=0.2)
+        torch.manual_seed(0)
+        folders[family] = root / family
+        AutoModelForCausalLM.from_config(config).save_pretrained(folders[family])
+        tok.save_pretrained(folders[family])
+    return folders
+
+
+@pytest.fixture(scope="session")
+def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
+    """family -> its `export --hf` folder. GPT-2 goes through the real command line (the family whose
+    graph needs conforming); the others in-process, which saves an interpreter start each."""
+    from pipeline.hf_import import export_hf
+
+    root = tmp_path_factory.mktemp("hf_exports")
+    out = {}
+    for family, src in hf_models.items():
+        out[family] = root / family
+        if family == "gpt2":
+            onnxgen("export", "--hf", src, "--out", out[family], "--corpus", TEST_CORPUS)
+        else:
+            export_hf(src, out[family], corpus=str(TEST_CORPUS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the trained export and the Llama import with an int8 variant beside fp32, for the
+    runtime proofs. Made here with onnxruntime.quantization (per-channel dynamic int8, recorded in the
+    manifest) until `onnxgen quantize` lands; then this should call it instead."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pipeline import manifest
+    from pipeline.layout import VARIANTS
+
+    out = {}
+    for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():
+        folder = tmp_path_factory.mktemp("int8") / name
+        shutil.copytree(src, folder)
+        quantize_dynamic(folder / "onnx" / VARIANTS["fp32"], folder / "onnx" / VARIANTS["int8"],
+                         per_channel=True, weight_type=QuantType.QInt8)
+        manifest.record(folder, "quantize", [f"onnx/{VARIANTS['int8']}"], variant="int8")
+        out[name] = folder
+    return out
