@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.layout import INPUTS, variant_path
+from pipeline.preflight import preflight
 from pipeline.sampling import Sampler, SamplingConfig
 from pipeline.tokenizer import load_tokenizer
 
@@ -65,7 +66,8 @@ class Generation:
 
 
 class OnnxLM:
-    def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0):
+    def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
+                 verify: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"export {self.folder}: folder does not exist")
@@ -78,6 +80,7 @@ class OnnxLM:
         path = variant_path(self.folder, variant)
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")
+        preflight(self.folder, variant, provider, verify)  # untrusted files: checked before ORT opens them
         self.session = make_session(path, provider, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.corpus import load_corpus
+from pipeline.corpus import load_corpus, resolve_corpus
 from pipeline.errors import UserError
 from pipeline.model import GPT, GPTConfig
 from pipeline.tokenizer import encode_documents, load_tokenizer, train_tokenizer
@@ -243,21 +243,28 @@ def train(out: str | Path, preset: str = "small", corpus: str | None = None, res
         if overrides:
             tc = TrainConfig.from_dict({**asdict(tc), **overrides})
     else:
-        if run.exists() and any(run.iterdir()):
-            if not force:
-                raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
-                                "its training or --force to start over")
-            shutil.rmtree(run)
+        if run.exists() and any(run.iterdir()) and not force:
+            raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
+                            "its training or --force to start over")
         config, tc = load_preset(preset)
         if overrides:
             tc = TrainConfig.from_dict({**asdict(tc), **overrides})
         if tc.block_size > config.n_ctx:
             raise UserError(f"train config: block_size {tc.block_size} exceeds the model's context n_ctx {config.n_ctx}")
+        resolve_corpus(corpus)  # a mistyped preset or corpus must not cost the run --force replaces
+        if run.exists() and force:
+            shutil.rmtree(run)
+        created = not run.exists()
         run.mkdir(parents=True, exist_ok=True)
         try:
             prepare_run(run, config, tc, corpus, preset)
         except BaseException:
-            shutil.rmtree(run, ignore_errors=True)  # nothing half-written
+            # nothing half-written; an empty --out the user made stays
+            for p in [run] if created else list(run.iterdir()):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
             raise
     return _loop(run, config, tc, resume, progress, stop_after)
 

@@ -1,0 +1,104 @@
+"""What is checked about an export folder before ONNX Runtime opens it.
+
+An export folder is untrusted input: it may come from anywhere, and ONNX Runtime is a large C++
+parser that reads wherever a graph's external-data entries point. So, before a session is made:
+
+1. the device asked for exists in this onnxruntime build (a CPU build would otherwise fall back
+   to the CPU silently, with a warning nobody reads);
+2. (unless the user opts out, unsafely) every file the variant needs matches the sha256 and size
+   that manifest.json records: the configs, the tokenizer, the graph, and its external data;
+3. every external-data location in the graph is a relative path that stays inside the export
+   folder (no `..`, no absolute path, no symlink out), names a file that exists, and the
+   (offset, length) it reads fit in that file.
+
+The graph is read with onnx.load(load_external_data=False): only the protobuf, never the data
+files it points to, and only after its own sha256 has been checked.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from pipeline import manifest
+from pipeline.errors import UserError
+from pipeline.layout import variant_path
+
+# The files every variant needs besides its graph; the runtime reads all three.
+SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json")
+
+
+def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: bool = True) -> None:
+    """Raise UserError unless `variant` of the export in `folder` is safe to hand to ONNX Runtime."""
+    folder = Path(folder)
+    check_device(provider)
+    path = variant_path(folder, variant)
+    rel = path.relative_to(folder).as_posix()
+    inside(folder, path, f"--variant {variant}")
+    if verify:  # hash the graph before parsing it: a parser is attack surface too
+        manifest.verify(folder, [*SHARED_FILES, rel])
+    data_files = external_data_files(folder, path)
+    if verify and data_files:
+        manifest.verify(folder, data_files)
+
+
+def check_device(provider: str) -> None:
+    if provider == "cpu":
+        return
+    import onnxruntime as ort
+
+    wanted = {"cuda": "CUDAExecutionProvider"}.get(provider)
+    if wanted is None:
+        raise UserError(f"--device {provider}: unknown; expected cpu or cuda")
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise UserError(f"--device {provider}: this onnxruntime build has no {wanted} (it has "
+                        f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU, "
+                        "or use --device cpu")
+
+
+def inside(folder: Path, path: Path, what: str) -> None:
+    """`path`, symlinks resolved, must lie within `folder`."""
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UserError(f"{what}: {path} resolves to {path.resolve()}, outside the export folder {folder}")
+
+
+def external_data_files(folder: Path, path: Path) -> list[str]:
+    """The external-data files the graph at `path` reads, relative to `folder`; each location checked."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors  # every tensor: initializers, attributes, subgraphs
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # the protobuf parser raises several types for a file that is not a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {path}: not a readable ONNX file ({first})") from None
+    if not model.graph.node:
+        raise UserError(f"model {path}: not a readable ONNX file (no graph nodes; empty or truncated?)")
+    needed: dict[str, int] = {}  # relative location -> bytes the tensors read from it
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        what = f"model {path}: tensor {tensor.name!r} external data location {location!r}"
+        if (not location or "\x00" in location or PurePosixPath(location).is_absolute()
+                or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive
+                or ".." in PurePosixPath(location.replace("\\", "/")).parts):
+            raise UserError(f"{what}: expected a relative path inside the export folder (no '..', not absolute)")
+        data = path.parent / location
+        inside(folder, data, what)
+        if not data.is_file():
+            raise UserError(f"{what}: file {data} does not exist")
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise UserError(f"{what}: offset/length are not integers") from None
+        rel = data.resolve().relative_to(folder.resolve()).as_posix()
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in needed.items():
+        size = os.path.getsize(folder / rel)
+        if size < end:
+            raise UserError(f"external data {folder / rel}: {size} bytes, but the graph reads up to byte {end} "
+                            "(truncated?)")
+    return sorted(needed)
