@@ -42,7 +42,8 @@ class Sampler:
             return logits.argmax(-1).astype(np.int64)
         # shift before dividing: a tiny temperature would turn logits / T into inf - inf = nan
         z = logits.astype(np.float64)
-        z = (z - z.max(-1, keepdims=True)) / c.temperature
+        with np.errstate(over="ignore"):  # -> -inf: probability 0, as it should be
+            z = (z - z.max(-1, keepdims=True)) / c.temperature
         if c.top_k and c.top_k < z.shape[-1]:
             kth = np.partition(z, -c.top_k, axis=-1)[:, -c.top_k][:, None]
             z = np.where(z < kth, -np.inf, z)
