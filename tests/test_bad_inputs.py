@@ -3,7 +3,6 @@ exit code 2, exactly one line on stderr that names the input and says what was e
 traceback, and that no file was written or changed (paths, sizes, mtimes and contents)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,36 +12,9 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import onnxgen
+from conftest import assert_user_error, onnxgen, snapshot
 
 from pipeline import manifest
-
-
-def snapshot(*folders: Path) -> dict:
-    """Every file under `folders`: (size, mtime_ns, sha256). Symlinks as their targets."""
-    snap = {}
-    for folder in folders:
-        for p in sorted(Path(folder).rglob("*")):
-            if p.is_symlink():
-                snap[str(p)] = ("->", os.readlink(p))
-            elif p.is_file():
-                st = p.stat()
-                snap[str(p)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            else:
-                snap[str(p)] = "dir"
-    return snap
-
-
-def assert_user_error(proc, *words: str) -> str:
-    """Exit 2, one line `error: ...` mentioning each of `words`, no traceback."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, f"exit {proc.returncode}, stderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    for w in words:
-        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- export folders to spoil
