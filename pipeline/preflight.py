@@ -9,13 +9,16 @@ parser that reads wherever a graph's external-data entries point. So, before a s
    that manifest.json records: the configs, the tokenizer, the graph, and its external data;
 3. every external-data location in the graph is a relative path that stays inside the export
    folder (no `..`, no absolute path, no symlink out), names a file that exists, and the
-   (offset, length) it reads fit in that file.
+   (offset, length) it reads fit in that file;
+4. the sizes the runtime takes from config.json and generation_config.json are possible and agree
+   with the graph (context length, vocab_size = the logits' width, eos/pad ids inside the vocabulary).
 
 The graph is read with onnx.load(load_external_data=False): only the protobuf, never the data
 files it points to, and only after its own sha256 has been checked.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -30,15 +33,78 @@ SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json")
 def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: bool = True) -> None:
     """Raise UserError unless `variant` of the export in `folder` is safe to hand to ONNX Runtime."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"export {folder}: folder does not exist")
     check_device(provider)
     path = variant_path(folder, variant)
+    for f in SHARED_FILES:
+        if not (folder / f).is_file():
+            raise UserError(f"export {folder}: {f} does not exist (an export needs {', '.join(SHARED_FILES)})")
+    if not path.is_file():
+        raise UserError(f"--variant {variant}: {path} does not exist in this export")
     rel = path.relative_to(folder).as_posix()
     inside(folder, path, f"--variant {variant}")
     if verify:  # hash the graph before parsing it: a parser is attack surface too
         manifest.verify(folder, [*SHARED_FILES, rel])
-    data_files = external_data_files(folder, path)
+    model = read_graph(path)
+    data_files = external_data_files(folder, path, model)
     if verify and data_files:
         manifest.verify(folder, data_files)
+    check_config(folder, model)
+
+
+def check_config(folder: Path, model) -> None:
+    """The sizes the runtime reads from config.json and generation_config.json are possible, and
+    agree with the graph (an edited or foreign config would otherwise fail mid-generation)."""
+    config = read_json(folder / "config.json")
+    gen = read_json(folder / "generation_config.json")
+    context = [config[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in config]
+    if not context or not _positive_int(context[0]):
+        raise UserError(f"config {folder / 'config.json'}: expected a positive integer context length "
+                        f"(n_positions or max_position_embeddings), got {context[0] if context else 'none'}")
+    vocab = config.get("vocab_size")
+    if not _positive_int(vocab):
+        raise UserError(f"config {folder / 'config.json'}: expected a positive integer vocab_size, got {vocab!r}")
+    logits = [o for o in model.graph.output if o.name == "logits"]
+    if logits:
+        dims = logits[0].type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != vocab:
+            raise UserError(f"config {folder / 'config.json'}: vocab_size {vocab}, but the graph's logits have "
+                            f"{dims[-1].dim_value} (config and model are from different exports?)")
+    for key in ("eos_token_id", "pad_token_id"):
+        if gen.get(key) is not None and not (isinstance(gen[key], int) and 0 <= gen[key] < vocab):
+            raise UserError(f"generation config {folder / 'generation_config.json'}: {key} {gen[key]!r}, "
+                            f"expected an id in [0, {vocab})")
+    if "eos_token_id" not in gen:
+        raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return d
+
+
+def read_graph(path: Path):
+    """The graph's protobuf only: external data stays unread."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # the protobuf parser raises several types for a file that is not a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {path}: not a readable ONNX file ({first})") from None
+    if not model.graph.node:
+        raise UserError(f"model {path}: not a readable ONNX file (no graph nodes; empty or truncated?)")
+    return model
 
 
 def check_device(provider: str) -> None:
@@ -63,18 +129,11 @@ def inside(folder: Path, path: Path, what: str) -> None:
         raise UserError(f"{what}: {path} resolves to {path.resolve()}, outside the export folder {folder}")
 
 
-def external_data_files(folder: Path, path: Path) -> list[str]:
+def external_data_files(folder: Path, path: Path, model) -> list[str]:
     """The external-data files the graph at `path` reads, relative to `folder`; each location checked."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors  # every tensor: initializers, attributes, subgraphs
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # the protobuf parser raises several types for a file that is not a model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model {path}: not a readable ONNX file ({first})") from None
-    if not model.graph.node:
-        raise UserError(f"model {path}: not a readable ONNX file (no graph nodes; empty or truncated?)")
     needed: dict[str, int] = {}  # relative location -> bytes the tensors read from it
     for tensor in _get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:

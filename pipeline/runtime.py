@@ -71,6 +71,7 @@ class OnnxLM:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"export {self.folder}: folder does not exist")
+        preflight(self.folder, variant, provider, verify)  # untrusted files: checked before anything reads them
         self.config = read_json(self.folder / "config.json", "config")
         gen = read_json(self.folder / "generation_config.json", "generation config")
         self.tokenizer = load_tokenizer(self.folder / "tokenizer.json")
@@ -80,7 +81,6 @@ class OnnxLM:
         path = variant_path(self.folder, variant)
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")
-        preflight(self.folder, variant, provider, verify)  # untrusted files: checked before ORT opens them
         self.session = make_session(path, provider, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]

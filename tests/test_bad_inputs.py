@@ -68,6 +68,13 @@ def bigger_tokenizer(folder: Path) -> None:
     manifest.record(folder, "test", ["tokenizer.json"])
 
 
+def edit_json(folder: Path, name: str, **changes) -> None:
+    """Change a config file and re-record the manifest: a folder that is consistent but wrong."""
+    path = folder / name
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    manifest.record(folder, "test", [name])
+
+
 @pytest.fixture(scope="module")
 def external_export(tiny_export, tmp_path_factory) -> Path:
     return externalize(copy_export(tiny_export, tmp_path_factory.mktemp("ext") / "ext"))
@@ -105,6 +112,16 @@ RUN_CASES = [
     ("missing-tokenizer", False, lambda f: (f / "tokenizer.json").unlink(), [], ["tokenizer.json", "does not exist"]),
     ("missing-config", False, lambda f: (f / "config.json").unlink(), [], ["config.json", "does not exist"]),
     ("tokenizer-vocab-mismatch", False, bigger_tokenizer, [], ["tokenizer.json", "612 tokens", "vocab_size 512"]),
+    ("config-zero-context", False, lambda f: edit_json(f, "config.json", n_positions=0), [],
+     ["config.json", "positive integer context length"]),
+    ("config-text-context", False, lambda f: edit_json(f, "config.json", n_positions="128"), [],
+     ["config.json", "positive integer context length"]),
+    ("config-vocab-not-the-graphs", False, lambda f: edit_json(f, "config.json", vocab_size=1000), [],
+     ["config.json", "vocab_size 1000", "logits have 512"]),
+    ("config-not-json", False, lambda f: (f / "config.json").write_text("{"), ["--unsafe-skip-verify"],
+     ["config.json", "not valid JSON"]),
+    ("eos-outside-vocab", False, lambda f: edit_json(f, "generation_config.json", eos_token_id=99999), [],
+     ["generation_config.json", "eos_token_id 99999", "[0, 512)"]),
 ]
 
 

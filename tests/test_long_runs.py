@@ -22,7 +22,7 @@ def test_a_thousand_generations_keep_memory_flat(lm):
     """RSS after 1,000 short generations (varied prompt lengths, greedy and sampled) stays within
     10 MiB of RSS after the first 100, when ONNX Runtime's arena has reached its working size.
     Measured: +0.00 MiB. The bound catches a leak of ~12 KiB per generation and up: keeping each
-    generation's KV cache (~2-16 KiB here), its logits (~2-100 KiB) or a session (MiBs)."""
+    generation's KV cache (5-60 KiB here), its prompt logits (10-120 KiB) or a session (MiBs)."""
     import psutil
 
     process = psutil.Process()
