@@ -61,6 +61,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "block_size", "eval_interval", "eval_batches", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"train config: {name} must be a finite number >= 0, got {value}")
+        if self.lr <= 0 or not (self.beta1 < 1 and self.beta2 < 1):
+            raise UserError(f"train config: expected lr > 0 and betas < 1, got lr {self.lr}, "
+                            f"betas ({self.beta1}, {self.beta2})")
+        if self.vocab_size < 257:  # checked here too, so that the mistake costs no corpus reading
+            raise UserError(f"train config: vocab_size {self.vocab_size} must be at least 257 (256 bytes + end of text)")
         if not 0 < self.valid_fraction < 0.5:
             raise UserError(f"train config: valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
 

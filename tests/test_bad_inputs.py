@@ -231,8 +231,10 @@ def test_train_rejects_bad_corpus_and_impossible_configs(tiny_run, tmp_path):
          ["corpus", "binary.bin", "not UTF-8", "expected text"]),
         (["--preset", tmp_path / "heads.json", "--out", tmp_path / "a"], ["n_embd (64) must be divisible by n_head (3)"]),
         (["--preset", tmp_path / "block.json", "--out", tmp_path / "a"], ["block_size 64", "n_ctx 32"]),
+        (["--preset", "tiny", "--lr", "nan", "--out", tmp_path / "a"], ["lr", "finite number"]),
+        (["--preset", "tiny", "--steps", "0", "--out", tmp_path / "a"], ["steps must be positive"]),
         (["--preset", "tiny", "--vocab-size", "100", "--corpus", tmp_path / "empty.txt", "--out", tmp_path / "a"],
-         ["--vocab-size 100", "257"]),
+         ["vocab_size 100", "257"]),
         # --force must not cost the run it would replace when the new one cannot even start
         (["--preset", "tiny", "--corpus", tmp_path / "no-such-dir", "--out", run, "--force"], ["corpus", "no-such-dir"]),
         (["--preset", "nope", "--out", run, "--force"], ["preset nope", "not found"]),
