@@ -40,6 +40,7 @@ def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: b
     for f in SHARED_FILES:
         if not (folder / f).is_file():
             raise UserError(f"export {folder}: {f} does not exist (an export needs {', '.join(SHARED_FILES)})")
+        inside(folder, folder / f, f)
     if not path.is_file():
         raise UserError(f"--variant {variant}: {path} does not exist in this export")
     rel = path.relative_to(folder).as_posix()

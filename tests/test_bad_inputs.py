@@ -125,8 +125,19 @@ RUN_CASES = [
 ]
 
 
-# Options only: the same CLI, in-process (click's runner), since no file is involved and each
-# subprocess costs a second. A crash would show as exit 1 with the exception, not as exit 2.
+def onnxgen_in_process(*args) -> subprocess.CompletedProcess:
+    """The same CLI through click's runner: for cases where a subprocess would only add its start-up
+    (a second for `run`, ~3 s with torch). A crash shows as exit 1 with the exception, not as exit 2."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+# Options only: no file is involved, so in-process.
 OPTION_CASES = [
     ("variant-unknown", ["--variant", "int9"], ["--variant int9", "fp32, fp16, int8, int4"]),
     ("variant-absent", ["--variant", "int4"], ["--variant int4", "model_q4.onnx", "does not exist"]),
@@ -144,15 +155,9 @@ OPTION_CASES = [
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_run_rejects_bad_option(case, tiny_export):
-    from click.testing import CliRunner
-
-    from pipeline.cli import main
-
     _, args, words = case
     before = snapshot(tiny_export)
-    result = CliRunner().invoke(main, ["run", str(tiny_export), "def f(", "--max-new-tokens", "4", *args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert_user_error(subprocess.CompletedProcess([], result.exit_code, result.stdout, result.stderr), *words)
+    assert_user_error(onnxgen_in_process("run", tiny_export, "def f(", "--max-new-tokens", "4", *args), *words)
     assert snapshot(tiny_export) == before
 
 
@@ -214,9 +219,9 @@ def test_device_cuda_without_a_gpu(tiny_export):
 
 # ----------------------------------------------------------------------------- training and export inputs
 
-@pytest.mark.slow
 def test_train_rejects_bad_corpus_and_impossible_configs(tiny_run, tmp_path):
-    """Each case loads torch (~3 s), so they share one test; each still checks its own one line."""
+    """The first case runs the real command; the others go in-process (each subprocess would load
+    torch again, ~3 s). Each still checks its own one line."""
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.bin").write_bytes(os.urandom(20000))
     (tmp_path / "heads.json").write_text(json.dumps({"model": {"n_ctx": 64, "n_layer": 1, "n_head": 3, "n_embd": 64}}))
@@ -239,12 +244,12 @@ def test_train_rejects_bad_corpus_and_impossible_configs(tiny_run, tmp_path):
         (["--preset", "tiny", "--corpus", tmp_path / "no-such-dir", "--out", run, "--force"], ["corpus", "no-such-dir"]),
         (["--preset", "nope", "--out", run, "--force"], ["preset nope", "not found"]),
     ]
-    for args, words in cases:
-        assert_user_error(onnxgen("-q", "train", *args, check=False), *words)  # -q: no progress lines
+    assert_user_error(onnxgen("-q", "train", *cases[0][0], check=False), *cases[0][1])  # -q: no progress lines
+    for args, words in cases[1:]:
+        assert_user_error(onnxgen_in_process("train", *args), *words)
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.slow
 def test_checkpoint_from_another_architecture(tiny_run, tmp_path):
     """A run folder whose weights were trained with other sizes: export and --resume both refuse it."""
     from safetensors.torch import save_file
@@ -258,11 +263,12 @@ def test_checkpoint_from_another_architecture(tiny_run, tmp_path):
     before = snapshot(tmp_path)
     proc = onnxgen("-q", "export", run, "--out", tmp_path / "exp", check=False)
     assert_user_error(proc, "model.safetensors", "does not match its config.json")
-    proc = onnxgen("-q", "train", "--out", run, "--resume", check=False)
+    proc = onnxgen_in_process("train", "--out", run, "--resume")
     assert_user_error(proc, "model.safetensors", "does not match its config.json")
+    assert snapshot(tmp_path) == before
     (run / "checkpoint" / "model.safetensors").write_bytes(b"\x80\x04 not a safetensors file (a pickle?)")
     before = snapshot(tmp_path)
-    proc = onnxgen("-q", "export", run, "--out", tmp_path / "exp", check=False)
+    proc = onnxgen_in_process("export", run, "--out", tmp_path / "exp")
     assert_user_error(proc, "model.safetensors", "not a readable safetensors file")
     assert snapshot(tmp_path) == before
 
