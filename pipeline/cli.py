@@ -62,6 +62,8 @@ def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, 
                                        vocab_size=vocab_size).items() if v is not None}
     if auto_resume:
         resume = checkpoint_dir(out) is not None
+        # a run killed before its first checkpoint has nothing to resume: start it again
+        force = force or (not resume and (out / "train.json").is_file())
     state = train_run(out, preset=preset, corpus=corpus, resume=resume, force=force, overrides=overrides)
     click.echo(f"trained {out}: step {state['step']}, val loss {state['val_loss']:.4f}, "
                f"val ppl {__import__('math').exp(state['val_loss']):.2f}")

@@ -253,6 +253,9 @@ def train(out: str | Path, preset: str = "small", corpus: str | None = None, res
             tc = TrainConfig.from_dict({**asdict(tc), **overrides})
     else:
         if run.exists() and any(run.iterdir()) and not force:
+            if checkpoint_dir(run) is None:
+                raise UserError(f"--out {run}: folder exists, is not empty and has no checkpoint to resume; "
+                                "pass --force to start over")
             raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
                             "its training or --force to start over")
         config, tc = load_preset(preset)

@@ -127,3 +127,18 @@ def test_an_export_moved_aside_by_a_killed_process_comes_back(tmp_path):
     clear_interrupted(out)
     assert (out / "config.json").read_text() == "{}"
     assert not aside.exists() and live.exists()
+
+
+@pytest.mark.slow
+def test_kill_before_the_first_checkpoint_then_auto_resume_starts_again(corpus, tmp_path):
+    """`make export` trains with --auto-resume: a run killed before it had a checkpoint must not
+    leave a folder that blocks it (nothing to resume, yet "not empty")."""
+    out = tmp_path / "run"
+    proc = start("train", "--preset", "tiny", "--corpus", corpus, "--out", out, "--steps", "5")
+    kill_when(proc, lambda: (out / "train.json").exists(), "the run folder to be prepared")
+    if (out / "checkpoint").exists():
+        pytest.fail("the kill came after the first checkpoint; this test needs it before")
+    proc = onnxgen("-q", "train", "--preset", "tiny", "--corpus", corpus, "--out", out, "--steps", "5",
+                   "--auto-resume")
+    assert "step 5" in proc.stdout
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 5
