@@ -30,21 +30,23 @@ from pipeline.layout import variant_path
 SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json")
 
 
-def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: bool = True) -> None:
-    """Raise UserError unless `variant` of the export in `folder` is safe to hand to ONNX Runtime."""
+def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: bool = True,
+              path: str | Path | None = None) -> None:
+    """Raise UserError unless `variant` of the export in `folder` is safe to hand to ONNX Runtime.
+    `path`: the graph file that will be opened, when it is not the variant's own (e.g. a fused twin)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"export {folder}: folder does not exist")
     check_device(provider)
-    path = variant_path(folder, variant)
+    path = variant_path(folder, variant) if path is None else Path(path)
     for f in SHARED_FILES:
         if not (folder / f).is_file():
             raise UserError(f"export {folder}: {f} does not exist (an export needs {', '.join(SHARED_FILES)})")
         inside(folder, folder / f, f)
     if not path.is_file():
         raise UserError(f"--variant {variant}: {path} does not exist in this export")
-    rel = path.relative_to(folder).as_posix()
     inside(folder, path, f"--variant {variant}")
+    rel = path.resolve().relative_to(folder.resolve()).as_posix()
     if verify:  # hash the graph before parsing it: a parser is attack surface too
         manifest.verify(folder, [*SHARED_FILES, rel])
     model = read_graph(path)

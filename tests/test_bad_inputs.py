@@ -296,3 +296,20 @@ def test_weights_load_only_from_safetensors_or_weights_only():
             if kwargs.get("allow_pickle") == "True" or kwargs.get("trust_remote_code") == "True":
                 offenders.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
     assert not offenders, offenders
+
+
+def test_preflight_checks_the_graph_file_that_will_be_opened(tiny_export, tmp_path):
+    """A runtime that opens another file than the variant's own (a fused twin) passes it as `path`."""
+    from pipeline.errors import UserError
+    from pipeline.preflight import preflight
+
+    folder = copy_export(tiny_export, tmp_path / "exp")
+    preflight(folder, "fp32", verify=True, path=folder / "onnx" / "model.onnx")
+    shutil.copy(folder / "onnx" / "model.onnx", tmp_path / "model.onnx")
+    with pytest.raises(UserError, match="outside the export folder"):
+        preflight(folder, "fp32", verify=False, path=tmp_path / "model.onnx")
+    shutil.copy(folder / "onnx" / "model.onnx", folder / "onnx" / "model_twin.onnx")
+    with pytest.raises(UserError, match="model_twin.onnx: not listed in the manifest"):
+        preflight(folder, "fp32", verify=True, path=folder / "onnx" / "model_twin.onnx")
+    manifest.record(folder, "test", ["onnx/model_twin.onnx"])
+    preflight(folder, "fp32", verify=True, path=folder / "onnx" / "model_twin.onnx")
