@@ -3,13 +3,19 @@
 User mistakes (UserError) print one line and exit 2; a missed parity threshold exits 1."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from pipeline.errors import ParityError, UserError
+
+
+# A full disk, a read-only or forbidden place: the machine's state, not a bug; one line, exit 1.
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Group(click.Group):
@@ -29,6 +35,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+            sys.exit(141)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRORS:
+                raise  # anything else is a bug: keep its traceback
+            click.echo(f"error: {e.filename or 'output'}: {e.strerror}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

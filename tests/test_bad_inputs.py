@@ -313,3 +313,18 @@ def test_preflight_checks_the_graph_file_that_will_be_opened(tiny_export, tmp_pa
         preflight(folder, "fp32", verify=True, path=folder / "onnx" / "model_twin.onnx")
     manifest.record(folder, "test", ["onnx/model_twin.onnx"])
     preflight(folder, "fp32", verify=True, path=folder / "onnx" / "model_twin.onnx")
+
+
+def test_output_that_cannot_be_written(tiny_export):
+    """Not bad input but a bad place to write: a full disk is one line (exit 1); a reader that went
+    away (`| head`) ends the run quietly, as Unix tools do (exit 141 = 128 + SIGPIPE)."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(tiny_export), "import os", "--max-new-tokens", "50"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=root)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: output: No space left on device"]
+    reader_gone = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+    reader_gone.stdout.close()
+    assert reader_gone.wait() == 141
+    assert reader_gone.stderr.read() == ""
