@@ -120,7 +120,7 @@ def check_device(provider: str) -> None:
         raise UserError(f"--device {provider}: unknown; expected cpu or cuda")
     available = ort.get_available_providers()
     if wanted not in available:
-        raise UserError(f"--device {provider}: this onnxruntime build has no {wanted} (it has "
+        raise UserError(f"--device {provider}: this onnxruntime has no {wanted} (it has "
                         f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU, "
                         "or use --device cpu")
 
