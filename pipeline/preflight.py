@@ -75,11 +75,17 @@ def check_config(folder: Path, model) -> None:
             raise UserError(f"config {folder / 'config.json'}: vocab_size {vocab}, but the graph's logits have "
                             f"{dims[-1].dim_value} (config and model are from different exports?)")
     for key in ("eos_token_id", "pad_token_id"):
-        if gen.get(key) is not None and not (isinstance(gen[key], int) and 0 <= gen[key] < vocab):
+        ids = gen.get(key)
+        ids = ids if isinstance(ids, list) else [ids]  # a list of eos ids in some models (Llama 3, Qwen2.5)
+        if gen.get(key) is not None and not (ids and all(_id_below(i, vocab) for i in ids)):
             raise UserError(f"generation config {folder / 'generation_config.json'}: {key} {gen[key]!r}, "
-                            f"expected an id in [0, {vocab})")
+                            f"expected an id (or a list of ids) in [0, {vocab})")
     if "eos_token_id" not in gen:
         raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
+
+
+def _id_below(x, vocab: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab
 
 
 def _positive_int(x) -> bool:
@@ -153,9 +159,12 @@ def external_data_files(folder: Path, path: Path, model) -> list[str]:
         if not data.is_file():
             raise UserError(f"{what}: file {data} does not exist")
         try:
-            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
         except ValueError:
             raise UserError(f"{what}: offset/length are not integers") from None
+        if offset < 0 or length < 0:
+            raise UserError(f"{what}: negative offset {offset} or length {length}")
+        end = offset + length
         rel = data.resolve().relative_to(folder.resolve()).as_posix()
         needed[rel] = max(needed.get(rel, 0), end)
     for rel, end in needed.items():

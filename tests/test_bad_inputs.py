@@ -328,3 +328,16 @@ def test_output_that_cannot_be_written(tiny_export):
     reader_gone.stdout.close()
     assert reader_gone.wait() == 141
     assert reader_gone.stderr.read() == ""
+
+
+def test_preflight_takes_a_list_of_eos_ids_inside_the_vocabulary(tiny_export, tmp_path):
+    """Some models (Llama 3, Qwen2.5) list several eos ids; each must be a token of the model."""
+    from pipeline.errors import UserError
+    from pipeline.preflight import preflight
+
+    folder = copy_export(tiny_export, tmp_path / "exp")
+    edit_json(folder, "generation_config.json", eos_token_id=[7, 0])
+    preflight(folder, "fp32", verify=True)
+    edit_json(folder, "generation_config.json", eos_token_id=[7, 512])
+    with pytest.raises(UserError, match=r"eos_token_id \[7, 512\]"):
+        preflight(folder, "fp32", verify=True)
