@@ -3,7 +3,9 @@
 User mistakes (UserError) print one line and exit 2; a missed parity threshold exits 1."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -14,6 +16,10 @@ import click
 from pipeline.errors import ParityError, UserError
 
 
+# A full disk, a read-only or forbidden place: the machine's state, not a bug; one line, exit 1.
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
@@ -21,12 +27,24 @@ class _Group(click.Group):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a bad option value: one line too, not click's four
+            where = f" (see '{e.ctx.command_path} -h')" if e.ctx else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
         except ParityError as e:
             click.echo(f"parity failed: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+            sys.exit(141)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRORS:
+                raise  # anything else is a bug: keep its traceback
+            click.echo(f"error: {e.filename or 'output'}: {e.strerror}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,6 +79,8 @@ def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, 
                                        vocab_size=vocab_size).items() if v is not None}
     if auto_resume:
         resume = checkpoint_dir(out) is not None
+        # a run killed before its first checkpoint has nothing to resume: start it again
+        force = force or (not resume and (out / "train.json").is_file())
     state = train_run(out, preset=preset, corpus=corpus, resume=resume, force=force, overrides=overrides)
     if not is_main():  # under torchrun: one report, from rank 0
         return
@@ -158,29 +178,35 @@ def parity(export_dir, checkpoint, variants):
 @click.option("--seed", type=int, default=None)
 @click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
+@click.option("--unsafe-skip-verify", is_flag=True,
+              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
 def run(export_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, variant, device,
-        threads, echo):
+        threads, echo, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     from pipeline.runtime import Generation, OnnxLM
     from pipeline.sampling import SamplingConfig
+    from pipeline.tokenizer import check_text
 
     if prompt_file is not None:
         if prompt is not None:
             raise UserError("prompt: give PROMPT or --prompt-file, not both")
         try:
-            prompt = prompt_file.read_text()
+            prompt = prompt_file.read_bytes().decode("utf-8")
         except (FileNotFoundError, IsADirectoryError):
             raise UserError(f"--prompt-file {prompt_file}: file does not exist") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {e.start})") from None
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
     if prompt is None:
         raise UserError("prompt: missing (give PROMPT, --prompt-file FILE, or '-' to read stdin)")
+    check_text(prompt, "prompt")
     if temperature is None:
         temperature = 1.0 if (top_k or top_p < 1.0) else 0.0  # asking for top-k/top-p means sampling
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads)
+    lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify)
     result = Generation()
     if echo:
         click.echo(prompt, nl=False)

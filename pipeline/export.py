@@ -3,8 +3,10 @@ configs, tokenizer files, parity report and manifest. Built in a temporary folde
 target and renamed into place only once the graph passes onnx.checker and parity."""
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -97,12 +99,32 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise UserError(f"--out {out}: exists; pass --force to replace it")
-        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
         out.rename(trash)
         tmp.rename(out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def clear_interrupted(out: Path) -> None:
+    """Tidy what an export killed by a signal left beside `out` (kill -9 runs no cleanup).
+
+    Its hidden temporary folder goes; an old export it had moved aside in the instant before the
+    new one was renamed in comes back. Only folders of processes that are gone are touched: their
+    names carry the pid (a reused pid only means a folder is kept a while longer)."""
+    import psutil
+
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            log.warning("restoring %s, which an interrupted export had moved aside", out)
+            leftover.rename(out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> ParityReport:
@@ -116,7 +138,8 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
                         f"has vocab_size {model.config.vocab_size}")
     eot = tok.token_to_id(EOT)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clear_interrupted(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         (tmp / "onnx").mkdir()
         t0 = time.time()

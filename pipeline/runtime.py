@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.layout import INPUTS, variant_path
+from pipeline.preflight import preflight
 from pipeline.sampling import Sampler, SamplingConfig
 from pipeline.tokenizer import load_tokenizer
 
@@ -65,10 +66,12 @@ class Generation:
 
 
 class OnnxLM:
-    def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0):
+    def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
+                 verify: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"export {self.folder}: folder does not exist")
+        preflight(self.folder, variant, provider, verify)  # untrusted files: checked before anything reads them
         self.config = read_json(self.folder / "config.json", "config")
         gen = read_json(self.folder / "generation_config.json", "generation config")
         self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config

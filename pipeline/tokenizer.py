@@ -45,6 +45,16 @@ def load_tokenizer(path: str | Path, require_eot: bool = True) -> Tokenizer:
     return tok
 
 
+def check_text(text: str, what: str = "prompt") -> str:
+    """`text` if the tokenizer can take it. Bad bytes on stdin or in argv arrive as lone surrogates
+    (Python's surrogateescape), which are not Unicode text and which `tokenizers` rejects with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what}: not UTF-8 text (character {e.start} is {text[e.start]!r})") from None
+    return text
+
+
 def eot_id(tok: Tokenizer) -> int:
     return tok.token_to_id(EOT)
 

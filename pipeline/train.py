@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline import ddp
-from pipeline.corpus import load_corpus
+from pipeline.corpus import load_corpus, resolve_corpus
 from pipeline.ddp import World
 from pipeline.errors import UserError
 from pipeline.model import GPT, GPTConfig
@@ -64,6 +64,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "block_size", "eval_interval", "eval_batches", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"train config: {name} must be a finite number >= 0, got {value}")
+        if self.lr <= 0 or not (self.beta1 < 1 and self.beta2 < 1):
+            raise UserError(f"train config: expected lr > 0 and betas < 1, got lr {self.lr}, "
+                            f"betas ({self.beta1}, {self.beta2})")
+        if self.vocab_size < 257:  # checked here too, so that the mistake costs no corpus reading
+            raise UserError(f"train config: vocab_size {self.vocab_size} must be at least 257 (256 bytes + end of text)")
         if not 0 < self.valid_fraction < 0.5:
             raise UserError(f"train config: valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
 
@@ -299,18 +308,28 @@ def train(out: str | Path, preset: str = "small", corpus: str | None = None, res
         if tc.block_size > config.n_ctx:
             raise UserError(f"train config: block_size {tc.block_size} exceeds the model's context n_ctx {config.n_ctx}")
         world.rows(tc.batch_size)  # refuse a batch that does not split over the ranks before writing anything
+        resolve_corpus(corpus)  # a mistyped preset or corpus must not cost the run --force replaces
 
-        def prepare():
-            if run.exists() and any(run.iterdir()):
-                if not force:
-                    raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
-                                    "its training or --force to start over")
+        def prepare():  # rank 0 alone: the others would see its files appear
+            if run.exists() and any(run.iterdir()) and not force:
+                if checkpoint_dir(run) is None:
+                        raise UserError(f"--out {run}: folder exists, is not empty and has no checkpoint to resume; "
+                                                "pass --force to start over")
+                raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
+                                        "its training or --force to start over")
+            if run.exists() and force:
                 shutil.rmtree(run)
+            created = not run.exists()
             run.mkdir(parents=True, exist_ok=True)
             try:
                 prepare_run(run, config, tc, corpus, preset)
             except BaseException:
-                shutil.rmtree(run, ignore_errors=True)  # nothing half-written
+                # nothing half-written; an empty --out the user made stays
+                for p in [run] if created else list(run.iterdir()):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
                 raise
 
         world.main_first(prepare)

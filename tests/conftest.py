@@ -6,6 +6,7 @@ would make parity agreement meaningless).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +29,33 @@ def onnxgen(*args, check=True, input=None, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"onnxgen {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def snapshot(*folders: Path) -> dict:
+    """Every file under `folders`: (size, mtime_ns, sha256). Symlinks as their targets."""
+    snap = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_symlink():
+                snap[str(p)] = ("->", os.readlink(p))
+            elif p.is_file():
+                st = p.stat()
+                snap[str(p)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                snap[str(p)] = "dir"
+    return snap
+
+
+def assert_user_error(proc, *words: str) -> str:
+    """Exit 2, one line `error: ...` mentioning each of `words`, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}, stderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
