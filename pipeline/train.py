@@ -313,10 +313,10 @@ def train(out: str | Path, preset: str = "small", corpus: str | None = None, res
         def prepare():  # rank 0 alone: the others would see its files appear
             if run.exists() and any(run.iterdir()) and not force:
                 if checkpoint_dir(run) is None:
-                        raise UserError(f"--out {run}: folder exists, is not empty and has no checkpoint to resume; "
-                                                "pass --force to start over")
+                    raise UserError(f"--out {run}: folder exists, is not empty and has no checkpoint to resume; "
+                                    "pass --force to start over")
                 raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
-                                        "its training or --force to start over")
+                                "its training or --force to start over")
             if run.exists() and force:
                 shutil.rmtree(run)
             created = not run.exists()
