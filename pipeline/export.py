@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+from contextlib import contextmanager
 import logging
 import os
 import shutil
@@ -13,7 +14,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -127,6 +127,34 @@ def clear_interrupted(out: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+@contextmanager
+def staging(out: Path, force: bool):
+    """A temporary folder beside `out` (same filesystem) that becomes `out` only if the block finishes:
+    on any error or signal it is removed, and an existing `out` is untouched."""
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clear_interrupted(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:
+    """Write the fp32 parity report into the staged folder and its manifest; refuse to publish a miss."""
+    report.write(tmp)
+    manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
+    if not report.passed:
+        failures = "; ".join(f for r in report.results for f in r.failures)
+        raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
+    return report
+
+
 def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> ParityReport:
     run, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
@@ -137,10 +165,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         raise UserError(f"tokenizer {run / 'tokenizer.json'}: {tok.get_vocab_size()} tokens but the model "
                         f"has vocab_size {model.config.vocab_size}")
     eot = tok.token_to_id(EOT)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clear_interrupted(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
+    with staging(out, force) as tmp:
         (tmp / "onnx").mkdir()
         t0 = time.time()
         export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
@@ -159,15 +184,5 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
                  "special_tokens_map.json", GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
         manifest.record(tmp, "export", files, source=source, opset=OPSET)
         log.info("checking parity against PyTorch")
-        report = parity_for_run(tmp, run, ["fp32"])
-        report.write(tmp)
-        manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
-        if not report.passed:
-            failures = "; ".join(f for r in report.results for f in r.failures)
-            raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
-        publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report = publish_parity(tmp, out, parity_for_run(tmp, run, ["fp32"]))
     return report

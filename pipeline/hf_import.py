@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +23,8 @@ import onnx
 import torch
 
 from pipeline import manifest
-from pipeline.errors import ParityError, UserError
-from pipeline.export import publish
+from pipeline.errors import UserError
+from pipeline.export import publish_parity, staging
 from pipeline.genai import GENAI_CONFIG, write_genai_config
 from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
 from pipeline.parity import ParityReport, held_out_windows, run_parity
@@ -225,9 +224,7 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
     t0 = time.time()
     model = load_hf_model(src)
     n_layer = model.config.num_hidden_layers
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging(out, force) as tmp:
         log.info("exporting %s (%s) with optimum", src, SUPPORTED[config["model_type"]])
         export_graph(model, n_layer, tmp / "onnx", tmp / "optimum")
         shutil.rmtree(tmp / "optimum")
@@ -250,15 +247,5 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
             files.append("onnx/model.onnx_data")
         manifest.record(tmp, "export", files, source=source, exporter="optimum")
         log.info("checking parity against the transformers model")
-        report = parity_for_hf(tmp, src, ["fp32"], model=model, corpus=corpus)
-        report.write(tmp)
-        manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
-        if not report.passed:
-            failures = "; ".join(f for r in report.results for f in r.failures)
-            raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
-        tmp.chmod(0o755)
-        publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report = publish_parity(tmp, out, parity_for_hf(tmp, src, ["fp32"], model=model, corpus=corpus))
     return report

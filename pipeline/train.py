@@ -33,7 +33,7 @@ from pipeline.corpus import load_corpus, resolve_corpus
 from pipeline.ddp import World
 from pipeline.errors import UserError
 from pipeline.model import GPT, GPTConfig
-from pipeline.tokenizer import encode_documents, load_tokenizer, train_tokenizer
+from pipeline.tokenizer import encode_documents, train_tokenizer
 
 log = logging.getLogger(__name__)
 
