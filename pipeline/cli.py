@@ -94,6 +94,26 @@ def parity(export_dir, checkpoint, variants):
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
+@click.option("--int8-mode", type=click.Choice(["dynamic", "static", "blockwise"]), default=None,
+              help="int8 method [dynamic]: per-channel weights, per-tensor activations at run time; static: QDQ "
+                   "calibrated on held-out windows; blockwise: MatMulNBits 8-bit, block 32.")
+@click.option("--head", type=click.Choice(["int4", "int8", "fp32"]), default=None,
+              help="LM head precision in the int4 variant [int8].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Source run for static calibration [the one recorded in the manifest].")
+def quantize(export_dir, variant, int8_mode, head, checkpoint):
+    """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
+    from pipeline import quantize as q
+
+    done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head or q.DEFAULT_HEAD,
+                      checkpoint=checkpoint)
+    for v, d in done.items():
+        click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)

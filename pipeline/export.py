@@ -131,8 +131,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         manifest.record(tmp, "export", files, source=source, opset=OPSET)
         log.info("checking parity against PyTorch")
         report = parity_for_run(tmp, run, ["fp32"])
-        report.write(tmp)
-        manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
+        manifest.record(tmp, "parity", report.write(tmp), parity=report.to_dict())
         if not report.passed:
             failures = "; ".join(f for r in report.results for f in r.failures)
             raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
