@@ -12,7 +12,9 @@ Two passes, both measured on our graph (tiny and small presets, onnxruntime 1.31
                     from attention_mask) does not match it. A fused attention graph is issue 4's work
                     (runtime speed); here we only record what fused so a regression shows in the manifest.
 
-Why model.onnx itself stays the plain graph: see `quantize.py`'s module docstring (measured).
+ONNX Runtime's own session optimizer (ORT_ENABLE_EXTENDED/ALL) does NOT make these fusions on this graph
+(checked by saving its optimized model: LayerNormalization, Tanh and Mul stay), so they only exist if
+done here. Why model.onnx itself stays the plain graph anyway: see `quantize.py`'s docstring (measured).
 """
 from __future__ import annotations
 

@@ -50,3 +50,18 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export(tiny_run, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_export, tmp_path_factory):
+    """A copy of tiny_export with every variant (int8, int4, fp16) and the parity report over all four.
+    Returns (folder, report). A copy, so tests that want the fp32-only export still have it."""
+    import shutil
+
+    from pipeline.parity import check_export
+    from pipeline.quantize import quantize
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-quantized"
+    shutil.copytree(tiny_export, out)
+    quantize(out, "all", progress=False)
+    return out, check_export(out)
