@@ -96,8 +96,8 @@ def parity(export_dir, checkpoint, variants):
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
 @click.option("--int8-mode", type=click.Choice(["dynamic", "static", "blockwise"]), default=None,
-              help="int8 method [dynamic]: per-channel weights, per-tensor activations at run time; static: QDQ "
-                   "calibrated on held-out windows; blockwise: MatMulNBits 8-bit, block 32.")
+              help="int8 method [blockwise]: MatMulNBits 8-bit, block 32; dynamic: per-channel weights, "
+                   "per-tensor activations at run time; static: QDQ calibrated on held-out windows.")
 @click.option("--head", type=click.Choice(["int4", "int8", "fp32"]), default=None,
               help="LM head precision in the int4 variant [int8].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
