@@ -284,7 +284,7 @@ class ParityReport:
         names = [r.variant for r in rows]
         colors = ["tab:green" if r.status == "pass" else "tab:red" for r in rows]
         panels = [("max |Δlogit|", "max_abs", "max_abs", True), ("top-1 agreement %", "top1", "top1", False),
-                  ("|Δppl| %", "ppl_change_pct", "ppl_change_pct", False), ("KL(PyTorch‖variant)", "kl", None, True),
+                  ("|Δppl| %", "ppl_change_pct", "ppl_change_pct", True), ("KL(PyTorch‖variant)", "kl", None, True),
                   ("size MB", "bytes", None, False)]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
         for ax, (title, key, tkey, log) in zip(axes, panels):
@@ -297,6 +297,8 @@ class ParityReport:
                 t = getattr(THRESHOLDS.get(r.variant, Thresholds()), tkey, None) if tkey else None
                 if t is not None:
                     ax.hlines(t * scale, x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+            if key == "top1":  # zoom in: the interesting range is the last few percent
+                ax.set_ylim(min([*values, 96.0]) - 1.0, 100.2)
             ax.set_title(title, fontsize=9)
             ax.tick_params(labelsize=8)
         fig.suptitle(f"parity against PyTorch fp32 ({self.windows}×{self.window_length} held-out tokens); "
