@@ -92,7 +92,7 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
     quantize_dynamic(model, str(dst), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                      extra_options={"MatMulConstBOnly": True})
-    return {"method": "dynamic", "per_channel": True, "weight_type": "int8", "matmuls": len(nodes)}
+    return {"method": "DynamicQuantizeMatMul", "int8_mode": "dynamic", "per_channel": True, "weight_type": "int8", "matmuls": len(nodes)}
 
 
 class _Windows:
@@ -159,7 +159,7 @@ def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dic
                     nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     extra_options={"MatMulConstBOnly": True})
-    return {"method": "static", "format": "QDQ", "per_channel": True, "calibration": "MinMax",
+    return {"method": "QDQ", "int8_mode": "static", "per_channel": True, "calibration": "MinMax",
             "calibration_windows": int(len(windows)), "window_length": int(windows.shape[1]),
             "matmuls": len(nodes)}
 
@@ -174,7 +174,7 @@ def quantize_int8_blockwise(src: Path, dst: Path) -> dict:
                              accuracy_level=INT4_ACCURACY)
     q.process()
     onnx.save(q.model.model, str(dst))
-    return {"method": "MatMulNBits", "bits": 8, "block_size": INT4_BLOCK, "symmetric": True,
+    return {"method": "MatMulNBits", "int8_mode": "blockwise", "bits": 8, "block_size": INT4_BLOCK, "symmetric": True,
             "accuracy_level": INT4_ACCURACY}
 
 
@@ -239,24 +239,25 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     with tempfile.TemporaryDirectory(prefix="onnxgen-optimize-") as tmp:
         optimized = Path(tmp) / "model_optimized.onnx"
         opt_stats = optimize(fp32, optimized, num_heads, hidden)
+        builders = {  # each: (src, dst) -> details for the manifest
+            "int8": {"dynamic": quantize_int8_dynamic, "blockwise": quantize_int8_blockwise,
+                     "static": lambda s, d: quantize_int8_static(s, d, run, progress)}[int8_mode],
+            "int4": lambda s, d: quantize_int4(s, d, head),
+            "fp16": convert_fp16,
+        }
         for v in QUANTIZED if variant == "all" else (variant,):
-            int8 = {"dynamic": quantize_int8_dynamic, "blockwise": quantize_int8_blockwise,
-                    "static": lambda s, d: quantize_int8_static(s, d, run, progress)}[int8_mode]
-            build = {"int8": int8,
-                     "int4": lambda s, d: quantize_int4(s, d, head),
-                     "fp16": convert_fp16}[v]
-            done[v] = _write_variant(folder, v, lambda d: build(optimized, d), opt_stats)
+            done[v] = _write_variant(folder, v, builders[v], optimized, opt_stats)
     return done
 
 
-def _write_variant(folder: Path, variant: str, build, opt_stats: dict) -> dict:
+def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict) -> dict:
     final = variant_path(folder, variant)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=".onnx", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         log.info("quantize: building onnx/%s", final.name)
-        details = build(tmp)
+        details = build(src, tmp)
         onnx.checker.check_model(str(tmp))  # a structurally broken file never replaces a good one
         os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
         os.replace(tmp, final)

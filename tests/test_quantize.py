@@ -61,6 +61,7 @@ def test_report_and_manifest_carry_every_variant_and_size(tiny_quantized):
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"] and sizes["fp16"] < sizes["fp32"]
     stages = {s["stage"]: s for s in m["stages"]}
     assert stages["quantize:int4"]["block_size"] == 32 and stages["quantize:int4"]["accuracy_level"] == 4
+    assert stages["quantize:int8"]["int8_mode"] == "blockwise" and stages["quantize:int8"]["bits"] == 8
     assert stages["quantize:int8"]["optimize"]["fused"]["SkipLayerNormalization"] == 5  # 2 per layer + ln_f
     md = (folder / "parity.md").read_text()
     assert all(f"| {v} |" in md for v in VARIANTS) and "MB" in md
@@ -137,7 +138,7 @@ def test_failed_rebuild_leaves_the_old_variant(tiny_quantized, tmp_path, monkeyp
     before = variant_path(folder, "int4").read_bytes()
     manifest_before = (folder / "manifest.json").read_text()
 
-    def half_written(src, dst, head="int8"):
+    def half_written(src, dst, head="int8"):  # same signature as quantize_int4
         dst.write_bytes(b"partial")
         raise KeyboardInterrupt  # as a Ctrl-C in the middle of writing
 
@@ -194,7 +195,7 @@ def test_static_int8_is_calibrated_on_windows_parity_does_not_judge(tiny_run, ti
     folder = tmp_path / "exp"
     shutil.copytree(tiny_export, folder)
     details = quantize(folder, "int8", int8_mode="static", progress=False)["int8"]
-    assert details["calibration_windows"] == len(calib) > 0
+    assert details["int8_mode"] == "static" and details["calibration_windows"] == len(calib) > 0
     ops = {n.op_type for n in _ops(variant_path(folder, "int8"))}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
