@@ -220,3 +220,11 @@ def test_fp16_that_cannot_run_is_not_run_never_passed(tiny_quantized, monkeypatc
     assert "| fp16 |" in report.markdown() and "not run" in report.markdown()
     assert report.to_dict()["variants"]["fp16"]["max_abs"] is None  # JSON, not NaN
     json.dumps(report.to_dict(), allow_nan=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="no CUDAExecutionProvider in this onnxruntime")
+def test_fp16_is_checked_on_cuda_when_there_is_one(tiny_quantized):
+    fp16 = next(r for r in tiny_quantized[1].results if r.variant == "fp16")
+    assert fp16.device == "cuda" and fp16.status == "pass", fp16.failures
