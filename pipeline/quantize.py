@@ -252,6 +252,8 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
 
 def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict) -> dict:
     final = variant_path(folder, variant)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run killed with SIGKILL
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=".onnx", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)

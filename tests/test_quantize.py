@@ -136,6 +136,7 @@ def test_failed_rebuild_leaves_the_old_variant(tiny_quantized, tmp_path, monkeyp
     folder = tmp_path / "exp"
     shutil.copytree(tiny_quantized[0], folder)
     before = variant_path(folder, "int4").read_bytes()
+    (folder / "onnx" / ".model_q4.onnx.tmp-killed.onnx").write_bytes(b"left by kill -9")
     manifest_before = (folder / "manifest.json").read_text()
 
     def half_written(src, dst, head="int8"):  # same signature as quantize_int4
