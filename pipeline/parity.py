@@ -345,6 +345,7 @@ def run_windows(run: Path, n_ctx: int, n_windows: int = 8) -> np.ndarray:
 
 def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport:
     """The export in `folder` (its `variants`) against the onnxgen run folder it came from."""
+    from pipeline.layout import variant_path
     from pipeline.runtime import OnnxLM
     from pipeline.tokenizer import EOT, load_tokenizer
     from pipeline.train import load_model
@@ -363,7 +364,6 @@ def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport
             # fp16 is built for CUDA; a CPU build of ONNX Runtime may lack its kernels. Not run, not passed.
             skipped[v] = f"ONNX Runtime could not run it here ({e})"
     report = run_parity(lms, reference, empty_past, windows, pad, source=str(run))
-    from pipeline.layout import variant_path
     for v, note in skipped.items():
         report.results.append(VariantResult.not_run(v, note, THRESHOLDS.get(v, Thresholds())))
     order = {v: i for i, v in enumerate(variants)}
