@@ -169,6 +169,26 @@ def parity(export_dir, checkpoint, variants):
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
+@click.option("--int8-mode", type=click.Choice(["dynamic", "static", "blockwise"]), default=None,
+              help="int8 method [blockwise]: MatMulNBits 8-bit, block 32; dynamic: per-channel weights, "
+                   "per-tensor activations at run time; static: QDQ calibrated on held-out windows.")
+@click.option("--head", type=click.Choice(["int4", "int8", "fp32"]), default=None,
+              help="LM head precision in the int4 variant [int8].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Source run for static calibration [the one recorded in the manifest].")
+def quantize(export_dir, variant, int8_mode, head, checkpoint):
+    """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
+    from pipeline import quantize as q
+
+    done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head or q.DEFAULT_HEAD,
+                      checkpoint=checkpoint)
+    for v, d in done.items():
+        click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
@@ -235,7 +255,7 @@ def genai(export_dir, variant):
 def to_hf(checkpoint, out):
     """Write a trained run as a transformers GPT2LMHeadModel folder (safetensors + tokenizer)."""
     from pipeline.huggingface import save_gpt2
-    from pipeline.tokenizer import load_tokenizer, write_hf_tokenizer_files
+    from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
     from pipeline.train import load_model
 
     if out.exists():
@@ -244,7 +264,7 @@ def to_hf(checkpoint, out):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_gpt2(model, tmp)
+        save_gpt2(model, tmp, tok.token_to_id(EOT))
         write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
         tmp.chmod(0o755)
         tmp.rename(out)

@@ -147,8 +147,7 @@ def staging(out: Path, force: bool):
 
 def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:
     """Write the fp32 parity report into the staged folder and its manifest; refuse to publish a miss."""
-    report.write(tmp)
-    manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
+    manifest.record(tmp, "parity", report.write(tmp), parity=report.to_dict())
     if not report.passed:
         failures = "; ".join(f for r in report.results for f in r.failures)
         raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")

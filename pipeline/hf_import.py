@@ -27,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.export import publish_parity, staging
 from pipeline.genai import GENAI_CONFIG, write_genai_config
 from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
-from pipeline.parity import ParityReport, held_out_windows, run_parity
+from pipeline.parity import ParityReport, held_out_windows, parity_of_variants
 
 log = logging.getLogger(__name__)
 
@@ -199,20 +199,32 @@ def hf_reference(model):
     return reference
 
 
+def hf_empty_past(folder: Path):
+    """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed)."""
+    graph = onnx.load(str(folder / "onnx" / VARIANTS["fp32"]), load_external_data=False).graph
+    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
+              if i.name.startswith("past_key_values.")]
+
+    def empty_past(batch: int):
+        return [np.zeros((batch, s[1], 0, s[3]), np.float32) for s in shapes]
+    return empty_past
+
+
 def parity_for_hf(folder: Path, src: Path, variants: list[str], model=None, corpus: str | None = None) -> ParityReport:
     """The export in `folder` (its `variants`) against the transformers model in `src`.
     The corpus defaults to the one recorded in the manifest at import time, so every stage uses the same windows."""
-    from pipeline.runtime import OnnxLM, context_length, read_json
+    from pipeline.runtime import context_length, read_json
 
     folder, src = Path(folder), Path(src)
     if corpus is None:
         corpus = (manifest.load(folder).get("source") or {}).get("corpus")
     model = model if model is not None else load_hf_model(src)
-    lms = {v: OnnxLM(folder, variant=v) for v in variants}
-    first = next(iter(lms.values()))
+    config = read_json(folder / "config.json", "config")
     gen = read_json(folder / "generation_config.json", "generation config")
-    windows = hf_windows(folder, corpus, first.eos_id, context_length(read_json(folder / "config.json", "config")))
-    return run_parity(lms, hf_reference(model), first.empty_past, windows, int(gen["pad_token_id"]), source=str(src))
+    eos = gen["eos_token_id"][0] if isinstance(gen["eos_token_id"], list) else gen["eos_token_id"]
+    windows = hf_windows(folder, corpus, int(eos), context_length(config))
+    return parity_of_variants(folder, variants, hf_reference(model), hf_empty_past(folder), windows,
+                              int(gen["pad_token_id"]), source=str(src))
 
 
 def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:

@@ -82,6 +82,21 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_quantized(tiny_export, tmp_path_factory):
+    """A copy of tiny_export with every variant (int8, int4, fp16) and the parity report over all four.
+    Returns (folder, report). A copy, so tests that want the fp32-only export still have it."""
+    import shutil
+
+    from pipeline.parity import check_export
+    from pipeline.quantize import quantize
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-quantized"
+    shutil.copytree(tiny_export, out)
+    quantize(out, "all", progress=False)
+    return out, check_export(out)
+
+
+@pytest.fixture(scope="session")
 def finetune_data(tmp_path_factory) -> Path:
     """Fine-tuning data unlike the base corpus (Python source): prose.txt, English paragraphs from a
     small grammar, and qa.jsonl, prompt/completion pairs with a fixed answer per question."""
@@ -172,20 +187,14 @@ def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
-    """Copies of the trained export and the Llama import with an int8 variant beside fp32, for the
-    runtime proofs. Made here with onnxruntime.quantization (per-channel dynamic int8, recorded in the
-    manifest) until `onnxgen quantize` lands; then this should call it instead."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from pipeline import manifest
-    from pipeline.layout import VARIANTS
+    """Copies of the trained export and the Llama import with an int8 variant beside fp32 (made by the
+    real quantize stage), for the runtime proofs."""
+    from pipeline.quantize import quantize
 
     out = {}
     for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():
         folder = tmp_path_factory.mktemp("int8") / name
         shutil.copytree(src, folder)
-        quantize_dynamic(folder / "onnx" / VARIANTS["fp32"], folder / "onnx" / VARIANTS["int8"],
-                         per_channel=True, weight_type=QuantType.QInt8)
-        manifest.record(folder, "quantize", [f"onnx/{VARIANTS['int8']}"], variant="int8")
+        quantize(folder, "int8", progress=False)
         out[name] = folder
     return out

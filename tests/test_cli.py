@@ -14,8 +14,9 @@ def test_train_export_parity_run(tmp_path, corpus):
     p = onnxgen("export", run, "--out", out)
     assert "greedy 64/64 identical" in p.stdout
     p = onnxgen("parity", out)
-    assert "| fp32 | pass |" in p.stdout
-    assert json.loads((out / "parity.json").read_text())["passed"] is True
+    assert "# Parity report" in p.stdout and "fp32" in p.stdout
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True and report["variants"]["fp32"]["status"] == "pass"
     p = onnxgen("run", out, "import os", "--max-new-tokens", "16")
     assert p.stdout.startswith("import os") and len(p.stdout) > len("import os\n")
     greedy_again = onnxgen("run", out, "import os", "--max-new-tokens", "16").stdout
@@ -79,3 +80,4 @@ def test_to_hf_writes_a_folder_transformers_loads(tmp_path, tiny_run):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, load_model(tiny_run)(ids)[0], atol=1e-5, rtol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
+    assert hf.config.eos_token_id == hf.config.bos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")

@@ -81,13 +81,13 @@ def _trim(tokens: list[int], eos: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def js_run(node_modules, tiny_export, hf_exports, int8_exports, tmp_path_factory):
+def js_run(node_modules, tiny_export, hf_exports, int8_exports, tiny_quantized, tmp_path_factory):
     """One node process for every folder (its start-up and imports are the slow part)."""
-    folders = {"tiny": int8_exports["tiny"], "llama+int8": int8_exports["llama"]}
+    folders = {"tiny": tiny_quantized[0], "llama+int8": int8_exports["llama"]}  # tiny: all four variants
     folders.update({f"hf-{family}": hf_exports[family] for family in HF_FAMILIES if family != "llama"})
     # every variant the folder has: fp16/int4 join in once the fixtures make them
     folders = {k: (f, [v for v in VARIANTS if variant_path(f, v).is_file()]) for k, f in folders.items()}
-    assert "int8" in folders["tiny"][1] and "int8" in folders["llama+int8"][1]
+    assert folders["tiny"][1] == list(VARIANTS) and "int8" in folders["llama+int8"][1]
     jobs, cases = [], {}
     for key, (folder, variants) in folders.items():
         lm = OnnxLM(folder)
