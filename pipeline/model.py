@@ -17,6 +17,15 @@ import torch.nn.functional as F
 from pipeline.errors import UserError
 
 
+def from_known_keys(cls, d: dict, what: str):
+    """cls(**d) for a config dataclass; a key it does not have is the user's typo, not a TypeError."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise UserError(f"{what}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 8192
@@ -53,11 +62,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"model config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**d)
+        return from_known_keys(cls, d, "model config")
 
     @classmethod
     def load(cls, path: str | Path) -> "GPTConfig":

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from pipeline import ddp
 from pipeline.corpus import load_corpus, resolve_corpus
 from pipeline.ddp import World
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT, GPTConfig, from_known_keys
 from pipeline.tokenizer import encode_documents, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"train config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**d)
+        return from_known_keys(cls, d, "train config")
 
 
 def load_preset(name_or_path: str) -> tuple[GPTConfig, TrainConfig]:
