@@ -48,6 +48,14 @@ def context_length(config: dict) -> int:
     raise UserError("config.json: has no context length (n_positions or max_position_embeddings)")
 
 
+def require_cuda() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError("--device cuda: this onnxruntime has no CUDAExecutionProvider "
+                        "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
+
+
 def make_session(path: Path, provider: str = "cpu", threads: int = 0):
     import onnxruntime as ort
 
@@ -57,9 +65,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0):
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise UserError("--device cuda: this onnxruntime has no CUDAExecutionProvider "
-                            "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
+        require_cuda()
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages, when they are there
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -98,6 +104,8 @@ class OnnxLM:
         self.eos_id = int(gen["eos_token_id"])
         self.pad_id = int(gen.get("pad_token_id", self.eos_id))
         self.n_ctx = context_length(self.config)
+        if provider == "cuda":
+            require_cuda()  # before any file check: no GPU is the first thing to tell
         path = variant_path(self.folder, variant)
         twin = fused_path(self.folder, variant)
         if fused is True and not twin.is_file():
@@ -311,3 +319,32 @@ def _cut(text: str, stop: list[str] | None) -> str:
     """text up to the first stop string."""
     cut = min((i for i in (text.find(s) for s in stop or [] if s) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def read_prompts(path: Path) -> list[str]:
+    """--prompts: one prompt per line, or JSONL ({"prompt": "..."} or a JSON string per line)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"--prompts {path}: file does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path}: not UTF-8 text") from None
+    jsonl = Path(path).suffix == ".jsonl"
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)  # multi-line prompts: use .jsonl
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--prompts {path}: line {n} is not JSON ({e.msg})") from None
+        text = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(text, str):
+            raise UserError(f"--prompts {path}: line {n} has no \"prompt\" string")
+        prompts.append(text)
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts (expected one per line)")
+    return prompts

@@ -50,3 +50,16 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export(tiny_run, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_export(tiny_export, tmp_path_factory) -> Path:
+    """A copy of tiny_export with the fused-attention twin of its fp32 graph (onnxgen fuse)."""
+    import shutil
+
+    from pipeline.fuse import fuse_export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny_fused"
+    shutil.copytree(tiny_export, out)
+    fuse_export(out, ["fp32"])
+    return out
