@@ -5,17 +5,23 @@ BIN    := $(VENV)/bin
 ONNXGEN := $(BIN)/onnxgen
 PRESET ?= small
 NAME   ?= default
+# GPU=1: onnxruntime-gpu instead of onnxruntime (never both: they install the same module)
+GPU    ?=
+ORT    := $(if $(GPU),gpu,cpu)
+NOT_ORT := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: install export test clean
+.PHONY: install export test bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(ORT)
 
 # torch first, pinned: the local CPU wheel. An unpinned torch would pull several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(ORT): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip uninstall --quiet --yes $(NOT_ORT) 2>/dev/null || true
+	$(BIN)/pip install --quiet -e ".[dev,$(ORT)]"
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 export: install
@@ -24,6 +30,11 @@ export: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
+bench: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) exports/* models/*/ .pytest_cache

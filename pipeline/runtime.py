@@ -198,19 +198,34 @@ class OnnxLM:
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
-        positions = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))))
+        self.session.run_with_iobinding(io)
+        nxt, done = yield logits[:, 0, :]
+
+        # decode: fixed shapes from here on, so the inputs are OrtValues made once and updated in place.
+        # The mask is max-length wide: GroupQueryAttention reads each row's length from its sum
+        # (seqlens_k) and never looks past it, so zeros beyond a row's end cost nothing.
+        step_ids, step_pos = np.empty((B, 1), np.int64), np.empty((B, 1), np.int64)
+        mask = np.zeros((B, L), dtype=np.int64)
+        mask[np.arange(L)[None, :] < lengths[:, None]] = 1
+        values = {name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
+                  for name, a in (("input_ids", step_ids), ("position_ids", step_pos), ("attention_mask", mask))}
+        for name, value in values.items():
+            io.bind_ortvalue_input(name, value)
+        rows = np.arange(B)
         while True:
-            io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
-            io.bind_cpu_input("attention_mask", mask)
-            io.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
-            self.session.run_with_iobinding(io)
-            nxt, done = yield logits[:, 0, :]
             # a finished row feeds a pad into its next slot without advancing: that slot is never read
             slot = np.minimum(lengths, L - 1)
-            ids, positions = nxt[:, None], np.minimum(slot, self.n_ctx - 1)[:, None]
-            mask = (np.arange(slot.max() + 1)[None, :] <= slot[:, None]).astype(np.int64)
+            step_ids[:, 0] = nxt
+            step_pos[:, 0] = np.minimum(slot, self.n_ctx - 1)
+            mask[rows, slot] = 1
+            for name, a in (("input_ids", step_ids), ("position_ids", step_pos), ("attention_mask", mask)):
+                values[name].update_inplace(a)
+            self.session.run_with_iobinding(io)
             lengths = np.where(done, lengths, lengths + 1)
+            nxt, done = yield logits[:, 0, :]
 
     # ------------------------------------------------------------------ the loop
     def encode(self, text: str) -> list[int]:
