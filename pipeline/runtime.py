@@ -110,7 +110,10 @@ class OnnxLM:
         twin = fused_path(self.folder, variant)
         if fused is True and not twin.is_file():
             raise UserError(f"--fused: {twin} does not exist (make it with: onnxgen fuse {self.folder})")
-        self.fused = fused is True or (fused == "auto" and twin.is_file())
+        # onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only: an fp32 fused graph on CUDA
+        # would run its attention on the CPU with the cache copied across each step; "auto" avoids that
+        auto_ok = twin.is_file() and not (provider == "cuda" and variant == "fp32")
+        self.fused = fused is True or (fused == "auto" and auto_ok)
         path = twin if self.fused else path
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")

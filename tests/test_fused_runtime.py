@@ -133,12 +133,35 @@ def test_cuda_without_cuda_is_one_clear_line(tiny_export):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --device cuda: this onnxruntime has no CUDA")
 
 
+@pytest.fixture
+def fp16_fused_export(tiny_fused_export, tmp_path):
+    """The fp16 variant (what --device cuda runs by default) and its fused twin, made here with
+    onnxruntime.transformers (pipeline.quantize, issue 3, makes the real one)."""
+    import shutil
+
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from pipeline.fuse import fuse_export
+    from pipeline.layout import VARIANTS
+
+    out = tmp_path / "fp16"
+    shutil.copytree(tiny_fused_export, out)
+    model = convert_float_to_float16(onnx.load(str(out / "onnx" / VARIANTS["fp32"])),
+                                     keep_io_types=["input_ids", "attention_mask", "position_ids", "logits"])
+    onnx.save(model, str(out / "onnx" / VARIANTS["fp16"]))
+    fuse_export(out, ["fp16"])
+    return out
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not _has_cuda(), reason="needs onnxruntime-gpu and a GPU")
-@pytest.mark.parametrize("fused", [False, True])
-def test_cuda_gives_the_cpu_tokens(tiny_fused_export, fused):
-    cpu = OnnxLM(tiny_fused_export, fused=fused)
-    gpu = OnnxLM(tiny_fused_export, provider="cuda", fused=fused)
-    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
-    ids = [cpu.encode(p) for p in PROMPTS]
-    assert _tokens(gpu, ids).tokens == _tokens(cpu, ids).tokens
+def test_cuda_fp16_fused_gives_the_cpu_tokens(fp16_fused_export):
+    # the cache lives on the GPU (IO binding), the logits come back; CPU runs the same fp16 graphs
+    for fused in (False, True):
+        cpu = OnnxLM(fp16_fused_export, "fp16", fused=fused)
+        gpu = OnnxLM(fp16_fused_export, "fp16", provider="cuda", fused=fused)
+        assert gpu.session.get_providers()[0] == "CUDAExecutionProvider" and gpu.fused == fused
+        ids = [cpu.encode(p) for p in PROMPTS]
+        got, want = _tokens(gpu, ids, 12).tokens, _tokens(cpu, ids, 12).tokens
+        # fp16 kernels differ between devices: allow a late divergence, not an early one
+        assert all(g[:4] == w[:4] for g, w in zip(got, want)), (fused, got, want)
