@@ -56,12 +56,16 @@ def require_cuda() -> None:
                         "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
 
 
-def make_session(path: Path, provider: str = "cpu", threads: int = 0):
+def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # No spin-waiting by default: between two steps the core goes to Python (sampling, stops), and a
+    # worker spinning for the next kernel takes it. Measured on this project's shared 2-core machine:
+    # 1528 vs 418 tok/s for the small preset's int4 fused graph (benchmarks/RESULTS.md has both rows).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
@@ -90,10 +94,11 @@ class Generation:
 
 class OnnxLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
-                 fused: bool | str = False):
+                 fused: bool | str = False, spin: bool = False):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
-        "auto" the fused twin when the export has it."""
-        from pipeline.fuse import fused_path
+        "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
+        (faster only on cores nothing else wants)."""
+        from pipeline.fuse import MAX_LEN, fused_path
 
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -118,7 +123,7 @@ class OnnxLM:
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")
         self.provider = provider
-        self.session = make_session(path, provider, threads)
+        self.session = make_session(path, provider, threads, spin)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
@@ -126,7 +131,10 @@ class OnnxLM:
         if missing or not self.past_names:
             raise UserError(f"model {path}: not a decoder with KV cache (missing inputs {missing or 'past_key_values.*'})")
         first = inputs[self.past_names[0]]
-        _, self.n_kv_heads, _, self.head_dim = first.shape  # fixed integers by contract
+        _, self.n_kv_heads, past_len, self.head_dim = first.shape  # fixed integers by contract
+        if self.fused and past_len != MAX_LEN:
+            raise UserError(f"model {path}: not a fused graph of onnxgen fuse (its cache is not a "
+                            f"{MAX_LEN} buffer); remake it with: onnxgen fuse {self.folder}")
         self.past_dtype = _ORT_TO_NUMPY[first.type]
         vocab_dim = self.session.get_outputs()[0].shape[-1]
         self.vocab_size = int(vocab_dim) if isinstance(vocab_dim, int) else int(self.config["vocab_size"])

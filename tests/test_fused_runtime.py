@@ -165,3 +165,13 @@ def test_cuda_fp16_fused_gives_the_cpu_tokens(fp16_fused_export):
         got, want = _tokens(gpu, ids, 12).tokens, _tokens(cpu, ids, 12).tokens
         # fp16 kernels differ between devices: allow a late divergence, not an early one
         assert all(g[:4] == w[:4] for g, w in zip(got, want)), (fused, got, want)
+
+
+def test_a_plain_graph_posing_as_fused_is_refused(tiny_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "fake"
+    shutil.copytree(tiny_export, out)
+    shutil.copy(out / "onnx" / "model.onnx", fused_path(out, "fp32"))
+    with pytest.raises(UserError, match="not a fused graph"):
+        OnnxLM(out, fused=True)
