@@ -32,7 +32,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
+# CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu
 bench: install
+	$(if $(GPU),$(error make bench: CPU only (onnxruntime-genai pulls in onnxruntime); run it without GPU=1))
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/run.py
 

@@ -215,25 +215,23 @@ class OnnxLM:
         self.session.run_with_iobinding(io)
         nxt, done = yield logits[:, 0, :]
 
-        # decode: fixed shapes from here on, so the inputs are OrtValues made once and updated in place.
-        # The mask is max-length wide: GroupQueryAttention reads each row's length from its sum
-        # (seqlens_k) and never looks past it, so zeros beyond a row's end cost nothing.
+        # decode: input_ids and position_ids are (B, 1) from here on, so they are OrtValues made once and
+        # updated in place. The mask grows: GroupQueryAttention sizes its score buffer by its width
+        # (total_sequence_length), so a max-length mask would cost every step the whole budget.
         step_ids, step_pos = np.empty((B, 1), np.int64), np.empty((B, 1), np.int64)
-        mask = np.zeros((B, L), dtype=np.int64)
-        mask[np.arange(L)[None, :] < lengths[:, None]] = 1
         values = {name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
-                  for name, a in (("input_ids", step_ids), ("position_ids", step_pos), ("attention_mask", mask))}
+                  for name, a in (("input_ids", step_ids), ("position_ids", step_pos))}
         for name, value in values.items():
             io.bind_ortvalue_input(name, value)
-        rows = np.arange(B)
+        columns = np.arange(L)
         while True:
             # a finished row feeds a pad into its next slot without advancing: that slot is never read
             slot = np.minimum(lengths, L - 1)
             step_ids[:, 0] = nxt
             step_pos[:, 0] = np.minimum(slot, self.n_ctx - 1)
-            mask[rows, slot] = 1
-            for name, a in (("input_ids", step_ids), ("position_ids", step_pos), ("attention_mask", mask)):
-                values[name].update_inplace(a)
+            values["input_ids"].update_inplace(step_ids)
+            values["position_ids"].update_inplace(step_pos)
+            io.bind_cpu_input("attention_mask", (columns[:slot.max() + 1] <= slot[:, None]).astype(np.int64))
             self.session.run_with_iobinding(io)
             lengths = np.where(done, lengths, lengths + 1)
             nxt, done = yield logits[:, 0, :]
