@@ -351,7 +351,7 @@ def report(r: dict, title: str | None = None, chart: Path | None = None) -> str:
     params = c["n_layer"] * 12 * c["n_embd"] ** 2 + (c["vocab_size"] + c["n_positions"]) * c["n_embd"]
     lines = [f"## {title or folder.name}: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, "
              f"vocab {c['vocab_size']}, context {c['n_positions']} (~{params / 1e6:.1f}M parameters)", "",
-             f"- machine: {machine()}", f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+             f"- machine: {machine()}", "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
              f"- {r['threads']} intra-op threads for every engine; {r['rounds']} interleaved rounds, median; "
              f"{r['tokens']} new tokens after a 16-token prompt; prefill = one token after a {r['n_prefill']}-token "
              f"prompt; greedy, no early stop", ""]
