@@ -158,8 +158,6 @@ class OnnxLM:
     # ------------------------------------------------------------------ the two step loops
     # Each is a generator: it yields last-position logits (B, V) and receives (next ids (B,), done (B,)).
     def _plain_steps(self, prompts: list[list[int]], budget: int):
-        import onnxruntime as ort
-
         B, T = len(prompts), max(len(p) for p in prompts)
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, T), dtype=np.int64)
@@ -169,13 +167,16 @@ class OnnxLM:
         positions = np.clip(mask.cumsum(-1) - 1, 0, None)
         device = "cuda" if self.provider == "cuda" else "cpu"
         io = self.session.io_binding()
-        past = [ort.OrtValue.ortvalue_from_numpy(a, device, 0) for a in self.empty_past(B)]
+        past = self.empty_past(B)  # (B, H, 0, D): bound from NumPy once, ORT's own OrtValues after that
         while True:
             io.bind_cpu_input("input_ids", ids)
             io.bind_cpu_input("attention_mask", mask)
             io.bind_cpu_input("position_ids", positions)
             for name, value in zip(self.past_names, past):
-                io.bind_ortvalue_input(name, value)
+                if isinstance(value, np.ndarray):
+                    io.bind_cpu_input(name, value)
+                else:
+                    io.bind_ortvalue_input(name, value)
             io.bind_output("logits", "cpu")
             for name in self.present_names:  # presents stay ORT's (on the device): fed back, never copied out
                 io.bind_output(name, device)
