@@ -1,16 +1,20 @@
-# The two commands a newcomer needs: `make export` (sets up, trains, exports) and `make test`.
+# The two commands a newcomer needs: `make export` (sets up, trains, exports fp32 + int8/int4/fp16, checks
+# parity of every variant) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ONNXGEN := $(BIN)/onnxgen
 PRESET ?= small
 NAME   ?= default
+, := ,
 # GPU=1: onnxruntime-gpu instead of onnxruntime (never both: they install the same module)
 GPU    ?=
 ORT    := $(if $(GPU),gpu,cpu)
+# with GPU=1 no onnxruntime-genai (it depends on the CPU onnxruntime): its ship tests skip
+EXTRAS := $(if $(GPU),gpu$(,)test,dev$(,)cpu)
 NOT_ORT := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: install export test bench clean
+.PHONY: install export test js bench clean
 
 install: $(VENV)/.installed-$(ORT)
 
@@ -20,16 +24,28 @@ $(VENV)/.installed-$(ORT): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip uninstall --quiet --yes $(NOT_ORT) 2>/dev/null || true
-	$(BIN)/pip install --quiet -e ".[dev,$(ORT)]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# `onnxgen parity` exits 1 when any variant misses its threshold, so `make export` fails loudly.
 export: install
 	$(ONNXGEN) train --preset $(PRESET) --out models/$(PRESET) --auto-resume
 	$(ONNXGEN) export models/$(PRESET) --out exports/$(NAME) --force
+	$(ONNXGEN) quantize exports/$(NAME) --variant all
+	$(ONNXGEN) parity exports/$(NAME)
 
-test: install
+test: install js
 	$(BIN)/python -m pytest -q
+
+# The JavaScript runtimes (onnxruntime-node, transformers.js) for tests/test_ship_js.py, when npm exists;
+# without npm, or if the install fails, those tests skip and say why.
+# ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA binaries; its CPU build ships in the package.
+js:
+	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: tests/test_ship_js.py will be skipped"; \
+	elif [ tests/js/node_modules/.package-lock.json -nt tests/js/package-lock.json ]; then :; \
+	else (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
+		|| echo "npm ci in tests/js failed: tests/test_ship_js.py will be skipped"; fi
 
 # onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
 # CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu
@@ -39,5 +55,5 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) exports/* models/*/ .pytest_cache
+	rm -rf $(VENV) exports/* models/*/ .pytest_cache tests/js/node_modules
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -3,13 +3,21 @@
 User mistakes (UserError) print one line and exit 2; a missed parity threshold exits 1."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 
 from pipeline.errors import ParityError, UserError
+
+
+# A full disk, a read-only or forbidden place: the machine's state, not a bug; one line, exit 1.
+_ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Group(click.Group):
@@ -19,12 +27,24 @@ class _Group(click.Group):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a bad option value: one line too, not click's four
+            where = f" (see '{e.ctx.command_path} -h')" if e.ctx else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
         except ParityError as e:
             click.echo(f"parity failed: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+            sys.exit(141)
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRORS:
+                raise  # anything else is a bug: keep its traceback
+            click.echo(f"error: {e.filename or 'output'}: {e.strerror}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +70,7 @@ def main(quiet: bool):
 @click.option("--force", is_flag=True, help="Delete a non-empty --out and start over.")
 def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, auto_resume, force):
     """Train the tokenizer and the model on a corpus; write a run folder with checkpoints and loss.png."""
+    from pipeline.ddp import is_main
     from pipeline.train import checkpoint_dir
     from pipeline.train import train as train_run
 
@@ -58,20 +79,74 @@ def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, 
                                        vocab_size=vocab_size).items() if v is not None}
     if auto_resume:
         resume = checkpoint_dir(out) is not None
+        # a run killed before its first checkpoint has nothing to resume: start it again
+        force = force or (not resume and (out / "train.json").is_file())
     state = train_run(out, preset=preset, corpus=corpus, resume=resume, force=force, overrides=overrides)
+    if not is_main():  # under torchrun: one report, from rank 0
+        return
     click.echo(f"trained {out}: step {state['step']}, val loss {state['val_loss']:.4f}, "
                f"val ppl {__import__('math').exp(state['val_loss']):.2f}")
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help='Plain text, or JSONL of {"prompt": ..., "completion": ...} (loss on the completion only).')
+@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [CHECKPOINT-METHOD].")
+@click.option("--rank", type=int, default=None, help="LoRA rank [8].")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank [16].")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout [0.05].")
+@click.option("--target-modules", default=None, help="LoRA targets, comma-separated [c_attn,c_proj,c_fc].")
+@click.option("--steps", type=int, default=None, help="Steps [200].")
+@click.option("--batch-size", type=int, default=None, help="[the base run's]")
+@click.option("--block-size", type=int, default=None, help="Longest window or example, in tokens [the base run's].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [full 1e-4, lora 1e-3].")
+@click.option("--seed", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue the fine-tune in --out from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Delete a non-empty --out and start over.")
+def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules, steps, batch_size, block_size,
+             lr, seed, resume, force):
+    """Fine-tune a trained run on your text (full or LoRA); writes a run folder that `export` takes."""
+    import math
+
+    from pipeline.ddp import is_main
+    from pipeline.finetune import LoraSettings
+    from pipeline.finetune import finetune as finetune_run
+
+    lora_given = {k: v for k, v in dict(rank=rank, alpha=alpha, dropout=dropout).items() if v is not None}
+    if target_modules is not None:
+        lora_given["target_modules"] = tuple(t.strip() for t in target_modules.split(",") if t.strip())
+    lora = LoraSettings(**lora_given) if lora_given else None
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
+                                       seed=seed).items() if v is not None}
+    state = finetune_run(checkpoint, data, out, method=method, lora=lora, resume=resume, force=force,
+                         overrides=overrides)
+    if not is_main():
+        return
+    click.echo(f"fine-tuned {out or checkpoint.parent / f'{checkpoint.name}-{method}'} ({method}, "
+               f"{state['trainable_parameters']:,} trainable parameters): step {state['step']}, val loss "
+               f"{state['val_loss_before']:.4f} -> {state['val_loss']:.4f}, val ppl {math.exp(state['val_loss']):.2f}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("exports/default"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing export folder.")
-def export(checkpoint, out, force):
-    """Export a trained run folder to ONNX (fp32, KV cache) with configs, tokenizer, parity and manifest."""
+@click.option("--hf", "hf", type=click.Path(path_type=Path), default=None,
+              help="Import a local transformers causal-LM folder (gpt2, llama, qwen2, phi3, gpt_neox) instead.")
+@click.option("--corpus", default=None, help="With --hf: text for the parity windows [Python's standard library].")
+def export(checkpoint, out, force, hf, corpus):
+    """Export a trained run folder (or, with --hf, a Hugging Face model) to ONNX (fp32, KV cache) with
+    configs, tokenizer, genai_config.json, parity and manifest."""
+    if (checkpoint is None) == (hf is None):
+        raise UserError("export: give a CHECKPOINT run folder or --hf DIR (one of them)")
+    if corpus is not None and hf is None:
+        raise UserError("--corpus: only used with --hf (an onnxgen run holds out its own data)")
     from pipeline.export import export as export_run
+    from pipeline.hf_import import export_hf
 
-    report = export_run(checkpoint, out, force=force)
+    report = export_run(checkpoint, out, force=force) if hf is None else export_hf(hf, out, force=force, corpus=corpus)
     fp32 = report.results[0]
     click.echo(f"exported {out}: fp32 max |Δlogit| {fp32.max_abs:.2e}, greedy {fp32.greedy_match}/"
                f"{fp32.greedy_tokens} identical")
@@ -94,6 +169,26 @@ def parity(export_dir, checkpoint, variants):
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
+@click.option("--int8-mode", type=click.Choice(["dynamic", "static", "blockwise"]), default=None,
+              help="int8 method [blockwise]: MatMulNBits 8-bit, block 32; dynamic: per-channel weights, "
+                   "per-tensor activations at run time; static: QDQ calibrated on held-out windows.")
+@click.option("--head", type=click.Choice(["int4", "int8", "fp32"]), default=None,
+              help="LM head precision in the int4 variant [int8].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Source run for static calibration [the one recorded in the manifest].")
+def quantize(export_dir, variant, int8_mode, head, checkpoint):
+    """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
+    from pipeline import quantize as q
+
+    done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head or q.DEFAULT_HEAD,
+                      checkpoint=checkpoint)
+    for v, d in done.items():
+        click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
@@ -110,15 +205,18 @@ def parity(export_dir, checkpoint, variants):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--fused/--plain", "fused", default=None,
               help="The fused attention graph (onnxgen fuse) or the plain one [fused when the export has it].")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
+@click.option("--unsafe-skip-verify", is_flag=True,
+              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
 def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, stop, seed, variant, device, fused, threads, echo):
+        repetition_penalty, stop, seed, variant, device, fused, threads, echo, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
 
     from pipeline.runtime import Generation, OnnxLM, read_prompts
     from pipeline.sampling import SamplingConfig
+    from pipeline.tokenizer import check_text
 
     batch = None
     if prompts_file is not None:
@@ -129,19 +227,23 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
         if prompt is not None:
             raise UserError("prompt: give PROMPT or --prompt-file, not both")
         try:
-            prompt = prompt_file.read_text()
+            prompt = prompt_file.read_bytes().decode("utf-8")
         except (FileNotFoundError, IsADirectoryError):
             raise UserError(f"--prompt-file {prompt_file}: file does not exist") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {e.start})") from None
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
     if prompt is None and batch is None:
         raise UserError("prompt: missing (give PROMPT, --prompt-file FILE, --prompts FILE, or '-' to read stdin)")
+    for i, text in enumerate(batch or [prompt]):
+        check_text(text, f"prompt {i + 1}" if batch else "prompt")
     if temperature is None:
         temperature = 1.0 if (top_k or top_p < 1.0) else 0.0  # asking for top-k/top-p means sampling
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               repetition_penalty=repetition_penalty)
     variant = variant or ("fp16" if device == "cuda" else "fp32")
-    lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads,
+    lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
                 fused="auto" if fused is None else fused)
     result = Generation()
     if batch is not None:
@@ -156,6 +258,18 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
     click.echo()
     if result.stop_reason and result.stop_reason[0] == "context":
         click.echo(f"onnxgen: stopped at the model's context length ({lm.n_ctx} tokens)", err=True)
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
+def genai(export_dir, variant):
+    """Point the export's genai_config.json (onnxruntime-genai) at another variant."""
+    from pipeline.genai import use_variant
+    from pipeline.layout import VARIANTS
+
+    path = use_variant(export_dir, variant)
+    click.echo(f"wrote {path}: onnxruntime-genai now runs onnx/{VARIANTS[variant]}")
 
 
 @main.command()
@@ -192,15 +306,21 @@ def bench(export_dir, out, rounds, tokens, threads, batches, engines):
 def to_hf(checkpoint, out):
     """Write a trained run as a transformers GPT2LMHeadModel folder (safetensors + tokenizer)."""
     from pipeline.huggingface import save_gpt2
-    from pipeline.tokenizer import load_tokenizer, write_hf_tokenizer_files
+    from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
     from pipeline.train import load_model
 
     if out.exists():
         raise UserError(f"--out {out}: exists")
-    model = load_model(checkpoint)
-    out.mkdir(parents=True)
-    save_gpt2(model, out)
-    write_hf_tokenizer_files(load_tokenizer(checkpoint), out, model.config.n_ctx)
+    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_gpt2(model, tmp, tok.token_to_id(EOT))
+        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     click.echo(f"wrote {out}")
 
 

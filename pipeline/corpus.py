@@ -88,10 +88,10 @@ def load_corpus(spec: str | None = None, valid_fraction: float = 0.05, seed: int
             docs.append(text)
     if not docs or sum(len(d) for d in docs) < 64:
         raise UserError(f"corpus {spec or 'stdlib'}: empty (needs at least 64 characters of text)")
-    if replaced:
-        log.warning("corpus: %d bytes were not UTF-8 and were replaced with U+FFFD", replaced)
     if replaced > 0.1 * total:
         raise UserError(f"corpus {spec}: {replaced} of {total} bytes are not UTF-8; expected text, not binary")
+    if replaced:
+        log.warning("corpus: %d bytes were not UTF-8 and were replaced with U+FFFD", replaced)
     # Deterministic split by hashing each document's index with the seed: stable across runs and machines.
     order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
     if len(docs) >= 20:

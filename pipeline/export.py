@@ -3,20 +3,24 @@ configs, tokenizer files, parity report and manifest. Built in a temporary folde
 target and renamed into place only once the graph passes onnx.checker and parity."""
 from __future__ import annotations
 
+import glob
 import json
+from contextlib import contextmanager
 import logging
+import os
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
 from pipeline import manifest
 from pipeline.errors import ParityError, UserError
+from pipeline.finetune import source_details
+from pipeline.genai import GENAI_CONFIG, write_genai_config
 from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
 from pipeline.model import GPT
 from pipeline.parity import ParityReport, parity_for_run
@@ -95,7 +99,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
             raise UserError(f"--out {out}: exists; pass --force to replace it")
-        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
         out.rename(trash)
         tmp.rename(out)
         shutil.rmtree(trash, ignore_errors=True)
@@ -103,19 +107,64 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         tmp.rename(out)
 
 
+def clear_interrupted(out: Path) -> None:
+    """Tidy what an export killed by a signal left beside `out` (kill -9 runs no cleanup).
+
+    Its hidden temporary folder goes; an old export it had moved aside in the instant before the
+    new one was renamed in comes back. Only folders of processes that are gone are touched: their
+    names carry the pid (a reused pid only means a folder is kept a while longer)."""
+    import psutil
+
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            log.warning("restoring %s, which an interrupted export had moved aside", out)
+            leftover.rename(out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def staging(out: Path, force: bool):
+    """A temporary folder beside `out` (same filesystem) that becomes `out` only if the block finishes:
+    on any error or signal it is removed, and an existing `out` is untouched."""
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clear_interrupted(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:
+    """Write the fp32 parity report into the staged folder and its manifest; refuse to publish a miss."""
+    manifest.record(tmp, "parity", report.write(tmp), parity=report.to_dict())
+    if not report.passed:
+        failures = "; ".join(f for r in report.results for f in r.failures)
+        raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
+    return report
+
+
 def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> ParityReport:
     run, out = Path(checkpoint), Path(out)
     if out.exists() and not force:
         raise UserError(f"--out {out}: exists; pass --force to replace it")
-    model = load_model(run)
+    model = load_model(run)  # a LoRA fine-tune: base + adapter, merged (peft's merge_and_unload)
     tok = load_tokenizer(run)
     if tok.get_vocab_size() != model.config.vocab_size:
         raise UserError(f"tokenizer {run / 'tokenizer.json'}: {tok.get_vocab_size()} tokens but the model "
                         f"has vocab_size {model.config.vocab_size}")
     eot = tok.token_to_id(EOT)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging(out, force) as tmp:
         (tmp / "onnx").mkdir()
         t0 = time.time()
         export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
@@ -123,22 +172,16 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         (tmp / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot, model.config.n_ctx), indent=2) + "\n")
         write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        write_genai_config(tmp)  # onnxruntime-genai runs the folder as it stands
         ckpt = checkpoint_dir(run)
-        source = {"checkpoint": str(run.resolve()), "model_sha256": manifest.sha256(ckpt / "model.safetensors"),
-                  "step": json.loads((ckpt / "state.json").read_text())["step"], "kind": "onnxgen"}
+        source = {"checkpoint": str(run.resolve()), "step": json.loads((ckpt / "state.json").read_text())["step"],
+                  "kind": "onnxgen"}
+        if (ckpt / "model.safetensors").is_file():  # a LoRA fine-tune has an adapter instead
+            source["model_sha256"] = manifest.sha256(ckpt / "model.safetensors")
+        source.update(source_details(run))  # a fine-tune's base checkpoint and adapter (sha256)
         files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", f"onnx/{VARIANTS['fp32']}"]
+                 "special_tokens_map.json", GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
         manifest.record(tmp, "export", files, source=source, opset=OPSET)
         log.info("checking parity against PyTorch")
-        report = parity_for_run(tmp, run, ["fp32"])
-        report.write(tmp)
-        manifest.record(tmp, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
-        if not report.passed:
-            failures = "; ".join(f for r in report.results for f in r.failures)
-            raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
-        publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report = publish_parity(tmp, out, parity_for_run(tmp, run, ["fp32"]))
     return report

@@ -10,7 +10,7 @@ from pipeline.errors import UserError
 from pipeline.model import GPT
 
 
-def to_gpt2(model: GPT):
+def to_gpt2(model: GPT, eot_id: int | None = None):
     """A transformers GPT2LMHeadModel with our weights. GPT-2's Conv1D stores (in, out): transpose Linears.
     Sinusoidal position encodings become GPT-2's wpe table (it is only a lookup either way)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -23,6 +23,8 @@ def to_gpt2(model: GPT):
         n_inner=4 * c.n_embd, activation_function="gelu_new" if c.activation == "gelu" else "relu",
         layer_norm_epsilon=c.layer_norm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=True,
+        # our end-of-text id (GPT2Config would otherwise default to GPT-2's 50256)
+        bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
     )
     hf = GPT2LMHeadModel(config).eval()
     ours = model.state_dict()
@@ -41,6 +43,6 @@ def to_gpt2(model: GPT):
     return hf
 
 
-def save_gpt2(model: GPT, folder: str | Path) -> None:
+def save_gpt2(model: GPT, folder: str | Path, eot_id: int) -> None:
     with torch.no_grad():
-        to_gpt2(model).save_pretrained(str(folder), safe_serialization=True)
+        to_gpt2(model, eot_id).save_pretrained(str(folder), safe_serialization=True)

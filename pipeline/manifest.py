@@ -38,9 +38,14 @@ def load(folder: Path) -> dict:
     if not path.is_file():
         return {"files": {}, "stages": []}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"manifest {path}: not valid JSON ({e.msg})") from None
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"manifest {path}: not valid JSON ({e})") from None
+    if not (isinstance(m, dict) and isinstance(m.get("files", {}), dict)
+            and all(isinstance(e, dict) and {"sha256", "bytes"} <= set(e) for e in m.get("files", {}).values())):
+        raise UserError(f"manifest {path}: expected an object whose 'files' maps paths to {{sha256, bytes}}")
+    m.setdefault("files", {})
+    return m
 
 
 def record(folder: Path, stage: str, files: list[str], **details) -> dict:
@@ -68,12 +73,12 @@ def verify(folder: Path, files: list[str] | None = None) -> None:
     folder = Path(folder)
     m = load(folder)
     if not m["files"]:
-        raise UserError(f"manifest {folder / MANIFEST}: missing or lists no files (pass --no-verify to skip, unsafe)")
+        raise UserError(f"manifest {folder / MANIFEST}: missing or lists no files (pass --unsafe-skip-verify to skip, unsafe)")
     for rel in files if files is not None else list(m["files"]):
         entry = m["files"].get(rel)
         p = folder / rel
         if entry is None:
-            raise UserError(f"{p}: not listed in the manifest (pass --no-verify to skip, unsafe)")
+            raise UserError(f"{p}: not listed in the manifest (pass --unsafe-skip-verify to skip, unsafe)")
         if not p.is_file():
             raise UserError(f"{p}: listed in the manifest but missing")
         if p.stat().st_size != entry["bytes"] or sha256(p) != entry["sha256"]:

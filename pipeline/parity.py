@@ -50,8 +50,12 @@ class Thresholds:
         return ", ".join(parts)
 
 
+# Per variant, as issue 3 sets them. fp16's bound is on logits only: its past/present are fp16 by design.
 THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(max_abs=1e-4, structural=1e-4, greedy_identical=True),
+    "int8": Thresholds(top1=0.99, ppl_change_pct=0.5),
+    "int4": Thresholds(top1=0.97, ppl_change_pct=1.5),
+    "fp16": Thresholds(max_abs=1e-2),
 }
 
 
@@ -73,6 +77,16 @@ class VariantResult:
     failures: list[str] = field(default_factory=list)
     status: str = "pass"      # "pass", "fail" or "not run"
     note: str = ""
+    bytes: int = 0            # the variant's file size
+    device: str = "cpu"
+
+    @classmethod
+    def not_run(cls, variant: str, note: str, t: Thresholds, size: int = 0) -> "VariantResult":
+        """A variant that could not be measured here: reported as such, never as passed."""
+        nan = float("nan")
+        return cls(variant=variant, max_abs=nan, p99_abs=nan, cache_max_abs=nan, padded_max_abs=nan, top1=nan,
+                   kl=nan, ppl=nan, ppl_reference=nan, ppl_change_pct=nan, greedy_match=0, greedy_tokens=0,
+                   thresholds=t.describe(), status="not run", note=note, bytes=size)
 
     def check(self, t: Thresholds) -> "VariantResult":
         self.thresholds = t.describe()
@@ -222,8 +236,10 @@ class ParityReport:
         return all(r.status != "fail" for r in self.results)
 
     def to_dict(self) -> dict:
+        def clean(d):  # NaN (a variant not run) is not JSON
+            return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
         return {"windows": self.windows, "window_length": self.window_length, "source": self.source,
-                "passed": self.passed, "variants": {r.variant: asdict(r) for r in self.results}}
+                "passed": self.passed, "variants": {r.variant: clean(asdict(r)) for r in self.results}}
 
     def markdown(self) -> str:
         lines = [
@@ -234,15 +250,16 @@ class ParityReport:
             "two steps (past > 0); `padded` is a left-padded batch of 4 against each row alone; greedy counts "
             "the tokens generated before the first disagreement.",
             "",
-            "| variant | status | max abs Δ | p99 abs Δ | cache Δ | padded Δ | top-1 | KL | ppl (PyTorch) | Δppl | greedy | thresholds |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| variant | size | status | max abs Δ | p99 abs Δ | cache Δ | padded Δ | top-1 | KL | ppl (PyTorch) | Δppl | greedy | thresholds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.results:
+            size = f"{r.bytes / 1e6:.2f} MB" if r.bytes else ""
             if r.status == "not run":
-                lines.append(f"| {r.variant} | not run | | | | | | | | | | {r.note} |")
+                lines.append(f"| {r.variant} | {size} | not run | | | | | | | | | | {r.thresholds}; {r.note} |")
                 continue
             lines.append(
-                f"| {r.variant} | {r.status} | {r.max_abs:.2e} | {r.p99_abs:.2e} | {r.cache_max_abs:.2e} | "
+                f"| {r.variant}{' (cuda)' if r.device == 'cuda' else ''} | {size} | {r.status} | {r.max_abs:.2e} | {r.p99_abs:.2e} | {r.cache_max_abs:.2e} | "
                 f"{r.padded_max_abs:.2e} | {r.top1:.2%} | {r.kl:.2e} | {r.ppl:.3f} ({r.ppl_reference:.3f}) | "
                 f"{r.ppl_change_pct:+.3f}% | {r.greedy_match}/{r.greedy_tokens} | {r.thresholds} |")
         failures = [f"- {r.variant}: {f}" for r in self.results for f in r.failures]
@@ -250,9 +267,47 @@ class ParityReport:
             lines += ["", "## Failures", "", *failures]
         return "\n".join(lines) + "\n"
 
-    def write(self, folder: Path) -> None:
+    def write(self, folder: Path) -> list[str]:
+        """parity.json, parity.md and parity.png (the chart) in folder; returns their names."""
         (folder / "parity.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         (folder / "parity.md").write_text(self.markdown())
+        self.chart(folder / "parity.png")
+        return ["parity.json", "parity.md", "parity.png"]
+
+    def chart(self, path: Path) -> None:
+        """One bar chart per metric, a bar per variant, its threshold as a dashed line."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.results if r.status != "not run"]
+        names = [r.variant for r in rows]
+        colors = ["tab:green" if r.status == "pass" else "tab:red" for r in rows]
+        panels = [("max |Δlogit|", "max_abs", "max_abs", True), ("top-1 agreement %", "top1", "top1", False),
+                  ("|Δppl| %", "ppl_change_pct", "ppl_change_pct", True), ("KL(PyTorch‖variant)", "kl", None, True),
+                  ("size MB", "bytes", None, False)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+        for ax, (title, key, tkey, log) in zip(axes, panels):
+            scale = 100.0 if key == "top1" else 1e-6 if key == "bytes" else 1.0
+            values = [abs(getattr(r, key)) * scale for r in rows]
+            ax.bar(names, [max(v, 1e-12) if log else v for v in values], color=colors)
+            if log:
+                ax.set_yscale("log")
+            for r, x in zip(rows, range(len(rows))):
+                t = getattr(THRESHOLDS.get(r.variant, Thresholds()), tkey, None) if tkey else None
+                if t is not None:
+                    ax.hlines(t * scale, x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+            if key == "top1":  # zoom in: the interesting range is the last few percent
+                ax.set_ylim(min([*values, 96.0]) - 1.0, 100.2)
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(labelsize=8)
+        fig.suptitle(f"parity against PyTorch fp32 ({self.windows}×{self.window_length} held-out tokens); "
+                     "dashed: threshold, red: missed", fontsize=9)
+        fig.tight_layout()
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(path)
 
 
 def run_parity(lms: dict, reference: Reference, empty_past, windows: np.ndarray, pad_id: int,
@@ -290,22 +345,57 @@ def run_windows(run: Path, n_ctx: int, n_windows: int = 8) -> np.ndarray:
 
 def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport:
     """The export in `folder` (its `variants`) against the onnxgen run folder it came from."""
-    from pipeline.runtime import OnnxLM
+    from pipeline.hf_import import is_hf_folder, parity_for_hf
     from pipeline.tokenizer import EOT, load_tokenizer
     from pipeline.train import load_model
 
-    model = load_model(run)
+    if is_hf_folder(run):  # imported with `export --hf`: the transformers model is the reference
+        return parity_for_hf(folder, run, variants)
+    model = load_model(run, merge=False)  # a LoRA fine-tune: the peft model itself, its adapter unmerged
     reference, empty_past = gpt_reference(model)
-    lms = {v: OnnxLM(folder, variant=v) for v in variants}
     pad = load_tokenizer(run).token_to_id(EOT)
     windows = run_windows(run, model.config.n_ctx)
-    return run_parity(lms, reference, empty_past, windows, pad, source=str(run))
+    return parity_of_variants(folder, variants, reference, empty_past, windows, pad, source=str(run))
+
+
+def parity_of_variants(folder: Path, variants: list[str], reference: Reference, empty_past, windows: np.ndarray,
+                       pad_id: int, source: str) -> ParityReport:
+    """Load each variant of the export and compare it with `reference` (any source). An fp16 variant
+    that this ONNX Runtime cannot run is reported "not run", never passed; every result gets its size."""
+    from pipeline.layout import variant_path
+    from pipeline.runtime import OnnxLM
+
+    lms, skipped = {}, {}
+    for v in variants:
+        try:
+            lms[v] = OnnxLM(folder, variant=v, provider=_provider(v))
+        except UserError as e:
+            if v != "fp16":
+                raise
+            # fp16 is built for CUDA; a CPU build of ONNX Runtime may lack its kernels. Not run, not passed.
+            skipped[v] = f"ONNX Runtime could not run it here ({e})"
+    report = run_parity(lms, reference, empty_past, windows, pad_id, source=source)
+    for v, note in skipped.items():
+        report.results.append(VariantResult.not_run(v, note, THRESHOLDS.get(v, Thresholds())))
+    order = {v: i for i, v in enumerate(variants)}
+    report.results.sort(key=lambda r: order[r.variant])
+    for r in report.results:
+        r.bytes = variant_path(folder, r.variant).stat().st_size
+        r.device = "cuda" if _provider(r.variant) == "cuda" else "cpu"
+    return report
+
+
+def _provider(variant: str) -> str:
+    """fp16 is checked on CUDA when this ONNX Runtime has it (what the variant is for), else on CPU."""
+    import onnxruntime as ort
+
+    return "cuda" if variant == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
 def check_export(folder: str | Path, checkpoint: str | Path | None = None,
                  variants: list[str] | None = None) -> ParityReport:
     """The `parity` stage: every variant present in the export (or those named) against its source.
-    Writes parity.json and parity.md and records them in the manifest."""
+    Writes parity.json, parity.md and parity.png and records them in the manifest."""
     from pipeline import manifest
     from pipeline.layout import VARIANTS, variant_path
 
@@ -322,6 +412,6 @@ def check_export(folder: str | Path, checkpoint: str | Path | None = None,
         if not variant_path(folder, v).is_file():
             raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")
     report = parity_for_run(folder, Path(checkpoint), variants or present)
-    report.write(folder)
-    manifest.record(folder, "parity", ["parity.json", "parity.md"], parity=report.to_dict())
+    files = report.write(folder)
+    manifest.record(folder, "parity", files, parity=report.to_dict())
     return report

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.layout import INPUTS, variant_path
+from pipeline.preflight import preflight
 from pipeline.sampling import Sampler, SamplingConfig
 from pipeline.tokenizer import load_tokenizer
 
@@ -94,7 +95,7 @@ class Generation:
 
 class OnnxLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
-                 fused: bool | str = False, spin: bool = False):
+                 verify: bool = False, fused: bool | str = False, spin: bool = False):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
         (faster only on cores nothing else wants)."""
@@ -103,14 +104,6 @@ class OnnxLM:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"export {self.folder}: folder does not exist")
-        self.config = read_json(self.folder / "config.json", "config")
-        gen = read_json(self.folder / "generation_config.json", "generation config")
-        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json")
-        self.eos_id = int(gen["eos_token_id"])
-        self.pad_id = int(gen.get("pad_token_id", self.eos_id))
-        self.n_ctx = context_length(self.config)
-        if provider == "cuda":
-            require_cuda()  # before any file check: no GPU is the first thing to tell
         path = variant_path(self.folder, variant)
         twin = fused_path(self.folder, variant)
         if fused is True and not twin.is_file():
@@ -120,6 +113,15 @@ class OnnxLM:
         auto_ok = twin.is_file() and not (provider == "cuda" and variant == "fp32")
         self.fused = fused is True or (fused == "auto" and auto_ok)
         path = twin if self.fused else path
+        # untrusted files: checked before anything reads them (the graph checked is the one opened)
+        preflight(self.folder, variant, provider, verify, path=path)
+        self.config = read_json(self.folder / "config.json", "config")
+        gen = read_json(self.folder / "generation_config.json", "generation config")
+        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
+        eos = gen["eos_token_id"]  # a list in some imported models (Llama 3, Qwen2.5): stop on the first
+        self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
+        self.pad_id = int(gen.get("pad_token_id", self.eos_id))
+        self.n_ctx = context_length(self.config)
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")
         self.provider = provider

@@ -25,6 +25,8 @@ class SamplingConfig:
             raise UserError(f"--top-p {self.top_p}: expected a number in (0, 1]")
         if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
             raise UserError(f"--repetition-penalty {self.repetition_penalty}: expected a number > 0 (1 means off)")
+        if self.seed is not None and self.seed < 0:
+            raise UserError(f"--seed {self.seed}: expected an integer >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -45,7 +47,10 @@ class Sampler:
             logits = np.where(seen, penalized, logits)
         if c.greedy:
             return logits.argmax(-1).astype(np.int64)
-        z = logits.astype(np.float64) / c.temperature
+        # shift before dividing: a tiny temperature would turn logits / T into inf - inf = nan
+        z = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # -> -inf: probability 0, as it should be
+            z = (z - z.max(-1, keepdims=True)) / c.temperature
         if c.top_k and c.top_k < z.shape[-1]:
             kth = np.partition(z, -c.top_k, axis=-1)[:, -c.top_k][:, None]
             z = np.where(z < kth, -np.inf, z)

@@ -29,7 +29,8 @@ def train_tokenizer(documents, vocab_size: int = 8192, min_frequency: int = 2) -
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, require_eot: bool = True) -> Tokenizer:
+    """require_eot: onnxgen's own tokenizers end documents with EOT; an imported model's need not."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -39,9 +40,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for malformed JSON
         raise UserError(f"tokenizer {path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    if tok.token_to_id(EOT) is None:
+    if require_eot and tok.token_to_id(EOT) is None:
         raise UserError(f"tokenizer {path}: has no {EOT} token")
     return tok
+
+
+def check_text(text: str, what: str = "prompt") -> str:
+    """`text` if the tokenizer can take it. Bad bytes on stdin or in argv arrive as lone surrogates
+    (Python's surrogateescape), which are not Unicode text and which `tokenizers` rejects with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{what}: not UTF-8 text (character {e.start} is {text[e.start]!r})") from None
+    return text
 
 
 def eot_id(tok: Tokenizer) -> int:

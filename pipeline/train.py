@@ -25,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipeline.corpus import load_corpus
+from pipeline import ddp
+from pipeline.corpus import load_corpus, resolve_corpus
+from pipeline.ddp import World
 from pipeline.errors import UserError
 from pipeline.model import GPT, GPTConfig
-from pipeline.tokenizer import encode_documents, load_tokenizer, train_tokenizer
+from pipeline.tokenizer import encode_documents, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "block_size", "eval_interval", "eval_batches", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UserError(f"train config: {name} must be a finite number >= 0, got {value}")
+        if self.lr <= 0 or not (self.beta1 < 1 and self.beta2 < 1):
+            raise UserError(f"train config: expected lr > 0 and betas < 1, got lr {self.lr}, "
+                            f"betas ({self.beta1}, {self.beta2})")
+        if self.vocab_size < 257:  # checked here too, so that the mistake costs no corpus reading
+            raise UserError(f"train config: vocab_size {self.vocab_size} must be at least 257 (256 bytes + end of text)")
         if not 0 < self.valid_fraction < 0.5:
             raise UserError(f"train config: valid_fraction must be in (0, 0.5), got {self.valid_fraction}")
 
@@ -104,14 +116,35 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, rng: np.random
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def eval_batches(data: np.ndarray, tc: TrainConfig) -> list:
+    """The fixed held-out windows every evaluation uses: tc.eval_batches global batches."""
+    rng = np.random.default_rng([tc.seed, 0xE7A1])
+    return [get_batch(data, tc.block_size, tc.batch_size, rng) for _ in range(tc.eval_batches)]
+
+
 @torch.no_grad()
 def evaluate(model: GPT, data: np.ndarray, tc: TrainConfig) -> float:
     """Mean loss on fixed held-out windows (the same windows at every evaluation)."""
+    return batches_loss(model, eval_batches(data, tc))
+
+
+@torch.no_grad()
+def batches_loss(model, batches: list, world: World | None = None) -> float:
+    """Mean cross-entropy per counted target (-100 targets do not count) over global batches;
+    under torchrun each rank scores its rows and the sums are added up."""
+    world = world or World()
+    was_training = model.training
     model.eval()
-    rng = np.random.default_rng([tc.seed, 0xE7A1])
-    losses = [model(*get_batch(data, tc.block_size, tc.batch_size, rng))[1].item() for _ in range(tc.eval_batches)]
-    model.train()
-    return float(np.mean(losses))
+    total = count = 0.0
+    for x, y in batches:
+        rows = world.rows(len(x))
+        x, y = x[rows].to(world.device), y[rows].to(world.device)
+        logits, _ = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += (y != -100).sum().item()
+    total, count = world.sum([total, count])
+    model.train(was_training)
+    return total / max(count, 1.0)
 
 
 def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
@@ -125,18 +158,27 @@ def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run: Path, model: GPT, optimizer, state: dict) -> None:
-    """Write checkpoint.tmp/, then swap it in for checkpoint/: a kill at any moment leaves one whole."""
+def save_checkpoint(run: Path, model: GPT, optimizer, state: dict, files: dict | None = None) -> None:
+    """Write checkpoint.tmp/, then swap it in for checkpoint/: a kill at any moment leaves one whole.
+
+    files: name -> tensors (a safetensors file) or text, the model's part of the checkpoint;
+    default: model.safetensors with every weight (a LoRA run writes its adapter instead)."""
     tmp, final, old = run / "checkpoint.tmp", run / "checkpoint", run / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(state["step"])})
+    if files is None:
+        files = {"model.safetensors": {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}}
+    for name, content in files.items():
+        if isinstance(content, str):
+            (tmp / name).write_text(content)
+        else:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in content.items()}
+            save_file(tensors, tmp / name, metadata={"format": "pt", "step": str(state["step"])})
     opt = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     for pid, st in opt["state"].items():
         for key, value in st.items():
-            tensors[f"state.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{pid}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).cpu()
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=2))
     for f in tmp.iterdir():
@@ -156,8 +198,11 @@ def checkpoint_dir(run: Path) -> Path | None:
     return None
 
 
-def load_model(run: str | Path) -> GPT:
-    """The trained model of a run folder, in eval mode. Reads safetensors only."""
+def load_model(run: str | Path, merge: bool = True) -> GPT:
+    """The trained model of a run folder, in eval mode. Reads safetensors only.
+
+    A LoRA fine-tune's run holds an adapter, not weights: its base plus the adapter, merged into
+    plain Linear weights (merge=False keeps peft's unmerged LoRA layers: parity's reference)."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"checkpoint {run}: folder does not exist")
@@ -165,6 +210,10 @@ def load_model(run: str | Path) -> GPT:
     ckpt = checkpoint_dir(run)
     if ckpt is None:
         raise UserError(f"checkpoint {run}: has no checkpoint/ with model.safetensors (train it first)")
+    if (ckpt / "adapter_config.json").is_file():
+        from pipeline.finetune import load_lora_run
+
+        return load_lora_run(run, ckpt, merge)
     model = GPT(config)
     load_weights(model, ckpt / "model.safetensors")
     return model.eval()
@@ -185,10 +234,15 @@ def load_weights(model: GPT, path: Path) -> None:
     model.load_state_dict(weights, strict=False)
 
 
-def restore(run: Path, model: GPT, optimizer) -> dict:
+def restore(run: Path, model: GPT, optimizer, load=None) -> dict:
+    """Model, optimizer and RNG from the run's checkpoint; `load(ckpt)` reads the model's part
+    (default: model.safetensors into `model`)."""
     ckpt = checkpoint_dir(run)
     state = json.loads((ckpt / "state.json").read_text())
-    load_weights(model, ckpt / "model.safetensors")
+    if load is None:
+        load_weights(model, ckpt / "model.safetensors")
+    else:
+        load(ckpt)
     tensors = load_file(ckpt / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
     opt_state: dict = {}
@@ -203,10 +257,9 @@ def restore(run: Path, model: GPT, optimizer) -> dict:
 
 def prepare_run(run: Path, config: GPTConfig, tc: TrainConfig, corpus: str | None, preset: str) -> None:
     """Tokenizer and token files, written once per run folder (resume reuses them)."""
-    log.info("reading corpus %s", corpus or "(Python standard library)")
     data = load_corpus(corpus, tc.valid_fraction, tc.seed)
-    log.info("corpus: %d files, %.1f MB, %d train / %d valid documents",
-             data.files, data.bytes / 1e6, len(data.train), len(data.valid))
+    log.info("corpus %s: %d files, %.1f MB, %d train / %d valid documents",
+             corpus or "(Python standard library)", data.files, data.bytes / 1e6, len(data.train), len(data.valid))
     t0 = time.time()
     tok = train_tokenizer(data.train, vocab_size=tc.vocab_size)
     log.info("tokenizer: %d tokens in %.1fs", tok.get_vocab_size(), time.time() - t0)
@@ -233,39 +286,60 @@ def prepare_run(run: Path, config: GPTConfig, tc: TrainConfig, corpus: str | Non
 def train(out: str | Path, preset: str = "small", corpus: str | None = None, resume: bool = False,
           force: bool = False, overrides: dict | None = None, progress: bool = True,
           stop_after: int | None = None) -> dict:
-    """Train (or resume) the run in `out`. Returns the final state: step, train and validation loss."""
+    """Train (or resume) the run in `out`. Returns the final state: step, train and validation loss.
+
+    Under torchrun every rank calls this; rank 0 alone prepares the folder and writes to it."""
     run = Path(out)
+    world = ddp.world()
     if resume:
         if checkpoint_dir(run) is None:
             raise UserError(f"--resume: {run} has no checkpoint to resume from")
+        if not (run / "train.json").is_file():
+            hint = "; it is a fine-tune: resume it with `onnxgen finetune --resume`" if (run / "finetune.json").is_file() else ""
+            raise UserError(f"--resume: {run} has no train.json{hint}")
         config = GPTConfig.load(run / "config.json")
         tc = TrainConfig.from_dict(json.loads((run / "train.json").read_text())["train"])
         if overrides:
             tc = TrainConfig.from_dict({**asdict(tc), **overrides})
     else:
-        if run.exists() and any(run.iterdir()):
-            if not force:
-                raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
-                                "its training or --force to start over")
-            shutil.rmtree(run)
         config, tc = load_preset(preset)
         if overrides:
             tc = TrainConfig.from_dict({**asdict(tc), **overrides})
         if tc.block_size > config.n_ctx:
             raise UserError(f"train config: block_size {tc.block_size} exceeds the model's context n_ctx {config.n_ctx}")
-        run.mkdir(parents=True, exist_ok=True)
-        try:
-            prepare_run(run, config, tc, corpus, preset)
-        except BaseException:
-            shutil.rmtree(run, ignore_errors=True)  # nothing half-written
-            raise
+        world.rows(tc.batch_size)  # refuse a batch that does not split over the ranks before writing anything
+        resolve_corpus(corpus)  # a mistyped preset or corpus must not cost the run --force replaces
+
+        def prepare():  # rank 0 alone: the others would see its files appear
+            if run.exists() and any(run.iterdir()) and not force:
+                if checkpoint_dir(run) is None:
+                    raise UserError(f"--out {run}: folder exists, is not empty and has no checkpoint to resume; "
+                                    "pass --force to start over")
+                raise UserError(f"--out {run}: folder exists and is not empty; pass --resume to continue "
+                                "its training or --force to start over")
+            if run.exists() and force:
+                shutil.rmtree(run)
+            created = not run.exists()
+            run.mkdir(parents=True, exist_ok=True)
+            try:
+                prepare_run(run, config, tc, corpus, preset)
+            except BaseException:
+                # nothing half-written; an empty --out the user made stays
+                for p in [run] if created else list(run.iterdir()):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                raise
+
+        world.main_first(prepare)
+        config = GPTConfig.load(run / "config.json")  # the tokenizer fixed vocab_size (read on every rank)
     return _loop(run, config, tc, resume, progress, stop_after)
 
 
 def _loop(run: Path, config: GPTConfig, tc: TrainConfig, resume: bool, progress: bool,
           stop_after: int | None) -> dict:
-    from tqdm import tqdm
-
+    """Pre-training: random windows of the token stream."""
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -277,45 +351,93 @@ def _loop(run: Path, config: GPTConfig, tc: TrainConfig, resume: bool, progress:
     if resume:
         state = restore(run, model, optimizer)
         log.info("resumed %s at step %d", run, state["step"])
-    model.train()
     log.info("model: %.2fM parameters, %d layers, %d heads, width %d, context %d",
              model.num_parameters() / 1e6, config.n_layer, config.n_head, config.n_embd, config.n_ctx)
+
+    def batch(step: int):
+        return get_batch(train_data, tc.block_size, tc.batch_size, np.random.default_rng([tc.seed, step]))
+
+    return fit(run, model, optimizer, tc, state, batch, eval_batches(valid_data, tc),
+               lambda: save_checkpoint(run, model, optimizer, state), progress, stop_after)
+
+
+def fit(run: Path, model: torch.nn.Module, optimizer, tc: TrainConfig, state: dict, batch, valid: list,
+        save, progress: bool = True, stop_after: int | None = None, eval_first: bool = False) -> dict:
+    """The training loop that pre-training and fine-tuning share.
+
+    batch(step) -> (x, y): the global batch of that step, (B, T) int64 each, y = -100 where no loss;
+    valid: fixed global batches for the validation loss; save(): write a checkpoint of `state`
+    (rank 0 only). Under torchrun each rank runs this on its rows of every batch (see ddp.py).
+    eval_first: record the validation loss before the first step (a fine-tune's starting point).
+    """
+    from tqdm import tqdm
+
+    world = ddp.world()
+    model.to(world.device)
+    _move_optimizer_state(optimizer, world.device)
+    model.train()
+    net = ddp.wrap(model, world)
     history = run / "history.jsonl"
     tokens_per_step = tc.batch_size * tc.block_size
     # Redrawn in place on a terminal; in a log (CI, make), a line every 30 seconds instead.
-    bar = tqdm(total=tc.steps, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(total=tc.steps, initial=state["step"], disable=not progress or not world.is_main, unit="step",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+    def evaluation(step: int, train_loss, lr: float, now: float) -> None:
+        state["val_loss"] = batches_loss(model, valid, world)
+        if world.is_main:
+            with open(history, "a") as fh:
+                fh.write(json.dumps({"step": step, "train_loss": train_loss, "val_loss": state["val_loss"],
+                                     "lr": lr, "time": now}) + "\n")
+            train_part = "" if train_loss is None else f"train loss {train_loss:.4f}, "
+            bar.write(f"step {step}: {train_part}val loss {state['val_loss']:.4f}, "
+                      f"val ppl {math.exp(state['val_loss']):.2f}")
+
+    if eval_first and state["step"] == 0:
+        evaluation(0, None, 0.0, time.time())
     t_last, loss_ema = time.time(), state["train_loss"]
     last = stop_after if stop_after is not None else tc.steps
     while state["step"] < min(tc.steps, last):
         step = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        x, y = get_batch(train_data, tc.block_size, tc.batch_size, np.random.default_rng([tc.seed, step]))
-        _, loss = model(x, y)
+        x, y = batch(step)
+        counted = (y != -100).sum().item()  # targets that count in the whole global batch
+        rows = world.rows(len(x))
+        x, y = x[rows].to(world.device), y[rows].to(world.device)
+        logits, _ = net(x)
+        # Sum over this rank's targets / the global count, times the ranks: DDP averages the
+        # gradients over ranks, so the step is the gradient of the global batch's mean loss, however
+        # the counted targets fall between ranks (a prompt/completion batch masks unevenly).
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        loss = loss_sum * (world.size / max(counted, 1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         state["step"] = step = step + 1
-        state["train_loss"] = loss.item()
+        state["train_loss"] = world.sum([loss_sum.item()])[0] / max(counted, 1)
         loss_ema = state["train_loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * state["train_loss"]
         now = time.time()
         bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):,.0f}")
         bar.update(1)
         t_last = now
         if step % tc.eval_interval == 0 or step == tc.steps:
-            state["val_loss"] = evaluate(model, valid_data, tc)
-            with open(history, "a") as fh:
-                fh.write(json.dumps({"step": step, "train_loss": loss_ema, "val_loss": state["val_loss"],
-                                     "lr": lr_at(step - 1, tc), "time": now}) + "\n")
-            bar.write(f"step {step}: train loss {loss_ema:.4f}, val loss {state['val_loss']:.4f}, "
-                      f"val ppl {math.exp(state['val_loss']):.2f}")
-        if step % tc.checkpoint_interval == 0 or step == tc.steps:
-            save_checkpoint(run, model, optimizer, state)
+            evaluation(step, loss_ema, lr_at(step - 1, tc), now)
+        if world.is_main and (step % tc.checkpoint_interval == 0 or step == tc.steps):
+            save()
     bar.close()
-    plot_loss(run)
+    if world.is_main:
+        plot_loss(run)
+    world.barrier()  # no rank returns (and reads the run) before rank 0 has written its last checkpoint
     return state
+
+
+def _move_optimizer_state(optimizer, device: torch.device) -> None:
+    for st in optimizer.state.values():
+        for key, value in st.items():
+            if torch.is_tensor(value) and key != "step":
+                st[key] = value.to(device)
 
 
 def plot_loss(run: Path) -> None:

@@ -6,7 +6,9 @@ would make parity agreement meaningless).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +29,33 @@ def onnxgen(*args, check=True, input=None, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"onnxgen {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def snapshot(*folders: Path) -> dict:
+    """Every file under `folders`: (size, mtime_ns, sha256). Symlinks as their targets."""
+    snap = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_symlink():
+                snap[str(p)] = ("->", os.readlink(p))
+            elif p.is_file():
+                st = p.stat()
+                snap[str(p)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                snap[str(p)] = "dir"
+    return snap
+
+
+def assert_user_error(proc, *words: str) -> str:
+    """Exit 2, one line `error: ...` mentioning each of `words`, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}, stderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -62,4 +91,123 @@ def tiny_fused_export(tiny_export, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "tiny_fused"
     shutil.copytree(tiny_export, out)
     fuse_export(out, ["fp32"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized(tiny_export, tmp_path_factory):
+    """A copy of tiny_export with every variant (int8, int4, fp16) and the parity report over all four.
+    Returns (folder, report). A copy, so tests that want the fp32-only export still have it."""
+    import shutil
+
+    from pipeline.parity import check_export
+    from pipeline.quantize import quantize
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-quantized"
+    shutil.copytree(tiny_export, out)
+    quantize(out, "all", progress=False)
+    return out, check_export(out)
+
+
+@pytest.fixture(scope="session")
+def finetune_data(tmp_path_factory) -> Path:
+    """Fine-tuning data unlike the base corpus (Python source): prose.txt, English paragraphs from a
+    small grammar, and qa.jsonl, prompt/completion pairs with a fixed answer per question."""
+    import json
+    import random
+
+    folder = tmp_path_factory.mktemp("finetune_data")
+    r = random.Random(0)
+    subjects = ["The old sailor", "A quiet child", "My neighbour", "The tired farmer", "Her grandmother",
+                "The young painter", "A stranger", "The baker", "His sister", "The teacher"]
+    verbs = ["walked slowly to", "dreamed about", "painted", "sang softly near", "remembered", "looked across",
+             "wrote a letter about", "waited beside", "laughed at", "carried flowers to"]
+    objects = ["the green river", "a small garden", "the distant hills", "the empty church", "an old bridge",
+               "the morning market", "a field of wheat", "the silent harbour", "the village square", "the sea"]
+    endings = ["before the sun went down.", "while the bells rang.", "and smiled at nobody.", "in the cold rain.",
+               "on a bright summer day.", "as the wind grew stronger.", "without saying a word.", "every evening."]
+    paragraphs = [" ".join(f"{r.choice(subjects)} {r.choice(verbs)} {r.choice(objects)} {r.choice(endings)}"
+                           for _ in range(r.randint(3, 5))) for _ in range(80)]
+    (folder / "prose.txt").write_text("\n\n".join(paragraphs) + "\n")
+    colours = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "sun": "yellow", "blood": "red",
+               "orange": "orange", "cloud": "grey", "rose": "pink", "violet": "purple"}
+    rows = []
+    for _ in range(120):
+        thing = r.choice(sorted(colours))
+        rows.append({"prompt": f"Question: what colour is the {thing}?\nAnswer:",
+                     "completion": f" The {thing} is {colours[thing]}."})
+    (folder / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+# ----------------------------------------------------------------------------- Hugging Face imports
+
+# One tiny random-weight model per supported family (nothing is downloaded): 2 layers, hidden 32,
+# grouped-query attention where the family has it. initializer_range 0.2 (not 0.02) spreads the
+# logits so greedy tokens vary from step to step and a wrong cache or mask would show.
+HF_FAMILIES = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128),
+    "phi3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=128),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, rotary_pct=0.25),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """family -> a transformers model folder (safetensors, config, a BPE tokenizer trained here)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.corpus import EOT, load_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hf")
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(load_corpus(str(TEST_CORPUS)).train, 512),
+                                  bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT)
+    folders = {}
+    for family, sizes in HF_FAMILIES.items():
+        config = AutoConfig.for_model(family, **sizes, vocab_size=512, bos_token_id=0, eos_token_id=0,
+                                      pad_token_id=0, initializer_range=0.2)
+        torch.manual_seed(0)
+        folders[family] = root / family
+        AutoModelForCausalLM.from_config(config).save_pretrained(folders[family])
+        tok.save_pretrained(folders[family])
+    return folders
+
+
+@pytest.fixture(scope="session")
+def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
+    """family -> its `export --hf` folder. GPT-2 goes through the real command line (the family whose
+    graph needs conforming); the others in-process, which saves an interpreter start each."""
+    from pipeline.hf_import import export_hf
+
+    root = tmp_path_factory.mktemp("hf_exports")
+    out = {}
+    for family, src in hf_models.items():
+        out[family] = root / family
+        if family == "gpt2":
+            onnxgen("export", "--hf", src, "--out", out[family], "--corpus", TEST_CORPUS)
+        else:
+            export_hf(src, out[family], corpus=str(TEST_CORPUS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the trained export and the Llama import with an int8 variant beside fp32 (made by the
+    real quantize stage), for the runtime proofs."""
+    from pipeline.quantize import quantize
+
+    out = {}
+    for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():
+        folder = tmp_path_factory.mktemp("int8") / name
+        shutil.copytree(src, folder)
+        quantize(folder, "int8", progress=False)
+        out[name] = folder
     return out

@@ -1,0 +1,134 @@
+"""genai_config.json: what onnxruntime-genai needs to run an export folder as it stands.
+
+onnxruntime-genai is driven by this one file next to the model; everything in it is read from the
+folder itself (the graph's cache shapes, config.json, generation_config.json), so an onnxgen export
+and a Hugging Face import get it the same way. Measured facts that shape it:
+  - "type" is "llama" for every graph that follows our contract: genai's "gpt2" type expects one
+    combined past tensor per layer and fails on separate key/value inputs; "llama" is its plain
+    decoder-only path (input_ids, attention_mask, position_ids, past/present per layer), and the graph
+    does all the model-specific math, so the architecture's real name does not matter to it.
+  - position_ids must be listed among the decoder inputs, or genai does not feed them.
+  - past_present_share_buffer is false: our graphs concatenate the cache (present = past + new), they
+    do not write into a preallocated max-length buffer.
+  - genai's tokenizer reads tokenizer.json and needs tokenizer_config.json beside it (export writes both).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from pipeline.errors import UserError
+from pipeline.layout import VARIANTS
+from pipeline.runtime import context_length, read_json
+
+GENAI_CONFIG = "genai_config.json"
+
+# config.json spells the same size differently per family (GPT-2's n_head, Llama's num_attention_heads)
+_HEADS = ("num_attention_heads", "n_head", "num_heads")
+_HIDDEN = ("hidden_size", "n_embd", "d_model")
+
+
+def _first(config: dict, keys: tuple[str, ...], what: str, path: Path) -> int:
+    for k in keys:
+        if k in config:
+            return int(config[k])
+    raise UserError(f"config {path}: has no {what} (expected one of {', '.join(keys)})")
+
+
+def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
+    """(layers, kv heads, head size, vocab) from the graph's declared inputs and outputs; weights not loaded."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+
+    def dims(v):
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+
+    keys = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+    logits = [o for o in graph.output if o.name == "logits"]
+    if not keys or not logits:
+        raise UserError(f"model {model_path}: not a decoder with KV cache (no past_key_values.*.key inputs or logits)")
+    _, heads, _, head_size = dims(keys[0])
+    vocab = dims(logits[0])[-1]
+    if not all(isinstance(x, int) and x > 0 for x in (heads, head_size, vocab)):
+        raise UserError(f"model {model_path}: cache heads/head size/vocab must be fixed integers, got "
+                        f"{heads}, {head_size}, {vocab}")
+    return len(keys), heads, head_size, vocab
+
+
+def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
+    """The config for `variant` (its file under onnx/ becomes the decoder's filename)."""
+    folder = Path(folder)
+    config = read_json(folder / "config.json", "config")
+    gen = read_json(folder / "generation_config.json", "generation config")
+    rel = f"onnx/{VARIANTS[variant]}"
+    layers, kv_heads, head_size, vocab = _cache_shape(folder / rel)
+    n_ctx = context_length(config)
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    if eos is None:
+        raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
+    first_eos = eos[0] if isinstance(eos, list) else eos
+    pad = gen.get("pad_token_id", config.get("pad_token_id"))
+    return {
+        "model": {
+            "type": "llama",
+            "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id", first_eos)),
+            "eos_token_id": eos,
+            "pad_token_id": first_eos if pad is None else pad,
+            "context_length": n_ctx,
+            "vocab_size": vocab,
+            "decoder": {
+                "filename": rel,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "num_hidden_layers": layers,
+                "num_attention_heads": _first(config, _HEADS, "attention head count", folder / "config.json"),
+                "num_key_value_heads": kv_heads,
+                "head_size": head_size,
+                "hidden_size": _first(config, _HIDDEN, "hidden size", folder / "config.json"),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": n_ctx, "min_length": 0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
+            "past_present_share_buffer": False,
+        },
+    }
+
+
+def write_genai_config(folder: str | Path, variant: str = "fp32") -> Path:
+    """Write genai_config.json into `folder` (atomically) and return its path."""
+    folder = Path(folder)
+    path = folder / GENAI_CONFIG
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(genai_config(folder, variant), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def use_variant(folder: str | Path, variant: str) -> Path:
+    """The `genai` stage: point genai_config.json at another variant (e.g. int4 for a small device)
+    and record the change in the manifest, so `manifest verify` still holds."""
+    from pipeline import manifest
+    from pipeline.layout import variant_path
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"export {folder}: folder does not exist")
+    if not variant_path(folder, variant).is_file():
+        raise UserError(f"--variant {variant}: {variant_path(folder, variant)} does not exist in this export")
+    path = write_genai_config(folder, variant)
+    manifest.record(folder, "genai", [GENAI_CONFIG], variant=variant)
+    return path

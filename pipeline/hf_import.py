@@ -1,0 +1,263 @@
+"""Hugging Face import: a local transformers causal-LM folder -> exports/NAME/, the same folder an
+onnxgen-trained model gets (graph contract, configs, tokenizer, genai_config.json, manifest, parity).
+
+    onnxgen export --hf path/to/hf_model --out exports/NAME
+
+Optimum's exporter writes the graph (it already names inputs and outputs as the contract does);
+we only conform what it leaves different: GPT-2's input order, and the symbolic dimension it calls
+"past_sequence_length + sequence_length" becomes the contract's "total_sequence_length". Parity is
+against the transformers PyTorch model driven through the same contract, on held-out windows of a
+corpus (the standard library by default) tokenized with the model's own tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline import manifest
+from pipeline.errors import UserError
+from pipeline.export import publish_parity, staging
+from pipeline.genai import GENAI_CONFIG, write_genai_config
+from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
+from pipeline.parity import ParityReport, held_out_windows, parity_of_variants
+
+log = logging.getLogger(__name__)
+
+# model_type -> what it is; each one is exported, run and parity-checked in tests/test_hf_import.py.
+# Optimum exports more, but only these are proven to give a graph that follows the contract.
+SUPPORTED = {
+    "gpt2": "GPT-2",
+    "llama": "Llama",
+    "qwen2": "Qwen2",
+    "phi3": "Phi-3",
+    "gpt_neox": "GPT-NeoX (Pythia)",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOTAL = "total_sequence_length"
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A transformers model folder (config.json with a model_type), as opposed to an onnxgen run folder."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def check_source(src: Path) -> dict:
+    """The source's config.json, after checking what we need before loading anything heavy."""
+    if not src.is_dir():
+        raise UserError(f"--hf {src}: folder does not exist")
+    path = src / "config.json"
+    if not path.is_file():
+        raise UserError(f"--hf {src}: has no config.json (expected a transformers model folder)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config {path}: not valid JSON ({e})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
+        raise UserError(f"--hf {src}: model_type {model_type!r} is not supported; supported: {names}")
+    if not any(src.glob("*.safetensors")):
+        raise UserError(f"--hf {src}: no *.safetensors weights (onnxgen loads safetensors only, never pickles)")
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"--hf {src}: no tokenizer.json (a fast tokenizer is needed: onnxruntime-genai, "
+                        "transformers.js and onnxgen all read that file)")
+    return config
+
+
+def load_hf_model(src: Path):
+    """The fp32 PyTorch model, from safetensors only and without remote code (the folder is untrusted)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True, trust_remote_code=False)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- the graph
+
+def _dims(value) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+
+
+def conform_graph(path: Path, n_layer: int) -> None:
+    """Check optimum's graph against the contract and fix the two cosmetic differences in place.
+
+    Names are checked, not assumed: a family whose graph lacks position_ids (or anything else)
+    fails here with the missing names rather than later in a runtime. Only the graph proto is
+    rewritten; weights stored beside it (model.onnx_data) are referenced, not loaded.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    want_in = list(INPUTS) + past_names(n_layer)
+    want_out = ["logits"] + present_names(n_layer)
+    have_in = {i.name: i for i in g.input}
+    have_out = {o.name: o for o in g.output}
+    missing = [n for n in want_in if n not in have_in] + [n for n in want_out if n not in have_out]
+    extra = [n for n in have_in if n not in want_in]
+    if missing or extra:
+        raise UserError(f"model {path}: the exported graph does not follow the contract "
+                        f"(missing {missing}, unexpected inputs {extra})")
+    for name in INPUTS:
+        assert have_in[name].type.tensor_type.elem_type == onnx.TensorProto.INT64, name
+    for name in past_names(n_layer):
+        _, heads, _, head_dim = _dims(have_in[name])
+        if not (isinstance(heads, int) and isinstance(head_dim, int)):
+            raise UserError(f"model {path}: {name} has symbolic heads/head size {heads}, {head_dim}; "
+                            "transformers.js needs fixed integers")
+    # the contract's input order (optimum's GPT-2 puts the cache before attention_mask)
+    ordered = [have_in[n] for n in want_in]
+    del g.input[:]
+    g.input.extend(ordered)
+    # the contract's dimension names, wherever optimum's sum expression appears
+    for value in list(g.input) + list(g.output) + list(g.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param.replace(" ", "") == "past_sequence_length+sequence_length":
+                d.dim_param = TOTAL
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def export_graph(model, n_layer: int, onnx_dir: Path, work: Path) -> None:
+    """optimum's ONNX export of the loaded model into `work`, moved to onnx/model.onnx (+ model.onnx_data)."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's tracer warnings
+        onnx_export_from_model(model, work, task="text-generation-with-past", do_validation=False)
+    graph = work / "model.onnx"
+    if not graph.is_file():
+        raise AssertionError(f"optimum wrote no model.onnx in {work}: {sorted(p.name for p in work.iterdir())}")
+    onnx_dir.mkdir(exist_ok=True)
+    shutil.move(str(graph), onnx_dir / VARIANTS["fp32"])
+    data = work / "model.onnx_data"  # only for graphs over 2 GB; the graph refers to it by this name
+    if data.is_file():
+        shutil.move(str(data), onnx_dir / "model.onnx_data")
+    conform_graph(onnx_dir / VARIANTS["fp32"], n_layer)
+
+
+# ----------------------------------------------------------------------------- the other files
+
+def generation_config(src: Path, config: dict) -> dict:
+    """The source's generation_config.json with bos/eos/pad filled in (pad defaults to eos)."""
+    path = src / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if gen.get(key) is None and config.get(key) is not None:
+            gen[key] = config[key]
+    if gen.get("eos_token_id") is None:
+        raise UserError(f"--hf {src}: neither generation_config.json nor config.json gives an eos_token_id")
+    if gen.get("pad_token_id") is None:
+        eos = gen["eos_token_id"]
+        gen["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    gen.setdefault("do_sample", False)
+    return gen
+
+
+def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_ctx: int, n_windows: int = 8) -> np.ndarray:
+    """Held-out windows of `corpus` (None: the standard library), tokenized with the export's tokenizer.
+
+    The same split onnxgen's own training holds out, so an imported model is judged on text it
+    (most likely) did not see in our pipeline either."""
+    from tokenizers import Tokenizer
+
+    from pipeline.corpus import load_corpus
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids: list[int] = []
+    for enc in tok.encode_batch(load_corpus(corpus).valid, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eos_id)
+    return held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, min(128, n_ctx - 1))
+
+
+def hf_reference(model):
+    """The transformers model through the graph contract (past as a flat list of key/value tensors)."""
+    from transformers import DynamicCache
+
+    def reference(ids, mask, pos, past):
+        cache = DynamicCache()
+        if past and past[0].shape[2] > 0:
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        presents = out.past_key_values
+        return out.logits, [t for i in range(len(presents)) for t in (presents.layers[i].keys, presents.layers[i].values)]
+
+    return reference
+
+
+def hf_empty_past(folder: Path):
+    """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed)."""
+    graph = onnx.load(str(folder / "onnx" / VARIANTS["fp32"]), load_external_data=False).graph
+    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
+              if i.name.startswith("past_key_values.")]
+
+    def empty_past(batch: int):
+        return [np.zeros((batch, s[1], 0, s[3]), np.float32) for s in shapes]
+    return empty_past
+
+
+def parity_for_hf(folder: Path, src: Path, variants: list[str], model=None, corpus: str | None = None) -> ParityReport:
+    """The export in `folder` (its `variants`) against the transformers model in `src`.
+    The corpus defaults to the one recorded in the manifest at import time, so every stage uses the same windows."""
+    from pipeline.runtime import context_length, read_json
+
+    folder, src = Path(folder), Path(src)
+    if corpus is None:
+        corpus = (manifest.load(folder).get("source") or {}).get("corpus")
+    model = model if model is not None else load_hf_model(src)
+    config = read_json(folder / "config.json", "config")
+    gen = read_json(folder / "generation_config.json", "generation config")
+    eos = gen["eos_token_id"][0] if isinstance(gen["eos_token_id"], list) else gen["eos_token_id"]
+    windows = hf_windows(folder, corpus, int(eos), context_length(config))
+    return parity_of_variants(folder, variants, hf_reference(model), hf_empty_past(folder), windows,
+                              int(gen["pad_token_id"]), source=str(src))
+
+
+def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:
+    """The `export --hf` stage: import, conform, write the folder, check parity, publish atomically."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    config = check_source(src)
+    t0 = time.time()
+    model = load_hf_model(src)
+    n_layer = model.config.num_hidden_layers
+    with staging(out, force) as tmp:
+        log.info("exporting %s (%s) with optimum", src, SUPPORTED[config["model_type"]])
+        export_graph(model, n_layer, tmp / "onnx", tmp / "optimum")
+        shutil.rmtree(tmp / "optimum")
+        log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
+        shutil.copyfile(src / "config.json", tmp / "config.json")  # byte for byte: transformers.js reads it
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(src, config), indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        if not (tmp / "tokenizer_config.json").is_file():  # onnxruntime-genai and transformers.js need one
+            (tmp / "tokenizer_config.json").write_text(json.dumps({"model_max_length": config.get(
+                "max_position_embeddings", config.get("n_positions"))}, indent=2) + "\n")
+        write_genai_config(tmp)
+        weights = sorted(src.glob("*.safetensors"))
+        source = {"checkpoint": str(src.resolve()), "kind": "hf", "model_type": config["model_type"],
+                  "model_sha256": {p.name: manifest.sha256(p) for p in weights}, "corpus": corpus}
+        files = ["config.json", "generation_config.json", *[n for n in TOKENIZER_FILES if (tmp / n).is_file()],
+                 GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
+        if (tmp / "onnx" / "model.onnx_data").is_file():
+            files.append("onnx/model.onnx_data")
+        manifest.record(tmp, "export", files, source=source, exporter="optimum")
+        log.info("checking parity against the transformers model")
+        report = publish_parity(tmp, out, parity_for_hf(tmp, src, ["fp32"], model=model, corpus=corpus))
+    return report

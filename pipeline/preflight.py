@@ -1,0 +1,175 @@
+"""What is checked about an export folder before ONNX Runtime opens it.
+
+An export folder is untrusted input: it may come from anywhere, and ONNX Runtime is a large C++
+parser that reads wherever a graph's external-data entries point. So, before a session is made:
+
+1. the device asked for exists in this onnxruntime build (a CPU build would otherwise fall back
+   to the CPU silently, with a warning nobody reads);
+2. (unless the user opts out, unsafely) every file the variant needs matches the sha256 and size
+   that manifest.json records: the configs, the tokenizer, the graph, and its external data;
+3. every external-data location in the graph is a relative path that stays inside the export
+   folder (no `..`, no absolute path, no symlink out), names a file that exists, and the
+   (offset, length) it reads fit in that file;
+4. the sizes the runtime takes from config.json and generation_config.json are possible and agree
+   with the graph (context length, vocab_size = the logits' width, eos/pad ids inside the vocabulary).
+
+The graph is read with onnx.load(load_external_data=False): only the protobuf, never the data
+files it points to, and only after its own sha256 has been checked.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from pipeline import manifest
+from pipeline.errors import UserError
+from pipeline.layout import variant_path
+
+# The files every variant needs besides its graph; the runtime reads all three.
+SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json")
+
+
+def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: bool = True,
+              path: str | Path | None = None) -> None:
+    """Raise UserError unless `variant` of the export in `folder` is safe to hand to ONNX Runtime.
+    `path`: the graph file that will be opened, when it is not the variant's own (e.g. a fused twin)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"export {folder}: folder does not exist")
+    check_device(provider)
+    path = variant_path(folder, variant) if path is None else Path(path)
+    for f in SHARED_FILES:
+        if not (folder / f).is_file():
+            raise UserError(f"export {folder}: {f} does not exist (an export needs {', '.join(SHARED_FILES)})")
+        inside(folder, folder / f, f)
+    if not path.is_file():
+        raise UserError(f"--variant {variant}: {path} does not exist in this export")
+    inside(folder, path, f"--variant {variant}")
+    rel = path.resolve().relative_to(folder.resolve()).as_posix()
+    if verify:  # hash the graph before parsing it: a parser is attack surface too
+        manifest.verify(folder, [*SHARED_FILES, rel])
+    model = read_graph(path)
+    data_files = external_data_files(folder, path, model)
+    if verify and data_files:
+        manifest.verify(folder, data_files)
+    check_config(folder, model)
+
+
+def check_config(folder: Path, model) -> None:
+    """The sizes the runtime reads from config.json and generation_config.json are possible, and
+    agree with the graph (an edited or foreign config would otherwise fail mid-generation)."""
+    config = read_json(folder / "config.json")
+    gen = read_json(folder / "generation_config.json")
+    context = [config[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in config]
+    if not context or not _positive_int(context[0]):
+        raise UserError(f"config {folder / 'config.json'}: expected a positive integer context length "
+                        f"(n_positions or max_position_embeddings), got {context[0] if context else 'none'}")
+    vocab = config.get("vocab_size")
+    if not _positive_int(vocab):
+        raise UserError(f"config {folder / 'config.json'}: expected a positive integer vocab_size, got {vocab!r}")
+    logits = [o for o in model.graph.output if o.name == "logits"]
+    if logits:
+        dims = logits[0].type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != vocab:
+            raise UserError(f"config {folder / 'config.json'}: vocab_size {vocab}, but the graph's logits have "
+                            f"{dims[-1].dim_value} (config and model are from different exports?)")
+    for key in ("eos_token_id", "pad_token_id"):
+        ids = gen.get(key)
+        ids = ids if isinstance(ids, list) else [ids]  # a list of eos ids in some models (Llama 3, Qwen2.5)
+        if gen.get(key) is not None and not (ids and all(_id_below(i, vocab) for i in ids)):
+            raise UserError(f"generation config {folder / 'generation_config.json'}: {key} {gen[key]!r}, "
+                            f"expected an id (or a list of ids) in [0, {vocab})")
+    if "eos_token_id" not in gen:
+        raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
+
+
+def _id_below(x, vocab: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < vocab
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return d
+
+
+def read_graph(path: Path):
+    """The graph's protobuf only: external data stays unread."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # the protobuf parser raises several types for a file that is not a model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {path}: not a readable ONNX file ({first})") from None
+    if not model.graph.node:
+        raise UserError(f"model {path}: not a readable ONNX file (no graph nodes; empty or truncated?)")
+    return model
+
+
+def check_device(provider: str) -> None:
+    if provider == "cpu":
+        return
+    import onnxruntime as ort
+
+    wanted = {"cuda": "CUDAExecutionProvider"}.get(provider)
+    if wanted is None:
+        raise UserError(f"--device {provider}: unknown; expected cpu or cuda")
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise UserError(f"--device {provider}: this onnxruntime has no {wanted} (it has "
+                        f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU, "
+                        "or use --device cpu")
+
+
+def inside(folder: Path, path: Path, what: str) -> None:
+    """`path`, symlinks resolved, must lie within `folder`."""
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UserError(f"{what}: {path} resolves to {path.resolve()}, outside the export folder {folder}")
+
+
+def external_data_files(folder: Path, path: Path, model) -> list[str]:
+    """The external-data files the graph at `path` reads, relative to `folder`; each location checked."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors  # every tensor: initializers, attributes, subgraphs
+
+    needed: dict[str, int] = {}  # relative location -> bytes the tensors read from it
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        what = f"model {path}: tensor {tensor.name!r} external data location {location!r}"
+        if (not location or "\x00" in location or PurePosixPath(location).is_absolute()
+                or PureWindowsPath(location).is_absolute() or PureWindowsPath(location).drive
+                or ".." in PurePosixPath(location.replace("\\", "/")).parts):
+            raise UserError(f"{what}: expected a relative path inside the export folder (no '..', not absolute)")
+        data = path.parent / location
+        inside(folder, data, what)
+        if not data.is_file():
+            raise UserError(f"{what}: file {data} does not exist")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            raise UserError(f"{what}: offset/length are not integers") from None
+        if offset < 0 or length < 0:
+            raise UserError(f"{what}: negative offset {offset} or length {length}")
+        end = offset + length
+        rel = data.resolve().relative_to(folder.resolve()).as_posix()
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in needed.items():
+        size = os.path.getsize(folder / rel)
+        if size < end:
+            raise UserError(f"external data {folder / rel}: {size} bytes, but the graph reads up to byte {end} "
+                            "(truncated?)")
+    return sorted(needed)

@@ -1,0 +1,280 @@
+"""Quantize: an export folder's onnx/model.onnx (fp32) -> one more variant beside it.
+
+    quantize("exports/default", "int4")          # onnx/model_q4.onnx, recorded in manifest.json
+    quantize("exports/default", "all")           # int8, int4 and fp16
+
+Every variant starts from the optimized graph (`optimize.py`: fused SkipLayerNormalization and
+FastGelu, constant LM head):
+    int8   onnx/model_quantized.onnx  three methods (`int8_mode`), measured on tiny and small (docs/issue3.md);
+           numbers below are tiny's (small: blockwise 99.6%, dynamic 97.5%, static 95.6%):
+           blockwise (default): MatMulNBits with 8 bits, block 32, accuracy_level 4: the kernel quantizes
+             activations per block of 32 per row, so one outlier channel costs its block only and a row's
+             result does not depend on its batch. top-1 99.7%, Δppl +0.004%.
+           dynamic: DynamicQuantizeMatMul, weights int8 per output channel, activations per tensor at
+             run time (the method transformers.js's own q8 files use). top-1 94.8%: misses the 99%
+             threshold, mostly at the LM head (the final LayerNorm's output has outlier channels, and
+             one scale for the whole batch loses the rest); batched rows also change each other's logits.
+           static: QDQ, activation ranges calibrated (MinMax) on held-out windows of the source run that
+             the parity windows do not touch. top-1 94.3%: misses for the same per-tensor reason.
+    int4   onnx/model_q4.onnx         weight-only MatMulNBits, 4 bits, block 32, symmetric, accuracy_level 4
+           (int8 activations inside the kernel on CPU). LM head (`head`): int8 by default (same accuracy
+           as an fp32 head at a quarter of its size; an int4 head misses top-1 97%).
+    fp16   onnx/model_fp16.onnx       everything fp16 (past/present too, as the contract allows)
+           except the logits, which stay an fp32 output.
+The embedding Gather stays fp32 in every variant: a lookup costs nothing to run; quantizing it
+(GatherBlockQuantized) would shrink the files further and is left for later.
+
+A variant is written to a temporary file in onnx/ and renamed over the old one only when whole
+(os.replace is atomic on one filesystem): a kill leaves the previous variant untouched.
+
+onnx/model.onnx stays the plain (unfused) graph, on purpose. Measured on the `small` shape (4 layers,
+256 wide, 8192 vocab; benchmarks/variants_cpu.py, 1 thread, plain and fused runs interleaved): prefill
+of 128 tokens 34.7 vs 35.8 ms, one decode step 1.36 vs 1.41 ms (best of 150), i.e. no gain within the
+noise: the MatMuls dominate and the fusions only remove a few cheap element-wise ops. The plain graph
+uses only standard opset-17 ops, so every runtime that loads model.onnx (onnxruntime-genai,
+transformers.js in the browser, other execution providers) runs it, while the fused graph's
+com.microsoft ops (SkipLayerNormalization, FastGelu) are only in some builds. The quantized variants
+carry contrib ops anyway (MatMulNBits, DynamicQuantizeMatMul), so they are built from the fused graph.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline import manifest
+from pipeline.errors import UserError
+from pipeline.layout import VARIANTS, variant_path
+
+log = logging.getLogger(__name__)
+
+QUANTIZED = ("int8", "int4", "fp16")
+INT8_MODES = ("dynamic", "static", "blockwise")
+HEADS = ("int4", "int8", "fp32")   # the int4 variant's LM head precision
+INT4_BLOCK = 32
+INT4_ACCURACY = 4                   # MatMulNBits accuracy_level 4: int8 compute on CPU
+DEFAULT_HEAD = "int8"               # measured: see docs/issue3.md
+DEFAULT_INT8_MODE = "blockwise"     # dynamic and static miss top-1 99% (above)
+
+
+# ----------------------------------------------------------------------------- the graph
+def _config(folder: Path) -> tuple[int, int, bool]:
+    """(heads, hidden size, whether ORT's gpt2 fusions apply): GPT-2 graphs, ours or imported, only."""
+    from pipeline.runtime import read_json
+
+    c = read_json(folder / "config.json", "config")
+    heads = c.get("n_head", c.get("num_attention_heads"))  # GPT-2's names, or the other families' (--hf)
+    hidden = c.get("n_embd", c.get("hidden_size"))
+    if heads is None or hidden is None:
+        raise UserError(f"config {folder / 'config.json'}: names no head count or hidden size "
+                        "(n_head/num_attention_heads, n_embd/hidden_size)")
+    return int(heads), int(hidden), c.get("model_type") == "gpt2"
+
+
+def _weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls whose second input is a constant initializer: the ones to quantize (not Q·Kᵀ, P·V)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def _head_matmul(model: onnx.ModelProto) -> str:
+    """The MatMul whose output feeds the `logits` output (possibly through a Cast)."""
+    produced = {o: n for n in model.graph.node for o in n.output}
+    node = produced["logits"]
+    while node.op_type != "MatMul":
+        node = produced[node.input[0]]
+    return node.name
+
+
+# ----------------------------------------------------------------------------- the variants
+def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    nodes = _weight_matmuls(model)
+    quantize_dynamic(model, str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
+                     extra_options={"MatMulConstBOnly": True})
+    return {"method": "DynamicQuantizeMatMul", "int8_mode": "dynamic", "per_channel": True, "weight_type": "int8", "matmuls": len(nodes)}
+
+
+class _Windows:
+    """CalibrationDataReader over (n, T) token windows, one window per call, empty past; shows progress."""
+
+    def __init__(self, windows: np.ndarray, n_layer: int, n_head: int, head_dim: int, progress: bool):
+        from tqdm import tqdm
+
+        from pipeline.layout import past_names
+
+        self.windows, self.past = windows, past_names(n_layer)
+        self.shape = (1, n_head, 0, head_dim)
+        self.bar = tqdm(total=len(windows), desc="calibrating int8", unit="window", disable=not progress)
+        self.i = 0
+
+    def get_next(self):
+        if self.i == len(self.windows):
+            self.bar.close()
+            return None
+        ids = self.windows[self.i: self.i + 1]
+        self.i += 1
+        self.bar.update(1)
+        mask = np.ones_like(ids)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.arange(ids.shape[1])[None]}
+        feed.update({n: np.zeros(self.shape, np.float32) for n in self.past})
+        return feed
+
+    def rewind(self):
+        self.i = 0
+
+
+def calibration_windows(run: Path, n_ctx: int, n: int = 32) -> np.ndarray:
+    """(n, T) held-out windows that do not overlap the parity windows (parity.run_windows): taken from
+    the gaps between them, so calibration never sees the tokens it is judged on."""
+    from pipeline.parity import run_windows
+
+    valid = np.fromfile(run / "data" / "valid.bin", dtype=np.uint16).astype(np.int64)
+    judged = run_windows(run, n_ctx)
+    T = judged.shape[1]
+    taken = np.zeros(len(valid), bool)
+    starts = np.linspace(0, len(valid) - T - 1, len(judged)).astype(np.int64)
+    for s in starts:
+        taken[s: s + T + 1] = True
+    free = [s for s in range(0, len(valid) - T, T) if not taken[s: s + T].any()]
+    if not free:
+        raise UserError(f"calibration: {run / 'data' / 'valid.bin'} has no held-out tokens outside the "
+                        f"parity windows (need windows of {T} tokens)")
+    pick = np.linspace(0, len(free) - 1, min(n, len(free))).astype(np.int64)
+    return np.stack([valid[free[i]: free[i] + T] for i in pick])
+
+
+def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from pipeline.train import load_model
+
+    c = load_model(run).config
+    windows = calibration_windows(run, c.n_ctx)
+    model = onnx.load(str(src))
+    nodes = _weight_matmuls(model)
+    reader = _Windows(windows, c.n_layer, c.n_head, c.head_dim, progress)
+    # uint8 activations and int8 weights: the pairing ONNX Runtime recommends for CPU (VNNI/AVX2 kernels)
+    quantize_static(model, str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                    nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"MatMulConstBOnly": True})
+    return {"method": "QDQ", "int8_mode": "static", "per_channel": True, "calibration": "MinMax",
+            "calibration_windows": int(len(windows)), "window_length": int(windows.shape[1]),
+            "matmuls": len(nodes)}
+
+
+def quantize_int8_blockwise(src: Path, dst: Path) -> dict:
+    """Weight-only int8 MatMulNBits (bits=8, block 32, accuracy_level 4): the kernel quantizes the
+    activations per block of 32 per row, not per tensor, so one outlier channel costs its block only
+    and a row's result does not depend on the other rows in the batch."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=INT4_BLOCK, is_symmetric=True,
+                             accuracy_level=INT4_ACCURACY)
+    q.process()
+    onnx.save(q.model.model, str(dst))
+    return {"method": "MatMulNBits", "int8_mode": "blockwise", "bits": 8, "block_size": INT4_BLOCK, "symmetric": True,
+            "accuracy_level": INT4_ACCURACY}
+
+
+def quantize_int4(src: Path, dst: Path, head: str = DEFAULT_HEAD) -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    head_node = _head_matmul(model)
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                             accuracy_level=INT4_ACCURACY, nodes_to_exclude=[head_node] if head != "int4" else [])
+    q.process()
+    model = q.model.model
+    if head == "int8":
+        # the head alone in 8 bits, same block size: its logits feed every top-1 and perplexity directly
+        q8 = MatMulNBitsQuantizer(model, bits=8, block_size=INT4_BLOCK, is_symmetric=True,
+                                  accuracy_level=INT4_ACCURACY, nodes_to_include=[head_node])
+        q8.process()
+        model = q8.model.model
+    left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head_node
+            and n.input[1] in {i.name for i in model.graph.initializer}]
+    assert not left, f"int4: MatMuls left unquantized: {left}"
+    onnx.save(model, str(dst))
+    return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK, "symmetric": True,
+            "accuracy_level": INT4_ACCURACY, "lm_head": head}
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src)))
+    # keep_io_types=["logits"]: the logits output stays fp32 (the contract), past/present go fp16.
+    model.convert_float_to_float16(keep_io_types=["logits"])
+    model.save_model_to_file(str(dst), use_external_data_format=False)
+    return {"method": "float16", "logits": "fp32", "past": "fp16"}
+
+
+# ----------------------------------------------------------------------------- the stage
+def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MODE, head: str = DEFAULT_HEAD,
+             checkpoint: str | Path | None = None, progress: bool = True) -> dict:
+    """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
+    Each file is renamed into place whole and recorded in the manifest. Returns {variant: details}."""
+    from pipeline.optimize import optimize
+
+    folder = Path(folder)
+    if variant not in (*QUANTIZED, "all"):
+        raise UserError(f"--variant {variant}: expected one of {', '.join(QUANTIZED)} or all")
+    if int8_mode not in INT8_MODES:
+        raise UserError(f"--int8-mode {int8_mode}: expected one of {', '.join(INT8_MODES)}")
+    if head not in HEADS:
+        raise UserError(f"--head {head}: expected one of {', '.join(HEADS)}")
+    fp32 = variant_path(folder, "fp32")
+    if not fp32.is_file():
+        raise UserError(f"export {folder}: {fp32} does not exist (run `onnxgen export` first)")
+    run = None
+    if int8_mode == "static" and variant in ("int8", "all"):
+        run = Path(checkpoint or (manifest.load(folder).get("source") or {}).get("checkpoint", ""))
+        if not (run / "data" / "valid.bin").is_file():
+            raise UserError(f"--int8-mode static: needs the source run's held-out split ({run / 'data' / 'valid.bin'}"
+                            f" not found); pass --checkpoint RUN")
+    num_heads, hidden, fuse = _config(folder)
+    done = {}
+    with tempfile.TemporaryDirectory(prefix="onnxgen-optimize-") as tmp:
+        optimized = Path(tmp) / "model_optimized.onnx"
+        opt_stats = optimize(fp32, optimized, num_heads, hidden, fuse=fuse)
+        builders = {  # each: (src, dst) -> details for the manifest
+            "int8": {"dynamic": quantize_int8_dynamic, "blockwise": quantize_int8_blockwise,
+                     "static": lambda s, d: quantize_int8_static(s, d, run, progress)}[int8_mode],
+            "int4": lambda s, d: quantize_int4(s, d, head),
+            "fp16": convert_fp16,
+        }
+        for v in QUANTIZED if variant == "all" else (variant,):
+            done[v] = _write_variant(folder, v, builders[v], optimized, opt_stats)
+    return done
+
+
+def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict) -> dict:
+    final = variant_path(folder, variant)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run killed with SIGKILL
+        stale.unlink(missing_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=".onnx", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        log.info("quantize: building onnx/%s", final.name)
+        details = build(src, tmp)
+        onnx.checker.check_model(str(tmp))  # a structurally broken file never replaces a good one
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    size = final.stat().st_size
+    details = {**details, "optimize": opt_stats, "bytes": size}
+    manifest.record(folder, f"quantize:{variant}", [f"onnx/{VARIANTS[variant]}"], variant=variant, **details)
+    log.info("quantize: wrote onnx/%s (%.2f MB)", final.name, size / 1e6)
+    return details

@@ -1,0 +1,76 @@
+"""Byte-level BPE: any text round-trips; the end-of-text token is one id; the corpus reader is honest."""
+import numpy as np
+import pytest
+
+from pipeline.corpus import EOT, default_corpus_files, load_corpus
+from pipeline.errors import UserError
+from pipeline.tokenizer import encode_documents, eot_id, train_tokenizer
+
+TEXTS = [
+    "def parse_args(argv=None):\n    return argv\n",
+    "    \t  trailing spaces   \n\n\n",
+    "naïve café — 日本語 🙂 \u200b zero-width",
+    "",
+    "\x00\x01 control bytes \x7f",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    docs = ["import os\nimport sys\n\ndef main():\n    print('hello world')\n" * 20, "x = 1 + 2\n" * 50]
+    return train_tokenizer(docs, vocab_size=300)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_vocab_and_end_of_text(tok):
+    assert tok.get_vocab_size() <= 300
+    assert tok.encode(EOT, add_special_tokens=False).ids == [eot_id(tok)]
+    stream = encode_documents(tok, ["a b", "c"])
+    assert (stream == eot_id(tok)).sum() == 2 and stream[-1] == eot_id(tok)
+    assert stream.dtype == np.uint16
+
+
+def test_learns_merges_from_the_corpus(tok):
+    # a trained BPE needs fewer tokens than bytes on text like its corpus
+    text = "import os\nimport sys\n"
+    assert len(tok.encode(text).ids) < len(text.encode()) / 2
+
+
+def test_vocab_size_too_small_is_a_user_error():
+    with pytest.raises(UserError, match="at least 257"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_default_corpus_is_the_standard_library_without_tests():
+    files = default_corpus_files()
+    assert len(files) > 100
+    assert all(f.suffix == ".py" for f in files)
+    assert not any(part in ("test", "tests", "site-packages") for f in files for part in f.parts[-4:-1])
+
+
+def test_corpus_replaces_invalid_utf8_and_counts_it(tmp_path, caplog):
+    (tmp_path / "a.txt").write_bytes(b"hello \xff\xfe world, mostly fine text here " * 20)
+    with caplog.at_level("WARNING"):
+        corpus = load_corpus(str(tmp_path / "a.txt"))
+    assert corpus.replaced == 40
+    assert "40 bytes were not UTF-8" in caplog.text
+    assert "\ufffd" in corpus.train[0]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "no such file"),
+    (lambda p: (p / "empty").mkdir(), "matched no text files"),
+    (lambda p: (p / "e.txt").write_text("  \n"), "empty"),
+    (lambda p: (p / "b.txt").write_bytes(bytes(range(128, 256)) * 10), "not UTF-8"),
+])
+def test_bad_corpus_is_a_user_error(tmp_path, setup, message):
+    setup(tmp_path)
+    target = {"no such file": "missing", "matched no text files": "empty"}.get(message)
+    spec = tmp_path / target if target else next(tmp_path.iterdir())
+    with pytest.raises(UserError, match=message):
+        load_corpus(str(spec))
