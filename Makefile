@@ -6,17 +6,26 @@ BIN    := $(VENV)/bin
 ONNXGEN := $(BIN)/onnxgen
 PRESET ?= small
 NAME   ?= default
+, := ,
+# GPU=1: onnxruntime-gpu instead of onnxruntime (never both: they install the same module)
+GPU    ?=
+ORT    := $(if $(GPU),gpu,cpu)
+# with GPU=1 no onnxruntime-genai (it depends on the CPU onnxruntime): its ship tests skip
+EXTRAS := $(if $(GPU),gpu$(,)test,dev$(,)cpu)
+NOT_ORT := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: install export test js clean
+.PHONY: install export test js bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(ORT)
 
 # torch first, pinned: the local CPU wheel. An unpinned torch would pull several GB of CUDA packages.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(ORT): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip uninstall --quiet --yes $(NOT_ORT) 2>/dev/null || true
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 # `onnxgen parity` exits 1 when any variant misses its threshold, so `make export` fails loudly.
@@ -37,6 +46,13 @@ js:
 	elif [ tests/js/node_modules/.package-lock.json -nt tests/js/package-lock.json ]; then :; \
 	else (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
 		|| echo "npm ci in tests/js failed: tests/test_ship_js.py will be skipped"; fi
+
+# onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
+# CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu
+bench: install
+	$(if $(GPU),$(error make bench: CPU only (onnxruntime-genai pulls in onnxruntime); run it without GPU=1))
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) exports/* models/*/ .pytest_cache tests/js/node_modules

@@ -191,25 +191,39 @@ def quantize(export_dir, variant, int8_mode, head, checkpoint):
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None, help="Read the prompt from a file.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Several prompts, generated as one batch: a text file (one per line) or .jsonl "
+                   "({\"prompt\": ...} per line). Prints one JSON line per prompt.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=float, default=None, help="0 (the default) is greedy; > 0 samples.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop a row when it produces this string (repeatable).")
 @click.option("--seed", type=int, default=None)
-@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
+@click.option("--variant", default=None, help="fp32, fp16, int8 or int4 [fp32 on cpu, fp16 on cuda].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--fused/--plain", "fused", default=None,
+              help="The fused attention graph (onnxgen fuse) or the plain one [fused when the export has it].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
 @click.option("--unsafe-skip-verify", is_flag=True,
               help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
-def run(export_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top_p, seed, variant, device,
-        threads, echo, unsafe_skip_verify):
+def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, stop, seed, variant, device, fused, threads, echo, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
-    from pipeline.runtime import Generation, OnnxLM
+    import json
+
+    from pipeline.runtime import Generation, OnnxLM, read_prompts
     from pipeline.sampling import SamplingConfig
     from pipeline.tokenizer import check_text
 
-    if prompt_file is not None:
+    batch = None
+    if prompts_file is not None:
+        if prompt is not None or prompt_file is not None:
+            raise UserError("--prompts: give PROMPT, --prompt-file or --prompts, not several")
+        batch = read_prompts(prompts_file)
+    elif prompt_file is not None:
         if prompt is not None:
             raise UserError("prompt: give PROMPT or --prompt-file, not both")
         try:
@@ -220,17 +234,26 @@ def run(export_dir, prompt, prompt_file, max_new_tokens, temperature, top_k, top
             raise UserError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {e.start})") from None
     elif prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
-    if prompt is None:
-        raise UserError("prompt: missing (give PROMPT, --prompt-file FILE, or '-' to read stdin)")
-    check_text(prompt, "prompt")
+    if prompt is None and batch is None:
+        raise UserError("prompt: missing (give PROMPT, --prompt-file FILE, --prompts FILE, or '-' to read stdin)")
+    for i, text in enumerate(batch or [prompt]):
+        check_text(text, f"prompt {i + 1}" if batch else "prompt")
     if temperature is None:
         temperature = 1.0 if (top_k or top_p < 1.0) else 0.0  # asking for top-k/top-p means sampling
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              repetition_penalty=repetition_penalty)
+    variant = variant or ("fp16" if device == "cuda" else "fp32")
+    lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
+                fused="auto" if fused is None else fused)
     result = Generation()
+    if batch is not None:
+        texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result)
+        for p, text, reason in zip(batch, texts, result.stop_reason):
+            click.echo(json.dumps({"prompt": p, "completion": text, "stop_reason": reason}, ensure_ascii=False))
+        return
     if echo:
         click.echo(prompt, nl=False)
-    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result):
+    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop)):
         click.echo(piece, nl=False)
     click.echo()
     if result.stop_reason and result.stop_reason[0] == "context":
@@ -247,6 +270,34 @@ def genai(export_dir, variant):
 
     path = use_variant(export_dir, variant)
     click.echo(f"wrote {path}: onnxruntime-genai now runs onnx/{VARIANTS[variant]}")
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Variants to fuse [all present].")
+def fuse(export_dir, variants):
+    """Write each variant's fused-attention twin (onnx/*_gqa.onnx: GroupQueryAttention, shared KV buffer)."""
+    from pipeline.fuse import fuse_export
+
+    for rel in fuse_export(export_dir, list(variants) or None):
+        click.echo(f"wrote {export_dir / rel}")
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/RESULTS.md"), show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Decode tokens per round.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads for every engine [all cores].")
+@click.option("--batch", "batches", type=int, multiple=True, help="Batch sizes [1 and 16].")
+@click.option("--engines", default=None, help="Comma-separated subset (torch, optimum, genai, onnxgen).")
+def bench(export_dir, out, rounds, tokens, threads, batches, engines):
+    """Decode tok/s, 256-token prefill, peak RSS: onnxgen's variants against PyTorch, Optimum, genai."""
+    from pipeline.bench import bench as run_bench
+
+    run_bench(export_dir, out, rounds=rounds, tokens=tokens, threads=threads, batches=list(batches) or [1, 16],
+              engines=engines.split(",") if engines else None)
+    click.echo(f"wrote {out}")
 
 
 @main.command("to-hf")

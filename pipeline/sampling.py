@@ -14,6 +14,7 @@ class SamplingConfig:
     top_k: int = 0             # 0: off
     top_p: float = 1.0         # 1: off
     seed: int | None = None
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the prompt or output (CTRL, HF)
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -22,6 +23,8 @@ class SamplingConfig:
             raise UserError(f"--top-k {self.top_k}: expected an integer >= 0 (0 means off)")
         if not (0.0 < self.top_p <= 1.0):
             raise UserError(f"--top-p {self.top_p}: expected a number in (0, 1]")
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise UserError(f"--repetition-penalty {self.repetition_penalty}: expected a number > 0 (1 means off)")
         if self.seed is not None and self.seed < 0:
             raise UserError(f"--seed {self.seed}: expected an integer >= 0")
 
@@ -35,9 +38,13 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        """logits (B, V) float -> next ids (B,) int64."""
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+        """logits (B, V) float -> next ids (B,) int64. seen (B, V) bool: tokens so far, for the penalty."""
         c = self.config
+        if c.repetition_penalty != 1.0 and seen is not None:
+            # as transformers' RepetitionPenaltyLogitsProcessor: shrink positive logits, grow negative ones
+            penalized = np.where(logits > 0, logits / c.repetition_penalty, logits * c.repetition_penalty)
+            logits = np.where(seen, penalized, logits)
         if c.greedy:
             return logits.argmax(-1).astype(np.int64)
         # shift before dividing: a tiny temperature would turn logits / T into inf - inf = nan

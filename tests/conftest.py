@@ -82,6 +82,19 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fused_export(tiny_export, tmp_path_factory) -> Path:
+    """A copy of tiny_export with the fused-attention twin of its fp32 graph (onnxgen fuse)."""
+    import shutil
+
+    from pipeline.fuse import fuse_export
+
+    out = tmp_path_factory.mktemp("exports") / "tiny_fused"
+    shutil.copytree(tiny_export, out)
+    fuse_export(out, ["fp32"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_quantized(tiny_export, tmp_path_factory):
     """A copy of tiny_export with every variant (int8, int4, fp16) and the parity report over all four.
     Returns (folder, report). A copy, so tests that want the fp32-only export still have it."""

@@ -1,0 +1,257 @@
+"""Fused attention: rewrite an exported decoder so each layer's attention is one com.microsoft
+GroupQueryAttention node that reads and writes a preallocated max-length KV buffer in place.
+
+    onnxgen fuse exports/default          # onnx/model.onnx -> onnx/model_gqa.onnx (and each variant)
+
+The plain graph (shared/DESIGN.md) concatenates past and new keys every step: the whole cache is
+copied per layer per token, and ~25 small kernels build the mask and run the attention. The fused
+graph keeps the contract's names and dtypes, so onnxruntime-genai runs it as it runs its own builder's
+graphs (`past_present_share_buffer: true`), but:
+  - past_key_values.{i}.* and present.{i}.* are the same (B, H, max_length, D) buffer: bind one
+    OrtValue to both and GroupQueryAttention writes the new position in place (no Concat copy);
+  - attention_mask (B, total) only counts tokens: seqlens_k = sum(mask) - 1 per row. Prompts are
+    RIGHT-padded (GroupQueryAttention's convention), each row has its own length;
+  - logits are (B, 1, V): the hidden state of each row's last real token goes through the LM head,
+    not every position's (at a 256-token prompt the head is as big as the rest of the model).
+
+The rewrite is structural, not by node names, so it works on any variant whose weight MatMuls were
+quantized (MatMulNBits, MatMulInteger) as long as the attention itself is the exporter's pattern:
+for layer i, present.{i}.key = Concat(past, Transpose(Reshape(Split(qkv)[1]))) and the attention
+output is the first Reshape downstream of present.{i}.value.
+onnxruntime.transformers' fusions do not cover this: they emit MultiHeadAttention/Attention, which
+on CPU cannot share the past and present buffer.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from pipeline.errors import UserError
+from pipeline.layout import VARIANTS
+
+log = logging.getLogger(__name__)
+
+FUSED_SUFFIX = "_gqa"
+MAX_LEN = "max_sequence_length"
+
+
+def fused_path(folder: str | Path, variant: str) -> Path:
+    """onnx/model.onnx -> onnx/model_gqa.onnx; onnx/model_q4.onnx -> onnx/model_q4_gqa.onnx."""
+    stem = VARIANTS[variant].removesuffix(".onnx")
+    return Path(folder) / "onnx" / f"{stem}{FUSED_SUFFIX}.onnx"
+
+
+def _producers(graph) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _consumers(graph) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _upstream_split_input(name: str, producers) -> str:
+    """Walk back from present.{i}.key's new half to the Split of the packed qkv: its input."""
+    for _ in range(8):
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type == "Split":
+            return node.input[0]
+        name = node.input[0]
+    raise UserError(f"graph: no Split of the packed q/k/v upstream of {name} (not an onnxgen export?)")
+
+
+def _downstream_reshape(name: str, consumers) -> str:
+    """The attention output (B, T, C): the first Reshape downstream of present.{i}.value."""
+    queue, seen = deque([name]), {name}
+    while queue:
+        for node in consumers.get(queue.popleft(), []):
+            if node.op_type == "Reshape":
+                return node.output[0]
+            for o in node.output:
+                if o not in seen:
+                    seen.add(o)
+                    queue.append(o)
+    raise UserError(f"graph: no attention output downstream of {name} (not an onnxgen export?)")
+
+
+def _prune(graph) -> None:
+    """Drop nodes whose outputs nobody reads (the old mask and attention subgraphs)."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    used = needed
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def fuse_graph(model: onnx.ModelProto, num_heads: int, last_logits: bool = True) -> onnx.ModelProto:
+    """Rewrite in place and return `model` (see the module docstring)."""
+    g = model.graph
+    producers, consumers = _producers(g), _consumers(g)
+    inputs = {i.name: i for i in g.input}
+    if "attention_mask" not in inputs or "past_key_values.0.key" not in inputs:
+        raise UserError("graph: not a decoder with KV cache (no attention_mask / past_key_values.0.key)")
+    n_layer = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    kv_heads = inputs["past_key_values.0.key"].type.tensor_type.shape.dim[1].dim_value
+
+    # seqlens_k (B,) int32 = tokens per row - 1; total_sequence_length () int32 = mask width
+    new = [
+        helper.make_node("ReduceSum", ["attention_mask", "fuse/one_axis"], ["fuse/mask_sum"], keepdims=0),
+        helper.make_node("Sub", ["fuse/mask_sum", "fuse/one"], ["fuse/seqlens_k64"]),
+        helper.make_node("Cast", ["fuse/seqlens_k64"], ["fuse/seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["fuse/mask_shape"]),
+        helper.make_node("Gather", ["fuse/mask_shape", "fuse/one"], ["fuse/total64"], axis=0),
+        helper.make_node("Cast", ["fuse/total64"], ["fuse/total"], to=TensorProto.INT32),
+    ]
+    g.initializer.extend([helper.make_tensor("fuse/one_axis", TensorProto.INT64, [1], [1]),
+                          helper.make_tensor("fuse/one", TensorProto.INT64, [], [1]),
+                          helper.make_tensor("fuse/zero", TensorProto.INT64, [], [0])])
+    replaced: set[str] = set()
+    for i in range(n_layer):
+        concat = producers[f"present.{i}.key"]
+        qkv = _upstream_split_input(concat.input[1], producers)
+        out = _downstream_reshape(f"present.{i}.value", consumers)
+        replaced.update([f"present.{i}.key", f"present.{i}.value", out])
+        new.append(helper.make_node(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "fuse/seqlens_k", "fuse/total"],
+            [out, f"present.{i}.key", f"present.{i}.value"],
+            name=f"/h.{i}/attn/GroupQueryAttention", domain="com.microsoft",
+            num_heads=num_heads, kv_num_heads=kv_heads))
+    keep = [n for n in g.node if not any(o in replaced for o in n.output)]
+
+    if last_logits:
+        # hidden (B, S, C) -> (B, 1, C) at each row's last real token: index = seqlens_k - past, where
+        # past = total - S; clamped to [0, S-1] (a decode step has S = 1, index 0)
+        head = producers["logits"]
+        hidden = head.input[0]
+        keep.extend([
+            helper.make_node("Shape", ["input_ids"], ["fuse/ids_shape"]),
+            helper.make_node("Gather", ["fuse/ids_shape", "fuse/one"], ["fuse/S"], axis=0),
+            helper.make_node("Sub", ["fuse/total64", "fuse/S"], ["fuse/past"]),
+            helper.make_node("Sub", ["fuse/seqlens_k64", "fuse/past"], ["fuse/idx0"]),
+            helper.make_node("Sub", ["fuse/S", "fuse/one"], ["fuse/S1"]),
+            helper.make_node("Min", ["fuse/idx0", "fuse/S1"], ["fuse/idx1"]),
+            helper.make_node("Max", ["fuse/idx1", "fuse/zero"], ["fuse/idx2"]),
+            helper.make_node("Unsqueeze", ["fuse/idx2", "fuse/one_axis"], ["fuse/idx"]),        # (B, 1)
+            helper.make_node("GatherND", [hidden, "fuse/idx"], ["fuse/last"], batch_dims=1),  # (B, C)
+            helper.make_node("Unsqueeze", ["fuse/last", "fuse/one_axis"], ["fuse/last3"]),    # (B, 1, C)
+        ])
+        for j, name in enumerate(head.input):
+            if name == hidden:
+                head.input[j] = "fuse/last3"
+        logits = next(o for o in g.output if o.name == "logits")
+        logits.type.tensor_type.shape.dim[1].dim_param = "1"
+    del g.node[:]
+    g.node.extend(new + keep)
+    # topological order: the new nodes read only graph inputs and each other, except the GQA nodes,
+    # which read the qkv tensors; a stable sort by dependency fixes that
+    _toposort(g)
+    _prune(g)
+    for v in list(g.input) + list(g.output):
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.shape.dim[2].dim_param = MAX_LEN
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    del g.value_info[:]  # stale shapes of removed tensors
+    return model
+
+
+def _toposort(g) -> None:
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    pending, ordered = list(g.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise AssertionError(f"fuse: cycle or missing input at {rest[0].name} {list(rest[0].input)}")
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def fuse_file(src: Path, dst: Path, num_heads: int, last_logits: bool = True) -> None:
+    """src graph -> dst graph with GroupQueryAttention; written to a temp name, then renamed."""
+    model = onnx.load(str(src))
+    fuse_graph(model, num_heads, last_logits)
+    tmp = dst.with_name(dst.name + ".tmp")
+    large = model.ByteSize() > (1 << 31) - (1 << 26)
+    data = dst.name + "_data"
+    onnx.save(model, str(tmp), save_as_external_data=large, location=data if large else None)
+    tmp.replace(dst)
+
+
+_SAMPLE = "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(description=__doc__)\n    return parser"
+
+
+def compare_fused(folder: str | Path, variant: str = "fp32", steps: int = 16) -> dict:
+    """Logits of the fused graph against the plain one, same variant: a batch of three prompts of
+    different lengths (padding on both sides), then `steps` teacher-forced decode steps.
+    Returns max |Δlogit| and the top-1 agreement over every (row, step)."""
+    import numpy as np
+
+    from pipeline.runtime import OnnxLM
+
+    plain, fused = OnnxLM(folder, variant), OnnxLM(folder, variant, fused=True)
+    ids = plain.encode(_SAMPLE)[: plain.n_ctx - steps - 1]
+    prompts = [ids[:1], ids[: max(1, len(ids) // 3)], ids]
+    a, b = plain._plain_steps(prompts, steps), fused._fused_steps(prompts, steps)
+    la, lb = next(a), next(b)
+    done = np.zeros(len(prompts), dtype=bool)
+    worst, agree, total = 0.0, 0, 0
+    for step in range(steps):
+        worst = max(worst, float(np.abs(la - lb).max()))
+        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+        total += len(prompts)
+        if step < steps - 1:
+            nxt = la.argmax(-1).astype(np.int64)  # both follow the plain graph's tokens
+            la, lb = a.send((nxt, done)), b.send((nxt, done))
+    a.close(), b.close()
+    return {"variant": variant, "max_abs_logit_diff": worst, "top1_agreement": agree / total,
+            "rows": len(prompts), "steps": steps}
+
+
+def fuse_export(folder: str | Path, variants: list[str] | None = None) -> list[str]:
+    """Write the fused twin of each variant present in the export; returns the files written.
+    Each twin's logits are compared with its plain graph's and the result goes into the manifest."""
+    from pipeline import manifest
+    from pipeline.runtime import read_json
+
+    folder = Path(folder)
+    config = read_json(folder / "config.json", "config")
+    present = [v for v in VARIANTS if (folder / "onnx" / VARIANTS[v]).is_file()]
+    variants = variants or present
+    written, checks = [], []
+    for v in variants:
+        src = folder / "onnx" / VARIANTS[v]
+        if not src.is_file():
+            raise UserError(f"--variant {v}: {src} does not exist in this export")
+        dst = fused_path(folder, v)
+        fuse_file(src, dst, int(config["n_head"]))
+        written.append(str(dst.relative_to(folder)))
+        checks.append(compare_fused(folder, v))
+        log.info("fused %s -> %s: max |Δlogit| vs plain %.2e, top-1 agreement %.3f", src.name, dst.name,
+                 checks[-1]["max_abs_logit_diff"], checks[-1]["top1_agreement"])
+    if (folder / manifest.MANIFEST).is_file():
+        manifest.record(folder, "fuse", written, fused_vs_plain=checks)
+    return written

@@ -1,0 +1,27 @@
+"""The benchmark's plumbing (not its speed): what it counts and what it writes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from pipeline.bench import bench, weight_bytes_per_step
+from pipeline.fuse import fused_path
+
+
+def test_weight_bytes_leave_out_the_embedding_tables(tiny_fused_export):
+    path = fused_path(tiny_fused_export, "fp32")
+    model = onnx.load(str(path))
+    sizes = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in sizes}
+    assert gathered  # wte and wpe
+    assert weight_bytes_per_step(path) == sum(sizes.values()) - sum(sizes[g] for g in gathered)
+
+
+def test_bench_writes_a_row_per_engine_and_a_chart(tiny_fused_export, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    result = bench(tiny_fused_export, out, rounds=1, tokens=8, batches=[1, 2], engines=["onnxgen"], rss=False)
+    text = out.read_text()
+    assert [r.engine.fused for r in result["rows"]] == [False, True]
+    assert all(not r.error and np.isfinite(r.decode[2][0]) for r in result["rows"])
+    assert "onnxgen, fused graph | fp32 |" in text and "bandwidth" in text
+    assert (tmp_path / "results.png").stat().st_size > 1000

@@ -1,0 +1,177 @@
+"""The fused-attention graph and the generation loops: same tokens as the plain graph, rows of a
+batch the same as alone, the shared KV buffer written in place, sampling processors, batch CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.fuse import compare_fused, fused_path
+from pipeline.runtime import Generation, OnnxLM, read_prompts
+from pipeline.sampling import Sampler, SamplingConfig
+from tests.conftest import onnxgen
+
+PROMPTS = ["def parse_args(argv):\n    ", "import os", "class Message(object):\n    \"\"\"A message.\"\"\"\n"]
+
+
+def _tokens(lm, prompts, n=24, **kw):
+    result = Generation()
+    for _ in lm.generate(prompts, n, result=result, **kw):
+        pass
+    return result
+
+
+def test_fused_graph_is_gqa_with_the_contract_names(tiny_fused_export):
+    model = onnx.load(str(fused_path(tiny_fused_export, "fp32")))
+    ops = [n.op_type for n in model.graph.node]
+    n_layer = json.loads((tiny_fused_export / "config.json").read_text())["n_layer"]
+    assert ops.count("GroupQueryAttention") == n_layer
+    assert "Softmax" not in ops  # the attention is all inside the fused op
+    produced = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(produced[f"present.{i}.key"] == "GroupQueryAttention" for i in range(n_layer))  # no Concat copy
+    names = [i.name for i in model.graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert model.graph.input[3].type.tensor_type.shape.dim[2].dim_param == "max_sequence_length"
+
+
+def test_fused_logits_match_the_plain_graph(tiny_fused_export):
+    check = compare_fused(tiny_fused_export, "fp32", steps=12)
+    assert check["max_abs_logit_diff"] < 1e-4, check
+    assert check["top1_agreement"] == 1.0
+    recorded = json.loads((tiny_fused_export / "manifest.json").read_text())["stages"][-1]
+    assert recorded["stage"] == "fuse" and recorded["fused_vs_plain"][0]["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_batch_rows_give_the_same_tokens_as_alone(tiny_fused_export, fused):
+    lm = OnnxLM(tiny_fused_export, fused=fused)
+    ids = [lm.encode(p) for p in PROMPTS]
+    batch = _tokens(lm, ids)
+    for b, p in enumerate(ids):
+        assert batch.tokens[b] == _tokens(lm, [p]).tokens[0], f"row {b}"
+
+
+def test_fused_and_plain_loops_agree_when_sampling(tiny_fused_export):
+    plain, fused = OnnxLM(tiny_fused_export), OnnxLM(tiny_fused_export, fused=True)
+    ids = [plain.encode(p) for p in PROMPTS]
+    s = SamplingConfig(temperature=0.9, top_k=40, top_p=0.95, seed=7, repetition_penalty=1.3)
+    assert _tokens(plain, ids, sampling=s).tokens == _tokens(fused, ids, sampling=s).tokens
+
+
+def test_shared_buffer_is_written_in_place(tiny_fused_export):
+    lm = OnnxLM(tiny_fused_export, fused=True)
+    steps = lm._fused_steps([lm.encode("import os")], 8)
+    next(steps)
+    buffers = steps.gi_frame.f_locals["zeros"]  # the arrays behind the OrtValues bound as past and present
+    filled = (buffers[0][0, 0].any(-1)).sum()
+    assert filled == len(lm.encode("import os"))  # the prompt's keys, in place, nothing beyond
+    steps.send((np.array([5]), np.zeros(1, bool)))
+    assert (buffers[0][0, 0].any(-1)).sum() == filled + 1
+    steps.close()
+
+
+def test_repetition_penalty_matches_a_per_row_loop():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    seen = rng.random((3, 50)) < 0.3
+    got = Sampler(SamplingConfig(repetition_penalty=1.5))(logits, seen)
+    want = []
+    for row, s in zip(logits.copy(), seen):
+        for t in np.flatnonzero(s):
+            row[t] = row[t] / 1.5 if row[t] > 0 else row[t] * 1.5
+        want.append(row.argmax())
+    assert got.tolist() == want
+    with pytest.raises(UserError, match="--repetition-penalty"):
+        SamplingConfig(repetition_penalty=0)
+
+
+def test_stop_strings_cut_the_completion(tiny_fused_export):
+    lm = OnnxLM(tiny_fused_export, fused=True)
+    free = lm.complete(PROMPTS[:1], 24)[0]
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    assert stop, free
+    result = Generation()
+    cut = lm.complete(PROMPTS[:1], 24, stop=[stop], result=result)[0]
+    assert cut == free[:free.find(stop)] and result.stop_reason == ["stop"]
+    assert "".join(lm.stream(PROMPTS[0], 24, stop=[stop])) == cut
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("a\n\nb c\n")
+    assert read_prompts(tmp_path / "p.txt") == ["a", "b c"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x\\ny"}\n"z"\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["x\ny", "z"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
+    with pytest.raises(UserError, match="line 1"):
+        read_prompts(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.slow
+def test_cli_runs_a_batch_of_prompts(tiny_fused_export, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    proc = onnxgen("-q", "run", tiny_fused_export, "--prompts", path, "--max-new-tokens", 16)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    lm = OnnxLM(tiny_fused_export, fused=True)
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [r["completion"] for r in rows] == [lm.complete([p], 16)[0] for p in PROMPTS]
+
+
+def _has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this onnxruntime has CUDA")
+def test_cuda_without_cuda_is_one_clear_line(tiny_export):
+    proc = onnxgen("run", tiny_export, "x", "--device", "cuda", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --device cuda: this onnxruntime has no CUDA")
+
+
+@pytest.fixture
+def fp16_fused_export(tiny_fused_export, tmp_path):
+    """The fp16 variant (what --device cuda runs by default) and its fused twin, made here with
+    onnxruntime.transformers (pipeline.quantize, issue 3, makes the real one)."""
+    import shutil
+
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from pipeline.fuse import fuse_export
+    from pipeline.layout import VARIANTS
+
+    out = tmp_path / "fp16"
+    shutil.copytree(tiny_fused_export, out)
+    model = convert_float_to_float16(onnx.load(str(out / "onnx" / VARIANTS["fp32"])),
+                                     keep_io_types=["input_ids", "attention_mask", "position_ids", "logits"])
+    onnx.save(model, str(out / "onnx" / VARIANTS["fp16"]))
+    fuse_export(out, ["fp16"])
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_fp16_fused_gives_the_cpu_tokens(fp16_fused_export):
+    # the cache lives on the GPU (IO binding), the logits come back; CPU runs the same fp16 graphs
+    for fused in (False, True):
+        cpu = OnnxLM(fp16_fused_export, "fp16", fused=fused)
+        gpu = OnnxLM(fp16_fused_export, "fp16", provider="cuda", fused=fused)
+        assert gpu.session.get_providers()[0] == "CUDAExecutionProvider" and gpu.fused == fused
+        ids = [cpu.encode(p) for p in PROMPTS]
+        got, want = _tokens(gpu, ids, 12).tokens, _tokens(cpu, ids, 12).tokens
+        # fp16 kernels differ between devices: allow a late divergence, not an early one
+        assert all(g[:4] == w[:4] for g, w in zip(got, want)), (fused, got, want)
+
+
+def test_a_plain_graph_posing_as_fused_is_refused(tiny_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "fake"
+    shutil.copytree(tiny_export, out)
+    shutil.copy(out / "onnx" / "model.onnx", fused_path(out, "fp32"))
+    with pytest.raises(UserError, match="not a fused graph"):
+        OnnxLM(out, fused=True)
