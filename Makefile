@@ -1,5 +1,5 @@
-# The two commands a newcomer needs: `make export` (sets up, trains, exports fp32 + int8/int4/fp16, checks
-# parity of every variant) and `make test`.
+# The two commands a newcomer needs: `make export` (sets up, trains, exports fp32 + int8/int4/fp16, writes
+# their fused-attention twins for the fast runtime, checks parity of every variant) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -33,6 +33,7 @@ export: install
 	$(ONNXGEN) train --preset $(PRESET) --out models/$(PRESET) --auto-resume
 	$(ONNXGEN) export models/$(PRESET) --out exports/$(NAME) --force
 	$(ONNXGEN) quantize exports/$(NAME) --variant all
+	$(ONNXGEN) fuse exports/$(NAME)
 	$(ONNXGEN) parity exports/$(NAME)
 
 test: install js

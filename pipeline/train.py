@@ -415,7 +415,7 @@ def fit(run: Path, model: torch.nn.Module, optimizer, tc: TrainConfig, state: di
         state["train_loss"] = world.sum([loss_sum.item()])[0] / max(counted, 1)
         loss_ema = state["train_loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * state["train_loss"]
         now = time.time()
-        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):,.0f}")
+        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tokens_per_step / max(now - t_last, 1e-9):,.0f}", refresh=False)
         bar.update(1)
         t_last = now
         if step % tc.eval_interval == 0 or step == tc.steps:

@@ -175,3 +175,22 @@ def test_a_plain_graph_posing_as_fused_is_refused(tiny_export, tmp_path):
     shutil.copy(out / "onnx" / "model.onnx", fused_path(out, "fp32"))
     with pytest.raises(UserError, match="not a fused graph"):
         OnnxLM(out, fused=True)
+
+
+def test_fuse_refuses_and_removes_a_twin_that_disagrees(tiny_export, tmp_path, monkeypatch):
+    """`run` uses a fused twin by default, so one that misses its bound against the plain graph must
+    not be left behind: fuse exits with a parity error and the file is gone."""
+    import shutil
+
+    import pipeline.fuse as fuse
+    from pipeline.errors import ParityError
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    real = fuse.compare_fused
+    monkeypatch.setattr(fuse, "compare_fused", lambda f, v: {**real(f, v), "max_abs_logit_diff": 0.5})
+    with pytest.raises(ParityError, match="fuse fp32.*bound 0.0001"):
+        fuse.fuse_export(folder, ["fp32"])
+    assert not fused_path(folder, "fp32").exists()
+    monkeypatch.setattr(fuse, "compare_fused", real)
+    assert fuse.fuse_export(folder, ["fp32"]) == ["onnx/model_gqa.onnx"]  # the real twin passes
