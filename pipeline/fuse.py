@@ -201,10 +201,13 @@ def fuse_file(src: Path, dst: Path, num_heads: int, last_logits: bool = True) ->
     tmp.replace(dst)
 
 
-# The fused twin runs the same kernels as its plain graph except attention: it must agree with it to
-# float rounding (fp16: to half-precision rounding), and pick the same tokens. Measured on tiny:
-# fp32 1.4e-6, int8 9.5e-7, int4 1.4e-6, fp16 1.0e-3; top-1 100% for all.
-FUSED_MAX_ABS = {"default": 1e-4, "fp16": 1e-2}
+# The fused twin runs the same kernels as its plain graph except attention, so fp32 and fp16 twins must
+# agree with it to float (half) rounding, and every twin must pick the same tokens. int8/int4 get no
+# max |Δ| bound: their MatMulNBits (accuracy_level 4) quantize activations to int8, so a rounding-size
+# change in the attention output can flip an activation's int8 rounding and move logits by a whole
+# quantization step. Measured: tiny fp32 1.4e-6, fp16 1.0e-3, int8 9.5e-7, int4 1.4e-6; small fp32
+# 9.5e-6, fp16 6.2e-3, int8 2.8e-2 (its plain graph is 6.2e-2 from PyTorch); top-1 100% for all.
+FUSED_MAX_ABS = {"fp32": 1e-4, "fp16": 1e-2}
 FUSED_TOP1 = 0.99
 
 _SAMPLE = "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(description=__doc__)\n    return parser"
@@ -260,7 +263,7 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None) -> list[s
         check = compare_fused(folder, v)
         log.info("fused %s -> %s: max |Δlogit| vs plain %.2e, top-1 agreement %.3f", src.name, dst.name,
                  check["max_abs_logit_diff"], check["top1_agreement"])
-        bound = FUSED_MAX_ABS.get(v, FUSED_MAX_ABS["default"])
+        bound = FUSED_MAX_ABS.get(v, float("inf"))
         if not (check["max_abs_logit_diff"] <= bound and check["top1_agreement"] >= FUSED_TOP1):
             dst.unlink(missing_ok=True)  # `run` would pick it up by default: never leave a twin that missed
             raise ParityError(f"fuse {v}: the fused graph's logits differ from the plain graph's (max |Δ| "

@@ -194,3 +194,18 @@ def test_fuse_refuses_and_removes_a_twin_that_disagrees(tiny_export, tmp_path, m
     assert not fused_path(folder, "fp32").exists()
     monkeypatch.setattr(fuse, "compare_fused", real)
     assert fuse.fuse_export(folder, ["fp32"]) == ["onnx/model_gqa.onnx"]  # the real twin passes
+
+
+def test_fuse_refuses_a_quantized_twin_that_picks_other_tokens(tiny_quantized, tmp_path, monkeypatch):
+    import shutil
+
+    import pipeline.fuse as fuse
+    from pipeline.errors import ParityError
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_quantized[0], folder)
+    real = fuse.compare_fused
+    monkeypatch.setattr(fuse, "compare_fused", lambda f, v: {**real(f, v), "top1_agreement": 0.9})
+    with pytest.raises(ParityError, match="fuse int4.*top-1 90.00%"):
+        fuse.fuse_export(folder, ["int4"])
+    assert not fused_path(folder, "int4").exists()
