@@ -21,7 +21,7 @@ import onnx
 
 from pipeline.errors import UserError
 from pipeline.layout import VARIANTS
-from pipeline.runtime import context_length, read_json
+from pipeline.runtime import context_length, first_id, read_json
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -67,7 +67,7 @@ def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     if eos is None:
         raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
-    first_eos = eos[0] if isinstance(eos, list) else eos
+    first_eos = first_id(eos)
     pad = gen.get("pad_token_id", config.get("pad_token_id"))
     return {
         "model": {

@@ -28,6 +28,7 @@ from pipeline.export import publish_parity, staging
 from pipeline.genai import GENAI_CONFIG, write_genai_config
 from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
 from pipeline.parity import ParityReport, held_out_windows, parity_of_variants
+from pipeline.runtime import context_length, first_id, read_json
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,7 @@ def generation_config(src: Path, config: dict) -> dict:
     if gen.get("eos_token_id") is None:
         raise UserError(f"--hf {src}: neither generation_config.json nor config.json gives an eos_token_id")
     if gen.get("pad_token_id") is None:
-        eos = gen["eos_token_id"]
-        gen["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+        gen["pad_token_id"] = first_id(gen["eos_token_id"])
     gen.setdefault("do_sample", False)
     return gen
 
@@ -213,16 +213,13 @@ def hf_empty_past(folder: Path):
 def parity_for_hf(folder: Path, src: Path, variants: list[str], model=None, corpus: str | None = None) -> ParityReport:
     """The export in `folder` (its `variants`) against the transformers model in `src`.
     The corpus defaults to the one recorded in the manifest at import time, so every stage uses the same windows."""
-    from pipeline.runtime import context_length, read_json
-
     folder, src = Path(folder), Path(src)
     if corpus is None:
         corpus = (manifest.load(folder).get("source") or {}).get("corpus")
     model = model if model is not None else load_hf_model(src)
     config = read_json(folder / "config.json", "config")
     gen = read_json(folder / "generation_config.json", "generation config")
-    eos = gen["eos_token_id"][0] if isinstance(gen["eos_token_id"], list) else gen["eos_token_id"]
-    windows = hf_windows(folder, corpus, int(eos), context_length(config))
+    windows = hf_windows(folder, corpus, first_id(gen["eos_token_id"]), context_length(config))
     return parity_of_variants(folder, variants, hf_reference(model), hf_empty_past(folder), windows,
                               int(gen["pad_token_id"]), source=str(src))
 

@@ -220,8 +220,7 @@ def quantize_int4(src: Path, dst: Path, head: str = DEFAULT_HEAD) -> dict:
                                   accuracy_level=INT4_ACCURACY, nodes_to_include=eight)
         q8.process()
         model = q8.model.model
-    left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head_node
-            and n.input[1] in {i.name for i in model.graph.initializer}]
+    left = [n for n in _weight_matmuls(model) if n != head_node]
     assert not left, f"int4: MatMuls left unquantized: {left}"
     onnx.save(model, str(dst))
     return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK, "symmetric": True,

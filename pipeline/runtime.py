@@ -42,6 +42,12 @@ def read_json(path: Path, what: str) -> dict:
         raise UserError(f"{what} {path}: not valid JSON ({e})") from None
 
 
+def first_id(ids) -> int:
+    """generation_config's eos_token_id: an id, or a list of them in some imported models (Llama 3,
+    Qwen2.5); the first is the one to emit and pad with."""
+    return int(ids[0] if isinstance(ids, list) else ids)
+
+
 def context_length(config: dict) -> int:
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         if key in config:
@@ -118,8 +124,7 @@ class OnnxLM:
         self.config = read_json(self.folder / "config.json", "config")
         gen = read_json(self.folder / "generation_config.json", "generation config")
         self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
-        eos = gen["eos_token_id"]  # a list in some imported models (Llama 3, Qwen2.5): stop on the first
-        self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
+        self.eos_id = first_id(gen["eos_token_id"])
         self.pad_id = int(gen.get("pad_token_id", self.eos_id))
         self.n_ctx = context_length(self.config)
         if not path.is_file():
