@@ -74,3 +74,29 @@ def test_bad_corpus_is_a_user_error(tmp_path, setup, message):
     spec = tmp_path / target if target else next(tmp_path.iterdir())
     with pytest.raises(UserError, match=message):
         load_corpus(str(spec))
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_decoding_gives_the_whole_decode(kind):
+    """Streaming decodes a window per token: joined, the pieces must be exactly the whole decode, for
+    multi-byte characters split over tokens and for a decoder that treats the first token specially."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pipeline.runtime import IncrementalDecoder
+
+    docs = ["naïve café — 日本語 🙂 def main():\n    return 1\n" * 5, "the quick brown fox jumps " * 20]
+    if kind == "byte-level":
+        tok = train_tokenizer(docs, vocab_size=300)
+    else:  # sentencepiece-style (Llama): "▁" marks spaces, and the decoder drops a leading one
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+    text = "the quick brown fox: naïve café 日本語 🙂 done"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(t) for t in ids]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+    if kind == "byte-level":
+        assert tok.decode(ids) == text and "" in pieces  # some character did span several tokens
