@@ -14,7 +14,7 @@ ORT    := $(if $(GPU),gpu,cpu)
 EXTRAS := $(if $(GPU),gpu$(,)test,dev$(,)cpu)
 NOT_ORT := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: install export test js bench clean
+.PHONY: install export test test-fast js bench clean
 
 install: $(VENV)/.installed-$(ORT)
 
@@ -37,7 +37,13 @@ export: install
 	$(ONNXGEN) parity exports/$(NAME)
 
 test: install js
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
+
+# The quick lane while working: no training beyond the shared tiny fixture, under a minute.
+test-fast: install
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The JavaScript runtimes (onnxruntime-node, transformers.js) for tests/test_ship_js.py, when npm exists;
 # without npm, or if the install fails, those tests skip and say why.

@@ -7,8 +7,8 @@ The models are the presets' shapes with (almost) random weights: one training st
 real tokenizer, checkpoint and export; speed does not depend on what the weights learned. They are
 built once under benchmarks/.cache/. The int8 and int4 variants are made here with
 onnxruntime.quantization directly (int4: MatMulNBits, block 32, accuracy level 4; int8: dynamic,
-per channel) until pipeline.quantize (issue 3) lands; then each variant gets its fused twin
-(pipeline.fuse). Timings are interleaved rounds on a machine shared with other jobs: see RESULTS.md.
+per channel) until pipeline.build.quantize (issue 3) lands; then each variant gets its fused twin
+(pipeline.build.fuse). Timings are interleaved rounds on a machine shared with other jobs: see RESULTS.md.
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.bench import bench  # noqa: E402
-from pipeline.layout import VARIANTS  # noqa: E402
+from pipeline.check.bench import bench  # noqa: E402
+from pipeline.exports import VARIANTS  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
 
 
 def build(preset: str, batch_size: int) -> Path:
-    from pipeline.export import export
-    from pipeline.fuse import fuse_export
-    from pipeline.train import train
+    from pipeline.build.export import export
+    from pipeline.build.fuse import fuse_export
+    from pipeline.train.loop import train
 
     run, folder = CACHE / "runs" / preset, CACHE / "exports" / preset
     if not (folder / "onnx" / VARIANTS["fp32"]).is_file():

@@ -6,9 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -70,9 +68,9 @@ def main(quiet: bool):
 @click.option("--force", is_flag=True, help="Delete a non-empty --out and start over.")
 def train(preset, corpus, out, steps, batch_size, lr, seed, vocab_size, resume, auto_resume, force):
     """Train the tokenizer and the model on a corpus; write a run folder with checkpoints and loss.png."""
-    from pipeline.ddp import is_main
-    from pipeline.train import checkpoint_dir
-    from pipeline.train import train as train_run
+    from pipeline.train.ddp import is_main
+    from pipeline.train.loop import train as train_run
+    from pipeline.train.runs import checkpoint_dir
 
     out = out or Path("models") / Path(preset).stem
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
@@ -110,9 +108,9 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
     """Fine-tune a trained run on your text (full or LoRA); writes a run folder that `export` takes."""
     import math
 
-    from pipeline.ddp import is_main
-    from pipeline.finetune import LoraSettings
-    from pipeline.finetune import finetune as finetune_run
+    from pipeline.train.ddp import is_main
+    from pipeline.train.finetune import LoraSettings
+    from pipeline.train.finetune import finetune as finetune_run
 
     lora_given = {k: v for k, v in dict(rank=rank, alpha=alpha, dropout=dropout).items() if v is not None}
     if target_modules is not None:
@@ -143,8 +141,8 @@ def export(checkpoint, out, force, hf, corpus):
         raise UserError("export: give a CHECKPOINT run folder or --hf DIR (one of them)")
     if corpus is not None and hf is None:
         raise UserError("--corpus: only used with --hf (an onnxgen run holds out its own data)")
-    from pipeline.export import export as export_run
-    from pipeline.hf_import import export_hf
+    from pipeline.build.export import export as export_run
+    from pipeline.build.hf_import import export_hf
 
     report = export_run(checkpoint, out, force=force) if hf is None else export_hf(hf, out, force=force, corpus=corpus)
     fp32 = report.results[0]
@@ -159,7 +157,7 @@ def export(checkpoint, out, force, hf, corpus):
 @click.option("--variant", "variants", multiple=True, help="Variants to check [all present].")
 def parity(export_dir, checkpoint, variants):
     """Compare the export's ONNX variants with the PyTorch model; write parity.json and parity.md."""
-    from pipeline.parity import check_export
+    from pipeline.check.parity import check_export
 
     report = check_export(export_dir, checkpoint, list(variants) or None)
     click.echo(report.markdown())
@@ -179,7 +177,7 @@ def parity(export_dir, checkpoint, variants):
               help="Source run for static calibration [the one recorded in the manifest].")
 def quantize(export_dir, variant, int8_mode, head, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
-    from pipeline import quantize as q
+    from pipeline.build import quantize as q
 
     done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head or q.DEFAULT_HEAD,
                       checkpoint=checkpoint)
@@ -214,8 +212,9 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
 
-    from pipeline.runtime import Generation, OnnxLM, read_prompts
-    from pipeline.sampling import SamplingConfig
+    from pipeline.run.lm import Generation, OnnxLM
+    from pipeline.run.sampling import SamplingConfig
+    from pipeline.run.text import read_prompts
     from pipeline.tokenizer import check_text
 
     batch = None
@@ -265,8 +264,8 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
 @click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
 def genai(export_dir, variant):
     """Point the export's genai_config.json (onnxruntime-genai) at another variant."""
-    from pipeline.genai import use_variant
-    from pipeline.layout import VARIANTS
+    from pipeline.build.genai import use_variant
+    from pipeline.exports import VARIANTS
 
     path = use_variant(export_dir, variant)
     click.echo(f"wrote {path}: onnxruntime-genai now runs onnx/{VARIANTS[variant]}")
@@ -277,7 +276,7 @@ def genai(export_dir, variant):
 @click.option("--variant", "variants", multiple=True, help="Variants to fuse [all present].")
 def fuse(export_dir, variants):
     """Write each variant's fused-attention twin (onnx/*_gqa.onnx: GroupQueryAttention, shared KV buffer)."""
-    from pipeline.fuse import fuse_export
+    from pipeline.build.fuse import fuse_export
 
     for rel in fuse_export(export_dir, list(variants) or None):
         click.echo(f"wrote {export_dir / rel}")
@@ -293,7 +292,7 @@ def fuse(export_dir, variants):
 @click.option("--engines", default=None, help="Comma-separated subset (torch, optimum, genai, onnxgen).")
 def bench(export_dir, out, rounds, tokens, threads, batches, engines):
     """Decode tok/s, 256-token prefill, peak RSS: onnxgen's variants against PyTorch, Optimum, genai."""
-    from pipeline.bench import bench as run_bench
+    from pipeline.check.bench import bench as run_bench
 
     run_bench(export_dir, out, rounds=rounds, tokens=tokens, threads=threads, batches=list(batches) or [1, 16],
               engines=engines.split(",") if engines else None)
@@ -305,22 +304,9 @@ def bench(export_dir, out, rounds, tokens, threads, batches, engines):
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def to_hf(checkpoint, out):
     """Write a trained run as a transformers GPT2LMHeadModel folder (safetensors + tokenizer)."""
-    from pipeline.huggingface import save_gpt2
-    from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
-    from pipeline.train import load_model
+    from pipeline.train.to_hf import save_run
 
-    if out.exists():
-        raise UserError(f"--out {out}: exists")
-    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_gpt2(model, tmp, tok.token_to_id(EOT))
-        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_run(checkpoint, out)
     click.echo(f"wrote {out}")
 
 

@@ -1,8 +1,9 @@
-"""The one exception type a user can cause. The CLI prints it as one line and exits 2."""
+"""The two exceptions the CLI turns into exit codes (everything else is a bug, with its traceback)."""
 
 
 class UserError(Exception):
-    """A mistake in what the user gave us (a path, an option, a file's contents): not a bug."""
+    """A mistake in what the user gave us (a path, an option, a file's contents): not a bug.
+    The CLI prints it as one line and exits 2."""
 
 
 class ParityError(Exception):

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.exports import write_json
 
 MANIFEST = "manifest.json"
 _TOOLS = ("onnxgen", "torch", "onnx", "onnxruntime", "tokenizers", "transformers", "optimum-onnx", "peft")
@@ -62,9 +63,7 @@ def record(folder: Path, stage: str, files: list[str], **details) -> dict:
     for key in ("source", "parity"):
         if key in details:
             m[key] = details[key]
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(m, indent=2) + "\n")
-    tmp.replace(folder / MANIFEST)
+    write_json(folder / MANIFEST, m)
     return m
 
 

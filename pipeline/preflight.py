@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.layout import variant_path
+from pipeline.exports import read_json, variant_path
 
 # The files every variant needs besides its graph; the runtime reads all three.
 SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json")
@@ -59,8 +59,8 @@ def preflight(folder: str | Path, variant: str, provider: str = "cpu", verify: b
 def check_config(folder: Path, model) -> None:
     """The sizes the runtime reads from config.json and generation_config.json are possible, and
     agree with the graph (an edited or foreign config would otherwise fail mid-generation)."""
-    config = read_json(folder / "config.json")
-    gen = read_json(folder / "generation_config.json")
+    config = read_json(folder / "config.json", "config")
+    gen = read_json(folder / "generation_config.json", "generation config")
     context = [config[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in config]
     if not context or not _positive_int(context[0]):
         raise UserError(f"config {folder / 'config.json'}: expected a positive integer context length "
@@ -90,16 +90,6 @@ def _id_below(x, vocab: int) -> bool:
 
 def _positive_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-
-def read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return d
 
 
 def read_graph(path: Path):

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from pipeline.corpus import EOT
 from pipeline.errors import UserError
+
+EOT = "<|endoftext|>"
 
 
 def train_tokenizer(documents, vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
@@ -66,8 +67,12 @@ def encode_documents(tok: Tokenizer, documents: list[str]) -> np.ndarray:
     for enc in tok.encode_batch(documents, add_special_tokens=False):
         ids.extend(enc.ids)
         ids.append(eot)
-    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
-    return np.asarray(ids, dtype=dtype)
+    return np.asarray(ids, dtype=token_dtype(tok.get_vocab_size()))
+
+
+def token_dtype(vocab_size: int):
+    """The dtype of token files (data/*.bin): uint16 holds ids below 65,536, larger vocabularies need uint32."""
+    return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
 def write_hf_tokenizer_files(tok: Tokenizer, folder: Path, n_ctx: int) -> None:

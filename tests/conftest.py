@@ -65,7 +65,7 @@ def corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(out, preset="tiny", corpus=str(TEST_CORPUS), progress=False)
@@ -74,7 +74,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tmp_path_factory) -> Path:
-    from pipeline.export import export
+    from pipeline.build.export import export
 
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export(tiny_run, out)
@@ -86,7 +86,7 @@ def tiny_fused_export(tiny_export, tmp_path_factory) -> Path:
     """A copy of tiny_export with the fused-attention twin of its fp32 graph (onnxgen fuse)."""
     import shutil
 
-    from pipeline.fuse import fuse_export
+    from pipeline.build.fuse import fuse_export
 
     out = tmp_path_factory.mktemp("exports") / "tiny_fused"
     shutil.copytree(tiny_export, out)
@@ -100,8 +100,8 @@ def tiny_quantized(tiny_export, tmp_path_factory):
     Returns (folder, report). A copy, so tests that want the fp32-only export still have it."""
     import shutil
 
-    from pipeline.parity import check_export
-    from pipeline.quantize import quantize
+    from pipeline.check.parity import check_export
+    from pipeline.build.quantize import quantize
 
     out = tmp_path_factory.mktemp("exports") / "tiny-quantized"
     shutil.copytree(tiny_export, out)
@@ -164,7 +164,8 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from pipeline.corpus import EOT, load_corpus
+    from pipeline.tokenizer import EOT
+    from pipeline.train.corpus import load_corpus
     from pipeline.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("hf")
@@ -185,7 +186,7 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
     """family -> its `export --hf` folder. GPT-2 goes through the real command line (the family whose
     graph needs conforming); the others in-process, which saves an interpreter start each."""
-    from pipeline.hf_import import export_hf
+    from pipeline.build.hf_import import export_hf
 
     root = tmp_path_factory.mktemp("hf_exports")
     out = {}
@@ -202,7 +203,7 @@ def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
 def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
     """Copies of the trained export and the Llama import with an int8 variant beside fp32 (made by the
     real quantize stage), for the runtime proofs."""
-    from pipeline.quantize import quantize
+    from pipeline.build.quantize import quantize
 
     out = {}
     for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():

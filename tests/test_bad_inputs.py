@@ -254,7 +254,7 @@ def test_checkpoint_from_another_architecture(tiny_run, tmp_path):
     """A run folder whose weights were trained with other sizes: export and --resume both refuse it."""
     from safetensors.torch import save_file
 
-    from pipeline.model import GPT, GPTConfig
+    from pipeline.train.model import GPT, GPTConfig
 
     run = shutil.copytree(tiny_run, tmp_path / "run", copy_function=shutil.copy2)
     other = GPT(GPTConfig(vocab_size=512, n_ctx=128, n_layer=2, n_head=2, n_embd=32))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from pipeline.bench import bench, weight_bytes_per_step
-from pipeline.fuse import fused_path
+from pipeline.check.bench import bench, weight_bytes_per_step
+from pipeline.exports import fused_path
 
 
 def test_weight_bytes_leave_out_the_embedding_tables(tiny_fused_export):

@@ -71,7 +71,7 @@ def test_to_hf_writes_a_folder_transformers_loads(tmp_path, tiny_run):
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from pipeline.train import load_model
+    from pipeline.train.runs import load_model
 
     onnxgen("to-hf", tiny_run, "--out", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

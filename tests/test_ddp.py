@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from conftest import ROOT, TEST_CORPUS
-from pipeline.finetune import LoraSettings, finetune
+from pipeline.train.finetune import LoraSettings, finetune
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pipeline import manifest
-from pipeline.layout import past_names, present_names
-from pipeline.runtime import OnnxLM
-from pipeline.sampling import SamplingConfig
-from pipeline.train import load_model
+from pipeline.exports import past_names, present_names
+from pipeline.run.lm import OnnxLM
+from pipeline.run.sampling import SamplingConfig
+from pipeline.train.runs import load_model
 
 
 def _dims(value_info):

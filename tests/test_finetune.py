@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from conftest import onnxgen
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.finetune import LoraSettings, finetune
-from pipeline.train import load_model
+from pipeline.train.finetune import LoraSettings, finetune
+from pipeline.train.runs import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,12 @@ def test_lora_learns_the_completions(lora_run, tiny_run):
 
 
 def test_jsonl_loss_counts_the_completion_only(lora_run, tiny_run):
-    from pipeline.finetune import Split
+    from pipeline.train.finetune import Split
     from pipeline.tokenizer import load_tokenizer
 
     run, _ = lora_run
     tok = load_tokenizer(tiny_run)
-    split = Split.load(run / "data", "train")
+    split = Split.load(run / "data", "train", np.uint16)
     first = slice(int(split.starts[0]), int(split.starts[1]))
     counted = split.ids[first][split.counts[first] == 1]
     assert tok.decode(counted.tolist()).startswith(" The ") and tok.decode(counted.tolist()).endswith(".")
@@ -66,7 +66,7 @@ def test_jsonl_loss_counts_the_completion_only(lora_run, tiny_run):
 
 
 def test_lora_export_merges_adapter_and_passes_parity(lora_run, tiny_run, tiny_export, tmp_path):
-    from pipeline.export import export
+    from pipeline.build.export import export
 
     run, _ = lora_run
     report = export(run, tmp_path / "exp")
@@ -103,7 +103,7 @@ def test_lora_resume_matches_uninterrupted(lora_run, tiny_run, finetune_data, tm
 
 
 def test_full_finetune_on_prose_through_the_cli(tiny_run, finetune_data, tmp_path):
-    from pipeline.export import export
+    from pipeline.build.export import export
 
     out = tmp_path / "tiny-full"
     proc = onnxgen("finetune", tiny_run, "--data", finetune_data / "prose.txt", "--method", "full", "--out", out,

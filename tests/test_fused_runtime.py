@@ -9,9 +9,11 @@ import onnx
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.fuse import compare_fused, fused_path
-from pipeline.runtime import Generation, OnnxLM, read_prompts
-from pipeline.sampling import Sampler, SamplingConfig
+from pipeline.build.fuse import compare_fused
+from pipeline.exports import fused_path
+from pipeline.run.lm import Generation, OnnxLM
+from pipeline.run.text import read_prompts
+from pipeline.run.sampling import Sampler, SamplingConfig
 from tests.conftest import onnxgen
 
 PROMPTS = ["def parse_args(argv):\n    ", "import os", "class Message(object):\n    \"\"\"A message.\"\"\"\n"]
@@ -63,14 +65,12 @@ def test_fused_and_plain_loops_agree_when_sampling(tiny_fused_export):
 
 def test_shared_buffer_is_written_in_place(tiny_fused_export):
     lm = OnnxLM(tiny_fused_export, fused=True)
-    steps = lm._fused_steps([lm.encode("import os")], 8)
-    next(steps)
-    buffers = steps.gi_frame.f_locals["zeros"]  # the arrays behind the OrtValues bound as past and present
-    filled = (buffers[0][0, 0].any(-1)).sum()
+    state = lm.start([lm.encode("import os")], 8)
+    key = state.cache[0]  # the OrtValue bound as both past_key_values.0.key and present.0.key
+    filled = (key.numpy()[0, 0].any(-1)).sum()
     assert filled == len(lm.encode("import os"))  # the prompt's keys, in place, nothing beyond
-    steps.send((np.array([5]), np.zeros(1, bool)))
-    assert (buffers[0][0, 0].any(-1)).sum() == filled + 1
-    steps.close()
+    state.step(np.array([5]), np.zeros(1, bool))
+    assert (key.numpy()[0, 0].any(-1)).sum() == filled + 1
 
 
 def test_repetition_penalty_matches_a_per_row_loop():
@@ -136,13 +136,13 @@ def test_cuda_without_cuda_is_one_clear_line(tiny_export):
 @pytest.fixture
 def fp16_fused_export(tiny_fused_export, tmp_path):
     """The fp16 variant (what --device cuda runs by default) and its fused twin, made here with
-    onnxruntime.transformers (pipeline.quantize, issue 3, makes the real one)."""
+    onnxruntime.transformers (pipeline.build.quantize, issue 3, makes the real one)."""
     import shutil
 
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from pipeline.fuse import fuse_export
-    from pipeline.layout import VARIANTS
+    from pipeline.build.fuse import fuse_export
+    from pipeline.exports import VARIANTS
 
     out = tmp_path / "fp16"
     shutil.copytree(tiny_fused_export, out)
@@ -182,7 +182,7 @@ def test_fuse_refuses_and_removes_a_twin_that_disagrees(tiny_export, tmp_path, m
     not be left behind: fuse exits with a parity error and the file is gone."""
     import shutil
 
-    import pipeline.fuse as fuse
+    import pipeline.build.fuse as fuse
     from pipeline.errors import ParityError
 
     folder = tmp_path / "export"
@@ -199,7 +199,7 @@ def test_fuse_refuses_and_removes_a_twin_that_disagrees(tiny_export, tmp_path, m
 def test_fuse_refuses_a_quantized_twin_that_picks_other_tokens(tiny_quantized, tmp_path, monkeypatch):
     import shutil
 
-    import pipeline.fuse as fuse
+    import pipeline.build.fuse as fuse
     from pipeline.errors import ParityError
 
     folder = tmp_path / "export"

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import HF_FAMILIES, onnxgen
 from pipeline import manifest
-from pipeline.runtime import OnnxLM
+from pipeline.run.lm import OnnxLM
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[dev]')")
 

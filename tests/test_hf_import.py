@@ -13,10 +13,10 @@ import torch
 from conftest import TEST_CORPUS, HF_FAMILIES, onnxgen
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.hf_import import SUPPORTED, export_hf
-from pipeline.layout import INPUTS, past_names, present_names
-from pipeline.parity import THRESHOLDS
-from pipeline.runtime import OnnxLM
+from pipeline.build.hf_import import SUPPORTED, export_hf
+from pipeline.exports import INPUTS, past_names, present_names
+from pipeline.check.parity import THRESHOLDS
+from pipeline.run.lm import OnnxLM
 
 FAMILIES = list(HF_FAMILIES)
 FOLDER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -150,7 +150,7 @@ def test_export_needs_exactly_one_source(tmp_path):
 def test_a_list_of_eos_ids_is_kept_for_the_other_runtimes(hf_models, tmp_path):
     """Llama 3 / Qwen2.5 style generation configs list several eos ids: the import keeps the list
     (onnxruntime-genai and transformers.js stop on any), a missing pad falls back to the first."""
-    from pipeline.hf_import import generation_config
+    from pipeline.build.hf_import import generation_config
 
     src = tmp_path / "src"
     shutil.copytree(hf_models["llama"], src)
@@ -168,7 +168,7 @@ def test_a_list_of_eos_ids_is_kept_for_the_other_runtimes(hf_models, tmp_path):
 @pytest.mark.slow
 def test_genai_config_and_runtime_take_a_list_of_eos_ids(hf_exports, tmp_path):
     """genai_config.json keeps the list; OnnxLM loads the folder and stops on the first id."""
-    from pipeline.genai import genai_config
+    from pipeline.build.genai import genai_config
 
     folder = tmp_path / "llama"
     shutil.copytree(hf_exports["llama"], folder)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.errors import UserError
-from pipeline.sampling import Sampler, SamplingConfig
+from pipeline.run.sampling import Sampler, SamplingConfig
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-2.0, 2.0), st.just(0.0),
                    st.just(1.0), st.floats(0, 1e-300))

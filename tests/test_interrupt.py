@@ -52,7 +52,7 @@ def test_kill_during_training_then_resume_reaches_the_same_loss(tiny_run, corpus
     being written (checkpoint.tmp/ beside a whole checkpoint/), the worst moment for it."""
     from safetensors.numpy import load_file
 
-    from pipeline.train import checkpoint_dir
+    from pipeline.train.runs import checkpoint_dir
 
     out = tmp_path / "run"
     interval = json.loads((tiny_run / "train.json").read_text())["train"]["checkpoint_interval"]
@@ -116,7 +116,7 @@ def test_kill_during_export_leaves_no_partial_folder_and_keeps_the_old_one(tiny_
 
 def test_an_export_moved_aside_by_a_killed_process_comes_back(tmp_path):
     """The one instant of a --force export where the old folder is aside and the new not yet in place."""
-    from pipeline.export import clear_interrupted
+    from pipeline.exports import clear_interrupted
 
     out = tmp_path / "tiny"
     aside = tmp_path / ".tiny.old-999999999-1"  # pid above pid_max: a process that is gone

@@ -12,9 +12,9 @@ from conftest import onnxgen, snapshot
 from test_interrupt import kill_when, start
 
 from pipeline import manifest
-from pipeline.layout import VARIANTS
+from pipeline.exports import VARIANTS
 
-pytest.importorskip("pipeline.quantize", reason="`onnxgen quantize` arrives with issue 3")
+pytest.importorskip("pipeline.build.quantize", reason="`onnxgen quantize` arrives with issue 3")
 
 
 @pytest.mark.slow

@@ -7,12 +7,12 @@ import json
 import pytest
 from conftest import onnxgen
 
-from pipeline.sampling import SamplingConfig
+from pipeline.run.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_export):
-    from pipeline.runtime import OnnxLM
+    from pipeline.run.lm import OnnxLM
 
     return OnnxLM(tiny_export, verify=True)
 
@@ -42,7 +42,7 @@ def test_a_thousand_generations_keep_memory_flat(lm):
 
 
 def test_generation_stops_at_the_context_length(lm):
-    from pipeline.runtime import Generation
+    from pipeline.run.lm import Generation
 
     ids = lm.encode("import os\n" * lm.n_ctx)[: lm.n_ctx - 5]
     result = Generation()

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.huggingface import to_gpt2
-from pipeline.model import GPT, GPTConfig
+from pipeline.train.to_hf import to_gpt2
+from pipeline.train.model import GPT, GPTConfig
 
 CONFIGS = {
     "gelu-learned": GPTConfig(vocab_size=300, n_ctx=48, n_layer=2, n_head=4, n_embd=32),

@@ -15,9 +15,9 @@ from onnx import helper, numpy_helper
 
 from conftest import onnxgen
 from pipeline import manifest
-from pipeline.layout import VARIANTS, variant_path
-from pipeline.optimize import constant_head, matmuls_without_constant_weight
-from pipeline.parity import THRESHOLDS
+from pipeline.exports import VARIANTS, variant_path
+from pipeline.build.optimize import constant_head, matmuls_without_constant_weight
+from pipeline.check.parity import THRESHOLDS
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_runtime_head_transpose_is_folded_to_a_constant(tiny_export, tmp_path):
 
 # ----------------------------------------------------------------------------- the stage's behaviour
 def test_failed_rebuild_leaves_the_old_variant(tiny_quantized, tmp_path, monkeypatch):
-    from pipeline import quantize as q
+    from pipeline.build import quantize as q
 
     folder = tmp_path / "exp"
     shutil.copytree(tiny_quantized[0], folder)
@@ -181,12 +181,14 @@ def test_bad_input_is_one_line(tiny_export, tmp_path):
 
 
 def test_static_int8_is_calibrated_on_windows_parity_does_not_judge(tiny_run, tiny_export, tmp_path):
-    from pipeline.parity import run_windows
-    from pipeline.quantize import calibration_windows, quantize
+    from pipeline.build.quantize import calibration_windows, quantize
+    from pipeline.check.parity import N_WINDOWS, WINDOW_LENGTH
+    from pipeline.check.sources import run_windows, window_length
+    from pipeline.train.runs import read_tokens
 
-    judged = run_windows(tiny_run, 128)
+    judged = run_windows(tiny_run, N_WINDOWS, window_length(128, WINDOW_LENGTH))
     calib = calibration_windows(tiny_run, 128)
-    valid = np.fromfile(tiny_run / "data" / "valid.bin", dtype=np.uint16)
+    valid = read_tokens(tiny_run, "valid")
     T = judged.shape[1]
     starts = np.linspace(0, len(valid) - T - 1, len(judged)).astype(np.int64)
     judged_slots = {int(i) for s in starts for i in range(s, s + T + 1)}
@@ -202,19 +204,19 @@ def test_static_int8_is_calibrated_on_windows_parity_does_not_judge(tiny_run, ti
 
 
 def test_fp16_that_cannot_run_is_not_run_never_passed(tiny_quantized, monkeypatch):
-    import pipeline.runtime
+    import pipeline.check.parity
     from pipeline.errors import UserError
-    from pipeline.parity import parity_for_run
+    from pipeline.check.parity import parity_for_run
 
     folder, _ = tiny_quantized
-    real = pipeline.runtime.OnnxLM
+    real = pipeline.check.parity.OnnxLM
 
     def no_fp16(folder, variant="fp32", **kw):
         if variant == "fp16":
             raise UserError("model x: ONNX Runtime cannot load it (NOT_IMPLEMENTED)")
         return real(folder, variant=variant, **kw)
 
-    monkeypatch.setattr(pipeline.runtime, "OnnxLM", no_fp16)
+    monkeypatch.setattr(pipeline.check.parity, "OnnxLM", no_fp16)
     report = parity_for_run(folder, Path(manifest.load(folder)["source"]["checkpoint"]), ["fp32", "fp16"])
     fp16 = next(r for r in report.results if r.variant == "fp16")
     assert fp16.status == "not run" and "NOT_IMPLEMENTED" in fp16.note and fp16.failures == []

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import HF_FAMILIES, ROOT, TEST_CORPUS
-from pipeline.layout import VARIANTS, variant_path
-from pipeline.runtime import Generation, OnnxLM
+from pipeline.exports import VARIANTS, variant_path
+from pipeline.run.lm import Generation, OnnxLM
 
 JS = ROOT / "tests" / "js"
 # Both languages run the same ORT CPU kernels (onnxruntime-node 1.30, Python 1.31), fp32 and int8 alike:

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from pipeline.corpus import EOT, default_corpus_files, load_corpus
+from pipeline.tokenizer import EOT
+from pipeline.train.corpus import default_corpus_files, load_corpus
 from pipeline.errors import UserError
 from pipeline.tokenizer import encode_documents, eot_id, train_tokenizer
 
@@ -82,7 +83,7 @@ def test_incremental_decoding_gives_the_whole_decode(kind):
     multi-byte characters split over tokens and for a decoder that treats the first token specially."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pipeline.runtime import IncrementalDecoder
+    from pipeline.run.text import StreamDecoder
 
     docs = ["naïve café — 日本語 🙂 def main():\n    return 1\n" * 5, "the quick brown fox jumps " * 20]
     if kind == "byte-level":
@@ -94,7 +95,7 @@ def test_incremental_decoding_gives_the_whole_decode(kind):
         tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
     text = "the quick brown fox: naïve café 日本語 🙂 done"
     ids = tok.encode(text, add_special_tokens=False).ids
-    decoder = IncrementalDecoder(tok)
+    decoder = StreamDecoder(tok)
     pieces = [decoder.push(t) for t in ids]
     assert "".join(pieces) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)

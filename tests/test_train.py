@@ -6,7 +6,7 @@ import pytest
 from safetensors import safe_open
 
 from pipeline.errors import UserError
-from pipeline.train import lr_at, TrainConfig, train
+from pipeline.train.loop import lr_at, TrainConfig, train
 
 
 def test_loss_falls_and_artifacts_are_written(tiny_run):

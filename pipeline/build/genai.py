@@ -14,27 +14,13 @@ and a Hugging Face import get it the same way. Measured facts that shape it:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
 
+from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.layout import VARIANTS
-from pipeline.runtime import context_length, first_id, read_json
-
-GENAI_CONFIG = "genai_config.json"
-
-# config.json spells the same size differently per family (GPT-2's n_head, Llama's num_attention_heads)
-_HEADS = ("num_attention_heads", "n_head", "num_heads")
-_HIDDEN = ("hidden_size", "n_embd", "d_model")
-
-
-def _first(config: dict, keys: tuple[str, ...], what: str, path: Path) -> int:
-    for k in keys:
-        if k in config:
-            return int(config[k])
-    raise UserError(f"config {path}: has no {what} (expected one of {', '.join(keys)})")
+from pipeline.exports import GENAI_CONFIG, VARIANTS, first_id, read_config, read_json, variant_path, write_json
 
 
 def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
@@ -60,10 +46,11 @@ def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
     """The config for `variant` (its file under onnx/ becomes the decoder's filename)."""
     folder = Path(folder)
     config = read_json(folder / "config.json", "config")
+    shape = read_config(folder)
     gen = read_json(folder / "generation_config.json", "generation config")
     rel = f"onnx/{VARIANTS[variant]}"
     layers, kv_heads, head_size, vocab = _cache_shape(folder / rel)
-    n_ctx = context_length(config)
+    n_ctx = shape.context
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     if eos is None:
         raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
@@ -81,10 +68,10 @@ def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
                 "filename": rel,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "num_hidden_layers": layers,
-                "num_attention_heads": _first(config, _HEADS, "attention head count", folder / "config.json"),
+                "num_attention_heads": shape.heads,
                 "num_key_value_heads": kv_heads,
                 "head_size": head_size,
-                "hidden_size": _first(config, _HIDDEN, "hidden size", folder / "config.json"),
+                "hidden_size": shape.hidden,
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
@@ -111,19 +98,12 @@ def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
 def write_genai_config(folder: str | Path, variant: str = "fp32") -> Path:
     """Write genai_config.json into `folder` (atomically) and return its path."""
     folder = Path(folder)
-    path = folder / GENAI_CONFIG
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(genai_config(folder, variant), indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(folder / GENAI_CONFIG, genai_config(folder, variant))
 
 
 def use_variant(folder: str | Path, variant: str) -> Path:
     """The `genai` stage: point genai_config.json at another variant (e.g. int4 for a small device)
     and record the change in the manifest, so `manifest verify` still holds."""
-    from pipeline import manifest
-    from pipeline.layout import variant_path
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"export {folder}: folder does not exist")

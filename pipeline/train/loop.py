@@ -4,7 +4,7 @@ A run folder (models/NAME/) holds everything a later stage reads:
     config.json          the model config (GPTConfig)
     train.json           the training config and the corpus it saw
     tokenizer.json       the byte-level BPE
-    data/train.bin       token ids (uint16), data/valid.bin the held-out split
+    data/train.bin       token ids (tokenizer.token_dtype), data/valid.bin the held-out split
     checkpoint/          model.safetensors, optimizer.safetensors, state.json; swapped in whole
     history.jsonl        one line per evaluation
     loss.png             the loss curves
@@ -28,16 +28,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from pipeline import ddp
-from pipeline.corpus import load_corpus, resolve_corpus
-from pipeline.ddp import World
+from pipeline.train import ddp
+from pipeline.train.corpus import load_corpus, resolve_corpus
+from pipeline.train.ddp import World
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig, from_known_keys
+from pipeline.train.model import GPT, GPTConfig, from_known_keys
 from pipeline.tokenizer import encode_documents, train_tokenizer
+from pipeline.train.runs import checkpoint_dir, load_weights, read_tokens
 
 log = logging.getLogger(__name__)
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "models"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass
@@ -187,49 +188,6 @@ def save_checkpoint(run: Path, model: GPT, optimizer, state: dict, files: dict |
     shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpoint_dir(run: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives only a kill in the middle of the swap
-        if (run / name / "state.json").is_file():
-            return run / name
-    return None
-
-
-def load_model(run: str | Path, merge: bool = True) -> GPT:
-    """The trained model of a run folder, in eval mode. Reads safetensors only.
-
-    A LoRA fine-tune's run holds an adapter, not weights: its base plus the adapter, merged into
-    plain Linear weights (merge=False keeps peft's unmerged LoRA layers: parity's reference)."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"checkpoint {run}: folder does not exist")
-    config = GPTConfig.load(run / "config.json")
-    ckpt = checkpoint_dir(run)
-    if ckpt is None:
-        raise UserError(f"checkpoint {run}: has no checkpoint/ with model.safetensors (train it first)")
-    if (ckpt / "adapter_config.json").is_file():
-        from pipeline.finetune import load_lora_run
-
-        return load_lora_run(run, ckpt, merge)
-    model = GPT(config)
-    load_weights(model, ckpt / "model.safetensors")
-    return model.eval()
-
-
-def load_weights(model: GPT, path: Path) -> None:
-    try:
-        weights = load_file(path)
-    except Exception as e:
-        raise UserError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    got = {k: v.shape for k, v in weights.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))[:3]
-        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:3]
-        raise UserError(f"checkpoint {path}: does not match its config.json "
-                        f"(missing {missing}, wrong shapes {[(k, tuple(got[k]), tuple(expected[k])) for k in wrong]})")
-    model.load_state_dict(weights, strict=False)
-
-
 def restore(run: Path, model: GPT, optimizer, load=None) -> dict:
     """Model, optimizer and RNG from the run's checkpoint; `load(ckpt)` reads the model's part
     (default: model.safetensors into `model`)."""
@@ -339,8 +297,7 @@ def _loop(run: Path, config: GPTConfig, tc: TrainConfig, resume: bool, progress:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    train_data = np.fromfile(run / "data" / "train.bin", dtype=np.uint16)
-    valid_data = np.fromfile(run / "data" / "valid.bin", dtype=np.uint16)
+    train_data, valid_data = read_tokens(run, "train"), read_tokens(run, "valid")
     model = GPT(config)
     optimizer = make_optimizer(model, tc)
     state = {"step": 0, "train_loss": None, "val_loss": None}

@@ -18,17 +18,15 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
 
 from pipeline import manifest
+from pipeline.build.export import publish_parity
+from pipeline.build.genai import write_genai_config
+from pipeline.check.parity import ParityReport, parity_for_run
+from pipeline.check.sources import load_hf_model
 from pipeline.errors import UserError
-from pipeline.export import publish_parity, staging
-from pipeline.genai import GENAI_CONFIG, write_genai_config
-from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
-from pipeline.parity import ParityReport, held_out_windows, parity_of_variants
-from pipeline.runtime import context_length, first_id, read_json
+from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, first_id, past_names, present_names, staging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +41,6 @@ SUPPORTED = {
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOTAL = "total_sequence_length"
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A transformers model folder (config.json with a model_type), as opposed to an onnxgen run folder."""
-    try:
-        return "model_type" in json.loads((Path(path) / "config.json").read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
 
 
 def check_source(src: Path) -> dict:
@@ -74,17 +64,6 @@ def check_source(src: Path) -> dict:
         raise UserError(f"--hf {src}: no tokenizer.json (a fast tokenizer is needed: onnxruntime-genai, "
                         "transformers.js and onnxgen all read that file)")
     return config
-
-
-def load_hf_model(src: Path):
-    """The fp32 PyTorch model, from safetensors only and without remote code (the folder is untrusted)."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True,
-                                                     local_files_only=True, trust_remote_code=False)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -166,64 +145,6 @@ def generation_config(src: Path, config: dict) -> dict:
     return gen
 
 
-def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_ctx: int, n_windows: int = 8) -> np.ndarray:
-    """Held-out windows of `corpus` (None: the standard library), tokenized with the export's tokenizer.
-
-    The same split onnxgen's own training holds out, so an imported model is judged on text it
-    (most likely) did not see in our pipeline either."""
-    from tokenizers import Tokenizer
-
-    from pipeline.corpus import load_corpus
-
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids: list[int] = []
-    for enc in tok.encode_batch(load_corpus(corpus).valid, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eos_id)
-    return held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, min(128, n_ctx - 1))
-
-
-def hf_reference(model):
-    """The transformers model through the graph contract (past as a flat list of key/value tensors)."""
-    from transformers import DynamicCache
-
-    def reference(ids, mask, pos, past):
-        cache = DynamicCache()
-        if past and past[0].shape[2] > 0:
-            for i in range(len(past) // 2):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        presents = out.past_key_values
-        return out.logits, [t for i in range(len(presents)) for t in (presents.layers[i].keys, presents.layers[i].values)]
-
-    return reference
-
-
-def hf_empty_past(folder: Path):
-    """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed)."""
-    graph = onnx.load(str(folder / "onnx" / VARIANTS["fp32"]), load_external_data=False).graph
-    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
-              if i.name.startswith("past_key_values.")]
-
-    def empty_past(batch: int):
-        return [np.zeros((batch, s[1], 0, s[3]), np.float32) for s in shapes]
-    return empty_past
-
-
-def parity_for_hf(folder: Path, src: Path, variants: list[str], model=None, corpus: str | None = None) -> ParityReport:
-    """The export in `folder` (its `variants`) against the transformers model in `src`.
-    The corpus defaults to the one recorded in the manifest at import time, so every stage uses the same windows."""
-    folder, src = Path(folder), Path(src)
-    if corpus is None:
-        corpus = (manifest.load(folder).get("source") or {}).get("corpus")
-    model = model if model is not None else load_hf_model(src)
-    config = read_json(folder / "config.json", "config")
-    gen = read_json(folder / "generation_config.json", "generation config")
-    windows = hf_windows(folder, corpus, first_id(gen["eos_token_id"]), context_length(config))
-    return parity_of_variants(folder, variants, hf_reference(model), hf_empty_past(folder), windows,
-                              int(gen["pad_token_id"]), source=str(src))
-
-
 def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:
     """The `export --hf` stage: import, conform, write the folder, check parity, publish atomically."""
     src, out = Path(src), Path(out)
@@ -256,5 +177,5 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
             files.append("onnx/model.onnx_data")
         manifest.record(tmp, "export", files, source=source, exporter="optimum")
         log.info("checking parity against the transformers model")
-        report = publish_parity(tmp, out, parity_for_hf(tmp, src, ["fp32"], model=model, corpus=corpus))
+        report = publish_parity(tmp, out, parity_for_run(tmp, src, ["fp32"], model=model))
     return report

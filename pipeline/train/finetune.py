@@ -16,7 +16,7 @@ A share of the examples or paragraphs (valid_fraction) is held out for the valid
 The output folder (models/NAME-METHOD/ by default):
     config.json, tokenizer.json  copied from the base run: a fine-tune changes neither
     finetune.json                method, LoRA settings, base checkpoint (path, sha256, step), data, train config
-    data/{train,valid}.bin       token ids (uint16); valid.bin is also what export's parity reads
+    data/{train,valid}.bin       token ids (tokenizer.token_dtype); valid.bin is also what export's parity reads
     data/*.loss.bin, *.starts.bin  JSONL only: 1 where a target counts (uint8); example offsets (int64)
     checkpoint/                  full: model.safetensors; lora: adapter_model.safetensors and
                                  adapter_config.json (peft's names) -- plus optimizer.safetensors, state.json
@@ -36,17 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import ddp, manifest
+from pipeline import manifest
+from pipeline.train import ddp
 from pipeline.errors import UserError
-from pipeline.model import GPT, GPTConfig
-from pipeline.tokenizer import encode_documents, eot_id, load_tokenizer
-from pipeline.train import (TrainConfig, checkpoint_dir, fit, get_batch, load_model, make_optimizer, restore,
-                            save_checkpoint)
+from pipeline.train.model import GPT, GPTConfig
+from pipeline.tokenizer import encode_documents, eot_id, load_tokenizer, token_dtype
+from pipeline.train.loop import TrainConfig, fit, get_batch, make_optimizer, restore, save_checkpoint
+from pipeline.train.runs import (ADAPTER, ADAPTER_CONFIG, adapter_files, checkpoint_dir, load_adapter, load_model,
+                                 weights_sha256)
 
 log = logging.getLogger(__name__)
 
 METHODS = ("full", "lora")
-ADAPTER, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 # A fine-tune is short and starts from a good model: a short warmup, lower rates than pre-training.
 # LoRA's adapters start at zero (B = 0) and are few, so they take a larger rate and no weight decay.
@@ -91,8 +92,8 @@ class Split:
             self.starts.tofile(folder / f"{name}.starts.bin")
 
     @classmethod
-    def load(cls, folder: Path, name: str) -> "Split":
-        ids = np.fromfile(folder / f"{name}.bin", dtype=np.uint16)
+    def load(cls, folder: Path, name: str, dtype) -> "Split":
+        ids = np.fromfile(folder / f"{name}.bin", dtype=dtype)
         if not (folder / f"{name}.starts.bin").is_file():
             return cls(ids, None, None)
         return cls(ids, np.fromfile(folder / f"{name}.loss.bin", dtype=np.uint8),
@@ -167,9 +168,9 @@ def prepare_data(path: Path, run: Path, tok, tc: TrainConfig, n_ctx: int) -> dic
                 ids += p.ids + c.ids + [eot]
                 counts += [0] * len(p.ids) + [1] * (len(c.ids) + 1)
                 starts.append(len(ids))
-            split = Split(np.asarray(ids, np.uint16), np.asarray(counts, np.uint8), np.asarray(starts, np.int64))
+            split = Split(np.asarray(ids, token_dtype(tok.get_vocab_size())), np.asarray(counts, np.uint8), np.asarray(starts, np.int64))
         else:
-            split = Split(encode_documents(tok, part).astype(np.uint16), None, None)
+            split = Split(encode_documents(tok, part), None, None)
             if len(split.ids) < tc.block_size + 2:
                 raise UserError(f"--data {path}: the {name} split has {len(split.ids)} tokens, fewer than one "
                                 f"window of {tc.block_size} (give more text or a smaller --block-size)")
@@ -186,14 +187,6 @@ def prepare_data(path: Path, run: Path, tok, tc: TrainConfig, n_ctx: int) -> dic
 
 # ----------------------------------------------------------------------------- models
 
-def weights_sha256(run: Path) -> str:
-    """The sha256 of a run's weights file: model.safetensors, or a LoRA run's adapter."""
-    ckpt = checkpoint_dir(Path(run))
-    assert ckpt is not None
-    path = ckpt / "model.safetensors"
-    return manifest.sha256(path if path.is_file() else ckpt / ADAPTER)
-
-
 def _lora_config(settings: LoraSettings):
     from peft import LoraConfig
 
@@ -207,63 +200,6 @@ def _check_targets(model: GPT, settings: LoraSettings) -> None:
     if unknown:
         raise UserError(f"--target-modules: {unknown} are not projections of this model; "
                         f"expected some of {sorted(linear - {'lm_head'})}")
-
-
-def _adapter_files(peft_model) -> dict:
-    from peft import get_peft_model_state_dict
-
-    config = peft_model.peft_config["default"].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return {ADAPTER: get_peft_model_state_dict(peft_model), ADAPTER_CONFIG: json.dumps(config, indent=2) + "\n"}
-
-
-def _load_adapter(peft_model, ckpt: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(ckpt / ADAPTER)
-    except Exception as e:
-        raise UserError(f"checkpoint {ckpt / ADAPTER}: not a readable safetensors file ({e})") from None
-    expected = set(_adapter_files(peft_model)[ADAPTER])
-    if set(weights) != expected:
-        raise UserError(f"checkpoint {ckpt / ADAPTER}: does not match its adapter_config.json "
-                        f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]})")
-    set_peft_model_state_dict(peft_model, weights)
-
-
-def load_lora_run(run: Path, ckpt: Path, merge: bool = True) -> GPT:
-    """Base + adapter, in eval mode: merged into plain Linear weights (what export writes), or with
-    peft's LoRA layers unmerged (parity's reference: base(x) + B(A(x)) * alpha / r)."""
-    from peft import LoraConfig, get_peft_model
-
-    spec = json.loads((run / "finetune.json").read_text())
-    base = Path(spec["base"]["checkpoint"])
-    if checkpoint_dir(base) is None:
-        raise UserError(f"checkpoint {run}: its base {base} has no checkpoint (moved or deleted?)")
-    if weights_sha256(base) != spec["base"]["weights_sha256"]:
-        raise UserError(f"checkpoint {run}: its base {base} changed since the fine-tune "
-                        "(weights sha256 differs); the adapter only fits the weights it was trained on")
-    peft_model = get_peft_model(load_model(base), LoraConfig.from_pretrained(str(ckpt)))
-    _load_adapter(peft_model, ckpt)
-    peft_model.eval()
-    if merge:
-        return peft_model.merge_and_unload().eval()
-    return peft_model.get_base_model().eval()
-
-
-def source_details(run: Path) -> dict:
-    """For an export's manifest: the method, the base checkpoint and the adapter of a fine-tuned run."""
-    spec_path = Path(run) / "finetune.json"
-    if not spec_path.is_file():
-        return {}
-    spec = json.loads(spec_path.read_text())
-    details = {"kind": "onnxgen-finetune", "method": spec["method"], "base": spec["base"], "data": spec["data"]}
-    ckpt = checkpoint_dir(Path(run))
-    if ckpt is not None and (ckpt / ADAPTER).is_file():
-        details["adapter"] = {"file": str((ckpt / ADAPTER).resolve()), "sha256": manifest.sha256(ckpt / ADAPTER),
-                              "config_sha256": manifest.sha256(ckpt / ADAPTER_CONFIG), "lora": spec["lora"]}
-    return details
 
 
 # ----------------------------------------------------------------------------- the run
@@ -344,14 +280,15 @@ def _finetune_loop(run: Path, base: Path, method: str, lora: LoraSettings | None
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # LoRA's A matrices start random: the same on every rank
     model = load_model(base)
+    dtype = token_dtype(model.config.vocab_size)
     pad = eot_id(load_tokenizer(run))
     total = model.num_parameters()
     if method == "lora":
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(lora))
-        files = lambda: _adapter_files(model)  # noqa: E731
-        load = lambda ckpt: _load_adapter(model, ckpt)  # noqa: E731
+        files = lambda: adapter_files(model)  # noqa: E731
+        load = lambda ckpt: load_adapter(model, ckpt)  # noqa: E731
     else:
         files = load = None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -362,7 +299,7 @@ def _finetune_loop(run: Path, base: Path, method: str, lora: LoraSettings | None
     if resume:
         state = restore(run, model, optimizer, load)
         log.info("resumed %s at step %d", run, state["step"])
-    train_split, valid_split = Split.load(run / "data", "train"), Split.load(run / "data", "valid")
+    train_split, valid_split = Split.load(run / "data", "train", dtype), Split.load(run / "data", "valid", dtype)
     rng = np.random.default_rng([tc.seed, 0xE7A1])
     valid = [valid_split.batch(tc.block_size, tc.batch_size, rng, pad) for _ in range(tc.eval_batches)]
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model import GPT
+from pipeline.exports import staging
+from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
+from pipeline.train.model import GPT
+from pipeline.train.runs import load_model
 
 
 def to_gpt2(model: GPT, eot_id: int | None = None):
@@ -46,3 +49,15 @@ def to_gpt2(model: GPT, eot_id: int | None = None):
 def save_gpt2(model: GPT, folder: str | Path, eot_id: int) -> None:
     with torch.no_grad():
         to_gpt2(model, eot_id).save_pretrained(str(folder), safe_serialization=True)
+
+
+def save_run(checkpoint: str | Path, out: str | Path) -> None:
+    """`onnxgen to-hf`: a trained run folder as a transformers folder (safetensors + tokenizer), made
+    beside `out` and renamed into place whole."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"--out {out}: exists")
+    model, tok = load_model(checkpoint), load_tokenizer(checkpoint)
+    with staging(out, force=False) as tmp:
+        save_gpt2(model, tmp, tok.token_to_id(EOT))
+        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)

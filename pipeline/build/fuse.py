@@ -27,22 +27,16 @@ import logging
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from pipeline import manifest
 from pipeline.errors import ParityError, UserError
-from pipeline.layout import VARIANTS
+from pipeline.exports import MAX_LEN, atomic_file, fused_path, present_variants, read_config, variant_path
+from pipeline.run.lm import OnnxLM
 
 log = logging.getLogger(__name__)
-
-FUSED_SUFFIX = "_gqa"
-MAX_LEN = "max_sequence_length"
-
-
-def fused_path(folder: str | Path, variant: str) -> Path:
-    """onnx/model.onnx -> onnx/model_gqa.onnx; onnx/model_q4.onnx -> onnx/model_q4_gqa.onnx."""
-    stem = VARIANTS[variant].removesuffix(".onnx")
-    return Path(folder) / "onnx" / f"{stem}{FUSED_SUFFIX}.onnx"
 
 
 def _producers(graph) -> dict[str, onnx.NodeProto]:
@@ -194,11 +188,10 @@ def fuse_file(src: Path, dst: Path, num_heads: int, last_logits: bool = True) ->
     """src graph -> dst graph with GroupQueryAttention; written to a temp name, then renamed."""
     model = onnx.load(str(src))
     fuse_graph(model, num_heads, last_logits)
-    tmp = dst.with_name(dst.name + ".tmp")
     large = model.ByteSize() > (1 << 31) - (1 << 26)
     data = dst.name + "_data"
-    onnx.save(model, str(tmp), save_as_external_data=large, location=data if large else None)
-    tmp.replace(dst)
+    with atomic_file(dst) as tmp:
+        onnx.save(model, str(tmp), save_as_external_data=large, location=data if large else None)
 
 
 # The fused twin runs the same kernels as its plain graph except attention, so fp32 and fp16 twins must
@@ -217,15 +210,11 @@ def compare_fused(folder: str | Path, variant: str = "fp32", steps: int = 16) ->
     """Logits of the fused graph against the plain one, same variant: a batch of three prompts of
     different lengths (padding on both sides), then `steps` teacher-forced decode steps.
     Returns max |Δlogit| and the top-1 agreement over every (row, step)."""
-    import numpy as np
-
-    from pipeline.runtime import OnnxLM
-
     plain, fused = OnnxLM(folder, variant), OnnxLM(folder, variant, fused=True)
     ids = plain.encode(_SAMPLE)[: plain.n_ctx - steps - 1]
     prompts = [ids[:1], ids[: max(1, len(ids) // 3)], ids]
-    a, b = plain._plain_steps(prompts, steps), fused._fused_steps(prompts, steps)
-    la, lb = next(a), next(b)
+    a, b = plain.start(prompts, steps), fused.start(prompts, steps)
+    la, lb = a.logits, b.logits
     done = np.zeros(len(prompts), dtype=bool)
     worst, agree, total = 0.0, 0, 0
     for step in range(steps):
@@ -234,8 +223,7 @@ def compare_fused(folder: str | Path, variant: str = "fp32", steps: int = 16) ->
         total += len(prompts)
         if step < steps - 1:
             nxt = la.argmax(-1).astype(np.int64)  # both follow the plain graph's tokens
-            la, lb = a.send((nxt, done)), b.send((nxt, done))
-    a.close(), b.close()
+            la, lb = a.step(nxt, done), b.step(nxt, done)
     return {"variant": variant, "max_abs_logit_diff": worst, "top1_agreement": agree / total,
             "rows": len(prompts), "steps": steps}
 
@@ -243,19 +231,12 @@ def compare_fused(folder: str | Path, variant: str = "fp32", steps: int = 16) ->
 def fuse_export(folder: str | Path, variants: list[str] | None = None) -> list[str]:
     """Write the fused twin of each variant present in the export; returns the files written.
     Each twin's logits are compared with its plain graph's and the result goes into the manifest."""
-    from pipeline import manifest
-    from pipeline.runtime import read_json
-
     folder = Path(folder)
-    config = read_json(folder / "config.json", "config")
-    heads = config.get("n_head", config.get("num_attention_heads"))
-    if heads is None:
-        raise UserError(f"config {folder / 'config.json'}: names no head count (n_head or num_attention_heads)")
-    present = [v for v in VARIANTS if (folder / "onnx" / VARIANTS[v]).is_file()]
-    variants = variants or present
+    heads = read_config(folder).heads
+    variants = variants or present_variants(folder)
     written, checks = [], []
     for v in variants:
-        src = folder / "onnx" / VARIANTS[v]
+        src = variant_path(folder, v)
         if not src.is_file():
             raise UserError(f"--variant {v}: {src} does not exist in this export")
         dst = fused_path(folder, v)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.tokenizer import EOT
 
 log = logging.getLogger(__name__)
 
-EOT = "<|endoftext|>"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".js", ".ts", ".c", ".h", ".html", ".css",
                   ".sh", ".toml", ".yaml", ".yml", ".cfg", ".ini", ".csv", ".tex"}

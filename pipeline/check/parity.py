@@ -21,7 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline import manifest
+from pipeline.check.sources import Source, open_source
 from pipeline.errors import UserError
+from pipeline.exports import present_variants, variant_path
+from pipeline.run.lm import OnnxLM
 
 # reference(input_ids, attention_mask, position_ids, past) -> (logits, presents), torch tensors
 Reference = Callable
@@ -49,6 +53,9 @@ class Thresholds:
             parts.append("greedy identical")
         return ", ".join(parts)
 
+
+# The held-out windows every variant is judged on (sources.py)
+N_WINDOWS, WINDOW_LENGTH = 8, 128
 
 # Per variant, as issue 3 sets them. fp16's bound is on logits only: its past/present are fp16 by design.
 THRESHOLDS: dict[str, Thresholds] = {
@@ -106,14 +113,6 @@ class VariantResult:
         self.failures = f
         self.status = "fail" if f else "pass"
         return self
-
-
-def held_out_windows(valid_ids: np.ndarray, n_windows: int, length: int) -> np.ndarray:
-    """(n_windows, length) windows at evenly spaced offsets of the held-out split: deterministic."""
-    if len(valid_ids) < length + 1:
-        raise UserError(f"held-out data: {len(valid_ids)} tokens, fewer than one window of {length}")
-    starts = np.linspace(0, len(valid_ids) - length - 1, n_windows).astype(np.int64)
-    return np.stack([valid_ids[s: s + length] for s in starts]).astype(np.int64)
 
 
 def _positions(mask: np.ndarray) -> np.ndarray:
@@ -323,48 +322,15 @@ def run_parity(lms: dict, reference: Reference, empty_past, windows: np.ndarray,
     return ParityReport(windows=len(windows), window_length=windows.shape[1], source=source, results=results)
 
 
-# ----------------------------------------------------------------------------- onnxgen models
-
-def gpt_reference(model):
-    """The PyTorch model through the graph contract, for parity."""
-    def reference(ids, mask, pos, past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, presents = model.forward_with_cache(ids, mask, pos, pairs)
-        return logits, [t for kv in presents for t in kv]
-
-    def empty_past(batch):
-        c = model.config
-        return [np.zeros((batch, c.n_head, 0, c.head_dim), np.float32) for _ in range(2 * c.n_layer)]
-    return reference, empty_past
+def parity_for_run(folder: Path, checkpoint: Path, variants: list[str], model=None) -> ParityReport:
+    """The export in `folder` (its `variants`) against the PyTorch model it came from (sources.py)."""
+    source = open_source(folder, checkpoint, N_WINDOWS, WINDOW_LENGTH, model=model)
+    return parity_of_variants(folder, variants, source)
 
 
-def run_windows(run: Path, n_ctx: int, n_windows: int = 8) -> np.ndarray:
-    valid = np.fromfile(run / "data" / "valid.bin", dtype=np.uint16)
-    return held_out_windows(valid, n_windows, min(128, n_ctx - 1))  # room for one step past the window
-
-
-def parity_for_run(folder: Path, run: Path, variants: list[str]) -> ParityReport:
-    """The export in `folder` (its `variants`) against the onnxgen run folder it came from."""
-    from pipeline.hf_import import is_hf_folder, parity_for_hf
-    from pipeline.tokenizer import EOT, load_tokenizer
-    from pipeline.train import load_model
-
-    if is_hf_folder(run):  # imported with `export --hf`: the transformers model is the reference
-        return parity_for_hf(folder, run, variants)
-    model = load_model(run, merge=False)  # a LoRA fine-tune: the peft model itself, its adapter unmerged
-    reference, empty_past = gpt_reference(model)
-    pad = load_tokenizer(run).token_to_id(EOT)
-    windows = run_windows(run, model.config.n_ctx)
-    return parity_of_variants(folder, variants, reference, empty_past, windows, pad, source=str(run))
-
-
-def parity_of_variants(folder: Path, variants: list[str], reference: Reference, empty_past, windows: np.ndarray,
-                       pad_id: int, source: str) -> ParityReport:
+def parity_of_variants(folder: Path, variants: list[str], source: Source) -> ParityReport:
     """Load each variant of the export and compare it with `reference` (any source). An fp16 variant
     that this ONNX Runtime cannot run is reported "not run", never passed; every result gets its size."""
-    from pipeline.layout import variant_path
-    from pipeline.runtime import OnnxLM
-
     lms, skipped = {}, {}
     for v in variants:
         try:
@@ -374,7 +340,7 @@ def parity_of_variants(folder: Path, variants: list[str], reference: Reference, 
                 raise
             # fp16 is built for CUDA; a CPU build of ONNX Runtime may lack its kernels. Not run, not passed.
             skipped[v] = f"ONNX Runtime could not run it here ({e})"
-    report = run_parity(lms, reference, empty_past, windows, pad_id, source=source)
+    report = run_parity(lms, source.reference, source.empty_past, source.windows, source.pad_id, source=source.name)
     for v, note in skipped.items():
         report.results.append(VariantResult.not_run(v, note, THRESHOLDS.get(v, Thresholds())))
     order = {v: i for i, v in enumerate(variants)}
@@ -396,9 +362,6 @@ def check_export(folder: str | Path, checkpoint: str | Path | None = None,
                  variants: list[str] | None = None) -> ParityReport:
     """The `parity` stage: every variant present in the export (or those named) against its source.
     Writes parity.json, parity.md and parity.png and records them in the manifest."""
-    from pipeline import manifest
-    from pipeline.layout import VARIANTS, variant_path
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"export {folder}: folder does not exist")
@@ -407,7 +370,7 @@ def check_export(folder: str | Path, checkpoint: str | Path | None = None,
         if "checkpoint" not in source:
             raise UserError(f"export {folder}: manifest names no source checkpoint; pass --checkpoint")
         checkpoint = source["checkpoint"]
-    present = [v for v in VARIANTS if variant_path(folder, v).is_file()]
+    present = present_variants(folder)
     for v in variants or []:
         if not variant_path(folder, v).is_file():
             raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")

@@ -3,13 +3,8 @@ configs, tokenizer files, parity report and manifest. Built in a temporary folde
 target and renamed into place only once the graph passes onnx.checker and parity."""
 from __future__ import annotations
 
-import glob
 import json
-from contextlib import contextmanager
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -18,14 +13,13 @@ import onnx
 import torch
 
 from pipeline import manifest
+from pipeline.build.genai import write_genai_config
+from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.finetune import source_details
-from pipeline.genai import GENAI_CONFIG, write_genai_config
-from pipeline.layout import INPUTS, VARIANTS, past_names, present_names
-from pipeline.model import GPT
-from pipeline.parity import ParityReport, parity_for_run
+from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, past_names, present_names, staging, write_json
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
-from pipeline.train import checkpoint_dir, load_model
+from pipeline.train.model import GPT
+from pipeline.train.runs import checkpoint_dir, load_model, source_details
 
 log = logging.getLogger(__name__)
 
@@ -94,57 +88,6 @@ def generation_config(eot: int, n_ctx: int) -> dict:
             "max_length": n_ctx, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
-def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished folder into place; with force, the old one goes only after the new is whole."""
-    if out.exists():
-        if not force:
-            raise UserError(f"--out {out}: exists; pass --force to replace it")
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def clear_interrupted(out: Path) -> None:
-    """Tidy what an export killed by a signal left beside `out` (kill -9 runs no cleanup).
-
-    Its hidden temporary folder goes; an old export it had moved aside in the instant before the
-    new one was renamed in comes back. Only folders of processes that are gone are touched: their
-    names carry the pid (a reused pid only means a folder is kept a while longer)."""
-    import psutil
-
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
-        kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or psutil.pid_exists(int(pid)):
-            continue
-        if kind == "old" and not out.exists():
-            log.warning("restoring %s, which an interrupted export had moved aside", out)
-            leftover.rename(out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-@contextmanager
-def staging(out: Path, force: bool):
-    """A temporary folder beside `out` (same filesystem) that becomes `out` only if the block finishes:
-    on any error or signal it is removed, and an existing `out` is untouched."""
-    if out.exists() and not force:
-        raise UserError(f"--out {out}: exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clear_interrupted(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
-        publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:
     """Write the fp32 parity report into the staged folder and its manifest; refuse to publish a miss."""
     manifest.record(tmp, "parity", report.write(tmp), parity=report.to_dict())
@@ -169,8 +112,8 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         t0 = time.time()
         export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
         log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
-        (tmp / "config.json").write_text(json.dumps(hf_config(model, eot), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(eot, model.config.n_ctx), indent=2) + "\n")
+        write_json(tmp / "config.json", hf_config(model, eot))
+        write_json(tmp / "generation_config.json", generation_config(eot, model.config.n_ctx))
         write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
         write_genai_config(tmp)  # onnxruntime-genai runs the folder as it stands
         ckpt = checkpoint_dir(run)

@@ -27,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import manifest
+from pipeline.check.sources import open_source
 from pipeline.errors import UserError
-from pipeline.layout import VARIANTS
+from pipeline.exports import GENAI_CONFIG, VARIANTS, fused_path, generation_ids, read_config, read_json
+from pipeline.run.lm import OnnxLM
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,15 @@ class Row:
 # Each loader returns gen(ids (B, T) int64, n): generate exactly n new tokens greedily.
 
 def _torch_loader(folder: Path, threads: int):
+    """The export's own PyTorch source (an onnxgen run or a transformers folder), through the graph contract."""
     import torch
 
-    from pipeline.train import load_model
-
-    source = json.loads((folder / "manifest.json").read_text()).get("source", {}).get("checkpoint")
-    if not source or not Path(source).is_dir():
-        raise UserError(f"export {folder}: its source checkpoint ({source}) is not on this machine")
+    checkpoint = (manifest.load(folder).get("source") or {}).get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise UserError(f"export {folder}: its source checkpoint ({checkpoint}) is not on this machine")
     if threads:
         torch.set_num_threads(threads)
-    model = load_model(source).eval()
+    source = open_source(folder, Path(checkpoint), n_windows=1, length=2)
 
     @torch.inference_mode()
     def gen(ids, n):
@@ -75,12 +77,13 @@ def _torch_loader(folder: Path, threads: int):
         B, T = x.shape
         mask = torch.ones(B, T, dtype=torch.int64)
         pos = torch.arange(T).repeat(B, 1)
-        logits, past = model.forward_with_cache(x, mask, pos, model.empty_cache(B))
+        past = [torch.from_numpy(p) for p in source.empty_past(B)]
+        logits, past = source.reference(x, mask, pos, past)
         for _ in range(n - 1):
             x = logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1)
             pos = pos[:, -1:] + 1
-            logits, past = model.forward_with_cache(x, mask, pos, past)
+            logits, past = source.reference(x, mask, pos, past)
     return gen
 
 
@@ -103,29 +106,14 @@ def _optimum_loader(folder: Path, file: str, threads: int):
 
 
 def genai_config(folder: Path, file: str, shared_buffer: bool, threads: int) -> dict:
-    """onnxruntime-genai's config for one graph of the export ("llama" is its generic decoder-only type:
-    it feeds position_ids when the inputs list them)."""
-    c = json.loads((folder / "config.json").read_text())
-    head = c["n_embd"] // c["n_head"]
-    session = {"log_id": "onnxruntime-genai", "provider_options": []}
+    """The export's own genai_config.json (build/genai.py wrote it), pointed at one graph of the export."""
+    config = read_json(folder / GENAI_CONFIG, "genai config")
+    decoder = config["model"]["decoder"]
+    decoder["filename"] = f"onnx/{file}"
     if threads:
-        session["intra_op_num_threads"] = threads
-    return {
-        "model": {
-            "bos_token_id": c["bos_token_id"], "eos_token_id": c["eos_token_id"], "pad_token_id": c["pad_token_id"],
-            "context_length": c["n_positions"], "vocab_size": c["vocab_size"], "type": "llama",
-            "decoder": {
-                "filename": f"onnx/{file}", "head_size": head, "hidden_size": c["n_embd"],
-                "num_attention_heads": c["n_head"], "num_key_value_heads": c["n_head"],
-                "num_hidden_layers": c["n_layer"], "session_options": session,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"}}},
-        "search": {"do_sample": False, "max_length": c["n_positions"], "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": shared_buffer, "top_k": 1,
-                   "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0},
-    }
+        decoder["session_options"]["intra_op_num_threads"] = threads
+    config["search"]["past_present_share_buffer"] = shared_buffer
+    return config
 
 
 def _genai_loader(folder: Path, file: str, fused: bool, threads: int):
@@ -149,8 +137,6 @@ def _genai_loader(folder: Path, file: str, fused: bool, threads: int):
 
 
 def _onnxgen_loader(folder: Path, variant: str, fused: bool, threads: int, spin: bool = False):
-    from pipeline.runtime import OnnxLM
-
     lm = OnnxLM(folder, variant, threads=threads, fused=fused, spin=spin)
 
     def gen(ids, n):
@@ -170,8 +156,6 @@ def load_engine(e: Engine, folder: Path, threads: int):
 
 
 def engines_for(folder: Path, kinds: list[str] | None = None) -> list[Engine]:
-    from pipeline.fuse import fused_path
-
     kinds = kinds or ["torch", "optimum", "genai", "onnxgen"]
     have = [v for v in ("fp32", "int8", "int4") if (folder / "onnx" / VARIANTS[v]).is_file()]
     fused = [v for v in have if fused_path(folder, v).is_file()]
@@ -292,14 +276,14 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
     if not (folder / "config.json").is_file():
         raise UserError(f"export {folder}: no config.json (not an export folder)")
     batches = batches or [1, 16]
-    config = json.loads((folder / "config.json").read_text())
+    shape = read_config(folder)
     rng = np.random.default_rng(0)
-    eos = config["eos_token_id"]
-    vocab = np.array([t for t in range(config["vocab_size"]) if t != eos])
+    eos = generation_ids(folder).eos
+    vocab = np.array([t for t in range(shape.vocab) if t not in eos])
     prompt = rng.choice(vocab, size=(1, 16)).astype(np.int64)
-    n_prefill = min(PREFILL, config["n_positions"] - 1)  # one slot left for the generated token
+    n_prefill = min(PREFILL, shape.context - 1)  # one slot left for the generated token
     long_prompt = rng.choice(vocab, size=(1, n_prefill)).astype(np.int64)
-    tokens = min(tokens, config["n_positions"] - prompt.shape[1])
+    tokens = min(tokens, shape.context - prompt.shape[1])
 
     rows = [Row(e) for e in engines_for(folder, engines)]
     gens = {}
@@ -329,7 +313,7 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
                 row.rss_mb = got
     bandwidth = read_bandwidth(threads)
     result = {"rows": rows, "bandwidth": bandwidth, "batches": batches, "tokens": tokens, "rounds": rounds,
-              "threads": threads or os.cpu_count(), "n_prefill": n_prefill, "config": config, "folder": folder}
+              "threads": threads or os.cpu_count(), "n_prefill": n_prefill, "config": shape, "folder": folder}
     out.parent.mkdir(parents=True, exist_ok=True)
     md = report(result, title=title, chart=chart or out.with_name("results.png"))
     tmp = out.with_name(out.name + ".tmp")
@@ -344,13 +328,11 @@ def _median(values) -> float:
 
 def report(r: dict, title: str | None = None, chart: Path | None = None) -> str:
     """The markdown for RESULTS.md (one section per model), and the PNG chart."""
-    from pipeline.fuse import fused_path
-
     c, folder, rows, b1 = r["config"], r["folder"], r["rows"], r["batches"][0]
     bn = r["batches"][-1]
-    params = c["n_layer"] * 12 * c["n_embd"] ** 2 + (c["vocab_size"] + c["n_positions"]) * c["n_embd"]
-    lines = [f"## {title or folder.name}: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, "
-             f"vocab {c['vocab_size']}, context {c['n_positions']} (~{params / 1e6:.1f}M parameters)", "",
+    params = c.layers * 12 * c.hidden ** 2 + (c.vocab + c.context) * c.hidden  # GPT-2's count, roughly
+    lines = [f"## {title or folder.name}: {c.layers} layers, {c.heads} heads ({c.kv_heads} kv), {c.hidden} wide, "
+             f"vocab {c.vocab}, context {c.context} (~{params / 1e6:.1f}M parameters)", "",
              f"- machine: {machine()}", "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
              f"- {r['threads']} intra-op threads for every engine; {r['rounds']} interleaved rounds, median; "
              f"{r['tokens']} new tokens after a 16-token prompt; prefill = one token after a {r['n_prefill']}-token "

@@ -48,8 +48,12 @@ import numpy as np
 import onnx
 
 from pipeline import manifest
+from pipeline.build.optimize import optimize
+from pipeline.check.parity import N_WINDOWS, WINDOW_LENGTH
+from pipeline.check.sources import run_windows, window_length
 from pipeline.errors import UserError
-from pipeline.layout import VARIANTS, variant_path
+from pipeline.exports import VARIANTS, past_names, read_config, variant_path
+from pipeline.train.runs import load_model, read_tokens
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +69,6 @@ FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
 
 
 # ----------------------------------------------------------------------------- the graph
-def _config(folder: Path) -> tuple[int, int, bool]:
-    """(heads, hidden size, whether ORT's gpt2 fusions apply): GPT-2 graphs, ours or imported, only."""
-    from pipeline.runtime import read_json
-
-    c = read_json(folder / "config.json", "config")
-    heads = c.get("n_head", c.get("num_attention_heads"))  # GPT-2's names, or the other families' (--hf)
-    hidden = c.get("n_embd", c.get("hidden_size"))
-    if heads is None or hidden is None:
-        raise UserError(f"config {folder / 'config.json'}: names no head count or hidden size "
-                        "(n_head/num_attention_heads, n_embd/hidden_size)")
-    return int(heads), int(hidden), c.get("model_type") == "gpt2"
-
-
 def _weight_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMuls whose second input is a constant initializer: the ones to quantize (not Q·Kᵀ, P·V)."""
     inits = {i.name for i in model.graph.initializer}
@@ -111,8 +102,6 @@ class _Windows:
     def __init__(self, windows: np.ndarray, n_layer: int, n_head: int, head_dim: int, progress: bool):
         from tqdm import tqdm
 
-        from pipeline.layout import past_names
-
         self.windows, self.past = windows, past_names(n_layer)
         self.shape = (1, n_head, 0, head_dim)
         self.bar = tqdm(total=len(windows), desc="calibrating int8", unit="window", disable=not progress)
@@ -135,12 +124,10 @@ class _Windows:
 
 
 def calibration_windows(run: Path, n_ctx: int, n: int = 32) -> np.ndarray:
-    """(n, T) held-out windows that do not overlap the parity windows (parity.run_windows): taken from
+    """(n, T) held-out windows that do not overlap the parity windows (sources.run_windows): taken from
     the gaps between them, so calibration never sees the tokens it is judged on."""
-    from pipeline.parity import run_windows
-
-    valid = np.fromfile(run / "data" / "valid.bin", dtype=np.uint16).astype(np.int64)
-    judged = run_windows(run, n_ctx)
+    valid = read_tokens(run, "valid").astype(np.int64)
+    judged = run_windows(run, N_WINDOWS, window_length(n_ctx, WINDOW_LENGTH))
     T = judged.shape[1]
     taken = np.zeros(len(valid), bool)
     starts = np.linspace(0, len(valid) - T - 1, len(judged)).astype(np.int64)
@@ -156,8 +143,6 @@ def calibration_windows(run: Path, n_ctx: int, n: int = 32) -> np.ndarray:
 
 def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from pipeline.train import load_model
 
     c = load_model(run).config
     windows = calibration_windows(run, c.n_ctx)
@@ -257,8 +242,6 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
              checkpoint: str | Path | None = None, progress: bool = True) -> dict:
     """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
     Each file is renamed into place whole and recorded in the manifest. Returns {variant: details}."""
-    from pipeline.optimize import optimize
-
     folder = Path(folder)
     if variant not in (*QUANTIZED, "all"):
         raise UserError(f"--variant {variant}: expected one of {', '.join(QUANTIZED)} or all")
@@ -275,7 +258,10 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
         if not (run / "data" / "valid.bin").is_file():
             raise UserError(f"--int8-mode static: needs the source run's held-out split ({run / 'data' / 'valid.bin'}"
                             f" not found); pass --checkpoint RUN")
-    num_heads, hidden, fuse = _config(folder)
+    shape = read_config(folder)
+    # ORT's gpt2 fusions only for GPT-2 graphs (ours or imported): they turn the other families'
+    # RMSNorm into SimplifiedLayerNormalization in the ONNX domain, which onnx.checker rejects
+    num_heads, hidden, fuse = shape.heads, shape.hidden, shape.model_type == "gpt2"
     done = {}
     with tempfile.TemporaryDirectory(prefix="onnxgen-optimize-") as tmp:
         optimized = Path(tmp) / "model_optimized.onnx"

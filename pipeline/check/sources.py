@@ -1,0 +1,147 @@
+"""Where parity's reference comes from: the PyTorch model an export was made from, driven through the
+graph contract, and the held-out token windows it is judged on.
+
+    onnxgen run folder   our GPT (train/runs.load_model), windows from the run's data/valid.bin
+    Hugging Face folder  the transformers model (safetensors only, no remote code), windows of a corpus
+                         (the standard library by default) tokenized with the export's tokenizer
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline import manifest
+from pipeline.errors import UserError
+from pipeline.exports import VARIANTS, generation_ids, read_config
+from pipeline.tokenizer import EOT, load_tokenizer
+from pipeline.train.corpus import load_corpus
+from pipeline.train.runs import load_model, read_tokens
+
+def is_hf_folder(path: Path) -> bool:
+    """A transformers model folder (config.json with a model_type), as opposed to an onnxgen run folder."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_hf_model(src: Path):
+    """The fp32 PyTorch model, from safetensors only and without remote code (the folder is untrusted)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True, trust_remote_code=False)
+    return model.eval()
+
+
+
+def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, length: int) -> np.ndarray:
+    """Held-out windows of `corpus` (None: the standard library), tokenized with the export's tokenizer.
+
+    The same split onnxgen's own training holds out, so an imported model is judged on text it
+    (most likely) did not see in our pipeline either."""
+    tok = load_tokenizer(folder / "tokenizer.json", require_eot=False)
+    ids: list[int] = []
+    for enc in tok.encode_batch(load_corpus(corpus).valid, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eos_id)
+    return held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, length)
+
+
+def hf_reference(model):
+    """The transformers model through the graph contract (past as a flat list of key/value tensors)."""
+    from transformers import DynamicCache
+
+    def reference(ids, mask, pos, past):
+        cache = DynamicCache()
+        if past and past[0].shape[2] > 0:
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        presents = out.past_key_values
+        return out.logits, [t for i in range(len(presents)) for t in (presents.layers[i].keys, presents.layers[i].values)]
+
+    return reference
+
+
+def hf_empty_past(folder: Path):
+    """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed)."""
+    graph = onnx.load(str(folder / "onnx" / VARIANTS["fp32"]), load_external_data=False).graph
+    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
+              if i.name.startswith("past_key_values.")]
+
+    def empty_past(batch: int):
+        return [np.zeros((batch, s[1], 0, s[3]), np.float32) for s in shapes]
+    return empty_past
+
+
+# ----------------------------------------------------------------------------- onnxgen models
+
+def gpt_reference(model):
+    """The PyTorch model through the graph contract, for parity."""
+    def reference(ids, mask, pos, past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = model.forward_with_cache(ids, mask, pos, pairs)
+        return logits, [t for kv in presents for t in kv]
+
+    def empty_past(batch):
+        c = model.config
+        return [np.zeros((batch, c.n_head, 0, c.head_dim), np.float32) for _ in range(2 * c.n_layer)]
+    return reference, empty_past
+
+
+def run_windows(run: Path, n_windows: int, length: int) -> np.ndarray:
+    return held_out_windows(read_tokens(run, "valid"), n_windows, length)
+
+
+# ----------------------------------------------------------------------------- either
+
+def held_out_windows(valid_ids: np.ndarray, n_windows: int, length: int) -> np.ndarray:
+    """(n_windows, length) windows at evenly spaced offsets of the held-out split: deterministic."""
+    if len(valid_ids) < length + 1:
+        raise UserError(f"held-out data: {len(valid_ids)} tokens, fewer than one window of {length}")
+    starts = np.linspace(0, len(valid_ids) - length - 1, n_windows).astype(np.int64)
+    return np.stack([valid_ids[s: s + length] for s in starts]).astype(np.int64)
+
+
+@dataclass
+class Source:
+    """The PyTorch model an export came from, driven through the graph contract, and its held-out windows."""
+    name: str
+    reference: Callable      # (ids, mask, pos, past) torch tensors -> (logits, presents)
+    empty_past: Callable     # batch -> list of (batch, kv_heads, 0, head_dim) fp32 arrays
+    windows: np.ndarray      # (n, T) int64
+    pad_id: int
+
+
+def window_length(n_ctx: int, wanted: int) -> int:
+    return min(wanted, n_ctx - 1)  # room for one step past the window
+
+
+def open_source(folder: Path, checkpoint: Path, n_windows: int, length: int, model=None) -> Source:
+    """The reference for the export in `folder`: an onnxgen run folder or a Hugging Face folder."""
+    folder, checkpoint = Path(folder), Path(checkpoint)
+    n_ctx = read_config(folder).context
+    if is_hf_folder(checkpoint):  # imported with `export --hf`: the transformers model is the reference
+        # the corpus recorded at import time, so every stage uses the same windows
+        corpus = (manifest.load(folder).get("source") or {}).get("corpus")
+        model = model if model is not None else load_hf_model(checkpoint)
+        ids = generation_ids(folder)
+        windows = hf_windows(folder, corpus, ids.eos[0], n_windows, window_length(n_ctx, length))
+        return Source(str(checkpoint), hf_reference(model), hf_empty_past(folder), windows, ids.pad)
+    model = load_model(checkpoint, merge=False)  # a LoRA fine-tune: the peft model itself, its adapter unmerged
+    reference, empty_past = gpt_reference(model)
+    pad = load_tokenizer(checkpoint).token_to_id(EOT)
+    windows = run_windows(checkpoint, n_windows, window_length(n_ctx, length))
+    return Source(str(checkpoint), reference, empty_past, windows, pad)
+
+

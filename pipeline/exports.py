@@ -1,0 +1,239 @@
+"""The export folder (exports/NAME/, shared/DESIGN.md): what its files are called, how its configs read,
+and how it is written so that a reader never sees half of it.
+
+Every stage that reads or writes an export asks this module:
+    variant_path / fused_path     file names of the variants and of their fused-attention twins
+    read_json / read_config       config.json of any model family, normalized into one ModelShape
+    generation_ids                eos/pad/bos from generation_config.json
+    atomic_write / atomic_file    one file: written beside its target, renamed over it when whole
+    staging                       a whole folder: built beside its target, renamed into place when whole
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# variant -> file under onnx/; the names are transformers.js's (its `dtype` option picks them)
+VARIANTS = {
+    "fp32": "model.onnx",
+    "fp16": "model_fp16.onnx",
+    "int8": "model_quantized.onnx",
+    "int4": "model_q4.onnx",
+}
+INPUTS = ("input_ids", "attention_mask", "position_ids")
+GENAI_CONFIG = "genai_config.json"
+# onnxgen fuse writes each variant's twin beside it: onnx/model_q4.onnx -> onnx/model_q4_gqa.onnx; its
+# past/present share one buffer whose length is this symbolic dimension
+FUSED_SUFFIX = "_gqa"
+MAX_LEN = "max_sequence_length"
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def variant_path(folder: str | Path, variant: str) -> Path:
+    if variant not in VARIANTS:
+        raise UserError(f"--variant {variant}: unknown; expected one of {', '.join(VARIANTS)}")
+    return Path(folder) / "onnx" / VARIANTS[variant]
+
+
+def fused_path(folder: str | Path, variant: str) -> Path:
+    """onnx/model.onnx -> onnx/model_gqa.onnx; onnx/model_q4.onnx -> onnx/model_q4_gqa.onnx."""
+    stem = variant_path(folder, variant).name.removesuffix(".onnx")
+    return Path(folder) / "onnx" / f"{stem}{FUSED_SUFFIX}.onnx"
+
+
+def present_variants(folder: str | Path) -> list[str]:
+    return [v for v in VARIANTS if variant_path(folder, v).is_file()]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file a user handed us: a missing file or bad JSON is one line."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(f"{what} {path}: file does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{what} {path}: expected a JSON object")
+    return d
+
+
+# Each family spells the same size its own way (optimum's NormalizedTextConfig does the same): the first
+# key present wins. GPT-2 (ours and imported), Llama/Qwen/Phi/Mistral/Gemma, GPT-NeoX, OPT.
+_KEYS = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "heads": ("num_attention_heads", "n_head", "num_heads"),
+    "kv_heads": ("num_key_value_heads", "multi_query_group_num"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "context": ("max_position_embeddings", "n_positions", "n_ctx"),
+    "vocab": ("vocab_size",),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """config.json of any family, normalized: what the runtime, fuse, quantize, genai and bench need."""
+    model_type: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    context: int
+    vocab: int
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def shape_of(config: dict, where: str = "config.json") -> ModelShape:
+    found = {}
+    for field_, keys in _KEYS.items():
+        value = next((config[k] for k in keys if k in config), None)
+        if value is None and field_ == "kv_heads":
+            value = found["heads"]  # no key: multi-head attention, as many kv heads as heads
+        if not _positive_int(value):
+            raise UserError(f"config {where}: expected a positive integer {field_} "
+                            f"({' or '.join(keys)}), got {value!r}")
+        found[field_] = value
+    head_dim = config.get("head_dim") or found["hidden"] // found["heads"]
+    return ModelShape(model_type=str(config.get("model_type", "")), head_dim=int(head_dim), **found)
+
+
+def read_config(folder: str | Path) -> ModelShape:
+    path = Path(folder) / "config.json"
+    return shape_of(read_json(path, "config"), str(path))
+
+
+def first_id(ids) -> int:
+    """generation_config's eos_token_id: an id, or a list of them in some imported models (Llama 3,
+    Qwen2.5); the first is the one to emit and pad with."""
+    return int(ids[0] if isinstance(ids, list) else ids)
+
+
+@dataclass(frozen=True)
+class GenerationIds:
+    eos: tuple[int, ...]   # every id that ends a generation
+    pad: int
+    bos: int | None
+
+
+def generation_ids(folder: str | Path) -> GenerationIds:
+    path = Path(folder) / "generation_config.json"
+    gen = read_json(path, "generation config")
+    if gen.get("eos_token_id") is None:
+        raise UserError(f"generation config {path}: has no eos_token_id")
+    eos = gen["eos_token_id"]
+    eos = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+    pad = gen.get("pad_token_id")
+    return GenerationIds(eos=eos, pad=eos[0] if pad is None else int(pad), bos=gen.get("bos_token_id"))
+
+
+# ----------------------------------------------------------------------------- writing
+
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yields a temporary path beside `path` (same filesystem); it replaces `path` only if the block
+    finishes. A kill or an error leaves the old file untouched (os.replace is atomic)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished folder into place; with force, the old one goes only after the new is whole."""
+    if out.exists():
+        if not force:
+            raise UserError(f"--out {out}: exists; pass --force to replace it")
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}-{int(time.time())}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def clear_interrupted(out: Path) -> None:
+    """Tidy what a stage killed by a signal left beside `out` (kill -9 runs no cleanup).
+
+    Its hidden temporary folder goes; an old folder it had moved aside in the instant before the
+    new one was renamed in comes back. Only folders of processes that are gone are touched: their
+    names carry the pid (a reused pid only means a folder is kept a while longer)."""
+    import psutil
+
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            log.warning("restoring %s, which an interrupted stage had moved aside", out)
+            leftover.rename(out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def staging(out: Path, force: bool, copy_from: Path | None = None):
+    """A temporary folder beside `out` (same filesystem) that becomes `out` only if the block finishes:
+    on any error or signal it is removed, and an existing `out` is untouched. copy_from: start from a
+    copy of that folder (hard links where possible: a stage that rewrites a file replaces it, never
+    writes into it, so the original stays intact)."""
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clear_interrupted(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        if copy_from is not None:
+            tmp.rmdir()
+            shutil.copytree(copy_from, tmp, copy_function=_link_or_copy)
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

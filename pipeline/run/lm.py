@@ -1,0 +1,355 @@
+"""The ONNX Runtime generation loop: an export folder in, tokens out.
+
+    lm = OnnxLM("exports/default", fused="auto")
+    for piece in lm.stream("def parse_args(", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+Everything is read from the folder: shapes from the graph, ids from generation_config.json,
+the context length from config.json.
+
+Two graph kinds, one step API and one bookkeeping (stops, sampling, per-row state):
+
+    state = lm.start(prompts, budget)     # prefill: state.logits is (B, V) at each row's last token
+    state.step(next_ids, done)            # one decode step: state.logits for the next position
+
+  - fused (onnx/*_gqa.onnx, see build/fuse.py): SharedBufferDecode: one (B, H, max_length, D) OrtValue per cache tensor,
+    allocated once per generation and bound as both past and present, so GroupQueryAttention
+    appends in place; logits come back (B, 1, V) straight into a NumPy buffer. Prompts are
+    right-padded, each row keeps its own length. On CUDA the cache stays on the device.
+  - plain (the DESIGN.md contract graph): PlainDecode, left padding, presents fed back as OrtValues through
+    IO binding (no NumPy round trip), the cache grows by Concat inside the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.exports import INPUTS, MAX_LEN, fused_path, generation_ids, read_config, variant_path
+from pipeline.preflight import preflight
+from pipeline.run.sampling import Sampler, SamplingConfig
+from pipeline.run.text import StreamDecoder, cut_at_stop
+from pipeline.tokenizer import load_tokenizer
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def require_cuda() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError("--device cuda: this onnxruntime has no CUDAExecutionProvider "
+                        "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
+
+
+def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool = False):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    # No spin-waiting by default: between two steps the core goes to Python (sampling, stops), and a
+    # worker spinning for the next kernel takes it. Measured on this project's shared 2-core machine:
+    # 1528 vs 418 tok/s for the small preset's int4 fused graph (benchmarks/RESULTS.md has both rows).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        require_cuda()
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages, when they are there
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model {path}: ONNX Runtime cannot load it ({first})") from None
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime-gpu falls back to CPU silently when libcublas/libcudnn cannot be loaded
+        raise UserError(f"--device cuda: ONNX Runtime could not start CUDA for {path} and fell back to "
+                        f"{session.get_providers()[0]} (CUDA 12/13 and cuDNN 9 libraries missing?)")
+    return session
+
+
+@dataclass
+class Generation:
+    """What one generate() call produced, filled in as it streams."""
+    tokens: list[list[int]] = field(default_factory=list)   # new ids, per row
+    stop_reason: list[str] = field(default_factory=list)    # "eos", "stop", "length" or "context", per row
+
+
+class PlainDecode:
+    """Decode state of the plain contract graph: left-padded rows, the cache grows by Concat in the graph.
+
+    Presents stay ONNX Runtime's OrtValues (on the device) and are bound back as the next pasts: no
+    NumPy round trip for the cache."""
+
+    def __init__(self, lm: "OnnxLM", prompts: list[list[int]]):
+        self.lm, B, T = lm, len(prompts), max(len(p) for p in prompts)
+        self.ids = np.full((B, T), lm.pad_id, dtype=np.int64)
+        self.mask = np.zeros((B, T), dtype=np.int64)
+        for b, p in enumerate(prompts):  # left padding: the contract graph masks it out
+            self.ids[b, T - len(p):] = p
+            self.mask[b, T - len(p):] = 1
+        self.positions = np.clip(self.mask.cumsum(-1) - 1, 0, None)
+        self.device = "cuda" if lm.provider == "cuda" else "cpu"
+        self.io = lm.session.io_binding()
+        self.past: list = lm.empty_past(B)  # (B, H, 0, D): bound from NumPy once, ORT's own OrtValues after
+        self.logits = self._run()
+
+    def _run(self) -> np.ndarray:
+        io, lm = self.io, self.lm
+        io.bind_cpu_input("input_ids", self.ids)
+        io.bind_cpu_input("attention_mask", self.mask)
+        io.bind_cpu_input("position_ids", self.positions)
+        for name, value in zip(lm.past_names, self.past):
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, value)
+            else:
+                io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in lm.present_names:
+            io.bind_output(name, self.device)
+        lm.session.run_with_iobinding(io)
+        logits, *self.past = io.get_outputs()
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        self.all_logits = logits.numpy()  # (B, T, V): every position of this step's input
+        return self.all_logits[:, -1, :]
+
+    def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Feed next ids (B,); returns the logits (B, V) that follow them."""
+        B = len(nxt)
+        self.ids = np.asarray(nxt, dtype=np.int64)[:, None]
+        self.positions = self.positions[:, -1:] + 1
+        self.mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        self.logits = self._run()
+        return self.logits
+
+
+class SharedBufferDecode:
+    """Decode state of the fused graph: one (B, H, L, D) OrtValue per cache tensor, allocated once and
+    bound as both past and present, so GroupQueryAttention appends in place. Prompts are right-padded;
+    each row keeps its own length. Logits come back (B, 1, V) straight into a NumPy buffer."""
+
+    def __init__(self, lm: "OnnxLM", prompts: list[list[int]], budget: int):
+        import onnxruntime as ort
+
+        self.lm, B, T = lm, len(prompts), max(len(p) for p in prompts)
+        self.L = L = min(lm.n_ctx, T + budget)  # the buffer's length: every position this call can write
+        device = "cuda" if lm.provider == "cuda" else "cpu"
+        zeros = [np.zeros((B, lm.n_kv_heads, L, lm.head_dim), dtype=lm.past_dtype) for _ in lm.past_names]
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(z, device, 0) for z in zeros]
+        self.out = np.empty((B, 1, lm.vocab_size), dtype=np.float32)
+        io = self.io = lm.session.io_binding()
+        for past, present, value in zip(lm.past_names, lm.present_names, self.cache):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        io.bind_output("logits", "cpu", 0, np.float32, list(self.out.shape), self.out.ctypes.data)
+
+        # prefill, right-padded: row b's tokens sit in slots [0, len_b)
+        self.lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # tokens in the cache, per row
+        ids = np.full((B, T), lm.pad_id, dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", (np.arange(T)[None, :] < self.lengths[:, None]).astype(np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))))
+        lm.session.run_with_iobinding(io)
+        self.logits = self.out[:, 0, :]
+
+        # decode: input_ids and position_ids are (B, 1) from here on, so they are OrtValues made once and
+        # updated in place. The mask grows: GroupQueryAttention sizes its score buffer by its width
+        # (total_sequence_length), so a max-length mask would cost every step the whole budget.
+        self.step_ids, self.step_pos = np.empty((B, 1), np.int64), np.empty((B, 1), np.int64)
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
+                       for name, a in (("input_ids", self.step_ids), ("position_ids", self.step_pos))}
+        for name, value in self.values.items():
+            io.bind_ortvalue_input(name, value)
+        self.columns = np.arange(L)
+
+    def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Feed next ids (B,); rows marked done take the id into a slot that is never read and do not
+        advance. Returns the logits (B, V) that follow."""
+        slot = np.minimum(self.lengths, self.L - 1)
+        self.step_ids[:, 0] = nxt
+        self.step_pos[:, 0] = np.minimum(slot, self.lm.n_ctx - 1)
+        self.values["input_ids"].update_inplace(self.step_ids)
+        self.values["position_ids"].update_inplace(self.step_pos)
+        self.io.bind_cpu_input("attention_mask", (self.columns[:slot.max() + 1] <= slot[:, None]).astype(np.int64))
+        self.lm.session.run_with_iobinding(self.io)
+        self.lengths = np.where(done, self.lengths, self.lengths + 1)
+        return self.logits
+
+
+class OnnxLM:
+    def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
+                 verify: bool = False, fused: bool | str = False, spin: bool = False):
+        """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
+        "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
+        (faster only on cores nothing else wants)."""
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"export {self.folder}: folder does not exist")
+        path = variant_path(self.folder, variant)
+        twin = fused_path(self.folder, variant)
+        if fused is True and not twin.is_file():
+            raise UserError(f"--fused: {twin} does not exist (make it with: onnxgen fuse {self.folder})")
+        # onnxruntime's CUDA GroupQueryAttention has fp16/bf16 kernels only: an fp32 fused graph on CUDA
+        # would run its attention on the CPU with the cache copied across each step; "auto" avoids that
+        auto_ok = twin.is_file() and not (provider == "cuda" and variant == "fp32")
+        self.fused = fused is True or (fused == "auto" and auto_ok)
+        self.variant = variant
+        path = twin if self.fused else path
+        # untrusted files: checked before anything reads them (the graph checked is the one opened)
+        preflight(self.folder, variant, provider, verify, path=path)
+        self.shape = read_config(self.folder)
+        ids = generation_ids(self.folder)
+        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
+        self.eos_ids = np.array(ids.eos, dtype=np.int64)
+        self.eos_id, self.pad_id = ids.eos[0], ids.pad
+        self.n_ctx = self.shape.context
+        if not path.is_file():
+            raise UserError(f"--variant {variant}: {path} does not exist in this export")
+        self.provider = provider
+        self.session = make_session(path, provider, threads, spin)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        missing = [n for n in INPUTS if n not in inputs]
+        if missing or not self.past_names:
+            raise UserError(f"model {path}: not a decoder with KV cache (missing inputs {missing or 'past_key_values.*'})")
+        first = inputs[self.past_names[0]]
+        _, self.n_kv_heads, past_len, self.head_dim = first.shape  # fixed integers by contract
+        if self.fused and past_len != MAX_LEN:
+            raise UserError(f"model {path}: not a fused graph of onnxgen fuse (its cache is not a "
+                            f"{MAX_LEN} buffer); remake it with: onnxgen fuse {self.folder}")
+        self.past_dtype = _ORT_TO_NUMPY[first.type]
+        vocab_dim = self.session.get_outputs()[0].shape[-1]
+        self.vocab_size = int(vocab_dim) if isinstance(vocab_dim, int) else self.shape.vocab
+        vocab = self.tokenizer.get_vocab_size()
+        if vocab > self.shape.vocab:
+            raise UserError(f"tokenizer {self.folder / 'tokenizer.json'}: {vocab} tokens, more than the "
+                            f"model's vocab_size {self.shape.vocab}")
+
+    # ------------------------------------------------------------------ the step API
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.n_kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=self.past_dtype) for _ in self.past_names]
+
+    def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call of the plain contract graph, NumPy in and out (parity drives it like the PyTorch model)."""
+        assert not self.fused, "forward() follows the plain contract; the fused graph's cache is a shared buffer"
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed.update(zip(self.past_names, past))
+        logits, *present = self.session.run(["logits", *self.present_names], feed)
+        return logits, present
+
+    def start(self, prompts: list[list[int]], budget: int) -> PlainDecode | SharedBufferDecode:
+        """Prefill `prompts` (token ids, any lengths) with room for `budget` more tokens per row; the
+        returned state has .logits (B, V) at each row's last token and .step(next_ids, done)."""
+        return SharedBufferDecode(self, prompts, budget) if self.fused else PlainDecode(self, prompts)
+
+    # ------------------------------------------------------------------ the loop
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def check_prompt(self, ids: list[int], label: str = "prompt") -> None:
+        if not ids:
+            raise UserError(f"{label}: empty (expected at least one token)")
+        if len(ids) >= self.n_ctx:
+            raise UserError(f"{label}: {len(ids)} tokens, but the model's context is {self.n_ctx} "
+                            f"(at most {self.n_ctx - 1} leaves room for one new token)")
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
+                 sampling: SamplingConfig | None = None, stop_at_eos: bool = True,
+                 result: Generation | None = None, stop: list[str] | None = None) -> Iterator[np.ndarray]:
+        """Yields the next ids (B,) at each step; rows stop on their own (eos, a stop string, the context).
+
+        A finished row keeps receiving the pad id so the batch stays rectangular.
+        """
+        for i, p in enumerate(prompts):
+            self.check_prompt(p, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
+        config = sampling or SamplingConfig()
+        sampler = Sampler(config)
+        result = result if result is not None else Generation()
+        B = len(prompts)
+        stop = [s for s in (stop or []) if s]
+        # a stop string of n characters spans at most 4n byte-level tokens
+        stop_window = 4 * max((len(s) for s in stop), default=0)
+        seen = None
+        if config.repetition_penalty != 1.0:
+            seen = np.zeros((B, self.vocab_size), dtype=bool)  # (B, V): tokens in prompt or output
+            for b, p in enumerate(prompts):
+                seen[b, p] = True
+        done = np.zeros(B, dtype=bool)
+        result.tokens = [[] for _ in range(B)]
+        result.stop_reason = [""] * B
+        lengths = np.array([len(p) for p in prompts])
+        state = self.start(prompts, max_new_tokens)
+        logits = state.logits
+        for step in range(max_new_tokens):
+            nxt = sampler(logits, seen)
+            nxt = np.where(done, self.pad_id, nxt)
+            alive = np.flatnonzero(~done)
+            for b in alive:
+                result.tokens[b].append(int(nxt[b]))
+            if seen is not None:
+                seen[alive, nxt[alive]] = True
+            lengths += ~done
+            yield nxt
+            finished_now = ~done & np.isin(nxt, self.eos_ids) if stop_at_eos else np.zeros(B, bool)
+            for b in np.flatnonzero(finished_now):
+                result.stop_reason[b] = "eos"
+            done |= finished_now
+            for b in np.flatnonzero(~done) if stop else ():
+                tail = self.tokenizer.decode(result.tokens[b][-stop_window:])
+                if any(s in tail for s in stop):
+                    result.stop_reason[b] = "stop"
+                    done[b] = True
+            full = ~done & (lengths >= self.n_ctx)
+            for b in np.flatnonzero(full):
+                result.stop_reason[b] = "context"
+            done |= full
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits = state.step(nxt, done)
+        for b in range(B):
+            result.stop_reason[b] = result.stop_reason[b] or "length"
+
+    def complete(self, prompts: list[str], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+                 stop: list[str] | None = None, result: Generation | None = None) -> list[str]:
+        """Batch text in, one completion per prompt out (cut before a stop string, without the eos)."""
+        result = result if result is not None else Generation()
+        for _ in self.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, result=result, stop=stop):
+            pass
+        return [cut_at_stop(self.tokenizer.decode([t for t in toks if t not in self.eos_ids]), stop)
+                for toks in result.tokens]
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+               result: Generation | None = None, stop: list[str] | None = None) -> Iterator[str]:
+        """Text pieces as they are generated (whole UTF-8 characters only; never part of a stop string)."""
+        ids = self.encode(prompt)
+        decoder = StreamDecoder(self.tokenizer)
+        text, shown = "", ""
+        hold = max((len(s) for s in stop or [] if s), default=1) - 1  # could be the start of a stop string
+        for nxt in self.generate([ids], max_new_tokens, sampling, result=result, stop=stop):
+            token = int(nxt[0])
+            if token in self.eos_ids:
+                break
+            piece = decoder.push(token)
+            if piece:
+                text += piece
+                cut = cut_at_stop(text, stop)
+                ready = cut[:len(cut) - hold] if hold else cut
+                if len(ready) > len(shown):
+                    yield ready[len(shown):]
+                    shown = ready
+        text = cut_at_stop(self.tokenizer.decode(decoder.ids), stop)  # and a character cut off at the end
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
+
+
