@@ -47,10 +47,14 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def main(quiet: bool):
+@click.option("-v", "--verbose", is_flag=True, help="Every step's detail, the libraries' logs too.")
+def main(quiet: bool, verbose: bool):
     """Train a GPT, export it to ONNX with a KV cache, check parity, and run it."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="onnxgen: %(message)s",
+    # Quiet by default: each stage prints a progress bar and a one-line summary. -v brings back the detail,
+    # and the libraries' own logs (onnxruntime.quantization logs every node it visits at INFO).
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="onnxgen: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("pipeline").setLevel(logging.WARNING if quiet else logging.INFO if verbose else logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
@@ -146,8 +150,8 @@ def export(checkpoint, out, force, hf, corpus):
 
     report = export_run(checkpoint, out, force=force) if hf is None else export_hf(hf, out, force=force, corpus=corpus)
     fp32 = report.results[0]
-    click.echo(f"exported {out}: fp32 max |Δlogit| {fp32.max_abs:.2e}, greedy {fp32.greedy_match}/"
-               f"{fp32.greedy_tokens} identical")
+    click.echo(f"exported {out}: fp32 max |Δlogit| {fp32.max_abs:.2e}, KL {fp32.kl_mean:.1e} over {fp32.scored} "
+               f"tokens, greedy {fp32.greedy_match}/{fp32.greedy_tokens} identical")
 
 
 @main.command()
@@ -155,14 +159,21 @@ def export(checkpoint, out, force, hf, corpus):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The PyTorch source [the one recorded in the manifest].")
 @click.option("--variant", "variants", multiple=True, help="Variants to check [all present].")
-def parity(export_dir, checkpoint, variants):
-    """Compare the export's ONNX variants with the PyTorch model; write parity.json and parity.md."""
-    from pipeline.check.parity import check_export
+@click.option("--tokens", type=click.IntRange(min=64), default=None,
+              help="Scored positions per graph, at least [8192, over at least 32 windows].")
+def parity(export_dir, checkpoint, variants, tokens):
+    """Compare the export's ONNX graphs (variants and fused twins) with the PyTorch model; write
+    parity.json, parity.md and parity.png, and print the table."""
+    from pipeline.check.parity import MIN_SCORED, check_export
 
-    report = check_export(export_dir, checkpoint, list(variants) or None)
-    click.echo(report.markdown())
+    report = check_export(export_dir, checkpoint, list(variants) or None, min_scored=tokens or MIN_SCORED,
+                          progress=sys.stderr.isatty())
+    click.echo(f"parity of {export_dir} against {report.source}: {report.windows} windows of "
+               f"{report.window_length} tokens (details: {export_dir / 'parity.md'})")
+    click.echo(report.table())
     if not report.passed:
         raise ParityError(f"{export_dir}: " + "; ".join(f"{r.variant}: {f}" for r in report.results for f in r.failures))
+    click.echo(f"\ntry it: onnxgen run {export_dir} \"import os\"   (--variant int4 for the smallest)")
 
 
 @main.command()
@@ -180,7 +191,7 @@ def quantize(export_dir, variant, int8_mode, head, checkpoint):
     from pipeline.build import quantize as q
 
     done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head or q.DEFAULT_HEAD,
-                      checkpoint=checkpoint)
+                      checkpoint=checkpoint, progress=sys.stderr.isatty())
     for v, d in done.items():
         click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
 
@@ -278,8 +289,8 @@ def fuse(export_dir, variants):
     """Write each variant's fused-attention twin (onnx/*_gqa.onnx: GroupQueryAttention, shared KV buffer)."""
     from pipeline.build.fuse import fuse_export
 
-    for rel in fuse_export(export_dir, list(variants) or None):
-        click.echo(f"wrote {export_dir / rel}")
+    written = fuse_export(export_dir, list(variants) or None, progress=sys.stderr.isatty())
+    click.echo(f"fused {export_dir}: " + ", ".join(written) + " (each judged against PyTorch)")
 
 
 @main.command()

@@ -14,7 +14,8 @@ def test_train_export_parity_run(tmp_path, corpus):
     p = onnxgen("export", run, "--out", out)
     assert "greedy 64/64 identical" in p.stdout
     p = onnxgen("parity", out)
-    assert "# Parity report" in p.stdout and "fp32" in p.stdout
+    assert "| fp32 |" in p.stdout and "pass" in p.stdout and "onnxgen run" in p.stdout  # the table, what next
+    assert "# Parity report" in (out / "parity.md").read_text() and not p.stderr.strip()  # quiet
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["variants"]["fp32"]["status"] == "pass"
     p = onnxgen("run", out, "import os", "--max-new-tokens", "16")

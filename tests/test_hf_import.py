@@ -86,9 +86,9 @@ def test_import_follows_the_contract(hf_exports, family):
     parity = json.loads((folder / "parity.json").read_text())
     fp32 = parity["variants"]["fp32"]
     assert parity["passed"] and fp32["status"] == "pass", fp32["failures"]
-    assert fp32["max_abs"] <= THRESHOLDS["fp32"].max_abs
+    assert fp32["tol_ratio"] <= 1.0 and fp32["max_abs"] <= THRESHOLDS["fp32"].atol
     assert fp32["greedy_match"] == fp32["greedy_tokens"] == 64
-    assert parity["windows"] == 8 and parity["window_length"] == 127
+    assert parity["windows"] >= 32 and parity["window_length"] == 127 and fp32["scored"] >= 8192
 
 
 @pytest.mark.slow
@@ -125,11 +125,11 @@ def test_parity_stage_and_run_work_on_an_import(int8_exports, tmp_path):
     # while still writing the report. (Trained weights pass: test_trained_gpt2_imported_passes_every_variant.)
     assert proc.returncode == 1 and "int8: top-1 agreement" in proc.stderr, proc.stderr
     statuses = {v: r["status"] for v, r in json.loads((folder / "parity.json").read_text())["variants"].items()}
-    assert statuses == {"fp32": "pass", "int8": "fail"} and "# Parity report" in proc.stdout
+    assert statuses == {"fp32": "pass", "int8": "fail"} and "| int8 |" in proc.stdout
     parity = json.loads((folder / "parity.json").read_text())
     assert parity["source"] == manifest.load(folder)["source"]["checkpoint"]
     fp32, int8 = parity["variants"]["fp32"], parity["variants"]["int8"]
-    assert fp32["max_abs"] <= THRESHOLDS["fp32"].max_abs < int8["max_abs"]  # int8 really was compared
+    assert fp32["max_abs"] <= THRESHOLDS["fp32"].atol < int8["max_abs"]  # int8 really was compared
     # the same windows as at export (the corpus recorded in the manifest, not the default stdlib)
     assert fp32["ppl_reference"] == pytest.approx(at_export["ppl_reference"], rel=1e-9)
     assert manifest.load(folder)["stages"][-1]["stage"] == "parity"

@@ -49,10 +49,10 @@ import onnx
 
 from pipeline import manifest
 from pipeline.build.optimize import optimize
-from pipeline.check.parity import N_WINDOWS, WINDOW_LENGTH
-from pipeline.check.sources import run_windows, window_length
+from pipeline.check.parity import window_plan
+from pipeline.check.sources import run_windows
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, past_names, read_config, variant_path
+from pipeline.exports import VARIANTS, fused_path, past_names, read_config, variant_path
 from pipeline.train.runs import load_model, read_tokens
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,19 @@ def calibration_windows(run: Path, n_ctx: int, n: int = 32) -> np.ndarray:
     """(n, T) held-out windows that do not overlap the parity windows (sources.run_windows): taken from
     the gaps between them, so calibration never sees the tokens it is judged on."""
     valid = read_tokens(run, "valid").astype(np.int64)
-    judged = run_windows(run, N_WINDOWS, window_length(n_ctx, WINDOW_LENGTH))
+    judged = run_windows(run, *window_plan(n_ctx))
     T = judged.shape[1]
     taken = np.zeros(len(valid), bool)
     starts = np.linspace(0, len(valid) - T - 1, len(judged)).astype(np.int64)
     for s in starts:
         taken[s: s + T + 1] = True
-    free = [s for s in range(0, len(valid) - T, T) if not taken[s: s + T].any()]
+    csum = np.concatenate([[0], np.cumsum(taken)])
+    fits = np.flatnonzero(csum[T:] - csum[:-T] == 0)  # starts whose T tokens are all untouched
+    free, end = [], 0
+    for start in fits:  # non-overlapping, first come first served
+        if start >= end:
+            free.append(int(start))
+            end = start + T
     if not free:
         raise UserError(f"calibration: {run / 'data' / 'valid.bin'} has no held-out tokens outside the "
                         f"parity windows (need windows of {T} tokens)")
@@ -289,6 +295,9 @@ def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict
         details = build(src, tmp)
         onnx.checker.check_model(str(tmp))  # a structurally broken file never replaces a good one
         os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
+        # the fused twin of the variant being replaced was made from the old graph: it goes first, so that
+        # `run` never pairs it with the new one (onnxgen fuse makes a new one)
+        fused_path(folder, variant).unlink(missing_ok=True)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

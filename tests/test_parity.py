@@ -1,0 +1,128 @@
+"""The parity gate: it stands on enough tokens, passes correct graphs whatever their depth and logit
+scale, and fails the bugs an exporter really makes."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.check.parity import (MIN_SCORED, THRESHOLDS, Thresholds, VariantResult, parity_of, source_of,
+                                   wilson_lower, window_plan)
+from pipeline.check.sources import load_hf_model
+
+
+def test_window_plan_scores_enough_tokens_for_every_graph():
+    for n_ctx in (64, 128, 256, 8192):
+        n, T = window_plan(n_ctx)
+        fused_scored = n * (T - 4.5)  # a fused twin scores T - prefill positions, prefill 1..8
+        assert n >= 32 and T < n_ctx and fused_scored >= MIN_SCORED, (n_ctx, n, T)
+
+
+def test_one_token_cannot_flip_the_top1_verdict():
+    """At 8,192 tokens the verdict uses the 95% lower bound: a graph right at the bound does not pass on
+    the point estimate, and one token more or less moves the bound by about 1e-4."""
+    n = 8192
+    hits = math.ceil(0.99 * n)
+    assert hits / n >= 0.99 and wilson_lower(hits, n) < 0.99
+    assert abs(wilson_lower(hits + 1, n) - wilson_lower(hits, n)) < 2e-4
+    t = THRESHOLDS["int8"]
+    r = VariantResult("int8", scored=n, top1=hits / n, top1_low=wilson_lower(hits, n), ppl_ratio=1.0)
+    assert r.check(t).status == "fail" and "lower bound" in r.failures[0]
+
+
+def test_fp32_bound_scales_with_the_logits():
+    """A 30-layer model's correct export is 1.05e-4 off at logits of ±30 (SmolLM2-135M): that passes,
+    while the same error at logits near 0 does not."""
+    t = THRESHOLDS["fp32"]
+    assert 1.05e-4 <= t.atol + t.rtol * 30 and not 1.05e-4 <= t.atol + t.rtol * 0.1
+
+
+# ----------------------------------------------------------------------------- real bugs fail the gate
+
+def _perturbed(source, **changes):
+    return dataclasses.replace(source, **changes)
+
+
+@pytest.fixture(scope="module")
+def llama(hf_exports, hf_models):
+    folder, src = hf_exports["llama"], hf_models["llama"]
+    return folder, src, source_of(folder, src)
+
+
+def _fp32(folder, source):
+    return parity_of(folder, ["fp32"], source, kinds=("plain",)).result("fp32")
+
+
+def test_the_correct_graph_passes(llama):
+    folder, _, source = llama
+    r = _fp32(folder, source)
+    assert r.status == "pass" and r.scored >= MIN_SCORED, r.failures
+
+
+def test_positions_off_by_one_fail(llama):
+    """From the middle of each window on, positions one too far (as a decode step numbered from the total
+    length instead of the past length would be). Shifting every position alike would change nothing:
+    rotary attention sees only distances."""
+    folder, _, source = llama
+
+    def shifted(ids, mask, pos, past):
+        return source.reference(ids, mask, pos + (pos >= pos.shape[1] // 2), past)
+    r = _fp32(folder, _perturbed(source, reference=shifted))
+    assert r.status == "fail" and any("max |Δlogit|" in f for f in r.failures) and r.max_abs > 1e-2
+
+
+def test_a_wrong_rope_base_fails(llama):
+    from pipeline.check.sources import hf_reference
+
+    folder, src, source = llama
+    model = load_hf_model(src)
+    model.config.rope_theta = model.config.rope_theta * 2
+    wrong = type(model.model.rotary_emb)(config=model.config)  # inv_freq from the wrong base
+    model.model.rotary_emb = wrong
+    r = _fp32(folder, _perturbed(source, reference=hf_reference(model)))
+    assert r.status == "fail" and r.max_abs > 1e-3
+
+
+def test_a_missing_mask_row_fails(llama):
+    """The reference attends to one token the graph masks out (a padding row lost from the mask)."""
+    folder, _, source = llama
+
+    def unmasked(ids, mask, pos, past):
+        mask = mask.clone()
+        mask[:, 0] = 1 - mask[:, 0] if mask.shape[1] > 1 else mask[:, 0]
+        return source.reference(ids, mask, pos, past)
+    r = _fp32(folder, _perturbed(source, reference=unmasked))
+    assert r.status == "fail" and r.max_abs > 1e-3
+
+
+def test_swapped_keys_and_values_fail(llama):
+    from pipeline.check.sources import hf_reference
+
+    folder, src, source = llama
+    model = load_hf_model(src)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        k, v = attn.k_proj.weight.clone(), attn.v_proj.weight.clone()
+        attn.k_proj.weight.copy_(v)
+        attn.v_proj.weight.copy_(k)
+    r = _fp32(folder, _perturbed(source, reference=hf_reference(model)))
+    assert r.status == "fail" and r.max_abs > 1e-3
+
+
+def test_report_names_the_tokens_each_figure_stands_on(tiny_quantized):
+    _, report = tiny_quantized
+    md = report.markdown()
+    for r in report.results:
+        assert r.scored >= MIN_SCORED
+        assert f"| {r.scored} |" in md
+    assert np.isfinite(report.results[0].kl_p99) and report.results[0].rms_dp >= 0
+    assert set(report.to_dict()["variants"]["int8"]) >= {"kl_mean", "kl_p99", "top1", "top1_low", "ppl_ratio",
+                                                        "rms_dp", "scored"}
+
+
+def test_thresholds_describe_themselves():
+    assert "95% lower bound" in Thresholds(top1=0.99).describe()
+    assert "1e-05·|ref|" in THRESHOLDS["fp32"].describe()
