@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (docs/issue7.md, "Errors"): each one runs the real CLI and checks
+"""The catalogue of bad inputs (README.md, "Errors"): each one runs the real CLI and checks
 exit code 2, exactly one line on stderr that names the input and says what was expected, no
 traceback, and that no file was written or changed (paths, sizes, mtimes and contents)."""
 from __future__ import annotations

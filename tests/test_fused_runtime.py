@@ -200,6 +200,7 @@ def test_fuse_that_misses_leaves_the_export_as_it_was(tiny_export, tmp_path, mon
     assert OnnxLM(folder, fused="auto", verify=True).fused
 
 
+@pytest.mark.slow
 def test_fuse_killed_midway_leaves_a_folder_that_runs(tiny_export, tmp_path):
     """SIGKILL at several moments of `onnxgen fuse`: the folder is either as it was or fully fused, its
     manifest lists exactly what is there, and `onnxgen run` runs it."""

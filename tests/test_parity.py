@@ -56,12 +56,14 @@ def _fp32(folder, source):
     return parity_of(folder, ["fp32"], source, kinds=("plain",)).result("fp32")
 
 
+@pytest.mark.slow
 def test_the_correct_graph_passes(llama):
     folder, _, source = llama
     r = _fp32(folder, source)
     assert r.status == "pass" and r.scored >= MIN_SCORED, r.failures
 
 
+@pytest.mark.slow
 def test_positions_off_by_one_fail(llama):
     """From the middle of each window on, positions one too far (as a decode step numbered from the total
     length instead of the past length would be). Shifting every position alike would change nothing:
@@ -74,6 +76,7 @@ def test_positions_off_by_one_fail(llama):
     assert r.status == "fail" and any("max |Δlogit|" in f for f in r.failures) and r.max_abs > 1e-2
 
 
+@pytest.mark.slow
 def test_a_wrong_rope_base_fails(llama):
     from pipeline.check.sources import hf_reference
 
@@ -86,6 +89,7 @@ def test_a_wrong_rope_base_fails(llama):
     assert r.status == "fail" and r.max_abs > 1e-3
 
 
+@pytest.mark.slow
 def test_a_missing_mask_row_fails(llama):
     """The reference attends to one token the graph masks out (a padding row lost from the mask)."""
     folder, _, source = llama
@@ -98,6 +102,7 @@ def test_a_missing_mask_row_fails(llama):
     assert r.status == "fail" and r.max_abs > 1e-3
 
 
+@pytest.mark.slow
 def test_swapped_keys_and_values_fail(llama):
     from pipeline.check.sources import hf_reference
 

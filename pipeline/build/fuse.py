@@ -28,6 +28,7 @@ from collections import deque
 from pathlib import Path
 
 import onnx
+from onnxruntime.transformers.onnx_model import OnnxModel
 from onnx import TensorProto, helper
 
 from pipeline import manifest
@@ -36,18 +37,6 @@ from pipeline.errors import ParityError, UserError
 from pipeline.exports import MAX_LEN, atomic_file, fused_path, present_variants, read_config, staging, variant_path
 
 log = logging.getLogger(__name__)
-
-
-def _producers(graph) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
-
-
-def _consumers(graph) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def _upstream_split_input(name: str, producers) -> str:
@@ -76,26 +65,11 @@ def _downstream_reshape(name: str, consumers) -> str:
     raise UserError(f"graph: no attention output downstream of {name} (not an onnxgen export?)")
 
 
-def _prune(graph) -> None:
-    """Drop nodes whose outputs nobody reads (the old mask and attention subgraphs)."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    used = needed
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-
-
 def fuse_graph(model: onnx.ModelProto, num_heads: int, last_logits: bool = True) -> onnx.ModelProto:
     """Rewrite in place and return `model` (see the module docstring)."""
     g = model.graph
-    producers, consumers = _producers(g), _consumers(g)
+    graph = OnnxModel(model)  # onnxruntime.transformers' graph helpers: producers, consumers, sort, prune
+    producers, consumers = graph.output_name_to_node(), graph.input_name_to_nodes()
     inputs = {i.name: i for i in g.input}
     if "attention_mask" not in inputs or "past_key_values.0.key" not in inputs:
         raise UserError("graph: not a decoder with KV cache (no attention_mask / past_key_values.0.key)")
@@ -153,9 +127,9 @@ def fuse_graph(model: onnx.ModelProto, num_heads: int, last_logits: bool = True)
     del g.node[:]
     g.node.extend(new + keep)
     # topological order: the new nodes read only graph inputs and each other, except the GQA nodes,
-    # which read the qkv tensors; a stable sort by dependency fixes that
-    _toposort(g)
-    _prune(g)
+    # which read the qkv tensors; then drop the old mask and attention subgraphs nobody reads now
+    graph.topological_sort(is_deterministic=True)
+    graph.prune_graph(allow_remove_graph_inputs=False)
     for v in list(g.input) + list(g.output):
         if v.name.startswith(("past_key_values.", "present.")):
             v.type.tensor_type.shape.dim[2].dim_param = MAX_LEN
@@ -163,24 +137,6 @@ def fuse_graph(model: onnx.ModelProto, num_heads: int, last_logits: bool = True)
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     del g.value_info[:]  # stale shapes of removed tensors
     return model
-
-
-def _toposort(g) -> None:
-    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise AssertionError(f"fuse: cycle or missing input at {rest[0].name} {list(rest[0].input)}")
-        pending = rest
-    del g.node[:]
-    g.node.extend(ordered)
 
 
 def fuse_file(src: Path, dst: Path, num_heads: int, last_logits: bool = True) -> None:
@@ -193,11 +149,13 @@ def fuse_file(src: Path, dst: Path, num_heads: int, last_logits: bool = True) ->
         onnx.save(model, str(tmp), save_as_external_data=large, location=data if large else None)
 
 
-def fuse_export(folder: str | Path, variants: list[str] | None = None, progress: bool = False) -> list[str]:
+def fuse_export(folder: str | Path, variants: list[str] | None = None, progress: bool = False,
+                check: bool = True) -> list[str]:
     """The `fuse` stage: write the fused twin of each variant present in the export; returns the files
     written. Each twin is judged against the PyTorch source like its variant (check/parity.py: same windows,
     same thresholds) before anything is published: the stage works in a copy of the export that replaces
-    it only when every twin passed, so a miss or a kill leaves the export exactly as it was."""
+    it only when every twin passed, so a miss or a kill leaves the export exactly as it was. check=False
+    (benchmarks of untrained weights only; not on the command line) skips the judging."""
     from tqdm import tqdm
 
     folder = Path(folder)
@@ -208,11 +166,14 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None, progress:
     for v in variants:
         if not variant_path(folder, v).is_file():
             raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")
-    source = source_of(folder)  # before any work: a missing source is the user's to fix
+    source = source_of(folder) if check else None  # before any work: a missing source is the user's to fix
     written = [str(fused_path(folder, v).relative_to(folder)) for v in variants]
     with staging(folder, force=True, copy_from=folder) as tmp:
         for v in tqdm(variants, desc="fuse", unit="graph", disable=not progress, leave=False):
             fuse_file(variant_path(tmp, v), fused_path(tmp, v), heads)
+        if not check:
+            manifest.record(tmp, "fuse", written, fused="not judged")
+            return written
         report = parity_of(tmp, variants, source, kinds=("fused",), progress=progress)
         for r in report.results:
             log.info("fused %s: KL %.2e, same top-1 %.2f%% over %d tokens, max |Δlogit| %.2e: %s", r.variant,

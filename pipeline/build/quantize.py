@@ -5,7 +5,7 @@
 
 Every variant starts from the optimized graph (`optimize.py`: fused SkipLayerNormalization and
 FastGelu, constant LM head):
-    int8   onnx/model_quantized.onnx  three methods (`int8_mode`), measured on tiny and small (docs/issue3.md);
+    int8   onnx/model_quantized.onnx  three methods (`int8_mode`), measured on tiny and small (docs/variants.md);
            numbers below are tiny's (small: blockwise 99.6%, dynamic 97.5%, static 95.6%):
            blockwise (default): MatMulNBits with 8 bits, block 32, accuracy_level 4: the kernel quantizes
              activations per block of 32 per row, so one outlier channel costs its block only and a row's
@@ -62,7 +62,7 @@ INT8_MODES = ("dynamic", "static", "blockwise")
 HEADS = ("int4", "int8", "fp32")   # the int4 variant's LM head precision
 INT4_BLOCK = 32
 INT4_ACCURACY = 4                   # MatMulNBits accuracy_level 4: int8 compute on CPU
-DEFAULT_HEAD = "int8"               # measured: see docs/issue3.md
+DEFAULT_HEAD = "int8"               # measured: see docs/variants.md
 DEFAULT_INT8_MODE = "blockwise"
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization")  # kept fp32 in the fp16 variant     # dynamic and static miss top-1 99% (above)

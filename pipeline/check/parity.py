@@ -35,7 +35,7 @@ import torch
 from pipeline import manifest
 from pipeline.check.sources import Source, open_source
 from pipeline.errors import UserError
-from pipeline.exports import fused_path, present_variants, read_config, variant_path
+from pipeline.exports import atomic_write, fused_path, present_variants, read_config, variant_path
 from pipeline.run.lm import OnnxLM
 
 log = logging.getLogger(__name__)
@@ -234,8 +234,6 @@ class ParityReport:
 
     def write(self, folder: Path) -> list[str]:
         """parity.json, parity.md and parity.png (the chart) in folder; returns their names."""
-        from pipeline.exports import atomic_write
-
         atomic_write(folder / "parity.json", json.dumps(self.to_dict(), indent=2) + "\n")
         atomic_write(folder / "parity.md", self.markdown())
         self.chart(folder / "parity.png")

@@ -120,12 +120,6 @@ def eval_batches(data: np.ndarray, tc: TrainConfig) -> list:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: np.ndarray, tc: TrainConfig) -> float:
-    """Mean loss on fixed held-out windows (the same windows at every evaluation)."""
-    return batches_loss(model, eval_batches(data, tc))
-
-
-@torch.no_grad()
 def batches_loss(model, batches: list, world: World | None = None) -> float:
     """Mean cross-entropy per counted target (-100 targets do not count) over global batches;
     under torchrun each rank scores its rows and the sums are added up."""
