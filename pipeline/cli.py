@@ -204,10 +204,11 @@ def quantize(export_dir, variant, int8_mode, head, checkpoint):
               help="Several prompts, generated as one batch: a text file (one per line) or .jsonl "
                    "({\"prompt\": ...} per line). Prints one JSON line per prompt.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--temperature", type=float, default=None, help="0 (the default) is greedy; > 0 samples.")
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=float, default=None,
+              help="0 is greedy; > 0 samples [the export's generation_config.json, as transformers reads it].")
+@click.option("--top-k", type=int, default=None, help="0 is off [generation_config.json].")
+@click.option("--top-p", type=float, default=None, help="1 is off [generation_config.json].")
+@click.option("--repetition-penalty", type=float, default=None, help="1 is off [generation_config.json].")
 @click.option("--stop", multiple=True, help="Stop a row when it produces this string (repeatable).")
 @click.option("--seed", type=int, default=None)
 @click.option("--variant", default=None, help="fp32, fp16, int8 or int4 [fp32 on cpu, fp16 on cuda].")
@@ -248,13 +249,11 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
         raise UserError("prompt: missing (give PROMPT, --prompt-file FILE, --prompts FILE, or '-' to read stdin)")
     for i, text in enumerate(batch or [prompt]):
         check_text(text, f"prompt {i + 1}" if batch else "prompt")
-    if temperature is None:
-        temperature = 1.0 if (top_k or top_p < 1.0) else 0.0  # asking for top-k/top-p means sampling
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              repetition_penalty=repetition_penalty)
     variant = variant or ("fp16" if device == "cuda" else "fp32")
     lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
                 fused="auto" if fused is None else fused)
+    sampling = SamplingConfig.from_defaults(lm.sampling_defaults, temperature=temperature, top_k=top_k, top_p=top_p,
+                                            repetition_penalty=repetition_penalty, seed=seed)
     result = Generation()
     if batch is not None:
         texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result)

@@ -133,11 +133,15 @@ def first_id(ids) -> int:
     return int(ids[0] if isinstance(ids, list) else ids)
 
 
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
 @dataclass(frozen=True)
 class GenerationIds:
     eos: tuple[int, ...]   # every id that ends a generation
     pad: int
     bos: int | None
+    sampling: dict         # the sampling defaults generation_config.json gives (SAMPLING_KEYS present)
 
 
 def generation_ids(folder: str | Path) -> GenerationIds:
@@ -148,7 +152,8 @@ def generation_ids(folder: str | Path) -> GenerationIds:
     eos = gen["eos_token_id"]
     eos = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
     pad = gen.get("pad_token_id")
-    return GenerationIds(eos=eos, pad=eos[0] if pad is None else int(pad), bos=gen.get("bos_token_id"))
+    return GenerationIds(eos=eos, pad=eos[0] if pad is None else int(pad), bos=gen.get("bos_token_id"),
+                         sampling={k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None})
 
 
 # ----------------------------------------------------------------------------- writing

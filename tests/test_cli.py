@@ -18,15 +18,17 @@ def test_train_export_parity_run(tmp_path, corpus):
     assert "# Parity report" in (out / "parity.md").read_text() and not p.stderr.strip()  # quiet
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is True and report["variants"]["fp32"]["status"] == "pass"
-    p = onnxgen("run", out, "import os", "--max-new-tokens", "16")
+    p = onnxgen("run", out, "import os", "--max-new-tokens", "16", "--temperature", "0")
     assert p.stdout.startswith("import os") and len(p.stdout) > len("import os\n")
-    greedy_again = onnxgen("run", out, "import os", "--max-new-tokens", "16").stdout
+    greedy_again = onnxgen("run", out, "import os", "--max-new-tokens", "16", "--temperature", "0").stdout
     assert greedy_again == p.stdout  # greedy is deterministic
-    from_stdin = onnxgen("run", out, "-", "--max-new-tokens", "16", "--no-echo", input="import os").stdout
+    from_stdin = onnxgen("run", out, "-", "--max-new-tokens", "16", "--no-echo", "--temperature", "0",
+                         input="import os").stdout
     assert "import os" + from_stdin == p.stdout
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("import os")
-    assert onnxgen("run", out, "--prompt-file", prompt_file, "--max-new-tokens", "16").stdout == p.stdout
+    assert onnxgen("run", out, "--prompt-file", prompt_file, "--max-new-tokens", "16",
+                   "--temperature", "0").stdout == p.stdout
     sampled = onnxgen("run", out, "import os", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95",
                       "--seed", "3", "--max-new-tokens", "16").stdout
     assert sampled == onnxgen("run", out, "import os", "--temperature", "0.8", "--top-k", "40", "--top-p",

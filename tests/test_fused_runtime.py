@@ -114,7 +114,7 @@ def test_read_prompts(tmp_path):
 def test_cli_runs_a_batch_of_prompts(tiny_fused_export, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    proc = onnxgen("-q", "run", tiny_fused_export, "--prompts", path, "--max-new-tokens", 16)
+    proc = onnxgen("-q", "run", tiny_fused_export, "--prompts", path, "--max-new-tokens", 16, "--temperature", 0)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     lm = OnnxLM(tiny_fused_export, fused=True)
     assert [r["prompt"] for r in rows] == PROMPTS
@@ -227,3 +227,17 @@ def test_fuse_killed_midway_leaves_a_folder_that_runs(tiny_export, tmp_path):
         assert listed == on_disk, (delay, listed ^ on_disk)
         out = onnxgen("run", folder, "import os", "--max-new-tokens", "4")
         assert out.stdout.startswith("import os")
+
+
+def test_run_samples_with_the_exports_generation_config_by_default():
+    """As transformers' generate(): do_sample in generation_config.json means sampling with its
+    temperature/top-k/top-p; an option the user gives wins; temperature 0 is greedy."""
+    defaults = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
+    c = SamplingConfig.from_defaults(defaults)
+    assert (c.temperature, c.top_k, c.top_p, c.repetition_penalty) == (0.8, 50, 0.95, 1.1)
+    assert SamplingConfig.from_defaults(defaults, temperature=0).greedy
+    assert SamplingConfig.from_defaults(defaults, temperature=0).repetition_penalty == 1.0
+    assert SamplingConfig.from_defaults(defaults, top_k=5).top_k == 5
+    greedy_file = {"do_sample": False, "temperature": 0.7, "top_k": 50}
+    assert SamplingConfig.from_defaults(greedy_file).greedy
+    assert not SamplingConfig.from_defaults(greedy_file, top_p=0.9).greedy  # asking for top-p means sampling

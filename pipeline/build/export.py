@@ -84,8 +84,10 @@ def hf_config(model: GPT, eot: int) -> dict:
 
 
 def generation_config(eot: int, n_ctx: int) -> dict:
-    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False,
-            "max_length": n_ctx, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    """Sampling by default: greedy decoding of a small model repeats itself (`os.path.join(os.path.path`);
+    `onnxgen run` reads these as transformers' generate() does, and --temperature 0 is greedy."""
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": True,
+            "max_length": n_ctx, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
 
 
 def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from pipeline import manifest
 from pipeline.build.optimize import optimize
@@ -100,8 +101,6 @@ class _Windows:
     """CalibrationDataReader over (n, T) token windows, one window per call, empty past; shows progress."""
 
     def __init__(self, windows: np.ndarray, n_layer: int, n_head: int, head_dim: int, progress: bool):
-        from tqdm import tqdm
-
         self.windows, self.past = windows, past_names(n_layer)
         self.shape = (1, n_head, 0, head_dim)
         self.bar = tqdm(total=len(windows), desc="calibrating int8", unit="window", disable=not progress)
@@ -278,7 +277,8 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
             "int4": lambda s, d: quantize_int4(s, d, head),
             "fp16": convert_fp16,
         }
-        for v in QUANTIZED if variant == "all" else (variant,):
+        todo = QUANTIZED if variant == "all" else (variant,)
+        for v in tqdm(todo, desc="quantize", unit="variant", disable=not progress, leave=False):
             done[v] = _write_variant(folder, v, builders[v], optimized, opt_stats)
     return done
 

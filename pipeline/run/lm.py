@@ -211,6 +211,7 @@ class OnnxLM:
         self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
         self.eos_ids = np.array(ids.eos, dtype=np.int64)
         self.eos_id, self.pad_id = ids.eos[0], ids.pad
+        self.sampling_defaults = ids.sampling  # generation_config.json's do_sample, temperature, ...
         self.n_ctx = self.shape.context
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")

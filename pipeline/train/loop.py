@@ -60,6 +60,10 @@ class TrainConfig:
     vocab_size: int = 8192        # of the tokenizer this run trains
     valid_fraction: float = 0.05
     threads: int = 0              # 0: torch's default
+    # bf16 autocast for the forward pass where the CPU has bf16 arithmetic (AVX-512 BF16, AMX) or on
+    # CUDA; weights, optimizer state and checkpoints stay fp32. Measured on the small preset's shape
+    # (this project's 2-core AVX-512 BF16 machine, side by side): 3.2k -> 4.6k tokens/s.
+    bf16: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "block_size", "eval_interval", "eval_batches", "checkpoint_interval"):
@@ -342,6 +346,7 @@ def fit(run: Path, model: torch.nn.Module, optimizer, tc: TrainConfig, state: di
 
     if eval_first and state["step"] == 0:
         evaluation(0, None, 0.0, time.time())
+    mixed = tc.bf16 and bf16_available(world.device)
     t_last, loss_ema = time.time(), state["train_loss"]
     last = stop_after if stop_after is not None else tc.steps
     while state["step"] < min(tc.steps, last):
@@ -352,7 +357,9 @@ def fit(run: Path, model: torch.nn.Module, optimizer, tc: TrainConfig, state: di
         counted = (y != -100).sum().item()  # targets that count in the whole global batch
         rows = world.rows(len(x))
         x, y = x[rows].to(world.device), y[rows].to(world.device)
-        logits, _ = net(x)
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=mixed):
+            logits, _ = net(x)
+        logits = logits.float()
         # Sum over this rank's targets / the global count, times the ranks: DDP averages the
         # gradients over ranks, so the step is the gradient of the global batch's mean loss, however
         # the counted targets fall between ranks (a prompt/completion batch masks unevenly).
@@ -378,6 +385,15 @@ def fit(run: Path, model: torch.nn.Module, optimizer, tc: TrainConfig, state: di
         plot_loss(run)
     world.barrier()  # no rank returns (and reads the run) before rank 0 has written its last checkpoint
     return state
+
+
+def bf16_available(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware: CUDA, or a CPU with AVX-512 BF16 / AMX (elsewhere bf16 is emulated
+    and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AVX512_BF16")
+                and torch.cpu._is_avx512_bf16_supported())
 
 
 def _move_optimizer_state(optimizer, device: torch.device) -> None:
