@@ -13,7 +13,7 @@ from pipeline.exports import fused_path
 from pipeline.run.lm import Generation, OnnxLM
 from pipeline.run.text import read_prompts
 from pipeline.run.sampling import Sampler, SamplingConfig
-from tests.conftest import onnxgen
+from conftest import onnxgen
 
 PROMPTS = ["def parse_args(argv):\n    ", "import os", "class Message(object):\n    \"\"\"A message.\"\"\"\n"]
 
