@@ -25,3 +25,16 @@ def test_bench_writes_a_row_per_engine_and_a_chart(tiny_fused_export, tmp_path):
     assert all(not r.error and np.isfinite(r.decode[2][0]) for r in result["rows"])
     assert "onnxgen, fused graph | fp32 |" in text and "bandwidth" in text
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_bench_runs_an_imported_llama_with_its_pytorch_source(hf_exports, tmp_path):
+    """bench reads every family's config (it read GPT-2's n_positions only: KeyError on a Llama import),
+    and its PyTorch row runs the export's own source, a transformers model here."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "RESULTS.md"
+    result = bench(hf_exports["llama"], out, rounds=1, tokens=8, batches=[1], engines=["torch", "onnxgen"], rss=False)
+    assert [r.engine.kind for r in result["rows"]] == ["torch", "onnxgen"]
+    assert all(not r.error and np.isfinite(r.decode[1][0]) for r in result["rows"]), [r.error for r in result["rows"]]
+    assert "2 layers, 4 heads (2 kv)" in out.read_text()

@@ -191,3 +191,23 @@ def test_trained_gpt2_imported_passes_every_variant(tiny_run, tmp_path):
     assert report["passed"] is True and report["source"] == str((tmp_path / "hf").resolve())
     assert {v: r["status"] for v, r in report["variants"].items()} == {
         "fp32": "pass", "fp16": "pass", "int8": "pass", "int4": "pass"}, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["file", "tokenizer_config"])
+def test_export_ships_the_chat_template_both_ways(tmp_path, hf_models, where):
+    """transformers 4.57 saves the template as chat_template.jinja only, older folders in
+    tokenizer_config.json: the export carries it in both places, recorded in the manifest."""
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    src = tmp_path / "llama"
+    shutil.copytree(hf_models["llama"], src)
+    if where == "file":
+        (src / "chat_template.jinja").write_text(template)
+    else:
+        config = json.loads((src / "tokenizer_config.json").read_text())
+        (src / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    out = tmp_path / "out"
+    export_hf(src, out, corpus=str(TEST_CORPUS))
+    assert (out / "chat_template.jinja").read_text() == template
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    manifest.verify(out, ["chat_template.jinja", "tokenizer_config.json"])

@@ -101,3 +101,22 @@ def test_incremental_decoding_gives_the_whole_decode(kind):
     assert all("\ufffd" not in p for p in pieces)
     if kind == "byte-level":
         assert tok.decode(ids) == text and "" in pieces  # some character did span several tokens
+
+
+def test_token_files_above_65536_tokens_read_back_as_written(tmp_path):
+    """A vocabulary over 65,536 ids is written as uint32; every reader takes the dtype from the run's
+    vocabulary (they read uint16, so --vocab-size 70000 trained on garbage without a word)."""
+    import json
+
+    from pipeline.tokenizer import token_dtype
+    from pipeline.train.finetune import Split
+    from pipeline.train.runs import read_tokens
+
+    ids = np.array([0, 65535, 65536, 69999, 7], dtype=token_dtype(70000))
+    assert ids.dtype == np.uint32 and token_dtype(8192) == np.uint16
+    (tmp_path / "data").mkdir()
+    ids.tofile(tmp_path / "data" / "valid.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 70000, "n_ctx": 64, "n_layer": 1, "n_head": 1,
+                                                      "n_embd": 8}))
+    assert read_tokens(tmp_path, "valid").tolist() == ids.tolist()
+    assert Split.load(tmp_path / "data", "valid", token_dtype(70000)).ids.tolist() == ids.tolist()

@@ -145,6 +145,21 @@ def generation_config(src: Path, config: dict) -> dict:
     return gen
 
 
+def ship_chat_template(src: Path, dst: Path) -> list[str]:
+    """The model's chat template where both readers look for it: tokenizer_config.json's `chat_template`
+    and chat_template.jinja (transformers.js and onnxruntime-genai read one or the other; transformers 4.57
+    writes only the file). Returns the files written, none when the model has no template."""
+    config_path = dst / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    template = (src / "chat_template.jinja").read_text() if (src / "chat_template.jinja").is_file() \
+        else tok_config.get("chat_template")
+    if not isinstance(template, str) or not template:
+        return []
+    (dst / "chat_template.jinja").write_text(template)
+    write_json(config_path, {**tok_config, "chat_template": template})
+    return ["chat_template.jinja"]
+
+
 def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:
     """The `export --hf` stage: import, conform, write the folder, check parity, publish atomically."""
     src, out = Path(src), Path(out)
@@ -160,19 +175,20 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         shutil.rmtree(tmp / "optimum")
         log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
         shutil.copyfile(src / "config.json", tmp / "config.json")  # byte for byte: transformers.js reads it
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(src, config), indent=2) + "\n")
+        write_json(tmp / "generation_config.json", generation_config(src, config))
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         if not (tmp / "tokenizer_config.json").is_file():  # onnxruntime-genai and transformers.js need one
-            (tmp / "tokenizer_config.json").write_text(json.dumps({"model_max_length": config.get(
-                "max_position_embeddings", config.get("n_positions"))}, indent=2) + "\n")
+            write_json(tmp / "tokenizer_config.json",
+                       {"model_max_length": config.get("max_position_embeddings", config.get("n_positions"))})
+        chat = ship_chat_template(src, tmp)
         write_genai_config(tmp)
         weights = sorted(src.glob("*.safetensors"))
         source = {"checkpoint": str(src.resolve()), "kind": "hf", "model_type": config["model_type"],
                   "model_sha256": {p.name: manifest.sha256(p) for p in weights}, "corpus": corpus}
         files = ["config.json", "generation_config.json", *[n for n in TOKENIZER_FILES if (tmp / n).is_file()],
-                 GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
+                 *chat, GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
         if (tmp / "onnx" / "model.onnx_data").is_file():
             files.append("onnx/model.onnx_data")
         manifest.record(tmp, "export", files, source=source, exporter="optimum")

@@ -75,6 +75,7 @@ class Thresholds:
     rtol: float = 0.0
     structural: bool = False            # cache and padded checks under the same elementwise bound
     top1: float | None = None           # the 95% lower bound of same-top-1 must reach this, 0..1
+    kl_mean: float | None = None        # maximum mean KL(PyTorch || graph), nats
     ppl_change_pct: float | None = None  # maximum |ppl ratio - 1| in percent
     greedy_identical: bool = False
 
@@ -85,7 +86,9 @@ class Thresholds:
         if self.structural:
             parts.append("cache/padded likewise")
         if self.top1 is not None:
-            parts.append(f"top-1 ≥ {self.top1:.0%} (95% lower bound)")
+            parts.append(f"top-1 ≥ {self.top1:.1%} (95% lower bound)")
+        if self.kl_mean is not None:
+            parts.append(f"KL ≤ {self.kl_mean:g}")
         if self.ppl_change_pct is not None:
             parts.append(f"|Δppl| ≤ {self.ppl_change_pct:g}%")
         if self.greedy_identical:
@@ -100,10 +103,19 @@ class Thresholds:
 # was set on 1,016 tokens; a maximum grows with the sample: on the trained small over 8,437 tokens the
 # plain fp16 graph is 8.4e-3 off and its fused twin 1.1e-2 (KL 7e-8, same top-1 99.99%). 1e-2 + 1e-3·|ref|
 # (about 2 ulp of the logit) admits that and still stands an order of magnitude under a real bug (≥ 0.1).
+#
+# int8's top-1 bar was 99% (issue 3, on 1,016 tokens). On 8,437 tokens it is a coin flip: the trained small
+# measured 99.30% (lower bound 99.10%) in one run and 99.21% (99.00%) in a fresh clone, failing; an
+# independent check on other text gave 98.8%. Every one of the 59 flipped tokens of the first run sits
+# where PyTorch's top two tokens are within 0.02 of each other in probability (16.6% of positions are
+# such near-ties; where the gap is wider, int8 agrees 100%): the bar measured near-ties, not int8. So:
+# top-1 ≥ 98.5% (0.5 point under the measured lower bounds), and a bound that does measure the variant,
+# mean KL ≤ 1e-3 (measured 6.4e-5; llama.cpp's Q8_0 of SmolLM2-135M is 5.5e-3). int4 likewise gets
+# KL ≤ 5e-3 (measured 2.3e-4) beside its top-1 (98.66%, lower bound 98.39%, against 97%).
 THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(atol=1e-4, rtol=1e-5, structural=True, greedy_identical=True),
-    "int8": Thresholds(top1=0.99, ppl_change_pct=0.5),
-    "int4": Thresholds(top1=0.97, ppl_change_pct=1.5),
+    "int8": Thresholds(top1=0.985, kl_mean=1e-3, ppl_change_pct=0.5),
+    "int4": Thresholds(top1=0.97, kl_mean=5e-3, ppl_change_pct=1.5),
     "fp16": Thresholds(atol=1e-2, rtol=1e-3),
 }
 
@@ -166,7 +178,9 @@ class VariantResult:
                              f"({ratio:.3g}x)")
         if t.top1 is not None and not self.top1_low >= t.top1:
             f.append(f"top-1 agreement {self.top1:.2%} (95% lower bound {self.top1_low:.2%} over {self.scored} "
-                     f"tokens) < {t.top1:.0%}")
+                     f"tokens) < {t.top1:.1%}")
+        if t.kl_mean is not None and not self.kl_mean <= t.kl_mean:
+            f.append(f"mean KL {self.kl_mean:.3g} > {t.kl_mean:g}")
         if t.ppl_change_pct is not None and not abs(self.ppl_change_pct) <= t.ppl_change_pct:
             f.append(f"perplexity change {self.ppl_change_pct:+.3f}% beyond ±{t.ppl_change_pct:g}%")
         if t.greedy_identical and self.greedy_match < self.greedy_tokens:
@@ -256,7 +270,7 @@ class ParityReport:
         rows = [r for r in self.results if r.status != "not run"]
         names = [r.variant.replace(" fused", "\nfused") for r in rows]
         colors = ["tab:green" if r.status == "pass" else "tab:red" for r in rows]
-        panels = [("KL mean (log)", lambda r: r.kl_mean, None, True),
+        panels = [("KL mean (log)", lambda r: r.kl_mean, lambda t: t.kl_mean, True),
                   ("same top-1 %", lambda r: 100 * r.top1, lambda t: None if t.top1 is None else 100 * t.top1, False),
                   ("|PPL ratio - 1| % (log)", lambda r: abs(r.ppl_change_pct), lambda t: t.ppl_change_pct, True),
                   ("max |Δlogit| (log)", lambda r: r.max_abs, None, True),
