@@ -236,7 +236,7 @@ def test_run_samples_with_the_exports_generation_config_by_default():
     c = SamplingConfig.from_defaults(defaults)
     assert (c.temperature, c.top_k, c.top_p, c.repetition_penalty) == (0.8, 50, 0.95, 1.1)
     assert SamplingConfig.from_defaults(defaults, temperature=0).greedy
-    assert SamplingConfig.from_defaults(defaults, temperature=0).repetition_penalty == 1.0
+    assert SamplingConfig.from_defaults(defaults, temperature=0).repetition_penalty == 1.1  # as transformers
     assert SamplingConfig.from_defaults(defaults, top_k=5).top_k == 5
     greedy_file = {"do_sample": False, "temperature": 0.7, "top_k": 50}
     assert SamplingConfig.from_defaults(greedy_file).greedy

@@ -136,3 +136,23 @@ def test_report_names_the_tokens_each_figure_stands_on(tiny_quantized):
 def test_thresholds_describe_themselves():
     assert "95% lower bound" in Thresholds(top1=0.99).describe()
     assert "1e-05·max|ref|" in THRESHOLDS["fp32"].describe()
+
+
+def test_a_failed_parity_stage_leaves_a_folder_that_runs(tiny_export, tmp_path, monkeypatch):
+    """A forced threshold miss: parity reports the failure (and records it) but touches no graph; the
+    manifest still lists exactly what is there and the folder runs."""
+    import shutil
+
+    import pipeline.check.parity as parity
+    from pipeline import manifest
+    from pipeline.run.lm import OnnxLM
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    monkeypatch.setitem(parity.THRESHOLDS, "fp32", Thresholds(atol=1e-12))
+    report = parity.check_export(folder, progress=False)
+    assert not report.passed and report.result("fp32").status == "fail"
+    manifest.verify(folder)
+    listed = set(manifest.load(folder)["files"])
+    assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert len(OnnxLM(folder, verify=True).complete(["import os"], 4)) == 1

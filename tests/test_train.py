@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from pipeline.errors import UserError
@@ -30,8 +31,14 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 @pytest.mark.slow
-def test_resume_reaches_the_same_loss_as_an_uninterrupted_run(tmp_path, corpus):
-    overrides = {"steps": 30, "eval_interval": 10, "checkpoint_interval": 10}
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_reaches_the_same_loss_as_an_uninterrupted_run(tmp_path, corpus, bf16):
+    """fp32 (the tiny preset) and bf16 autocast (the small preset, where the CPU has bf16) alike."""
+    from pipeline.train.loop import bf16_available
+
+    if bf16 and not bf16_available(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16 arithmetic (AVX-512 BF16 or AMX): autocast stays off")
+    overrides = {"steps": 30, "eval_interval": 10, "checkpoint_interval": 10, "bf16": bf16}
     whole = train(tmp_path / "whole", "tiny", str(corpus), overrides=overrides, progress=False)
     first = train(tmp_path / "split", "tiny", str(corpus), overrides=overrides, progress=False, stop_after=20)
     assert first["step"] == 20

@@ -85,9 +85,10 @@ def hf_config(model: GPT, eot: int) -> dict:
 
 def generation_config(eot: int, n_ctx: int) -> dict:
     """Sampling by default: greedy decoding of a small model repeats itself (`os.path.join(os.path.path`);
-    `onnxgen run` reads these as transformers' generate() does, and --temperature 0 is greedy."""
+    `onnxgen run` reads these as transformers' generate() does, and --temperature 0 is greedy. No
+    repetition penalty: transformers and transformers.js would apply it to greedy decoding as well."""
     return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": True,
-            "max_length": n_ctx, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
+            "max_length": n_ctx, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
 
 
 def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:

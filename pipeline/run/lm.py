@@ -12,12 +12,12 @@ Two graph kinds, one step API and one bookkeeping (stops, sampling, per-row stat
     state = lm.start(prompts, budget)     # prefill: state.logits is (B, V) at each row's last token
     state.step(next_ids, done)            # one decode step: state.logits for the next position
 
-  - fused (onnx/*_gqa.onnx, see build/fuse.py): SharedBufferDecode: one (B, H, max_length, D) OrtValue per cache tensor,
-    allocated once per generation and bound as both past and present, so GroupQueryAttention
-    appends in place; logits come back (B, 1, V) straight into a NumPy buffer. Prompts are
-    right-padded, each row keeps its own length. On CUDA the cache stays on the device.
-  - plain (the DESIGN.md contract graph): PlainDecode, left padding, presents fed back as OrtValues through
-    IO binding (no NumPy round trip), the cache grows by Concat inside the graph.
+  - fused (onnx/*_gqa.onnx, see build/fuse.py), SharedBufferDecode: one (B, H, max_length, D) OrtValue
+    per cache tensor, allocated once per generation and bound as both past and present, so
+    GroupQueryAttention appends in place; logits come back (B, 1, V) straight into a NumPy buffer.
+    Prompts are right-padded, each row keeps its own length. On CUDA the cache stays on the device.
+  - plain (the DESIGN.md contract graph), PlainDecode: left padding, presents fed back as OrtValues
+    through IO binding (no NumPy round trip), the cache grows by Concat inside the graph.
 """
 from __future__ import annotations
 
@@ -114,11 +114,10 @@ class PlainDecode:
         for name in lm.present_names:
             io.bind_output(name, self.device)
         lm.session.run_with_iobinding(io)
-        logits, *self.past = io.get_outputs()
+        self._logits, *self.past = io.get_outputs()  # kept: the array below may view its buffer
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        self.all_logits = logits.numpy()  # (B, T, V): every position of this step's input
-        return self.all_logits[:, -1, :]
+        return self._logits.numpy()[:, -1, :]
 
     def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
         """Feed next ids (B,); returns the logits (B, V) that follow them."""

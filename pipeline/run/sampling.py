@@ -38,14 +38,13 @@ class SamplingConfig:
                       seed: int | None = None) -> "SamplingConfig":
         """What the user gave, else generation_config.json's defaults, as transformers' generate() does:
         sampling when the file says do_sample (or the user asks for top-k/top-p), greedy otherwise;
-        temperature 0 is always greedy, and plain (no repetition penalty unless given)."""
+        temperature 0 is always greedy."""
         sample = bool(defaults.get("do_sample")) or top_k is not None or top_p is not None
         if temperature is None:
             temperature = float(defaults.get("temperature", 1.0)) if sample else 0.0
         pick = lambda given, key, off: given if given is not None else (defaults.get(key, off) if sample else off)  # noqa: E731
-        # the file's repetition penalty goes with its sampling; --temperature 0 is plain greedy
-        penalty = repetition_penalty if repetition_penalty is not None else (
-            defaults.get("repetition_penalty", 1.0) if temperature else 1.0)
+        # as transformers (and transformers.js): the file's repetition penalty applies to greedy decoding too
+        penalty = repetition_penalty if repetition_penalty is not None else defaults.get("repetition_penalty", 1.0)
         return cls(temperature=temperature, top_k=int(pick(top_k, "top_k", 0)), top_p=float(pick(top_p, "top_p", 1.0)),
                    repetition_penalty=float(penalty), seed=seed)
 

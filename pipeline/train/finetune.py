@@ -232,13 +232,14 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path | None = 
         if checkpoint_dir(base) is None:
             raise UserError(f"checkpoint {base}: has no checkpoint (train it first)")
         base_config = GPTConfig.load(base / "config.json")
-        base_train = {}  # batch and window sizes come from how the base was trained (or fine-tuned)
+        base_train = {}  # batch and window sizes, and bf16, come from how the base was trained (or fine-tuned)
         for name in ("train.json", "finetune.json"):
             if (base / name).is_file():
                 base_train = json.loads((base / name).read_text())["train"]
         tc = TrainConfig.from_dict({
             "batch_size": base_train.get("batch_size", 16), "block_size": base_train.get("block_size", 128),
             "seed": base_train.get("seed", 1337), "threads": base_train.get("threads", 0),
+            "bf16": base_train.get("bf16", False),  # runs from before bf16 autocast trained in fp32
             **COMMON, **DEFAULTS[method], **(overrides or {})})
         if tc.block_size > base_config.n_ctx:
             raise UserError(f"--block-size {tc.block_size}: exceeds the model's context n_ctx {base_config.n_ctx}")
