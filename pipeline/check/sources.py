@@ -19,7 +19,7 @@ import torch
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, generation_ids, read_config
+from pipeline.exports import VARIANTS, generation_ids
 from pipeline.tokenizer import EOT, load_tokenizer
 from pipeline.train.corpus import load_corpus
 from pipeline.train.runs import load_model, read_tokens
@@ -123,25 +123,21 @@ class Source:
     pad_id: int
 
 
-def window_length(n_ctx: int, wanted: int) -> int:
-    return min(wanted, n_ctx - 1)  # room for one step past the window
-
-
 def open_source(folder: Path, checkpoint: Path, n_windows: int, length: int, model=None) -> Source:
-    """The reference for the export in `folder`: an onnxgen run folder or a Hugging Face folder."""
+    """The reference for the export in `folder`: an onnxgen run folder or a Hugging Face folder, with
+    `n_windows` held-out windows of `length` tokens (parity.window_plan leaves room in the context)."""
     folder, checkpoint = Path(folder), Path(checkpoint)
-    n_ctx = read_config(folder).context
     if is_hf_folder(checkpoint):  # imported with `export --hf`: the transformers model is the reference
         # the corpus recorded at import time, so every stage uses the same windows
         corpus = (manifest.load(folder).get("source") or {}).get("corpus")
         model = model if model is not None else load_hf_model(checkpoint)
         ids = generation_ids(folder)
-        windows = hf_windows(folder, corpus, ids.eos[0], n_windows, window_length(n_ctx, length))
+        windows = hf_windows(folder, corpus, ids.eos[0], n_windows, length)
         return Source(str(checkpoint), hf_reference(model), hf_empty_past(folder), windows, ids.pad)
     model = load_model(checkpoint, merge=False)  # a LoRA fine-tune: the peft model itself, its adapter unmerged
     reference, empty_past = gpt_reference(model)
     pad = load_tokenizer(checkpoint).token_to_id(EOT)
-    windows = run_windows(checkpoint, n_windows, window_length(n_ctx, length))
+    windows = run_windows(checkpoint, n_windows, length)
     return Source(str(checkpoint), reference, empty_past, windows, pad)
 
 
