@@ -18,7 +18,7 @@ from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
 from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, past_names, present_names, staging, write_json
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
-from pipeline.train.model import GPT
+from pipeline.train.decoder import Decoder
 from pipeline.train.runs import checkpoint_dir, load_model, source_details
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ OPSET = 17  # LayerNormalization is a standard op from 17
 class _CacheGraph(torch.nn.Module):
     """Flat inputs and outputs in the contract's order, for the exporter."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: Decoder):
         super().__init__()
         self.model = model
 
@@ -39,20 +39,21 @@ class _CacheGraph(torch.nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-def export_graph(model: GPT, path: Path) -> None:
+def export_graph(model: Decoder, path: Path) -> None:
     """torch.onnx.export to the graph contract: symbolic batch and sequence dims, fixed heads and head size.
+    Any configuration of the decoder: our trained GPT, or a Hugging Face family (build/hf_import.py).
 
     The TorchScript exporter (dynamo=False) is used on purpose: it names the symbolic dims as the
     contract does from `dynamic_axes`, constant-folds the tied head's transpose, and handles past = 0;
     the dynamo exporter cannot express total = past + sequence for a flat list of caches by name.
     Example sizes are >= 2 everywhere: the exporter would specialize a dim of size 0 or 1.
     """
-    c = model.config
+    c = model.arch
     B, T, P = 2, 3, 2
     ids = torch.randint(0, c.vocab_size, (B, T))
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).repeat(B, 1)
-    past = [torch.zeros(B, c.n_head, P, c.head_dim) for _ in range(2 * c.n_layer)]
+    past = [torch.zeros(B, c.n_kv_head, P, c.head_dim) for _ in range(2 * c.n_layer)]
     ins, outs = list(INPUTS) + past_names(c.n_layer), ["logits"] + present_names(c.n_layer)
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
@@ -68,7 +69,7 @@ def export_graph(model: GPT, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def hf_config(model: GPT, eot: int) -> dict:
+def hf_config(model, eot: int) -> dict:
     """config.json as transformers' GPT2Config writes it, so transformers.js and optimum read it."""
     c = model.config
     return {
