@@ -167,7 +167,7 @@ def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, s: dict, n_ctx: int) -
     if s.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high + 0.001 if low == high else high) - low))
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high + 0.001 if low == high else high) - low))
     keep = 1 - ramp.clamp(0, 1)  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
     return inv_freq / factor * (1 - keep) + inv_freq * keep, attention_factor
 

@@ -1,0 +1,236 @@
+"""Every family through our one decoder: a tiny random transformers model of each, saved as safetensors,
+loaded through train/families.py, gives transformers' own logits (a left-padded batch, then through the
+KV cache) and the same greedy tokens. And what we refuse, we refuse in one line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.train.families import FAMILIES, load_decoder
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+# name -> (model_type, config). Windows of 4 (< the 12 tokens we feed) make the sliding masks matter;
+# soft-caps are small enough to bend random logits.
+CASES = {
+    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "llama": ("llama", SMALL),
+    "llama-biases": ("llama", {**SMALL, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+    "llama-mqa-linear": ("llama", {**SMALL, "num_key_value_heads": 1,
+                                   "rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "llama-dynamic": ("llama", {**SMALL, "max_position_embeddings": 8,
+                                "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    "llama3": ("llama", {**SMALL, "rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "llama-yarn": ("llama", {**SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                       "original_max_position_embeddings": 16}}),
+    "mistral": ("mistral", {**SMALL, "sliding_window": 4}),
+    "qwen2": ("qwen2", {**SMALL, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {**SMALL, "head_dim": 16, "attention_bias": True}),
+    "phi3": ("phi3", {**SMALL, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 64}),
+    "phi3-longrope": ("phi3", {**SMALL, "max_position_embeddings": 64, "original_max_position_embeddings": 8,
+                               "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5],
+                                                "long_factor": [2.0, 3.0, 5.0, 8.0]}}),
+    "gemma": ("gemma", {**SMALL, "head_dim": 16}),
+    "gemma2": ("gemma2", {**SMALL, "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 12,
+                          "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+    "gemma3": ("gemma3_text", {**SMALL, "head_dim": 16, "sliding_window": 4, "sliding_window_pattern": 2,
+                               "query_pre_attn_scalar": 12, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    "gpt_neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"} | {"rotary_pct": 0.25}),
+    "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
+                            | {"rotary_pct": 0.5, "use_parallel_residual": False}),
+    "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                        word_embed_proj_dim=32, max_position_embeddings=64)),
+}
+VOCAB = 97
+LENGTHS = (12, 7, 10)  # a left-padded batch: each row's tokens at the end
+MAX_DELTA: dict[str, float] = {}
+
+
+def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **sizes, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=0, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # norms off their init (ones or zeros) so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=safe)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """case -> (folder, the transformers model, eager attention: the definitional math)."""
+    root = tmp_path_factory.mktemp("families")
+    return {name: (root / name, save_tiny(root / name, t, sizes)) for name, (t, sizes) in CASES.items()}
+
+
+def fresh(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def left_padded(lengths=LENGTHS):
+    g = torch.Generator().manual_seed(1)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_every_family_is_covered():
+    assert {t for t, _ in CASES.values()} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_equal_transformers(tiny, name):
+    folder, theirs = tiny[name]
+    ours = load_decoder(folder)
+    ids, mask, pos = left_padded()
+    real = mask.bool()
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        got, _ = ours.forward_with_cache(ids, mask, pos, ours.empty_cache(len(ids)))
+        delta = (got - want)[real].abs().max().item()
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+        short = ids[:1, -5:]  # a row alone and short (longrope: its short factors)
+        torch.testing.assert_close(ours(short)[0], fresh(folder)(short).logits, atol=1e-5, rtol=1e-5)
+
+        # through the KV cache: prefill 10 columns, then two steps of one token. A fresh transformers
+        # model: its dynamic RoPE keeps the longest length it has seen (ours computes it per call)
+        theirs = fresh(folder)
+        P = 10
+        out = theirs(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], use_cache=True)
+        cache = out.past_key_values
+        got, past = ours.forward_with_cache(ids[:, :P], mask[:, :P], pos[:, :P], ours.empty_cache(len(ids)))
+        torch.testing.assert_close(got[real[:, :P]], out.logits[real[:, :P]], atol=1e-5, rtol=1e-5)
+        for t in range(P, ids.shape[1]):
+            step = theirs(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                          past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            got, past = ours.forward_with_cache(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past)
+            delta = max(delta, (got - step.logits).abs().max().item())
+            torch.testing.assert_close(got, step.logits, atol=1e-5, rtol=1e-5)
+    assert past[0][0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
+    MAX_DELTA[name] = delta
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_tokens_equal_transformers(tiny, name):
+    """transformers' own generate(). Longrope starts past its original context: when a generation crosses
+    it, transformers' Phi-3 drops its cache and recomputes every key with the long factors, which a graph
+    fed its own cache cannot do (keys before the crossing keep the short factors)."""
+    folder, theirs = tiny[name]
+    ours = load_decoder(folder)
+    ids = left_padded((9 if name == "phi3-longrope" else 6,))[0]
+    with torch.no_grad():
+        want = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, eos_token_id=VOCAB + 1,
+                               do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        got, past = [], ours.empty_cache(1)
+        x, n = ids, ids.shape[1]
+        for _ in range(10):
+            logits, past = ours.forward_with_cache(x, torch.ones(1, n, dtype=torch.long),
+                                                   torch.arange(n - x.shape[1], n)[None], past)
+            got.append(int(logits[0, -1].argmax()))
+            x, n = torch.tensor([[got[-1]]]), n + 1
+    assert got == want
+
+
+def test_family_defaults_are_transformers_defaults():
+    """A config.json may leave keys out; we fill them as transformers' config classes do."""
+    from transformers import AutoConfig
+
+    for model_type, cls in FAMILIES.items():
+        config = AutoConfig.for_model(model_type)
+        for key, value in cls.defaults.items():
+            if key in ("sliding_window", "sliding_window_pattern") and not hasattr(config, key):
+                continue  # qwen2/3: the window only counts with use_sliding_window; gemma3: a private copy
+            if model_type in ("qwen2", "qwen3") and key == "sliding_window":
+                continue  # transformers keeps it only when use_sliding_window (default False)
+            assert getattr(config, key, value) == value, (model_type, key)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def _edited(tiny, tmp_path, name, **changes):
+    folder = tmp_path / name
+    shutil.copytree(tiny[name][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unknown_rope_scaling_type_is_refused(tiny, tmp_path):
+    folder = _edited(tiny, tmp_path, "llama", rope_scaling={"rope_type": "wibble", "factor": 2.0})
+    with pytest.raises(UserError, match="rope_scaling type 'wibble' is not implemented"):
+        load_decoder(folder)
+    folder = _edited(tiny, tmp_path / "b", "llama", rope_scaling={"rope_type": "llama3", "factor": 2.0})
+    with pytest.raises(UserError, match="needs"):
+        load_decoder(folder)
+
+
+def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
+    folder = _edited(tiny, tmp_path, "llama", model_type="bloom")
+    with pytest.raises(UserError) as e:
+        load_decoder(folder)
+    assert "'bloom' is not supported" in str(e.value) and all(t in str(e.value) for t in FAMILIES)
+
+
+def test_shape_mismatch_is_one_line(tiny, tmp_path):
+    folder = _edited(tiny, tmp_path, "llama", intermediate_size=96)
+    with pytest.raises(UserError, match=r"wrong shapes .*mlp\.gate_proj\.weight\+.*up_proj\.weight \(128, 32\), "
+                                        r"expected \(192, 32\)") as e:
+        load_decoder(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_tensors_we_would_ignore_are_refused(tiny, tmp_path):
+    """A config saying 'no bias' over a checkpoint that has biases: the math would differ, so no."""
+    folder = _edited(tiny, tmp_path, "llama-biases", attention_bias=False, mlp_bias=False)
+    with pytest.raises(UserError, match=r"tensors onnxgen does not implement \[.*\.bias'"):
+        load_decoder(folder)
+
+
+def test_math_changing_keys_are_refused(tiny, tmp_path):
+    with pytest.raises(UserError, match="do_layer_norm_before = False"):
+        load_decoder(_edited(tiny, tmp_path, "opt", do_layer_norm_before=False))
+    with pytest.raises(UserError, match="project_in/project_out"):
+        load_decoder(_edited(tiny, tmp_path / "b", "opt", word_embed_proj_dim=16))
+    with pytest.raises(UserError, match="use_bidirectional_attention"):
+        load_decoder(_edited(tiny, tmp_path / "c", "gemma3", use_bidirectional_attention=True))
+    with pytest.raises(UserError, match="hidden_act 'quick_gelu' is not implemented"):
+        load_decoder(_edited(tiny, tmp_path / "d", "llama", hidden_act="quick_gelu"))
+
+
+def test_pickled_only_folder_is_refused(tmp_path):
+    save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
+    assert not list((tmp_path / "pickled").glob("*.safetensors"))
+    with pytest.raises(UserError, match="safetensors only"):
+        load_decoder(tmp_path / "pickled")
+
+
+def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
+    """The Hub's gpt2 stores `h.0.attn...`, not `transformer.h.0.attn...` (a GPT2Model, not the LM)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny["gpt2"][0], folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, folder / "model.safetensors")
+    ids = left_padded((5,))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(load_decoder(folder)(ids)[0], tiny["gpt2"][1](ids).logits, atol=1e-5, rtol=1e-5)
