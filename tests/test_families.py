@@ -9,6 +9,8 @@ import shutil
 import pytest
 import torch
 
+from conftest import TEST_CORPUS
+from pipeline import manifest
 from pipeline.errors import UserError
 from pipeline.train.families import FAMILIES, load_decoder
 
@@ -52,10 +54,10 @@ LENGTHS = (12, 7, 10)  # a left-padded batch: each row's tokens at the end
 MAX_DELTA: dict[str, float] = {}
 
 
-def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True):
+def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: int = VOCAB):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **sizes, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0,
+    config = AutoConfig.for_model(model_type, **sizes, vocab_size=vocab, bos_token_id=0, eos_token_id=0,
                                   pad_token_id=0, initializer_range=0.2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -234,3 +236,34 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
     ids = left_padded((5,))[0]
     with torch.no_grad():
         torch.testing.assert_close(load_decoder(folder)(ids)[0], tiny["gpt2"][1](ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- export
+
+# the families tests/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
+EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPORTED)
+def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
+    """`export --hf` builds our decoder and exports it with the trained model's exporter; parity against
+    transformers (eager) passes at the fp32 thresholds, with 64 identical greedy tokens."""
+    import onnx
+
+    from pipeline.build.hf_import import export_hf
+
+    model_type, sizes = CASES[name]
+    src = tmp_path / "src"
+    save_tiny(src, model_type, {**sizes, "max_position_embeddings": 128}, vocab=512)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(hf_models["llama"] / f, src / f)
+    report = export_hf(src, tmp_path / "out", corpus=str(TEST_CORPUS))
+    fp32 = report.to_dict()["variants"]["fp32"]
+    assert report.passed and fp32["greedy_match"] == 64, fp32
+    assert manifest.load(tmp_path / "out")["stages"][0]["exporter"] == "onnxgen"
+    assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    arch = load_decoder(src).arch
+    graph = onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph
+    past = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input][3]
+    assert past == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]

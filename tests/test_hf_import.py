@@ -26,20 +26,39 @@ PROMPT = "def parse_header(line):\n    return"
 
 
 def test_supported_list_is_what_the_tests_cover():
-    assert set(SUPPORTED) == set(HF_FAMILIES)
+    from test_families import CASES
+
+    assert set(HF_FAMILIES) <= set(SUPPORTED) == {model_type for model_type, _ in CASES.values()}
 
 
 @pytest.mark.slow
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    src = tmp_path / "bloom"
+    """A type that neither our families nor optimum (the fallback) export: one line naming ours."""
+    src = tmp_path / "nonesuch"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "bloom", "n_layer": 2}))
+    (src / "config.json").write_text(json.dumps({"model_type": "nonesuch", "n_layer": 2}))
     proc = onnxgen("export", "--hf", src, "--out", tmp_path / "out", check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
-    assert "'bloom' is not supported" in line
+    assert "'nonesuch' is not supported" in line and "optimum does not export it" in line
     assert all(name in line for name in SUPPORTED), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_other_types_fall_back_to_optimum(hf_models, tmp_path):
+    """GPT-J is not one of our families: optimum exports it, and the reason is on stderr."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = tmp_path / "gptj"
+    config = AutoConfig.for_model("gptj", n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128,
+                                  vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    shutil.copyfile(hf_models["llama"] / "tokenizer.json", src / "tokenizer.json")
+    proc = onnxgen("export", "--hf", src, "--out", tmp_path / "out", "--corpus", TEST_CORPUS, check=False)
+    assert "not one of onnxgen's families" in proc.stderr and "with optimum instead" in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert manifest.load(tmp_path / "out")["stages"][0]["exporter"] == "optimum"
 
 
 def test_refuses_pickled_weights_and_missing_tokenizer(tmp_path, hf_models):

@@ -61,11 +61,19 @@ def export_graph(model: Decoder, path: Path) -> None:
             "logits": {0: "batch_size", 1: "sequence_length"}}
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names(c.n_layer)})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names(c.n_layer)})
+    before = set(path.parent.iterdir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(path), input_names=ins,
                           output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
+    scattered = set(path.parent.iterdir()) - before - {path}
+    if scattered:  # over 2 GB the exporter writes one file per weight: gather them into model.onnx_data
+        graph = onnx.load(str(path))
+        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + "_data", size_threshold=1024)
+        for p in scattered:
+            p.unlink()
     onnx.checker.check_model(str(path), full_check=True)
 
 

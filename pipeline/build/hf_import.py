@@ -3,11 +3,14 @@ onnxgen-trained model gets (graph contract, configs, tokenizer, genai_config.jso
 
     onnxgen export --hf path/to/hf_model --out exports/NAME
 
-Optimum's exporter writes the graph (it already names inputs and outputs as the contract does);
-we only conform what it leaves different: GPT-2's input order, and the symbolic dimension it calls
-"past_sequence_length + sequence_length" becomes the contract's "total_sequence_length". Parity is
-against the transformers PyTorch model driven through the same contract, on held-out windows of a
-corpus (the standard library by default) tokenized with the model's own tokenizer.
+The families onnxgen knows (train/families.py: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2,
+gemma3_text, gpt_neox, opt) are built as our own decoder from the folder's safetensors and exported by
+the exporter the trained model uses (build/export.py): one decoder, one graph, whatever the family.
+Any other model_type falls back to Optimum's exporter when it is installed (the `hf` extra) and knows
+the type; we then conform what it leaves different from the contract: GPT-2's input order, and the
+symbolic dimension it calls "past_sequence_length + sequence_length" becomes "total_sequence_length".
+Either way parity is against the transformers PyTorch model (not ours) driven through the same contract,
+on held-out windows of a corpus (the standard library by default) tokenized with the model's own tokenizer.
 """
 from __future__ import annotations
 
@@ -21,24 +24,19 @@ from pathlib import Path
 import onnx
 
 from pipeline import manifest
-from pipeline.build.export import publish_parity
+from pipeline.build.export import OPSET, export_graph, publish_parity
 from pipeline.build.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.check.sources import load_hf_model
 from pipeline.errors import UserError
-from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, first_id, past_names, present_names, staging, write_json
+from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, first_id, past_names, present_names, staging
+from pipeline.train.families import FAMILIES, load_decoder, supported
 
 log = logging.getLogger(__name__)
 
-# model_type -> what it is; each one is exported, run and parity-checked in tests/test_hf_import.py.
-# Optimum exports more, but only these are proven to give a graph that follows the contract.
-SUPPORTED = {
-    "gpt2": "GPT-2",
-    "llama": "Llama",
-    "qwen2": "Qwen2",
-    "phi3": "Phi-3",
-    "gpt_neox": "GPT-NeoX (Pythia)",
-}
+# model_type -> what it is: the families our decoder implements (tests/test_families.py checks each
+# against transformers; tests/test_hf_import.py exports, runs and parity-checks them)
+SUPPORTED = {t: cls.title for t, cls in FAMILIES.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOTAL = "total_sequence_length"
 
@@ -56,8 +54,12 @@ def check_source(src: Path) -> dict:
         raise UserError(f"config {path}: not valid JSON ({e})") from None
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
-        names = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
-        raise UserError(f"--hf {src}: model_type {model_type!r} is not supported; supported: {names}")
+        why = optimum_exports(model_type)
+        if why is not None:
+            raise UserError(f"--hf {src}: model_type {model_type!r} is not supported; supported: {supported()} "
+                            f"(and {why})")
+        log.warning("%s: model_type %r is not one of onnxgen's families (%s); exporting it with optimum instead",
+                    src, model_type, ", ".join(SUPPORTED))
     if not any(src.glob("*.safetensors")):
         raise UserError(f"--hf {src}: no *.safetensors weights (onnxgen loads safetensors only, never pickles)")
     if not (src / "tokenizer.json").is_file():
@@ -66,7 +68,21 @@ def check_source(src: Path) -> dict:
     return config
 
 
-# ----------------------------------------------------------------------------- the graph
+def optimum_exports(model_type) -> str | None:
+    """None if optimum can export this model_type with a KV cache, else why not."""
+    try:
+        import optimum.exporters.onnx.model_configs  # noqa: F401 (registers the ONNX configs with TasksManager)
+        from optimum.exporters.tasks import TasksManager
+    except ImportError:
+        return "optimum, the fallback for other types, is not installed: pip install -e '.[hf]'"
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, exporter="onnx", library_name="transformers")
+    except (KeyError, ValueError):
+        return "optimum does not export it either"
+    return None if "text-generation-with-past" in tasks else "optimum does not export it with a KV cache"
+
+
+# ----------------------------------------------------------------------------- the optimum fallback
 
 def _dims(value) -> list:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
@@ -110,7 +126,7 @@ def conform_graph(path: Path, n_layer: int) -> None:
     onnx.checker.check_model(str(path))
 
 
-def export_graph(model, n_layer: int, onnx_dir: Path, work: Path) -> None:
+def export_with_optimum(model, n_layer: int, onnx_dir: Path, work: Path) -> None:
     """optimum's ONNX export of the loaded model into `work`, moved to onnx/model.onnx (+ model.onnx_data)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -167,12 +183,19 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         raise UserError(f"--out {out}: exists; pass --force to replace it")
     config = check_source(src)
     t0 = time.time()
-    model = load_hf_model(src)
-    n_layer = model.config.num_hidden_layers
+    ours = load_decoder(src) if config["model_type"] in SUPPORTED else None  # refusals before the heavy load
+    model = load_hf_model(src)  # the reference
     with staging(out, force) as tmp:
-        log.info("exporting %s (%s) with optimum", src, SUPPORTED[config["model_type"]])
-        export_graph(model, n_layer, tmp / "onnx", tmp / "optimum")
-        shutil.rmtree(tmp / "optimum")
+        if ours is not None:
+            log.info("exporting %s (%s) through onnxgen's decoder", src, SUPPORTED[config["model_type"]])
+            (tmp / "onnx").mkdir()
+            export_graph(ours, tmp / "onnx" / VARIANTS["fp32"])
+            exporter = {"exporter": "onnxgen", "opset": OPSET}
+            del ours
+        else:
+            export_with_optimum(model, model.config.num_hidden_layers, tmp / "onnx", tmp / "optimum")
+            shutil.rmtree(tmp / "optimum")
+            exporter = {"exporter": "optimum"}
         log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
         shutil.copyfile(src / "config.json", tmp / "config.json")  # byte for byte: transformers.js reads it
         write_json(tmp / "generation_config.json", generation_config(src, config))
@@ -191,7 +214,7 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
                  *chat, GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
         if (tmp / "onnx" / "model.onnx_data").is_file():
             files.append("onnx/model.onnx_data")
-        manifest.record(tmp, "export", files, source=source, exporter="optimum")
+        manifest.record(tmp, "export", files, source=source, **exporter)
         log.info("checking parity against the transformers model")
         report = publish_parity(tmp, out, parity_for_run(tmp, src, ["fp32"], model=model))
     return report

@@ -33,13 +33,15 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def load_hf_model(src: Path):
-    """The fp32 PyTorch model, from safetensors only and without remote code (the folder is untrusted)."""
+    """The fp32 PyTorch model, from safetensors only and without remote code (the folder is untrusted).
+    Eager attention: the definitional math (transformers' SDPA path drops Gemma 2's soft-capping)."""
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True,
-                                                     local_files_only=True, trust_remote_code=False)
+                                                     local_files_only=True, trust_remote_code=False,
+                                                     attn_implementation="eager")
     return model.eval()
 
 
