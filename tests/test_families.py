@@ -47,7 +47,7 @@ CASES = {
     "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
                             | {"rotary_pct": 0.5, "use_parallel_residual": False}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                        word_embed_proj_dim=32, max_position_embeddings=64)),
+                        word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
 VOCAB = 97
 LENGTHS = (12, 7, 10)  # a left-padded batch: each row's tokens at the end
