@@ -267,3 +267,26 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph
     past = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input][3]
     assert past == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
+
+
+@pytest.mark.parametrize("name", ["llama-dynamic", "llama3", "llama-yarn", "llama-mqa-linear", "phi3-longrope",
+                                  "gpt_neox-sequential"])
+def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
+    """Length-dependent RoPE (dynamic NTK past n_ctx, longrope past its original context) is computed in
+    the graph: ONNX Runtime gives our decoder's logits on a batch long enough to switch it on."""
+    import onnxruntime as ort
+
+    from pipeline.build.export import export_graph
+
+    ours = load_decoder(tiny[name][0])
+    export_graph(ours, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask, pos = left_padded()
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    for i, (k, v) in enumerate(ours.empty_cache(len(ids))):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k.numpy(), v.numpy()
+    with torch.no_grad():
+        want, _ = ours.forward_with_cache(ids, mask, pos, ours.empty_cache(len(ids)))
+    real = mask.bool()
+    got = torch.from_numpy(session.run(["logits"], feed)[0])
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
