@@ -29,7 +29,7 @@ from pipeline.build.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.check.sources import load_hf_model
 from pipeline.errors import UserError
-from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, first_id, past_names, present_names, staging
+from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, first_id, past_names, present_names, staging, write_json
 from pipeline.train.families import FAMILIES, load_decoder, supported
 
 log = logging.getLogger(__name__)
