@@ -203,6 +203,9 @@ def quantize(export_dir, variant, int8_mode, head, checkpoint):
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Several prompts, generated as one batch: a text file (one per line) or .jsonl "
                    "({\"prompt\": ...} per line). Prints one JSON line per prompt.")
+@click.option("--chat", "chat_file", default=None, metavar="FILE",
+              help='Messages as JSON ([{"role": ..., "content": ...}], a file or - for stdin), rendered with the '
+                   "model's chat template; prints the assistant's answer.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=float, default=None,
               help="0 is greedy; > 0 samples [the export's generation_config.json, as transformers reads it].")
@@ -219,18 +222,27 @@ def quantize(export_dir, variant, int8_mode, head, checkpoint):
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
 @click.option("--unsafe-skip-verify", is_flag=True,
               help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
-def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperature, top_k, top_p,
+def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
         repetition_penalty, stop, seed, variant, device, fused, threads, echo, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
+
+    import numpy as np
 
     from pipeline.run.lm import Generation, OnnxLM
     from pipeline.run.sampling import SamplingConfig
     from pipeline.run.text import read_prompts
     from pipeline.tokenizer import check_text
 
-    batch = None
-    if prompts_file is not None:
+    batch = messages = None
+    if chat_file is not None:
+        from pipeline.run.chat import read_messages
+
+        if prompt is not None or prompt_file is not None or prompts_file is not None:
+            raise UserError("--chat: give PROMPT, --prompt-file, --prompts or --chat, not several")
+        messages = read_messages(chat_file)
+        prompt, echo = "", False
+    elif prompts_file is not None:
         if prompt is not None or prompt_file is not None:
             raise UserError("--prompts: give PROMPT, --prompt-file or --prompts, not several")
         batch = read_prompts(prompts_file)
@@ -255,6 +267,12 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
     sampling = SamplingConfig.from_defaults(lm.sampling_defaults, temperature=temperature, top_k=top_k, top_p=top_p,
                                             repetition_penalty=repetition_penalty, seed=seed)
     result = Generation()
+    if messages is not None:
+        from pipeline.run.chat import ChatFormat
+
+        chat = ChatFormat.of(lm)
+        prompt = chat.encode(messages)
+        lm.eos_ids = np.union1d(lm.eos_ids, chat.stop_ids()).astype(np.int64)  # the template's end of turn too
     if batch is not None:
         texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result)
         for p, text, reason in zip(batch, texts, result.stop_reason):
@@ -267,6 +285,73 @@ def run(export_dir, prompt, prompt_file, prompts_file, max_new_tokens, temperatu
     click.echo()
     if result.stop_reason and result.stop_reason[0] == "context":
         click.echo(f"onnxgen: stopped at the model's context length ({lm.n_ctx} tokens)", err=True)
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="The system prompt (also: /system TEXT in the chat).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; > 0 samples.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--variant", default=None, help="fp32, fp16, int8 or int4 [fp32 on cpu, fp16 on cuda].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--stats", is_flag=True, help="After each answer, print time to first token and tokens/s on stderr.")
+@click.option("--unsafe-skip-verify", is_flag=True,
+              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
+def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, variant, device, threads, stats,
+         unsafe_skip_verify):
+    """Chat in the terminal with the model's chat template: answers stream, the KV cache is kept across
+    turns (fused graphs). /reset, /system TEXT, /exit; Ctrl-C stops an answer, Ctrl-D quits."""
+    from pipeline.run.chat import ChatSession
+    from pipeline.run.lm import OnnxLM
+    from pipeline.run.sampling import SamplingConfig
+    from pipeline.tokenizer import check_text
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    lm = OnnxLM(export_dir, variant=variant or ("fp16" if device == "cuda" else "fp32"), provider=device,
+                threads=threads, verify=not unsafe_skip_verify, fused="auto")
+    session = ChatSession(lm, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"chat with {export_dir} ({'fused, cache kept across turns' if lm.fused else 'plain graph'}): "
+                   "/reset, /system TEXT, /exit; Ctrl-C stops an answer, Ctrl-D quits", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+            click.echo()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            click.echo("(conversation reset)")
+            continue
+        if text.startswith("/system"):
+            session.reset(system=text[len("/system"):].strip())
+            click.echo("(system prompt set; conversation reset)" if session.system else "(system prompt cleared)")
+            continue
+        pieces = session.reply(check_text(line, "message"))
+        try:
+            for piece in pieces:
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            pieces.close()  # the partial answer stays in the history, the cache stays usable
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+        if stats:
+            t = session.turns[-1]
+            rate = t.generated / max(t.seconds - t.ttft_s, 1e-9) if t.generated > 1 else 0.0
+            click.echo(f"turn {len(session.turns)}: time to first token {t.ttft_s * 1000:.1f} ms, prefilled "
+                       f"{t.prefilled}, reused {t.reused}, {t.generated} tokens, {rate:.0f} tok/s", err=True)
 
 
 @main.command()

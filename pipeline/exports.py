@@ -5,6 +5,8 @@ Every stage that reads or writes an export asks this module:
     variant_path / fused_path     file names of the variants and of their fused-attention twins
     read_json / read_config       config.json of any model family, normalized into one ModelShape
     generation_ids                eos/pad/bos from generation_config.json
+    chat_template                 the chat template and the special tokens it may name
+    write_chat_template           a chat template into both places it is read from
     atomic_write / atomic_file    one file: written beside its target, renamed over it when whole
     staging                       a whole folder: built beside its target, renamed into place when whole
 """
@@ -38,6 +40,13 @@ GENAI_CONFIG = "genai_config.json"
 # past/present share one buffer whose length is this symbolic dimension
 FUSED_SUFFIX = "_gqa"
 MAX_LEN = "max_sequence_length"
+# the chat template lives in both places (shared/DESIGN.md): transformers >= 4.47 writes the file and reads
+# it first; transformers.js and onnxruntime-genai read tokenizer_config.json's "chat_template"
+CHAT_TEMPLATE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# the special tokens transformers hands every chat template, by these names
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def past_names(n_layer: int) -> list[str]:
@@ -156,6 +165,53 @@ def generation_ids(folder: str | Path) -> GenerationIds:
                          sampling={k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None})
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str              # jinja text
+    special_tokens: dict     # bos_token, eos_token, ... -> their strings, as the template sees them
+
+
+def template_text(value, where: str) -> str | None:
+    """tokenizer_config's chat_template: a string, or a list of named ones ({"name", "template"}), of
+    which transformers uses "default"."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise UserError(f"{where}: chat_template is neither a string nor a list with a \"default\" template")
+
+
+def _token_text(value):
+    """A special token as tokenizer_config writes it: a string, or an AddedToken ({"content": ...})."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def chat_template(folder: str | Path) -> ChatTemplate | None:
+    """The export's chat template (chat_template.jinja first, as transformers reads it, then
+    tokenizer_config.json's), or None when the model has none."""
+    folder = Path(folder)
+    config_path = folder / TOKENIZER_CONFIG
+    config = read_json(config_path, "tokenizer config") if config_path.is_file() else {}
+    jinja = folder / CHAT_TEMPLATE
+    try:
+        source = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    except UnicodeDecodeError:
+        raise UserError(f"chat template {jinja}: not UTF-8 text") from None
+    source = source if source is not None else template_text(config.get("chat_template"), str(config_path))
+    if not source:
+        return None
+    special_path = folder / SPECIAL_TOKENS_MAP
+    special = read_json(special_path, "special tokens map") if special_path.is_file() else {}
+    tokens = {}
+    for name in SPECIAL_TOKENS:  # special_tokens_map.json wins, as in transformers' from_pretrained
+        value = _token_text(special.get(name) or config.get(name))
+        if isinstance(value, str):
+            tokens[name] = value
+    return ChatTemplate(source=source, special_tokens=tokens)
+
+
 # ----------------------------------------------------------------------------- writing
 
 @contextmanager
@@ -242,3 +298,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def write_chat_template(folder: str | Path, source: str) -> list[str]:
+    """Put `source` in chat_template.jinja and in tokenizer_config.json's "chat_template" (transformers.js and
+    onnxruntime-genai read it there); returns the files written, for the manifest."""
+    folder = Path(folder)
+    atomic_write(folder / CHAT_TEMPLATE, source)
+    config_path = folder / TOKENIZER_CONFIG
+    config = read_json(config_path, "tokenizer config") if config_path.is_file() else {}
+    config["chat_template"] = source
+    write_json(config_path, config)
+    return [CHAT_TEMPLATE, TOKENIZER_CONFIG]

@@ -212,3 +212,34 @@ def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
         quantize(folder, "int8", progress=False)
         out[name] = folder
     return out
+
+
+# ----------------------------------------------------------------------------- chat
+
+# SmolLM2-Instruct's template (ChatML, a default system prompt), byte for byte
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Meta-Llama-3-Instruct's, byte for byte
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# A short ChatML for the 128-token tiny model (no default system prompt)
+SHORT_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_export(tiny_fused_export, tmp_path_factory) -> Path:
+    """tiny_fused_export with a chat template in both places, recorded in the manifest."""
+    from pipeline import manifest
+    from pipeline.exports import write_chat_template
+
+    out = tmp_path_factory.mktemp("exports") / "tiny_chat"
+    shutil.copytree(tiny_fused_export, out)
+    manifest.record(out, "chat-template", write_chat_template(out, SHORT_CHATML))
+    return out

@@ -29,7 +29,8 @@ from pipeline.build.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.check.sources import load_hf_model
 from pipeline.errors import UserError
-from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, first_id, past_names, present_names, staging, write_json
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, chat_template, first_id, past_names, present_names,
+                              staging, write_chat_template, write_json)
 from pipeline.train.families import FAMILIES, load_decoder, supported
 
 log = logging.getLogger(__name__)
@@ -161,21 +162,6 @@ def generation_config(src: Path, config: dict) -> dict:
     return gen
 
 
-def ship_chat_template(src: Path, dst: Path) -> list[str]:
-    """The model's chat template where both readers look for it: tokenizer_config.json's `chat_template`
-    and chat_template.jinja (transformers.js and onnxruntime-genai read one or the other; transformers 4.57
-    writes only the file). Returns the files written, none when the model has no template."""
-    config_path = dst / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    template = (src / "chat_template.jinja").read_text() if (src / "chat_template.jinja").is_file() \
-        else tok_config.get("chat_template")
-    if not isinstance(template, str) or not template:
-        return []
-    (dst / "chat_template.jinja").write_text(template)
-    write_json(config_path, {**tok_config, "chat_template": template})
-    return ["chat_template.jinja"]
-
-
 def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:
     """The `export --hf` stage: import, conform, write the folder, check parity, publish atomically."""
     src, out = Path(src), Path(out)
@@ -205,13 +191,14 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         if not (tmp / "tokenizer_config.json").is_file():  # onnxruntime-genai and transformers.js need one
             write_json(tmp / "tokenizer_config.json",
                        {"model_max_length": config.get("max_position_embeddings", config.get("n_positions"))})
-        chat = ship_chat_template(src, tmp)
+        template = chat_template(src)  # chat_template.jinja or tokenizer_config's: the export keeps both
+        templated = write_chat_template(tmp, template.source) if template else []
         write_genai_config(tmp)
         weights = sorted(src.glob("*.safetensors"))
         source = {"checkpoint": str(src.resolve()), "kind": "hf", "model_type": config["model_type"],
                   "model_sha256": {p.name: manifest.sha256(p) for p in weights}, "corpus": corpus}
         files = ["config.json", "generation_config.json", *[n for n in TOKENIZER_FILES if (tmp / n).is_file()],
-                 *chat, GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
+                 *[n for n in templated if n not in TOKENIZER_FILES], GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
         if (tmp / "onnx" / "model.onnx_data").is_file():
             files.append("onnx/model.onnx_data")
         manifest.record(tmp, "export", files, source=source, **exporter)

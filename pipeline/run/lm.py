@@ -166,9 +166,36 @@ class SharedBufferDecode:
         self.step_ids, self.step_pos = np.empty((B, 1), np.int64), np.empty((B, 1), np.int64)
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
                        for name, a in (("input_ids", self.step_ids), ("position_ids", self.step_pos))}
-        for name, value in self.values.items():
-            io.bind_ortvalue_input(name, value)
+        self._bind_step_inputs()
         self.columns = np.arange(L)
+
+    def _bind_step_inputs(self) -> None:
+        for name, value in self.values.items():
+            self.io.bind_ortvalue_input(name, value)
+
+    def rewind(self, lengths) -> None:
+        """Forget each row's tokens past lengths[b]: the next append or step writes from there (slots beyond a
+        row's length are never read, so nothing is cleared)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        assert lengths.shape == self.lengths.shape and (lengths <= self.lengths).all() and (lengths >= 1).all()
+        self.lengths = lengths
+
+    def append(self, new: list[list[int]]) -> np.ndarray:
+        """Prefill more tokens after what each row holds (a chat's next turn): S tokens per row, the same S
+        for every row (GroupQueryAttention's continued-prompt path takes a row's past as its length - S, so
+        a padded row would be misplaced). Returns the logits (B, V) after each row's last new token."""
+        S = len(new[0])
+        assert S >= 1 and len(new) == len(self.lengths) and all(len(n) == S for n in new), "S tokens per row"
+        if (self.lengths + S > self.L).any():
+            raise UserError(f"append: {S} more tokens do not fit the {self.L}-token buffer")
+        total = self.lengths + S
+        self.io.bind_cpu_input("input_ids", np.asarray(new, dtype=np.int64))
+        self.io.bind_cpu_input("attention_mask", (np.arange(total.max())[None, :] < total[:, None]).astype(np.int64))
+        self.io.bind_cpu_input("position_ids", self.lengths[:, None] + np.arange(S, dtype=np.int64))
+        self.lm.session.run_with_iobinding(self.io)
+        self.lengths = total
+        self._bind_step_inputs()  # back to the (B, 1) OrtValues that step() updates in place
+        return self.logits
 
     def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
         """Feed next ids (B,); rows marked done take the id into a slot that is never read and do not
@@ -329,10 +356,11 @@ class OnnxLM:
         return [cut_at_stop(self.tokenizer.decode([t for t in toks if t not in self.eos_ids]), stop)
                 for toks in result.tokens]
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                result: Generation | None = None, stop: list[str] | None = None) -> Iterator[str]:
-        """Text pieces as they are generated (whole UTF-8 characters only; never part of a stop string)."""
-        ids = self.encode(prompt)
+        """Text pieces as they are generated (whole UTF-8 characters only; never part of a stop string).
+        prompt: text, or token ids (a rendered chat)."""
+        ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         decoder = StreamDecoder(self.tokenizer)
         text, shown = "", ""
         hold = max((len(s) for s in stop or [] if s), default=1) - 1  # could be the start of a stop string
