@@ -181,11 +181,12 @@ class SharedBufferDecode:
         self.lengths = lengths
 
     def append(self, new: list[list[int]]) -> np.ndarray:
-        """Prefill more tokens after what each row holds (a chat's next turn): S tokens per row, the same S
-        for every row (GroupQueryAttention's continued-prompt path takes a row's past as its length - S, so
-        a padded row would be misplaced). Returns the logits (B, V) after each row's last new token."""
+        """Prefill more tokens after what the row holds (a chat's next turn). One row only: onnxruntime's
+        GroupQueryAttention takes a continued prompt (past and S > 1 new tokens) for batch 1 alone ("batch_size
+        must be 1 when sequence_length > 1 and past context is given"). Returns the logits (1, V) after the
+        last new token."""
         S = len(new[0])
-        assert S >= 1 and len(new) == len(self.lengths) and all(len(n) == S for n in new), "S tokens per row"
+        assert len(self.lengths) == 1 and len(new) == 1 and S >= 1, "append: one row, at least one token"
         if (self.lengths + S > self.L).any():
             raise UserError(f"append: {S} more tokens do not fit the {self.L}-token buffer")
         total = self.lengths + S
