@@ -25,6 +25,37 @@ class StreamDecoder:
         return self._stream.step(self.tokenizer, token) or ""
 
 
+class CompletionText:
+    """One completion's text as its tokens arrive: the pieces that are safe to show (whole characters, never
+    what could be the start of a stop string) and whether a stop string has appeared."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop or [] if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = self.shown = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        piece = self.decoder.push(token)
+        if not piece:
+            return ""
+        self.text += piece
+        cut = cut_at_stop(self.text, self.stop)
+        self.stopped = len(cut) < len(self.text)
+        return self._show(cut if self.stopped or not self.hold else cut[:len(cut) - self.hold])
+
+    def finish(self) -> str:
+        """What is left to show: held-back characters, and a character cut off at the end."""
+        return self._show(cut_at_stop(self.decoder.tokenizer.decode(self.decoder.ids), self.stop))
+
+    def _show(self, ready: str) -> str:
+        if len(ready) <= len(self.shown) or not ready.startswith(self.shown):
+            return ""
+        new, self.shown = ready[len(self.shown):], ready
+        return new
+
+
 def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """text up to the first stop string."""
     cut = min((i for i in (text.find(s) for s in stop or [] if s) if i >= 0), default=len(text))

@@ -1,0 +1,235 @@
+"""Continuous batching over the fused graph: requests join the running batch between decode steps and
+leave it when they finish, each row with its own length.
+
+    engine = BatchEngine(lm, capacity=16, max_waiting=64)   # lm: an OnnxLM on a fused graph
+    engine.start()
+    engine.submit(Request(prompt_ids, max_tokens, sampling, stop, emit=callback))  # False: queue full
+    engine.cancel(request)                                   # a client went away: its row is freed
+
+The cache is one (capacity, H, L, D) NumPy array per cache tensor (L: the model's context), and each
+request owns a row of it (a slot):
+  - a newcomer is prefilled alone: its row's slice (1, H, L, D) is bound as past and present, so
+    GroupQueryAttention's first-prompt path writes its keys straight into the shared array, no copy.
+    Alone, because onnxruntime's GroupQueryAttention continues a prompt only at batch 1, and because a
+    request must get exactly what it gets run by itself (a padded batch prefill is not bit-identical);
+  - a decode step runs rows [0, hi) as one batch, hi being one past the highest slot in use; a free
+    slot inside that range takes a pad token into its own slot 0, which nothing reads;
+  - each request samples with its own Sampler (its temperature, top_p and seed), so its tokens are
+    the ones it gets alone, whoever shares the batch.
+Everything runs on one engine thread (ONNX Runtime releases the GIL while it computes); results go back
+through each request's `emit` callback, called on that thread. An error in one request's sampling or
+text fails that request only; an error in a batch step fails the requests of that step, not the engine.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pipeline.run.sampling import Sampler, SamplingConfig
+from pipeline.run.text import CompletionText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig
+    emit: Callable[[str, object], None]    # ("text", piece), ("done", finish_reason) or ("error", message)
+    stop: list[str] = field(default_factory=list)
+    stop_ids: tuple[int, ...] = ()         # ends the answer besides the export's eos ids (a template's eos)
+    # the engine's bookkeeping
+    tokens: list[int] = field(default_factory=list)
+    slot: int = -1
+    length: int = 0                        # tokens in this row's cache
+    next_id: int = 0                       # sampled, to be fed at the next step
+    finish_reason: str = ""
+    cancelled: bool = False
+    submitted: float = 0.0
+    first_token: float = 0.0
+
+
+class BatchEngine:
+    def __init__(self, lm, capacity: int = 16, max_waiting: int = 64):
+        import onnxruntime as ort
+
+        assert lm.fused, "continuous batching needs the fused graph (onnxgen fuse)"
+        self.lm, self.capacity, self.max_waiting = lm, capacity, max_waiting
+        self.L = lm.n_ctx
+        shape = (capacity, lm.n_kv_heads, self.L, lm.head_dim)
+        self.cache = [np.zeros(shape, dtype=lm.past_dtype) for _ in lm.past_names]  # rows are slots
+        self.out = np.zeros((capacity, 1, lm.vocab_size), dtype=np.float32)
+        self.rows: list[Request | None] = [None] * capacity
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.ort = ort
+        self._decode_io: dict[int, object] = {}  # hi -> an IO binding of rows [0, hi)
+        self.thread = threading.Thread(target=self._loop, name="onnxgen-batch", daemon=True)
+        self.steps = 0
+
+    # ------------------------------------------------------------------ the caller's side (any thread)
+    def start(self) -> "BatchEngine":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, request: Request) -> bool:
+        """Queue a request; False when the batch and the queue are full (the server answers 429)."""
+        with self.cond:
+            busy = sum(r is not None for r in self.rows) + len(self.waiting)
+            if busy >= self.capacity + self.max_waiting:
+                return False
+            request.submitted = time.perf_counter()
+            self.waiting.append(request)
+            self.cond.notify()
+        return True
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: the request leaves the batch before the next step."""
+        with self.cond:
+            request.cancelled = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self.cond.notify()
+
+    def load(self) -> dict:
+        with self.cond:
+            return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting)}
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and all(r is None for r in self.rows):
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                free = [s for s, r in enumerate(self.rows) if r is None]
+                newcomers = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+                for r, slot in zip(newcomers, free):
+                    r.slot, self.rows[slot] = slot, r
+            for r in newcomers:
+                self._guard([r], self._admit, r)
+            for r in self.rows:
+                if r is not None and r.cancelled:
+                    self._release(r)
+            if any(r is not None for r in self.rows):
+                self._guard([r for r in self.rows if r is not None], self._decode)
+        for r in [*self.rows, *self.waiting]:
+            if r is not None:
+                self._fail(r, "the server is shutting down")
+
+    def _guard(self, requests: list[Request], fn, *args) -> None:
+        """Run one engine action; if it raises, only the requests it was working for fail."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001: a bug must not take the other requests or the engine down
+            log.exception("batch step failed")
+            for r in requests:
+                if r.slot >= 0 and self.rows[r.slot] is r:
+                    self._fail(r, f"internal error: {type(e).__name__}: {e}")
+
+    def _bind_rows(self, io, lo: int, hi: int) -> None:
+        for past, present, array in zip(self.lm.past_names, self.lm.present_names, self.cache):
+            value = self.ort.OrtValue.ortvalue_from_numpy(array[lo:hi], "cpu", 0)  # a view: no copy
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        out = self.out[lo:hi]
+        io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+
+    def _admit(self, r: Request) -> None:
+        """Prefill the newcomer alone into its row, then sample its first token."""
+        if r.cancelled:
+            self._release(r)
+            return
+        io, T = self.lm.session.io_binding(), len(r.prompt)
+        self._bind_rows(io, r.slot, r.slot + 1)
+        io.bind_cpu_input("input_ids", np.asarray([r.prompt], dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, T), dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.arange(T, dtype=np.int64)[None, :])
+        self.lm.session.run_with_iobinding(io)
+        r.length = T
+        r.sampler, r.text = Sampler(r.sampling), CompletionText(self.lm.tokenizer, r.stop)
+        r.eos = set(int(i) for i in self.lm.eos_ids) | set(r.stop_ids)
+        self._guard([r], self._advance, r)
+
+    def _decode(self) -> None:
+        """One step of every running row."""
+        active = [r for r in self.rows if r is not None]
+        hi = max(r.slot for r in active) + 1
+        io = self._decode_io.get(hi)
+        if io is None:
+            io = self._decode_io[hi] = self.lm.session.io_binding()
+            self._bind_rows(io, 0, hi)
+        ids = np.full((hi, 1), self.lm.pad_id, dtype=np.int64)
+        pos = np.zeros((hi, 1), dtype=np.int64)
+        width = max(r.length for r in active) + 1
+        mask = np.zeros((hi, width), dtype=np.int64)
+        mask[:, 0] = 1  # a free slot: one token, written at its slot 0, never read
+        for r in active:
+            ids[r.slot, 0], pos[r.slot, 0] = r.next_id, r.length
+            mask[r.slot, :r.length + 1] = 1
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", pos)
+        self.lm.session.run_with_iobinding(io)
+        self.steps += 1
+        for r in active:
+            r.length += 1
+            self._guard([r], self._advance, r)
+
+    def _advance(self, r: Request) -> None:
+        """Sample the row's next token from its logits; send its text; finish it when it is done."""
+        if r.cancelled:
+            self._release(r)
+            return
+        nxt = int(r.sampler(self.out[r.slot:r.slot + 1, 0])[0])
+        if not r.tokens:
+            r.first_token = time.perf_counter()
+        r.tokens.append(nxt)
+        reason = ""
+        if nxt in r.eos:
+            reason = "stop"
+        else:
+            piece = r.text.push(nxt)
+            if piece:
+                r.emit("text", piece)
+            if r.text.stopped:
+                reason = "stop"
+            elif len(r.tokens) >= r.max_tokens or len(r.prompt) + len(r.tokens) >= self.L:  # budget or context
+                reason = "length"
+        if reason:
+            rest = r.text.finish()
+            if rest:
+                r.emit("text", rest)
+            r.finish_reason = reason
+            self._release(r)
+            r.emit("done", reason)
+        else:
+            r.next_id = nxt
+
+    def _release(self, r: Request) -> None:
+        with self.cond:
+            if r.slot >= 0 and self.rows[r.slot] is r:
+                self.rows[r.slot] = None
+
+    def _fail(self, r: Request, message: str) -> None:
+        self._release(r)
+        r.finish_reason = "error"
+        try:
+            r.emit("error", message)
+        except Exception:  # noqa: BLE001: the client is gone; nothing to tell
+            pass
