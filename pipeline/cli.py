@@ -356,6 +356,32 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--model-name", default=None, help="The name clients ask for [the export folder's name].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests decoded together (rows of the shared KV buffer).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting for a row; beyond batch + queue a request gets 429.")
+@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4 (its fused twin).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--unsafe-skip-verify", is_flag=True,
+              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
+def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, threads, unsafe_skip_verify):
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with continuous
+    batching over the fused graph (onnxgen fuse)."""
+    from pipeline.run.lm import OnnxLM
+    from pipeline.run.serve import serve as run_server
+
+    lm = OnnxLM(export_dir, variant=variant, threads=threads, verify=not unsafe_skip_verify, fused=True)
+    name = model_name or Path(export_dir).resolve().name
+    click.echo(f"serving {export_dir} as `{name}` on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue})",
+               err=True)
+    run_server(lm, name, host=host, port=port, capacity=max_batch, max_waiting=max_queue)
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
 def genai(export_dir, variant):
     """Point the export's genai_config.json (onnxruntime-genai) at another variant."""

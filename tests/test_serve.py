@@ -1,0 +1,267 @@
+"""onnxgen serve through the official `openai` client: chat, completions, streaming, continuous batching
+(every response equals its request run alone), bad input as OpenAI-shaped 4xx, 429 when full, a client
+that disconnects frees its row, and one request's crash leaves the others alone."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+
+from conftest import ROOT
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["import os", "def main(argv):", "class Foo(object):\n    ", "x = [", "from email import", "try:"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(folder, capacity=4, max_waiting=16):
+    """The server in this process, on a free loopback port: yields (client, server, base url)."""
+    import uvicorn
+
+    from pipeline.run.lm import OnnxLM
+    from pipeline.run.serve import Server
+
+    server = Server(OnnxLM(folder, fused=True, verify=True), "tiny", capacity=capacity, max_waiting=max_waiting)
+    port = _free_port()
+    http = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not http.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        yield openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60), server, url
+    finally:
+        http.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat_export):
+    with running(tiny_chat_export) as s:
+        yield s
+
+
+def _alone(lm, ids, max_tokens, temperature=0.0, top_p=1.0, seed=None, stop=None):
+    """What the request gives run by itself through OnnxLM's own loop."""
+    from pipeline.run.lm import Generation
+    from pipeline.run.sampling import SamplingConfig
+    from pipeline.run.text import cut_at_stop
+
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+    result = Generation()
+    for _ in lm.generate([ids], max_tokens, sampling, result=result, stop=stop):
+        pass
+    tokens = [t for t in result.tokens[0] if t not in lm.eos_ids]
+    return cut_at_stop(lm.tokenizer.decode(tokens), stop)
+
+
+def _post(url, body: bytes | str):
+    request = urllib.request.Request(url, data=body.encode() if isinstance(body, str) else body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_lists_the_export(served):
+    client, server, _ = served
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=7)])
+def test_chat_completion_equals_the_request_run_alone(served, sampling):
+    client, server, _ = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "import os"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, **sampling)
+    want = _alone(server.lm, server.chat.encode(messages), 12, **sampling)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(server.chat.encode(messages)) and r.usage.completion_tokens <= 12
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}, **sampling)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completions_whole_and_streamed(served):
+    client, server, _ = served
+    for prompt in PROMPTS[:3]:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0.7, seed=3)
+        want = _alone(server.lm, server.lm.encode(prompt), 10, temperature=0.7, seed=3)
+        assert r.choices[0].text == want and r.object == "text_completion"
+        pieces = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0.7, seed=3,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in pieces) == want
+
+
+def test_concurrent_requests_each_equal_their_run_alone(served):
+    """More requests than rows, of different lengths, sampling and stops: they join and leave the running
+    batch at different steps, and each still gets what it gets alone."""
+    client, server, _ = served
+    jobs = []
+    for i in range(12):
+        prompt = PROMPTS[i % len(PROMPTS)] * (1 + i % 3)
+        jobs.append(dict(prompt=prompt, max_tokens=5 + 3 * i, temperature=[0.0, 0.8, 1.3][i % 3],
+                         top_p=[1.0, 0.9][i % 2], seed=100 + i, stop=["\n\n"] if i % 4 == 1 else None))
+
+    def call(job):
+        if job is jobs[5]:  # one streams
+            return "".join(c.choices[0].text for c in client.completions.create(model="tiny", stream=True, **job))
+        return client.completions.create(model="tiny", **job).choices[0].text
+
+    steps = server.engine.steps
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(call, jobs))
+    for job, text in zip(jobs, got):
+        job = dict(job)
+        assert text == _alone(server.lm, server.lm.encode(job.pop("prompt")), **job), job
+    assert server.engine.steps - steps < sum(j["max_tokens"] for j in jobs)  # rows did share steps
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ('{"model": "tiny", "prompt": "x"', 400, None),                                  # malformed JSON
+    ('[1, 2]', 400, None),
+    ('{"model": "gpt-4", "prompt": "x"}', 404, "model"),
+    ('{"prompt": "x"}', 400, "model"),
+    ('{"model": "tiny", "prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+    ('{"model": "tiny", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+    ('{"model": "tiny", "prompt": "x", "max_tokens": "ten"}', 400, "max_tokens"),
+    ('{"model": "tiny", "prompt": "x", "temperature": 2.5}', 400, "temperature"),
+    ('{"model": "tiny", "prompt": "x", "temperature": -1}', 400, "temperature"),
+    ('{"model": "tiny", "prompt": "x", "top_p": 1.5}', 400, "top_p"),
+    ('{"model": "tiny", "prompt": "x", "seed": -3}', 400, "seed"),
+    ('{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    ('{"model": "tiny", "prompt": "x", "n": 2}', 400, "n"),
+    ('{"model": "tiny", "prompt": 12}', 400, "prompt"),
+    ('{"model": "tiny", "prompt": ""}', 400, "prompt"),
+    ('{"model": "tiny", "prompt": [1, 999999]}', 400, "prompt"),
+    ('{"model": "tiny", "prompt": "' + "x = 1\\n" * 200 + '"}', 400, "prompt"),      # over the context
+    ('{"model": "tiny", "prompt": "x", "max_tokens": 500}', 400, "prompt"),           # prompt + max_tokens over it
+])
+def test_bad_completions_get_openai_errors(served, body, status, param):
+    client, server, url = served
+    code, reply = _post(f"{url}/completions", body)
+    assert code == status, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["param"] == param
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason  # still serving
+
+
+def test_bad_chat_requests_raise_in_the_client(served):
+    client, server, url = served
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    for messages in ([], [{"role": "wizard", "content": "hi"}], [{"role": "user"}], "hi"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x = 1\n" * 200}])
+    code, reply = _post(f"{url}/chat/completions", b"\xff\xfe not json")
+    assert code == 400 and reply["error"]["type"] == "invalid_request_error"
+    assert _post(f"{url}/nowhere", "{}")[0] == 404
+
+
+def test_a_full_server_answers_429_and_recovers(tiny_chat_export):
+    with running(tiny_chat_export, capacity=1, max_waiting=1) as (client, server, url):
+        streams = [client.completions.create(model="tiny", prompt="import os", max_tokens=100, stream=True)
+                   for _ in range(2)]  # one running, one waiting
+        next(iter(streams[0]))
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="tiny", prompt="x", max_tokens=2)
+        assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        for s in streams:
+            assert "".join(c.choices[0].text for c in s)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_a_client_that_disconnects_frees_its_row(served):
+    client, server, url = served
+    stream = client.completions.create(model="tiny", prompt="import os", max_tokens=110, stream=True)
+    next(iter(stream))
+    stream.close()  # hang up mid-answer
+    deadline = time.time() + 10
+    while server.engine.load()["running"]:
+        assert time.time() < deadline, server.engine.load()
+        time.sleep(0.02)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_crash_in_one_request_leaves_the_others(served, monkeypatch):
+    """A request whose sampling raises (a stand-in for any bug in one row) gets a 500; the rows beside it
+    finish with their own tokens and the server keeps serving."""
+    from pipeline.run import batching
+
+    client, server, url = served
+    real = batching.Sampler
+
+    class Exploding(real):
+        def __call__(self, logits, seen=None):
+            if self.config.seed == 666:
+                raise RuntimeError("boom")
+            return super().__call__(logits, seen)
+
+    monkeypatch.setattr(batching, "Sampler", Exploding)
+    jobs = [dict(prompt=p, max_tokens=20, temperature=0.8, seed=s) for p, s in zip(PROMPTS, [1, 666, 2, 3])]
+
+    def call(job):
+        try:
+            return client.completions.create(model="tiny", **job).choices[0].text
+        except openai.InternalServerError as e:
+            return e
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(call, jobs))
+    assert isinstance(got[1], openai.InternalServerError) and "boom" in str(got[1])
+    for job, text in zip(jobs, got):
+        if job["seed"] != 666:
+            job = dict(job)
+            assert text == _alone(server.lm, server.lm.encode(job.pop("prompt")), **job)
+    monkeypatch.undo()
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_the_serve_command(tiny_chat_export):
+    """`onnxgen serve` as a user starts it: answers on the port it was given, stops on SIGINT."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(tiny_chat_export), "--port", str(port),
+                             "--model-name", "tiny"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert [m.id for m in client.models.list()] == ["tiny"]
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
+                time.sleep(0.2)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
