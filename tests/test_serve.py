@@ -212,21 +212,21 @@ def test_a_client_that_disconnects_frees_its_row(served):
 
 
 def test_a_crash_in_one_request_leaves_the_others(served, monkeypatch):
-    """A request whose sampling raises (a stand-in for any bug in one row) gets a 500; the rows beside it
-    finish with their own tokens and the server keeps serving."""
+    """A request whose text handling raises (a stand-in for any bug in one row) gets a 500; the rows beside
+    it finish with their own tokens and the server keeps serving."""
     from pipeline.run import batching
 
     client, server, url = served
-    real = batching.Sampler
 
-    class Exploding(real):
-        def __call__(self, logits, seen=None):
-            if self.config.seed == 666:
+    class Exploding(batching.CompletionText):
+        def push(self, token):
+            if "BOOM" in self.stop:
                 raise RuntimeError("boom")
-            return super().__call__(logits, seen)
+            return super().push(token)
 
-    monkeypatch.setattr(batching, "Sampler", Exploding)
-    jobs = [dict(prompt=p, max_tokens=20, temperature=0.8, seed=s) for p, s in zip(PROMPTS, [1, 666, 2, 3])]
+    monkeypatch.setattr(batching, "CompletionText", Exploding)
+    jobs = [dict(prompt=p, max_tokens=20, temperature=0.8, seed=s, stop=["BOOM"] if s == 666 else None)
+            for p, s in zip(PROMPTS, [1, 666, 2, 3])]
 
     def call(job):
         try:

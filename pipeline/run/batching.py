@@ -15,10 +15,12 @@ request owns a row of it (a slot):
   - a decode step runs rows [0, hi) as one batch, hi being one past the highest slot in use; a free
     slot inside that range takes a pad token into its own slot 0, which nothing reads;
   - each request samples with its own Sampler (its temperature, top_p and seed), so its tokens are
-    the ones it gets alone, whoever shares the batch.
-Everything runs on one engine thread (ONNX Runtime releases the GIL while it computes); results go back
-through each request's `emit` callback, called on that thread. An error in one request's sampling or
-text fails that request only; an error in a batch step fails the requests of that step, not the engine.
+    the ones it gets alone, whoever shares the batch (sample_rows does all rows in a few NumPy calls).
+Everything runs on one engine thread (ONNX Runtime releases the GIL while it computes). Results go out
+once per phase (after the newcomers' prefills, after a decode step) as one list to `deliver` (the server
+hands it to its event loop in one call), or to each request's `emit` callback on the engine thread. An
+error in one request's sampling or text fails that request only; an error in a batch step fails the
+requests of that step, not the engine.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.run.sampling import Sampler, SamplingConfig
+from pipeline.run.sampling import Sampler, SamplingConfig, sample_rows
 from pipeline.run.text import CompletionText
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ class Request:
 
 
 class BatchEngine:
-    def __init__(self, lm, capacity: int = 16, max_waiting: int = 64):
+    def __init__(self, lm, capacity: int = 16, max_waiting: int = 64,
+                 deliver: Callable[[list[tuple[Request, str, object]]], None] | None = None):
         import onnxruntime as ort
 
         assert lm.fused, "continuous batching needs the fused graph (onnxgen fuse)"
@@ -72,6 +75,9 @@ class BatchEngine:
         self.stopping = False
         self.ort = ort
         self._decode_io: dict[int, object] = {}  # hi -> an IO binding of rows [0, hi)
+        self._row_io: dict[int, object] = {}     # slot -> an IO binding of that row alone
+        self.deliver = deliver or (lambda events: [r.emit(kind, data) for r, kind, data in events])
+        self.outbox: list[tuple[Request, str, object]] = []
         self.thread = threading.Thread(target=self._loop, name="onnxgen-batch", daemon=True)
         self.steps = 0
 
@@ -123,14 +129,28 @@ class BatchEngine:
                     r.slot, self.rows[slot] = slot, r
             for r in newcomers:
                 self._guard([r], self._admit, r)
+            self._flush()
             for r in self.rows:
                 if r is not None and r.cancelled:
                     self._release(r)
             if any(r is not None for r in self.rows):
                 self._guard([r for r in self.rows if r is not None], self._decode)
+            self._flush()
         for r in [*self.rows, *self.waiting]:
             if r is not None:
                 self._fail(r, "the server is shutting down")
+        self._flush()
+
+    def _send(self, r: Request, kind: str, data) -> None:
+        self.outbox.append((r, kind, data))
+
+    def _flush(self) -> None:
+        events, self.outbox = self.outbox, []
+        if events:
+            try:
+                self.deliver(events)
+            except Exception:  # noqa: BLE001: a receiver that is gone (its loop closed) must not stop the engine
+                log.exception("delivering results failed")
 
     def _guard(self, requests: list[Request], fn, *args) -> None:
         """Run one engine action; if it raises, only the requests it was working for fail."""
@@ -155,8 +175,10 @@ class BatchEngine:
         if r.cancelled:
             self._release(r)
             return
-        io, T = self.lm.session.io_binding(), len(r.prompt)
-        self._bind_rows(io, r.slot, r.slot + 1)
+        io, T = self._row_io.get(r.slot), len(r.prompt)
+        if io is None:
+            io = self._row_io[r.slot] = self.lm.session.io_binding()
+            self._bind_rows(io, r.slot, r.slot + 1)
         io.bind_cpu_input("input_ids", np.asarray([r.prompt], dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ones((1, T), dtype=np.int64))
         io.bind_cpu_input("position_ids", np.arange(T, dtype=np.int64)[None, :])
@@ -164,7 +186,7 @@ class BatchEngine:
         r.length = T
         r.sampler, r.text = Sampler(r.sampling), CompletionText(self.lm.tokenizer, r.stop)
         r.eos = set(int(i) for i in self.lm.eos_ids) | set(r.stop_ids)
-        self._guard([r], self._advance, r)
+        self._sample([r])
 
     def _decode(self) -> None:
         """One step of every running row."""
@@ -189,14 +211,23 @@ class BatchEngine:
         self.steps += 1
         for r in active:
             r.length += 1
-            self._guard([r], self._advance, r)
+        self._sample(active)
 
-    def _advance(self, r: Request) -> None:
-        """Sample the row's next token from its logits; send its text; finish it when it is done."""
-        if r.cancelled:
-            self._release(r)
-            return
-        nxt = int(r.sampler(self.out[r.slot:r.slot + 1, 0])[0])
+    def _sample(self, rows: list[Request]) -> None:
+        for r in rows:
+            if r.cancelled:
+                self._release(r)
+        rows = [r for r in rows if not r.cancelled]
+        try:
+            ids = sample_rows(self.out[[r.slot for r in rows], 0], [r.sampler for r in rows])
+        except Exception:  # noqa: BLE001: find the row at fault, one at a time
+            ids = [None] * len(rows)
+        for r, nxt in zip(rows, ids):
+            self._guard([r], self._advance, r, nxt)
+
+    def _advance(self, r: Request, nxt: int | None) -> None:
+        """Take the row's next token; send its text; finish it when it is done."""
+        nxt = int(r.sampler(self.out[r.slot:r.slot + 1, 0])[0]) if nxt is None else int(nxt)
         if not r.tokens:
             r.first_token = time.perf_counter()
         r.tokens.append(nxt)
@@ -206,7 +237,7 @@ class BatchEngine:
         else:
             piece = r.text.push(nxt)
             if piece:
-                r.emit("text", piece)
+                self._send(r, "text", piece)
             if r.text.stopped:
                 reason = "stop"
             elif len(r.tokens) >= r.max_tokens or len(r.prompt) + len(r.tokens) >= self.L:  # budget or context
@@ -214,10 +245,10 @@ class BatchEngine:
         if reason:
             rest = r.text.finish()
             if rest:
-                r.emit("text", rest)
+                self._send(r, "text", rest)
             r.finish_reason = reason
             self._release(r)
-            r.emit("done", reason)
+            self._send(r, "done", reason)
         else:
             r.next_id = nxt
 
@@ -229,7 +260,4 @@ class BatchEngine:
     def _fail(self, r: Request, message: str) -> None:
         self._release(r)
         r.finish_reason = "error"
-        try:
-            r.emit("error", message)
-        except Exception:  # noqa: BLE001: the client is gone; nothing to tell
-            pass
+        self._send(r, "error", message)

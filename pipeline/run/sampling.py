@@ -84,3 +84,47 @@ class Sampler:
             p /= p.sum(-1, keepdims=True)
         u = self.rng.random((p.shape[0], 1))
         return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+
+
+def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
+    """logits (n, V) -> next ids (n,), row i chosen by samplers[i]: the id that sampler gives that row alone
+    (the same float64 operations row by row, and each row draws from its own random stream), in a few NumPy
+    calls per group of rows that share top-k and whether top-p is on. A continuous batch mixes requests
+    with their own temperature, top_p and seed; one Sampler call per row costs ~40 us."""
+    out = np.empty(len(samplers), dtype=np.int64)
+    groups: dict = {}
+    for i, s in enumerate(samplers):
+        c = s.config
+        key = "alone" if c.repetition_penalty != 1.0 else "greedy" if c.greedy else (c.top_k, c.top_p < 1.0)
+        groups.setdefault(key, []).append(i)
+    for key, rows in groups.items():
+        if key == "alone":
+            for i in rows:
+                out[i] = samplers[i](logits[i:i + 1])[0]
+            continue
+        if key == "greedy":
+            out[rows] = logits[rows].argmax(-1)
+            continue
+        top_k, nucleus = key
+        temperature = np.array([[samplers[i].config.temperature] for i in rows])
+        z = logits[rows].astype(np.float64)
+        with np.errstate(over="ignore"):
+            z = (z - z.max(-1, keepdims=True)) / temperature
+        if top_k and top_k < z.shape[-1]:
+            kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+            z = np.where(z < kth, -np.inf, z)
+        z -= z.max(-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(-1, keepdims=True)
+        if nucleus:
+            top_p = np.array([[samplers[i].config.top_p] for i in rows])
+            order = np.argsort(-p, axis=-1)
+            sorted_p = np.take_along_axis(p, order, -1)
+            keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < top_p
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, -1)
+            p = np.where(keep, p, 0.0)
+            p /= p.sum(-1, keepdims=True)
+        u = np.array([samplers[i].rng.random((1, 1))[0] for i in rows])  # (n, 1): as Sampler draws for one row
+        out[rows] = np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+    return out

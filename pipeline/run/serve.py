@@ -64,7 +64,8 @@ class Server:
             self.chat = ChatFormat.of(lm)
         except UserError:
             self.chat = None  # /v1/chat/completions says so; /v1/completions still works
-        self.engine = BatchEngine(lm, capacity=capacity, max_waiting=max_waiting)
+        self.engine = BatchEngine(lm, capacity=capacity, max_waiting=max_waiting, deliver=self._deliver)
+        self.loop = None
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ requests
@@ -176,8 +177,8 @@ class Server:
                     r, options = self.parse(body, chat)
                 except ApiError as e:
                     return self._error(e)
-                loop, events = asyncio.get_running_loop(), asyncio.Queue()
-                r.emit = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+                events = asyncio.Queue()
+                r.emit = lambda kind, data: events.put_nowait((kind, data))  # on the loop: see _deliver
                 if not self.engine.submit(r):
                     return self._error(ApiError(429, "the server is at capacity (batch and queue full); retry later",
                                                 None, "rate_limit_exceeded", "requests"))
@@ -202,12 +203,20 @@ class Server:
                   Route("/v1/completions", completion_route(False), methods=["POST"])]
         @asynccontextmanager
         async def lifespan(app):
+            self.loop = asyncio.get_running_loop()
             self.engine.start()
             yield
             self.engine.stop()
 
         return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, Exception: crashed},
                          lifespan=lifespan)
+
+    def _deliver(self, events: list) -> None:
+        """From the engine thread: a phase's results, handed to the event loop in one call."""
+        def put():
+            for r, kind, data in events:
+                r.emit(kind, data)
+        self.loop.call_soon_threadsafe(put)
 
     def _model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "onnxgen",
@@ -266,19 +275,26 @@ class Server:
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
-            while True:
-                kind, data = await events.get()
-                if kind == "text":
-                    yield chunk({"content": data} if chat else data)
-                elif kind == "error":
-                    body = ApiError(500, data, type="server_error").body()
-                    yield f"data: {json.dumps(body)}\n\n"
-                    break
-                else:
-                    yield chunk({} if chat else "", finish=r.finish_reason)
-                    if usage:
-                        yield f"data: {json.dumps({**meta, 'object': kind_name, 'choices': [], 'usage': self._usage(r)})}\n\n"
-                    break
+            finished = False
+            while not finished:
+                ready = [await events.get()]
+                while not events.empty():  # a client that lags gets what piled up in one write
+                    ready.append(events.get_nowait())
+                out = []
+                for kind, data in ready:
+                    if kind == "text":
+                        out.append(chunk({"content": data} if chat else data))
+                    elif kind == "error":
+                        out.append(f"data: {json.dumps(ApiError(500, data, type='server_error').body())}\n\n")
+                        finished = True
+                        break
+                    else:
+                        out.append(chunk({} if chat else "", finish=r.finish_reason))
+                        if usage:
+                            out.append(f"data: {json.dumps({**meta, 'object': kind_name, 'choices': [], 'usage': self._usage(r)})}\n\n")
+                        finished = True
+                        break
+                yield "".join(out)
             yield "data: [DONE]\n\n"
         finally:
             if not r.finish_reason:
