@@ -121,11 +121,12 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_section(out: Path, name: str, text: str) -> None:
+def write_section(out: Path, key: str, text: str) -> None:
+    """Replace the section whose heading starts with `key` (or add it), keeping the others."""
     head = "# onnxgen serve under load\n\nWritten by `python benchmarks/serve_load.py EXPORT`: one section per export.\n"
     old = out.read_text() if out.is_file() else head
     sections = re.split(r"(?m)^(?=## )", old)
-    kept = [s for s in sections[1:] if not s.startswith(f"## {name}:")]
+    kept = [s for s in sections[1:] if not s.startswith(key)]
     out.write_text(sections[0].rstrip() + "\n\n" + "".join(s.rstrip() + "\n\n" for s in kept) + text.rstrip() + "\n")
 
 
@@ -136,13 +137,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="The server's ONNX Runtime intra-op threads [all cores].")
     p.add_argument("--note", default="", help="A line for the section (e.g. how the model was trained).")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "SERVE.md")
     args = p.parse_args()
     name, port = args.export.resolve().name, free_port()
     server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(args.export), "--host", "127.0.0.1",
                                "--port", str(port), "--model-name", name, "--max-batch", str(args.max_batch),
-                               "--max-queue", "64"], cwd=ROOT, stderr=subprocess.PIPE)
+                               "--max-queue", "64", "--threads", str(args.threads)], cwd=ROOT, stderr=subprocess.PIPE)
     try:
         for _ in range(300):
             try:
@@ -170,12 +172,12 @@ def main() -> None:
     table = "\n".join(
         f"| {r['clients']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.1f}x | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | "
         f"{r['tpot_p50']:.2f} | {r['tpot_p99']:.2f} | {r['requests']} | {r['failed']} |" for r in rows)
-    write_section(args.out, name, f"""## {name}: {shape}, fused fp32 graph
+    write_section(args.out, f"## {name}: load", f"""## {name}: load, {shape}, fused fp32 graph
 
 {args.note}
 
 {machine()}
-- server: `onnxgen serve --max-batch {args.max_batch} --max-queue 64`, its own process; clients: one asyncio
+- server: `onnxgen serve --max-batch {args.max_batch} --max-queue 64 --threads {args.threads}`, its own process; clients: one asyncio
   process on the same machine, streaming /v1/completions back to back for {args.seconds:g} s per level,
   prompts of 6-13 tokens, max_tokens {args.max_tokens}, temperature 0.8 with a seed per request (a request
   may end early at the end-of-text token)

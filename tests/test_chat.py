@@ -200,3 +200,17 @@ def test_chat_command_streams_resets_and_keeps_history(tiny_chat_export):
     assert err.count("turn ") == 3, err  # one line of stats per answer
     assert "reused 0" in err.splitlines()[-1]  # after /reset the cache starts over
     assert "system prompt set" in proc.stdout and "conversation reset" in proc.stdout
+
+
+def test_a_changed_template_is_refused(tiny_chat_export, tmp_path):
+    """The template is code the runtime runs (sandboxed): with verification on, an edited one is refused."""
+    from pipeline.errors import UserError
+    from pipeline.run.chat import ChatFormat
+    from pipeline.run.lm import OnnxLM
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_chat_export, folder)
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(UserError, match="sha256"):
+        ChatFormat.of(OnnxLM(folder, fused=True, verify=True))
+    assert ChatFormat.of(OnnxLM(folder, fused=True, verify=False)).render(MESSAGES)

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.exports import ChatTemplate, chat_template
+from pipeline.exports import CHAT_TEMPLATE, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, ChatTemplate, chat_template
 from pipeline.run.sampling import Sampler, SamplingConfig
 from pipeline.run.text import StreamDecoder
 
@@ -95,6 +95,13 @@ class ChatFormat:
 
     @classmethod
     def of(cls, lm) -> "ChatFormat":
+        """The export's template; its files checked against the manifest first when lm was (a template is
+        code, even sandboxed)."""
+        if getattr(lm, "verify", False):
+            from pipeline import manifest
+
+            manifest.verify(lm.folder, [f for f in (CHAT_TEMPLATE, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
+                                        if (lm.folder / f).is_file()])
         template = chat_template(lm.folder)
         if template is None:
             raise UserError(f"export {lm.folder}: the model has no chat template (no chat_template.jinja, no "

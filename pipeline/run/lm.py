@@ -219,6 +219,7 @@ class OnnxLM:
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
         (faster only on cores nothing else wants)."""
         self.folder = Path(folder)
+        self.verify = verify  # the chat template's files are checked when a chat reads them (run/chat.py)
         if not self.folder.is_dir():
             raise UserError(f"export {self.folder}: folder does not exist")
         path = variant_path(self.folder, variant)
