@@ -58,8 +58,8 @@ async def one_request(port: int, model: str, prompt: str, max_tokens: int, seed:
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        elif chunk.get("choices") and chunk["choices"][0]["text"]:
-            times.append(time.perf_counter())
+        elif chunk.get("choices") and (chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"]):
+            times.append(time.perf_counter())  # a piece of text, or the end (an answer may have no text)
     writer.close()
     if status != b"200" or not times:
         return {"ok": False, "status": status.decode()}
@@ -81,6 +81,8 @@ async def level(port: int, model: str, clients: int, seconds: float, max_tokens:
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
+    if len(ok) < len(results):
+        print(f"  {clients} clients: failed requests' statuses: {sorted(r['status'] for r in results if not r['ok'])}")
     ttft = np.array([r["ttft"] for r in ok]) * 1000
     tpot = np.array([r["per_token"] for r in ok if r["per_token"] is not None]) * 1000
     return {"clients": clients, "requests": len(ok), "failed": len(results) - len(ok),

@@ -214,3 +214,49 @@ def test_a_changed_template_is_refused(tiny_chat_export, tmp_path):
     with pytest.raises(UserError, match="sha256"):
         ChatFormat.of(OnnxLM(folder, fused=True, verify=True))
     assert ChatFormat.of(OnnxLM(folder, fused=True, verify=False)).render(MESSAGES)
+
+
+def test_chat_in_a_terminal(tiny_chat_export):
+    """The interactive command on a pseudo-terminal: the banner and prompt, an answer, Ctrl-C at the prompt
+    keeps the session, /reset, and Ctrl-D ends it with exit 0."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "chat", str(tiny_chat_export), "--max-new-tokens",
+                             "6", "--stats"], stdin=child, stdout=child, stderr=child, cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(child)
+    seen = b""
+
+    def until(text: bytes, timeout=60):
+        nonlocal seen
+        deadline = time.time() + timeout
+        while text not in seen:
+            assert time.time() < deadline, seen.decode(errors="replace")
+            if select.select([main], [], [], 0.5)[0]:
+                seen += os.read(main, 4096)
+
+    try:
+        until(b"Ctrl-D quits")
+        until(b"> ")
+        os.write(main, b"import os\n")
+        until(b"turn 1:")
+        os.write(main, b"\x03")  # Ctrl-C at the prompt: the terminal sends SIGINT, the chat goes on
+        os.write(main, b"def f():\n")
+        until(b"turn 2:")
+        assert b"reused" in seen
+        os.write(main, b"/reset\n")
+        until(b"conversation reset")
+        os.write(main, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
