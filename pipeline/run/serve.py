@@ -272,6 +272,12 @@ class Server:
                 choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
             return f"data: {json.dumps({**meta, 'object': kind_name, 'choices': [choice], **extra}, ensure_ascii=False)}\n\n"
 
+        # a piece of text is one chunk per token per client: its JSON around the text is made once
+        head, _, tail = chunk({"content": "\0"} if chat else "\0").partition('"\\u0000"')
+
+        def text_chunk(piece: str) -> str:
+            return head + json.dumps(piece, ensure_ascii=False) + tail
+
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
@@ -283,7 +289,7 @@ class Server:
                 out = []
                 for kind, data in ready:
                     if kind == "text":
-                        out.append(chunk({"content": data} if chat else data))
+                        out.append(text_chunk(data))
                     elif kind == "error":
                         out.append(f"data: {json.dumps(ApiError(500, data, type='server_error').body())}\n\n")
                         finished = True
