@@ -171,6 +171,9 @@ def main() -> None:
     png = args.out.parent / f"serve_{name}.png"
     chart(rows, png, f"{name}: onnxgen serve, fused fp32")
     base = rows[0]["tok_s"]
+    at16 = next((r["tok_s"] / base for r in rows if r["clients"] == 16), None)
+    goal = "" if at16 is None else (f"16 clients give {at16:.1f}x the tokens/s of 1 client (the goal is 6x or more: "
+                                    f"{'met' if at16 >= 6 else 'missed'}).")
     table = "\n".join(
         f"| {r['clients']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.1f}x | {r['ttft_p50']:.1f} | {r['ttft_p99']:.1f} | "
         f"{r['tpot_p50']:.2f} | {r['tpot_p99']:.2f} | {r['requests']} | {r['failed']} |" for r in rows)
@@ -187,6 +190,8 @@ def main() -> None:
 | clients | tokens/s | vs 1 client | TTFT p50, ms | TTFT p99, ms | per token p50, ms | per token p99, ms | requests | failed |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {table}
+
+{goal}
 
 ![load](serve_{name}.png)
 """)
