@@ -14,9 +14,10 @@ ORT    := $(if $(GPU),gpu,cpu)
 EXTRAS := $(if $(GPU),gpu$(,)test,dev$(,)cpu)
 NOT_ORT := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: install export test test-fast js bench clean
+.PHONY: install export test test-fast js web-js chromium bench clean
+WEB    := pipeline/run/web
 
-install: $(VENV)/.installed-$(ORT)
+install: $(VENV)/.installed-$(ORT) web-js
 
 # torch first, pinned: the local CPU wheel. An unpinned torch would pull several GB of CUDA packages.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -36,7 +37,7 @@ export: install
 	$(ONNXGEN) fuse exports/$(NAME)
 	$(ONNXGEN) parity exports/$(NAME)
 
-test: install js
+test: install js chromium
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
@@ -54,6 +55,21 @@ js:
 	else (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
 		|| echo "npm ci in tests/js failed: tests/test_ship_js.py will be skipped"; fi
 
+# The browser runtime `onnxgen web` serves (transformers.js's bundle, onnxruntime-web's WASM), from npm into
+# pipeline/run/web/node_modules; without npm, `onnxgen web` says how to install it and tests/test_web.py skips.
+web-js:
+	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: onnxgen web needs it once (npm ci in $(WEB))"; \
+	elif [ $(WEB)/node_modules/.package-lock.json -nt $(WEB)/package-lock.json ]; then :; \
+	else (cd $(WEB) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
+		|| echo "npm ci in $(WEB) failed: onnxgen web and tests/test_web.py will not run"; fi
+
+# tests/test_web.py drives Debian's chromium (never a downloaded browser: no `playwright install`) with
+# Playwright's Python API (the test extra). Where apt works, install it quietly; where not, the test skips.
+chromium:
+	@[ -x /usr/bin/chromium ] || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
+		|| echo "chromium not installed (apt-get install chromium): tests/test_web.py will be skipped"
+
 # onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
 # CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu
 bench: install
@@ -62,5 +78,5 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) exports/* models/*/ .pytest_cache tests/js/node_modules
+	rm -rf $(VENV) exports/* models/*/ .pytest_cache tests/js/node_modules $(WEB)/node_modules
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -382,6 +382,26 @@ def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, thr
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: any free port.")
+def web(export_dir, host, port):
+    """Serve EXPORT and a page that runs it in the browser (transformers.js: WASM, or WebGPU where the
+    browser has it). A link starts a run: /?prompt=...&max_new_tokens=N&dtype=fp32|q8|q4|fp16&do_sample=0"""
+    from pipeline.run.web.server import make_server, url_of
+
+    server = make_server(export_dir, host, port)
+    click.echo(f"serving {export_dir} at {url_of(server)}  (Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        server.server_close()
+
+
+@main.command()
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
 def genai(export_dir, variant):
     """Point the export's genai_config.json (onnxruntime-genai) at another variant."""

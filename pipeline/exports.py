@@ -9,6 +9,8 @@ Every stage that reads or writes an export asks this module:
     write_chat_template           a chat template into both places it is read from
     atomic_write / atomic_file    one file: written beside its target, renamed over it when whole
     staging                       a whole folder: built beside its target, renamed into place when whole
+    save_graph                    a graph, whole or with its weights in transformers.js-named chunks
+    transformers_js_config        config.json's `transformers.js_config` for the graphs that have chunks
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ VARIANTS = {
     "int8": "model_quantized.onnx",
     "int4": "model_q4.onnx",
 }
+# variant -> transformers.js's `dtype` option, which picks the file above
+TRANSFORMERS_JS_DTYPES = {"fp32": "fp32", "fp16": "fp16", "int8": "q8", "int4": "q4"}
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 GENAI_CONFIG = "genai_config.json"
 # onnxgen fuse writes each variant's twin beside it: onnx/model_q4.onnx -> onnx/model_q4_gqa.onnx; its
@@ -71,6 +75,77 @@ def fused_path(folder: str | Path, variant: str) -> Path:
 
 def present_variants(folder: str | Path) -> list[str]:
     return [v for v in VARIANTS if variant_path(folder, v).is_file()]
+
+
+# ----------------------------------------------------------------------------- graphs over 2 GB
+# A protobuf holds at most 2 GB, so a larger graph keeps its weights in external data. transformers.js
+# finds them only by name: onnx/model.onnx reads onnx/model.onnx_data, model.onnx_data_1, ... (as many as
+# config.json's `transformers.js_config.use_external_data_format` says for that file), and a browser loads
+# each chunk whole into one ArrayBuffer, so a chunk stays under 2 GB (a single larger tensor gets its own).
+PROTOBUF_LIMIT = (1 << 31) - (1 << 26)   # 64 MB short of 2 GiB: room for the graph's own nodes
+CHUNK_BYTES = (1 << 31) - (1 << 20)
+TRANSFORMERS_JS_CONFIG = "transformers.js_config"
+
+
+def external_data_names(graph_name: str, chunks: int) -> list[str]:
+    """transformers.js's names for a graph's chunks: model.onnx -> model.onnx_data, model.onnx_data_1, ..."""
+    return [f"{graph_name}_data" + (f"_{i}" if i else "") for i in range(chunks)]
+
+
+def variant_files(folder: str | Path, variant: str) -> list[str]:
+    """The variant's graph and its external-data chunks, relative to the folder."""
+    graph = variant_path(folder, variant)
+    names = [graph.name]
+    for name in external_data_names(graph.name, 100):
+        if not (graph.parent / name).is_file():
+            break
+        names.append(name)
+    return [f"onnx/{n}" for n in names]
+
+
+def save_graph(model, path: str | Path, limit: int = PROTOBUF_LIMIT, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """Write an onnx.ModelProto (weights in memory) at `path`: one file when it fits `limit`, else the graph
+    plus its weights in chunks of at most `chunk_bytes`, named as transformers.js expects. Returns the names
+    written (beside `path`); len(names) - 1 is the chunk count for transformers_js_config."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, set_external_data, uses_external_data
+
+    path = Path(path)
+    for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
+        stale.unlink()  # onnx appends a tensor to its location: an old file would grow, not be replaced
+    tensors = [t for t in _get_all_tensors(model) if t.HasField("raw_data") and len(t.raw_data) >= 1024]
+    assert not any(uses_external_data(t) for t in _get_all_tensors(model)), "load the weights before saving"
+    if model.ByteSize() <= limit:
+        onnx.save_model(model, str(path))
+        return [path.name]
+    chunk, filled = 0, 0
+    for t in tensors:
+        if filled and filled + len(t.raw_data) > chunk_bytes:
+            chunk, filled = chunk + 1, 0
+        set_external_data(t, external_data_names(path.name, chunk + 1)[-1])
+        filled += len(t.raw_data)
+    onnx.save_model(model, str(path))  # writes each tensor's raw_data into its location
+    return [path.name, *external_data_names(path.name, chunk + 1)]
+
+
+def transformers_js_config(config: dict, chunks: dict[str, int]) -> dict:
+    """config.json with `transformers.js_config.use_external_data_format` giving each graph's chunk count
+    ({"model.onnx": 2, ...}). chunks: graph file name -> chunks it has now (0: none). Other graphs' entries and
+    other keys are kept; a count transformers.js already infers (0) is not written; an empty section goes."""
+    config = json.loads(json.dumps(config))
+    section = config.get(TRANSFORMERS_JS_CONFIG) or {}
+    counts = section.get("use_external_data_format")
+    if not isinstance(counts, dict):  # a bare true/number applies to every graph: spell it out per file
+        counts = {name: int(counts) for name in VARIANTS.values()} if counts else {}
+    counts.update(chunks)
+    counts = {name: int(n) for name, n in sorted(counts.items()) if int(n) > 0}
+    section = {**section, "use_external_data_format": counts} if counts else \
+        {k: v for k, v in section.items() if k != "use_external_data_format"}
+    if section:
+        config[TRANSFORMERS_JS_CONFIG] = section
+    else:
+        config.pop(TRANSFORMERS_JS_CONFIG, None)
+    return config
 
 
 # ----------------------------------------------------------------------------- reading
