@@ -98,12 +98,13 @@ async function load(dtype, device) {
   status(`loading ${dtype} on ${device}…`);
   const model = await AutoModelForCausalLM.from_pretrained(info.name, { dtype, device, progress_callback });
   const seconds = (performance.now() - t0) / 1000;
+  const threads = env.backends.onnx.wasm.numThreads ?? 1;
   const variant = info.variants[VARIANT_OF[dtype]];
   const downloaded = Object.values(sizes).reduce((a, b) => a + b, 0) || variant.bytes + info.shared_bytes;
   $('stat-download').textContent = `${MB(downloaded)} (weights ${MB(variant.bytes)})`;
   $('stat-load').textContent = `${seconds.toFixed(2)} s`;
   $('stat-backend').textContent = `${device === 'webgpu' ? 'WebGPU' : 'WASM'} · ${dtype}` +
-    (device === 'wasm' ? ` · ${env.backends.onnx.wasm.numThreads ?? 1} threads` : '');
+    (device === 'wasm' ? ` · ${threads} thread${threads === 1 ? '' : 's'}` : '');
   loaded = { key, tokenizer, model };
   return loaded;
 }
@@ -187,6 +188,9 @@ $('form').addEventListener('submit', (e) => { e.preventDefault(); generate().cat
 $('stop').addEventListener('click', () => stopper?.interrupt());
 $('clear').addEventListener('click', () => { messages.length = 0; showHistory(); });
 $('dtype').addEventListener('change', () => { $('stat-download').textContent = '–'; });
+const showChatControls = () => { $('clear').hidden = $('mode').value !== 'chat'; };
+$('mode').addEventListener('change', showChatControls);
+showChatControls();
 
 try {
   await load($('dtype').value, $('device').value);

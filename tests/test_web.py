@@ -1,0 +1,246 @@
+"""`onnxgen web` in a real browser: Debian's headless Chromium, driven by Playwright's Python API, opens a
+link that starts a run, and the text transformers.js (onnxruntime-web, WASM) generates greedily in the page
+equals `onnxgen run`'s for the trained export: fp32, int4 (q4), and fp32 with its weights in external-data
+chunks named and declared as transformers.js expects (the layout of graphs over 2 GB, made small here).
+
+The server's own rules (what it serves, what it refuses) need no browser. The browser tests skip, saying
+why, when /usr/bin/chromium, Playwright or the npm packages (make install) are missing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlencode
+
+import onnx
+import pytest
+
+from conftest import assert_user_error, onnxgen
+from pipeline.exports import (TRANSFORMERS_JS_CONFIG, read_json, save_graph, transformers_js_config,
+                              variant_files, variant_path, write_json)
+from pipeline.run.web.server import runtime_missing, serve_in_thread, url_of
+
+CHROMIUM = Path("/usr/bin/chromium")
+PROMPT = "def parse_header(line):\n    return"
+MAX_NEW = 24
+SCREENSHOT_ARTIFACT = Path(__file__).resolve().parent.parent / "docs" / "web.png"
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    missing = runtime_missing()
+    if missing:
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def browser(runtime):
+    if not CHROMIUM.is_file():
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium; `make test` tries where apt works)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]'; never `playwright install`)")
+    with sync_playwright() as p:
+        # --no-sandbox: the suite may run as root, where Chromium's sandbox refuses to start
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def web_exports(tiny_export, tmp_path_factory) -> dict:
+    """dtype -> (folder, onnxgen variant): the trained export (fp32), a copy with int4, and a copy whose fp32
+    weights live in several external-data chunks declared in config.json (as a graph over 2 GB would)."""
+    from pipeline.build.quantize import quantize
+
+    root = tmp_path_factory.mktemp("web")
+    q4 = root / "tiny-q4"
+    shutil.copytree(tiny_export, q4)
+    quantize(q4, "int4", progress=False)
+    chunked = root / "tiny-chunked"
+    shutil.copytree(tiny_export, chunked)
+    graph = variant_path(chunked, "fp32")
+    size = graph.stat().st_size
+    names = save_graph(onnx.load(str(graph)), graph, limit=0, chunk_bytes=size // 3)
+    assert len(names) - 1 >= 3 and names[1:3] == ["model.onnx_data", "model.onnx_data_1"], names
+    write_json(chunked / "config.json", transformers_js_config(read_json(chunked / "config.json", "config"),
+                                                               {"model.onnx": len(names) - 1}))
+    return {"fp32": (tiny_export, "fp32"), "q4": (q4, "int4"), "fp32-chunked": (chunked, "fp32")}
+
+
+def run_in_page(browser, folder: Path, dtype: str, screenshot: Path | None = None, **params) -> tuple[str, dict]:
+    """Open the page at a link that starts a greedy run; return #output's text and its data attributes."""
+    server = serve_in_thread(folder)
+    page = browser.new_page(viewport={"width": 1000, "height": 640})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: r.status >= 400 and errors.append(f"HTTP {r.status} {r.url}"))
+    try:
+        query = {"prompt": PROMPT, "max_new_tokens": MAX_NEW, "dtype": dtype, "do_sample": 0, "device": "wasm", **params}
+        t0 = time.time()
+        page.goto(url_of(server) + "?" + urlencode(query))
+        page.wait_for_selector("#output[data-done='true'], #output[data-done='error']", timeout=120_000)
+        elapsed = time.time() - t0
+        output = page.locator("#output")
+        data = page.evaluate("() => ({...document.getElementById('output').dataset})")
+        assert data["done"] == "true", page.inner_text("#error")
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot), full_page=True)
+        stats = {k: page.inner_text(f"#stat-{k}") for k in ("download", "load", "first", "speed", "tokens", "backend")}
+        return output.inner_text(), {**data, **stats, "seconds": elapsed, "errors": errors}
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
+
+
+def onnxgen_run_text(folder: Path, variant: str, *extra) -> str:
+    out = onnxgen("run", folder, PROMPT, "--variant", variant, "--max-new-tokens", MAX_NEW, "--no-echo", *extra).stdout
+    assert out.endswith("\n")
+    return out[:-1]
+
+
+# ----------------------------------------------------------------------------- in the browser
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "q4", "fp32-chunked"])
+def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp_path):
+    folder, variant = web_exports[dtype]
+    shot = tmp_path / f"web-{dtype}.png"
+    text, data = run_in_page(browser, folder, dtype.split("-")[0], screenshot=shot)
+    # the chunked copy's graph and config changed after export: its manifest no longer matches them
+    extra = ("--unsafe-skip-verify",) if dtype.endswith("chunked") else ()
+    assert text == onnxgen_run_text(folder, variant, *extra)
+    assert data["completion"] == text
+    assert not data["errors"], data["errors"]  # every file the page asked for was there
+    # what the page reports: tokens streamed, a speed, the bytes downloaded, the backend and weights used
+    assert int(data["tokens"]) == MAX_NEW and float(data["tokensPerSecond"]) > 0
+    assert data["download"].endswith(")") and "MB" in data["download"]
+    assert data["backend"].startswith(f"WASM · {dtype.split('-')[0]}")
+    assert shot.stat().st_size > 10_000
+    print(f"{dtype}: {data['seconds']:.1f} s to a finished run, load {data['load']}, {data['speed']} tok/s")
+    if dtype == "q4":  # the artifact the README shows, refreshed by each run of this test
+        shutil.copyfile(shot, SCREENSHOT_ARTIFACT)
+
+
+@pytest.mark.slow
+def test_browser_chat_applies_the_exports_template(browser, web_exports, tmp_path):
+    """An export with chat_template.jinja: the page renders it (transformers.js's Jinja) and generates from
+    it; the same rendering by transformers (Python) fed to `onnxgen run` gives the same text."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "tiny-chat"
+    shutil.copytree(web_exports["fp32"][0], folder)
+    template = ("{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}")
+    (folder / "chat_template.jinja").write_text(template)
+    message = "What does parse_header return?"
+    text, data = run_in_page(browser, folder, "fp32", prompt=message, mode="chat")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    rendered = tok.apply_chat_template([{"role": "user", "content": message}], chat_template=template,
+                                       add_generation_prompt=True, tokenize=False)
+    want = onnxgen("run", folder, rendered, "--max-new-tokens", MAX_NEW, "--no-echo", "--unsafe-skip-verify").stdout
+    assert text == want[:-1]
+
+
+# ----------------------------------------------------------------------------- the server
+
+def _get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_server_serves_the_page_runtime_and_export_only(runtime, tiny_export, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_export, folder)
+    (folder / ".secret").write_text("hidden")
+    (tmp_path / "outside.txt").write_text("outside")
+    (folder / "link.txt").symlink_to(tmp_path / "outside.txt")
+    server = serve_in_thread(folder)
+    base = url_of(server).rstrip("/")
+    try:
+        for path, mime in [("/", "text/html"), ("/static/page.js", "text/javascript"),
+                           ("/vendor/transformers/transformers.min.js", "text/javascript"),
+                           ("/vendor/ort/ort-wasm-simd-threaded.asyncify.wasm", "application/wasm"),
+                           ("/vendor/ort/ort-wasm-simd-threaded.asyncify.mjs", "text/javascript"),
+                           ("/models/tiny/config.json", "application/json"),
+                           ("/models/tiny/onnx/model.onnx", "application/octet-stream"),
+                           ("/export.json", "application/json")]:
+            status, headers, body = _get(base + path)
+            assert status == 200, path
+            assert headers["Content-Type"].startswith(mime), (path, headers["Content-Type"])
+            assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"  # WASM threads need isolation
+            assert int(headers["Content-Length"]) == len(body)
+        assert _get(base + "/models/tiny/onnx/model.onnx")[2] == variant_path(folder, "fp32").read_bytes()
+        info = json.loads(_get(base + "/export.json")[2])
+        assert info["name"] == "tiny" and info["variants"]["fp32"]["dtype"] == "fp32"
+        assert info["variants"]["fp32"]["bytes"] == variant_path(folder, "fp32").stat().st_size
+        assert info["chat_template"] is None
+        for path in ["/models/tiny/../../outside.txt", "/models/tiny/%2e%2e/outside.txt", "/models/tiny/link.txt",
+                     "/models/tiny/.secret", "/models/tiny/", "/models/tiny/onnx", "/models/other/config.json",
+                     "/static/../server.py", "/static/%2e%2e/server.py", "/vendor/ort/../package.json",
+                     "/vendor/transformers/transformers.node.mjs", "/vendor/", "/etc/passwd", "/server.py",
+                     "//etc/passwd", "/models/tiny/manifest.json/..%2f..%2f..%2fserver.py"]:
+            assert _get(base + path)[0] == 404, path
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_web_refuses_a_folder_that_is_not_an_export(tmp_path):
+    assert_user_error(onnxgen("web", tmp_path / "nope", check=False), "nope", "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(onnxgen("web", tmp_path / "empty", check=False), "config.json", "transformers.js")
+
+
+# ----------------------------------------------------------------------------- graphs over 2 GB
+
+def test_transformers_js_config_declares_each_graphs_chunks():
+    config = {"model_type": "gpt2", "vocab_size": 512}
+    assert transformers_js_config(config, {"model.onnx": 0}) == config  # nothing to declare: no section
+    two = transformers_js_config(config, {"model.onnx": 2})
+    assert two[TRANSFORMERS_JS_CONFIG] == {"use_external_data_format": {"model.onnx": 2}}
+    assert config == {"model_type": "gpt2", "vocab_size": 512}  # not changed in place
+    both = transformers_js_config(two, {"model_fp16.onnx": 1})
+    assert both[TRANSFORMERS_JS_CONFIG]["use_external_data_format"] == {"model.onnx": 2, "model_fp16.onnx": 1}
+    assert transformers_js_config(both, {"model.onnx": 0, "model_fp16.onnx": 0}) == config
+    # other transformers.js settings stay; a bare `true` (every graph, one chunk) is spelled out per file
+    kept = {**config, TRANSFORMERS_JS_CONFIG: {"kv_cache_dtype": {"q4": "float16"}, "use_external_data_format": True}}
+    out = transformers_js_config(kept, {"model_q4.onnx": 0})[TRANSFORMERS_JS_CONFIG]
+    assert out["kv_cache_dtype"] == {"q4": "float16"}
+    assert out["use_external_data_format"] == {"model.onnx": 1, "model_fp16.onnx": 1, "model_quantized.onnx": 1}
+
+
+def test_save_graph_chunks_weights_under_transformers_js_names(tiny_export, tmp_path):
+    import numpy as np
+
+    from pipeline.run.lm import OnnxLM
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_export, folder)
+    graph = variant_path(folder, "fp32")
+    assert save_graph(onnx.load(str(graph)), graph) == ["model.onnx"]  # small: one file, as before
+    size = graph.stat().st_size
+    names = save_graph(onnx.load(str(graph)), graph, limit=0, chunk_bytes=size // 4)
+    assert names[0] == "model.onnx" and names[1:] == [f"model.onnx_data{f'_{i}' if i else ''}" for i in range(len(names) - 1)]
+    assert 4 <= len(names) - 1 <= 6 and variant_files(folder, "fp32") == [f"onnx/{n}" for n in names]
+    locations = {e.value for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == set(names[1:])  # bare names beside the graph: what transformers.js passes to ORT
+    ids = np.arange(1, 9)[None]
+    want = OnnxLM(tiny_export).forward(ids, np.ones_like(ids), np.arange(8)[None], OnnxLM(tiny_export).empty_past(1))[0]
+    lm = OnnxLM(folder)
+    got = lm.forward(ids, np.ones_like(ids), np.arange(8)[None], lm.empty_past(1))[0]
+    np.testing.assert_array_equal(got, want)
+    # saving again replaces the chunks (onnx appends to a location that exists): no stale bytes, no stale chunk
+    names_again = save_graph(onnx.load(str(graph)), graph, limit=0, chunk_bytes=size)
+    assert names_again == ["model.onnx", "model.onnx_data"] and variant_files(folder, "fp32") == ["onnx/model.onnx",
+                                                                                                 "onnx/model.onnx_data"]
