@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +17,8 @@ from pipeline import manifest
 from pipeline.build.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import GENAI_CONFIG, INPUTS, VARIANTS, past_names, present_names, staging, write_json
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, past_names, present_names, save_graph, staging,
+                              transformers_js_config, write_json)
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
 from pipeline.train.decoder import Decoder
 from pipeline.train.runs import checkpoint_dir, load_model, source_details
@@ -39,9 +41,11 @@ class _CacheGraph(torch.nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-def export_graph(model: Decoder, path: Path) -> None:
+def export_graph(model: Decoder, path: Path) -> list[str]:
     """torch.onnx.export to the graph contract: symbolic batch and sequence dims, fixed heads and head size.
     Any configuration of the decoder: our trained GPT, or a Hugging Face family (build/hf_import.py).
+    Returns the files written beside `path`: the graph, then its external-data chunks if it is over 2 GB
+    (named as transformers.js expects, exports.save_graph; the exporter's own layout is a file per tensor).
 
     The TorchScript exporter (dynamo=False) is used on purpose: it names the symbolic dims as the
     contract does from `dynamic_axes`, constant-folds the tied head's transpose, and handles past = 0;
@@ -61,20 +65,16 @@ def export_graph(model: Decoder, path: Path) -> None:
             "logits": {0: "batch_size", 1: "sequence_length"}}
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names(c.n_layer)})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names(c.n_layer)})
-    before = set(path.parent.iterdir())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(path), input_names=ins,
-                          output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
-    scattered = set(path.parent.iterdir()) - before - {path}
-    if scattered:  # over 2 GB the exporter writes one file per weight: gather them into model.onnx_data
-        graph = onnx.load(str(path))
-        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + "_data", size_threshold=1024)
-        for p in scattered:
-            p.unlink()
+    with tempfile.TemporaryDirectory(prefix="onnxgen-export-", dir=path.parent) as work:
+        traced = Path(work) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
+                              output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+        names = save_graph(onnx.load(str(traced)), path)
     onnx.checker.check_model(str(path), full_check=True)
+    return names
 
 
 def hf_config(model, eot: int) -> dict:
@@ -122,9 +122,11 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
     with staging(out, force) as tmp:
         (tmp / "onnx").mkdir()
         t0 = time.time()
-        export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
+        graph_files = export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
         log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
-        write_json(tmp / "config.json", hf_config(model, eot))
+        # a graph over 2 GB: config.json tells transformers.js how many external-data chunks it has
+        write_json(tmp / "config.json", transformers_js_config(hf_config(model, eot),
+                                                               {VARIANTS["fp32"]: len(graph_files) - 1}))
         write_json(tmp / "generation_config.json", generation_config(eot, model.config.n_ctx))
         write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
         write_genai_config(tmp)  # onnxruntime-genai runs the folder as it stands
@@ -135,7 +137,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
             source["model_sha256"] = manifest.sha256(ckpt / "model.safetensors")
         source.update(source_details(run))  # a fine-tune's base checkpoint and adapter (sha256)
         files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
+                 "special_tokens_map.json", GENAI_CONFIG, *[f"onnx/{n}" for n in graph_files]]
         manifest.record(tmp, "export", files, source=source, opset=OPSET)
         log.info("checking parity against PyTorch")
         report = publish_parity(tmp, out, parity_for_run(tmp, run, ["fp32"]))

@@ -29,8 +29,9 @@ from pipeline.build.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.check.sources import load_hf_model
 from pipeline.errors import UserError
-from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, chat_template, first_id, past_names, present_names,
-                              staging, write_chat_template, write_json)
+from pipeline.exports import (CHUNK_BYTES, GENAI_CONFIG, INPUTS, VARIANTS, chat_template, first_id, past_names,
+                              present_names, save_graph, staging, transformers_js_config, variant_files,
+                              write_chat_template, write_json)
 from pipeline.train.families import FAMILIES, load_decoder, supported
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,9 @@ def conform_graph(path: Path, n_layer: int) -> None:
     onnx.checker.check_model(str(path))
 
 
-def export_with_optimum(model, n_layer: int, onnx_dir: Path, work: Path) -> None:
-    """optimum's ONNX export of the loaded model into `work`, moved to onnx/model.onnx (+ model.onnx_data)."""
+def export_with_optimum(model, n_layer: int, onnx_dir: Path, work: Path) -> list[str]:
+    """optimum's ONNX export of the loaded model into `work`, moved to onnx/model.onnx (+ model.onnx_data).
+    Returns the files written in onnx_dir: the graph, then its external-data chunks (graphs over 2 GB)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     with warnings.catch_warnings():
@@ -142,7 +144,15 @@ def export_with_optimum(model, n_layer: int, onnx_dir: Path, work: Path) -> None
     data = work / "model.onnx_data"  # only for graphs over 2 GB; the graph refers to it by this name
     if data.is_file():
         shutil.move(str(data), onnx_dir / "model.onnx_data")
-    conform_graph(onnx_dir / VARIANTS["fp32"], n_layer)
+    path = onnx_dir / VARIANTS["fp32"]
+    conform_graph(path, n_layer)
+    # optimum's one data file is transformers.js's first chunk by name; a browser loads a chunk whole into one
+    # ArrayBuffer, so one over the chunk size is split into model.onnx_data, model.onnx_data_1, ...
+    data = onnx_dir / "model.onnx_data"
+    if data.is_file() and data.stat().st_size > CHUNK_BYTES:
+        save_graph(onnx.load(str(path)), path)
+        onnx.checker.check_model(str(path))
+    return [Path(f).name for f in variant_files(onnx_dir.parent, "fp32")]
 
 
 # ----------------------------------------------------------------------------- the other files
@@ -175,15 +185,18 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         if ours is not None:
             log.info("exporting %s (%s) through onnxgen's decoder", src, SUPPORTED[config["model_type"]])
             (tmp / "onnx").mkdir()
-            export_graph(ours, tmp / "onnx" / VARIANTS["fp32"])
+            graph_files = export_graph(ours, tmp / "onnx" / VARIANTS["fp32"])
             exporter = {"exporter": "onnxgen", "opset": OPSET}
             del ours
         else:
-            export_with_optimum(model, model.config.num_hidden_layers, tmp / "onnx", tmp / "optimum")
+            graph_files = export_with_optimum(model, model.config.num_hidden_layers, tmp / "onnx", tmp / "optimum")
             shutil.rmtree(tmp / "optimum")
             exporter = {"exporter": "optimum"}
         log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
-        shutil.copyfile(src / "config.json", tmp / "config.json")  # byte for byte: transformers.js reads it
+        if len(graph_files) > 1:  # external data: config.json tells transformers.js how many chunks
+            write_json(tmp / "config.json", transformers_js_config(config, {VARIANTS["fp32"]: len(graph_files) - 1}))
+        else:
+            shutil.copyfile(src / "config.json", tmp / "config.json")  # byte for byte: transformers.js reads it
         write_json(tmp / "generation_config.json", generation_config(src, config))
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
@@ -198,9 +211,7 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         source = {"checkpoint": str(src.resolve()), "kind": "hf", "model_type": config["model_type"],
                   "model_sha256": {p.name: manifest.sha256(p) for p in weights}, "corpus": corpus}
         files = ["config.json", "generation_config.json", *[n for n in TOKENIZER_FILES if (tmp / n).is_file()],
-                 *[n for n in templated if n not in TOKENIZER_FILES], GENAI_CONFIG, f"onnx/{VARIANTS['fp32']}"]
-        if (tmp / "onnx" / "model.onnx_data").is_file():
-            files.append("onnx/model.onnx_data")
+                 *[n for n in templated if n not in TOKENIZER_FILES], GENAI_CONFIG, *[f"onnx/{n}" for n in graph_files]]
         manifest.record(tmp, "export", files, source=source, **exporter)
         log.info("checking parity against the transformers model")
         report = publish_parity(tmp, out, parity_for_run(tmp, src, ["fp32"], model=model))
