@@ -76,6 +76,9 @@ function fail(err) {
   $('error').textContent = String(err?.stack ?? err);
   $('output').dataset.done = 'error';
   status('failed');
+  $('generate').textContent = 'generate';
+  $('generate').disabled = false;  // another dtype or device may work
+  $('stop').disabled = true;
 }
 
 async function load(dtype, device) {
