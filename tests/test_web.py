@@ -195,6 +195,28 @@ def test_server_serves_the_page_runtime_and_export_only(runtime, tiny_export, tm
         server.server_close()
 
 
+def test_onnxgen_web_command_serves_until_stopped(runtime, tiny_export):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "web", str(tiny_export), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={"PYTHONUNBUFFERED": "1",
+                                                                                            **__import__("os").environ})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {tiny_export} at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].split()[0]
+        status, _, body = _get(url + "export.json")
+        assert status == 200 and json.loads(body)["name"] == tiny_export.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert "Traceback" not in proc.stderr.read()
+
+
 def test_web_refuses_a_folder_that_is_not_an_export(tmp_path):
     assert_user_error(onnxgen("web", tmp_path / "nope", check=False), "nope", "does not exist")
     (tmp_path / "empty").mkdir()
