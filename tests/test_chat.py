@@ -173,12 +173,13 @@ def test_run_chat_takes_messages_as_json(tiny_chat_export, tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "import os"}]
     path = tmp_path / "m.json"
     path.write_text(json.dumps(messages))
-    out = onnxgen("run", tiny_chat_export, "--chat", path, "--max-new-tokens", "8").stdout
+    out = onnxgen("run", tiny_chat_export, "--chat", path, "--max-new-tokens", "8", "--temperature", "0").stdout
     lm = OnnxLM(tiny_chat_export, fused=True)
     ids = ChatFormat.of(lm).encode(messages)
     want = lm.tokenizer.decode(_tokens(lm, ids, 8))
     assert out == want + "\n"
-    assert onnxgen("run", tiny_chat_export, "--chat", "-", "--max-new-tokens", "8", input=json.dumps(messages)).stdout == out
+    assert onnxgen("run", tiny_chat_export, "--chat", "-", "--max-new-tokens", "8", "--temperature", "0",
+                   input=json.dumps(messages)).stdout == out
     assert_user_error(onnxgen("run", tiny_chat_export, "--chat", "-", input="[{\"role\": 1}]", check=False), "--chat")
     assert_user_error(onnxgen("run", tiny_chat_export, "--chat", "-", input="{not json", check=False), "--chat")
 

@@ -102,7 +102,8 @@ def run_in_page(browser, folder: Path, dtype: str, screenshot: Path | None = Non
 
 
 def onnxgen_run_text(folder: Path, variant: str, *extra) -> str:
-    out = onnxgen("run", folder, PROMPT, "--variant", variant, "--max-new-tokens", MAX_NEW, "--no-echo", *extra).stdout
+    out = onnxgen("run", folder, PROMPT, "--variant", variant, "--max-new-tokens", MAX_NEW, "--no-echo",
+                  "--temperature", "0", *extra).stdout
     assert out.endswith("\n")
     return out[:-1]
 
@@ -146,7 +147,8 @@ def test_browser_chat_applies_the_exports_template(browser, web_exports, tmp_pat
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     rendered = tok.apply_chat_template([{"role": "user", "content": message}], chat_template=template,
                                        add_generation_prompt=True, tokenize=False)
-    want = onnxgen("run", folder, rendered, "--max-new-tokens", MAX_NEW, "--no-echo", "--unsafe-skip-verify").stdout
+    want = onnxgen("run", folder, rendered, "--max-new-tokens", MAX_NEW, "--no-echo", "--temperature", "0",
+                   "--unsafe-skip-verify").stdout
     assert text == want[:-1]
 
 
