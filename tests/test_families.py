@@ -290,3 +290,80 @@ def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
     real = mask.bool()
     got = torch.from_numpy(session.run(["logits"], feed)[0])
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the fused graph
+
+# ONNX Runtime's rotary kernel takes head sizes that are multiples of 16 and rotated widths of 16 or more:
+# the fused cases widen the tiny models to that (every other size as in CASES)
+FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
+FUSED_WIDER = {"phi3": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
+               "llama-dynamic": {"max_position_embeddings": 64}}
+FUSED_REFUSED = {"phi3-longrope": "longrope"}
+
+
+def fused_case(tmp_path, name):
+    model_type, sizes = CASES[name]
+    if "hidden_size" in sizes and "head_dim" not in sizes and model_type != "opt" and name not in FUSED_REFUSED:
+        sizes = {**sizes, **FUSED_SIZES}
+    save_tiny(tmp_path / name, model_type, {**sizes, **FUSED_WIDER.get(name, {})})
+    return tmp_path / name
+
+
+def run_fused(session, arch, rows: list[list[int]], steps: int):
+    """Right-padded prefill of `rows`, then `steps` decode steps each feeding the row's next token, as
+    onnxgen run's shared-buffer loop does; yields each call's last-position logits (B, V)."""
+    import numpy as np
+
+    B, lengths = len(rows), [len(r) - steps for r in rows]
+    S, room = max(lengths), max(len(r) for r in rows)
+    ids, mask = np.zeros((B, S), np.int64), np.zeros((B, S), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, :n], mask[b, :n] = rows[b][:n], 1
+    pos = np.tile(np.arange(S), (B, 1))
+    cache = {f"past_key_values.{i}.{kv}": np.zeros((B, arch.n_kv_head, room, arch.head_dim), np.float32)
+             for i in range(arch.n_layer) for kv in ("key", "value")}
+    names = [o.name for o in session.get_outputs()]
+    for step in range(steps + 1):
+        out = dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                                 **cache})))
+        yield out["logits"][:, 0]
+        if step == steps:
+            return
+        cache = {k: out[k.replace("past_key_values", "present")] for k in cache}
+        ids = np.array([[rows[b][n + step]] for b, n in enumerate(lengths)], np.int64)
+        pos = np.array([[n + step] for n in lengths], np.int64)
+        mask = np.zeros((B, max(lengths) + step + 1), np.int64)
+        for b, n in enumerate(lengths):
+            mask[b, :n + step + 1] = 1
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
+    """onnxgen fuse's rewrite for every family: one GroupQueryAttention per layer (rotary, sliding windows,
+    soft-caps, q/k norms and scales as attributes and inputs) gives our decoder's logits, within 5e-5, on a
+    right-padded batch of three lengths and three decode steps after it."""
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.build.export import export_graph
+    from pipeline.build.fuse import attention_of, fuse_graph
+
+    folder = fused_case(tmp_path, name)
+    ours = load_decoder(folder)
+    export_graph(ours, tmp_path / "model.onnx")
+    if name in FUSED_REFUSED:
+        with pytest.raises(UserError, match=FUSED_REFUSED[name]):
+            attention_of(folder)
+        return
+    graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
+    assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == ours.arch.n_layer
+    onnx.save(graph, str(tmp_path / "fused.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    steps = 3
+    rows = [torch.randint(1, VOCAB, (n + steps,), generator=g).tolist() for n in LENGTHS]
+    for step, got in enumerate(run_fused(session, ours.arch, rows, steps)):
+        with torch.no_grad():
+            want = [ours(torch.tensor([r[:len(r) - steps + step]]))[0][0, -1] for r in rows]
+        torch.testing.assert_close(torch.from_numpy(got), torch.stack(want), atol=5e-5, rtol=1e-4)
