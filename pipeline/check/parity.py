@@ -118,6 +118,24 @@ THRESHOLDS: dict[str, Thresholds] = {
     "int4": Thresholds(top1=0.97, kl_mean=5e-3, ppl_change_pct=1.5),
     "fp16": Thresholds(atol=1e-2, rtol=1e-3),
 }
+# Imports (export --hf / --gguf): the per-variant bars above were set on models trained here, which lose
+# almost nothing to 8 and 4 bits; a real small model loses far more, and how much is a property of the
+# model, not a defect of the export (SmolLM2-135M, 8,238 tokens: our int4 same top-1 77%, KL 0.24;
+# llama.cpp's Q4_0 68%, KL 0.35; onnxruntime-genai's int4 63%, KL 0.44, issue 13's table). So an import's
+# quantized variants are reported in full and fail only when the graph is broken: a wrong scale, a
+# transposed or misplaced weight, a broken fused twin leave the next token to chance (same top-1 of a few
+# percent, KL of several nats), far under these floors, while every real 4-bit format above clears them.
+# fp32 and fp16 keep their bounds: they do measure the graph.
+IMPORT_FLOOR = Thresholds(top1=0.5, kl_mean=1.0)
+
+
+def thresholds_for(folder: Path) -> dict[str, Thresholds]:
+    """The bars an export is held to: THRESHOLDS for models trained here, IMPORT_FLOOR for an import's
+    quantized variants."""
+    kind = (manifest.load(folder).get("source") or {}).get("kind")
+    if kind in ("hf", "gguf"):
+        return {**THRESHOLDS, "int8": IMPORT_FLOOR, "int4": IMPORT_FLOOR}
+    return THRESHOLDS
 
 
 def wilson_lower(hits: int, n: int, z: float = Z95) -> float:
@@ -556,11 +574,12 @@ def parity_of(folder: Path, variants: list[str], source: Source, kinds=("plain",
     """Judge the export's `variants` (their plain graphs and fused twins, of `kinds`) against `source`;
     sizes and devices filled in."""
     folder = Path(folder)
+    thresholds = thresholds_for(folder)
     graphs, skipped = open_graphs(folder, variants, kinds)
-    report = run_parity(graphs, source, progress=progress)
+    report = run_parity(graphs, source, thresholds=thresholds, progress=progress)
     for name, note in skipped.items():
         v = name.split()[0]
-        t = THRESHOLDS.get(v, Thresholds())
+        t = thresholds.get(v, Thresholds())
         report.results.append(VariantResult(variant=name, status="not run", note=note, thresholds=t.describe()))
     order = {f"{v}{s}": i for i, (v, s) in enumerate((v, s) for v in variants for s in ("", " fused"))}
     report.results.sort(key=lambda r: order[r.variant])
