@@ -1,0 +1,130 @@
+"""A real model, batch-1 greedy decode: onnxgen's graphs against onnxruntime-genai's model builder.
+
+    python benchmarks/real_model_speed.py --ours exports/smollm2 --genai /tmp/genai-int4 [--rounds 7]
+        -> benchmarks/REAL_MODEL.md, benchmarks/real_model.png
+
+Issue 12's measurement: 128 new tokens after a 32-token prompt, greedy, batch 1, at 1 and at 2 threads.
+Every engine gets the same prompt ids and generates exactly 128 tokens (no early end-of-text).
+Decode rate = (N - 1) / (t(N) - t(1)), as `onnxgen bench` measures it: a 1-token run removes the prefill.
+Rounds are interleaved (each round runs every engine once, at each thread count) and medians reported,
+so a noisy neighbour slows every engine in its round rather than one engine's whole measurement.
+
+Making the peer (its builder needs transformers 5 and onnx-ir, which this project's venv does not pin; a
+side venv with `pip install onnxruntime-genai transformers onnx-ir` and torch==2.13.0):
+    python -m onnxruntime_genai.models.builder -i HF_FOLDER -o /tmp/genai-int4 -p int4 -e cpu -c /tmp/cache
+Ours: onnxgen export --hf HF_FOLDER --out exports/smollm2; onnxgen quantize exports/smollm2 --variant int4;
+onnxgen fuse exports/smollm2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.check.bench import _onnxgen_loader, _timed, machine, versions  # noqa: E402
+
+PROMPT, NEW = 32, 128
+
+
+def genai_folder_loader(folder: Path, threads: int):
+    """onnxruntime-genai on the builder's own folder, its config pointed at `threads`."""
+    import onnxruntime_genai as og
+
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    where = Path(tempfile.mkdtemp(prefix="onnxgen-genai-"))
+    for f in folder.iterdir():
+        if f.name != "genai_config.json":
+            (where / f.name).symlink_to(f.resolve())
+    (where / "genai_config.json").write_text(json.dumps(config))
+    model = og.Model(og.Config(str(where)))
+
+    def gen(ids, n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, batch_size=1,
+                                  do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids.astype(np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+    return gen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ours", type=Path, required=True, help="an onnxgen export with int4 and its fused twin")
+    ap.add_argument("--genai", type=Path, required=True, help="onnxruntime-genai builder output (int4)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("REAL_MODEL.md"))
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    size = lambda p: p.stat().st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + "*data*"))  # noqa: E731
+    engines = {
+        "onnxgen int4, fused (GroupQueryAttention, shared buffer)": (
+            lambda t: _onnxgen_loader(args.ours, "int4", True, t), size(args.ours / "onnx/model_q4_gqa.onnx")),
+        "onnxgen int4, fused, threads spinning": (
+            lambda t: _onnxgen_loader(args.ours, "int4", True, t, spin=True), size(args.ours / "onnx/model_q4_gqa.onnx")),
+        "onnxgen int4, plain graph": (
+            lambda t: _onnxgen_loader(args.ours, "int4", False, t), size(args.ours / "onnx/model_q4.onnx")),
+        "onnxruntime-genai builder int4": (
+            lambda t: genai_folder_loader(args.genai, t), size(args.genai / "model.onnx")),
+    }
+    vocab = json.loads((args.ours / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(100, vocab - 100, (1, PROMPT))
+    loaded = {(name, t): load(t) for name, (load, _) in engines.items() for t in threads}
+    for gen in loaded.values():  # warm-up: first-run allocations and kernel selection
+        gen(ids, 8)
+    rates: dict = {k: [] for k in loaded}
+    for r in range(args.rounds):
+        for key, gen in loaded.items():
+            one, full = _timed(gen, ids, 1), _timed(gen, ids, NEW)
+            rates[key].append((NEW - 1) / (full - one))
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    peer = "onnxruntime-genai builder int4"
+    lines = [f"# {args.ours.name}: batch-1 greedy decode, onnxgen vs onnxruntime-genai's builder", "",
+             f"Machine: {machine()}. Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}.",
+             f"{PROMPT}-token prompt, {NEW} new tokens, greedy, batch 1; {args.rounds} interleaved rounds, medians; "
+             "decode tok/s = (N-1) / (t(N) - t(1)).", "",
+             "| engine | file MB | " + " | ".join(f"{t} thread{'s' * (t > 1)} tok/s | vs genai" for t in threads) + " |",
+             "|---|---|" + "---|---|" * len(threads)]
+    for name, (_, nbytes) in engines.items():
+        cells = " | ".join(f"{med[(name, t)]:.1f} | {med[(name, t)] / med[(peer, t)]:.2f}x" for t in threads)
+        lines.append(f"| {name} | {nbytes / 1e6:.1f} | {cells} |")
+    lines += ["", "Per-round rates (tok/s):", ""]
+    for key, v in rates.items():
+        lines.append(f"- {key[0]}, {key[1]} thread(s): {', '.join(f'{x:.1f}' for x in v)}")
+    args.out.write_text("\n".join(lines) + "\n")
+    _chart(engines, threads, med, args.out.with_suffix(".png").with_name("real_model.png"), args.ours.name)
+    print("\n".join(lines[:8 + len(engines)]))
+
+
+def _chart(engines, threads, med, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(engines)
+    for i, name in enumerate(engines):
+        xs = [j + i * width for j in range(len(threads))]
+        ax.bar(xs, [med[(name, t)] for t in threads], width, label=name)
+    ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(threads))])
+    ax.set_xticklabels([f"{t} thread{'s' * (t > 1)}" for t in threads])
+    ax.set_ylabel("decode tok/s (median)")
+    ax.set_title(f"{title}: batch-1 greedy decode, int4")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
