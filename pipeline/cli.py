@@ -373,7 +373,8 @@ def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, thr
     from pipeline.run.lm import OnnxLM
     from pipeline.run.serve import serve as run_server
 
-    lm = OnnxLM(export_dir, variant=variant, threads=threads, verify=not unsafe_skip_verify, fused=True)
+    # no spinning: the server's HTTP side and its clients need the cores between steps
+    lm = OnnxLM(export_dir, variant=variant, threads=threads, verify=not unsafe_skip_verify, fused=True, spin=False)
     name = model_name or Path(export_dir).resolve().name
     click.echo(f"serving {export_dir} as `{name}` on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue})",
                err=True)

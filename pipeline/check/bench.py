@@ -136,7 +136,7 @@ def _genai_loader(folder: Path, file: str, fused: bool, threads: int):
     return gen
 
 
-def _onnxgen_loader(folder: Path, variant: str, fused: bool, threads: int, spin: bool = False):
+def _onnxgen_loader(folder: Path, variant: str, fused: bool, threads: int, spin: bool | None = False):
     lm = OnnxLM(folder, variant, threads=threads, fused=fused, spin=spin)
 
     def gen(ids, n):

@@ -45,15 +45,23 @@ def require_cuda() -> None:
                         "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
 
 
-def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool = False):
+SPIN_BYTES = 64 << 20
+
+
+def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    # No spin-waiting by default: between two steps the core goes to Python (sampling, stops), and a
-    # worker spinning for the next kernel takes it. Measured on this project's shared 2-core machine:
-    # 1528 vs 418 tok/s for the small preset's int4 fused graph (benchmarks/RESULTS.md has both rows).
+    # Spin-waiting (spin=None: by the graph's size, SPIN_BYTES). Between two steps the core goes to Python
+    # (sampling, stops), and a worker spinning for the next kernel takes it: for a small graph that costs
+    # more than it saves (this project's shared 2-core machine, the small preset's int4 fused graph: 1528
+    # tok/s without, 418 with; benchmarks/RESULTS.md). A large graph's step is ~10 ms of kernels against
+    # the same ~0.1 ms of Python, and its ~700 kernels each wake the pool: SmolLM2-135M int4 fused at 2
+    # threads decodes 115 tok/s spinning, 94 not (benchmarks/REAL_MODEL.md, side by side).
+    if spin is None:
+        spin = sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) >= SPIN_BYTES  # + external data
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
@@ -214,10 +222,10 @@ class SharedBufferDecode:
 
 class OnnxLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
-                 verify: bool = False, fused: bool | str = False, spin: bool = False):
+                 verify: bool = False, fused: bool | str = False, spin: bool | None = None):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
-        (faster only on cores nothing else wants)."""
+        (faster only on cores nothing else wants); None: for graphs of SPIN_BYTES and more."""
         self.folder = Path(folder)
         self.verify = verify  # the chat template's files are checked when a chat reads them (run/chat.py)
         if not self.folder.is_dir():
