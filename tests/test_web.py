@@ -55,12 +55,17 @@ def browser(runtime):
 
 
 @pytest.fixture(scope="module")
-def web_exports(tiny_export, tmp_path_factory) -> dict:
-    """dtype -> (folder, onnxgen variant): the trained export (fp32), a copy with int4, and a copy whose fp32
-    weights live in several external-data chunks declared in config.json (as a graph over 2 GB would)."""
+def web_exports(tiny_export, hf_exports, tmp_path_factory) -> dict:
+    """dtype -> (folder, onnxgen variant): the trained export (fp32), a copy with int4, a copy whose fp32
+    weights live in several external-data chunks declared in config.json (as a graph over 2 GB would), and
+    an imported Llama (GQA, RoPE, RMSNorm: random weights, so its greedy text varies where the 5M trained
+    model's settles into spaces) in fp32 and int4."""
     from pipeline.build.quantize import quantize
 
     root = tmp_path_factory.mktemp("web")
+    llama_q4 = root / "llama-q4"
+    shutil.copytree(hf_exports["llama"], llama_q4)
+    quantize(llama_q4, "int4", progress=False)
     q4 = root / "tiny-q4"
     shutil.copytree(tiny_export, q4)
     quantize(q4, "int4", progress=False)
@@ -72,7 +77,8 @@ def web_exports(tiny_export, tmp_path_factory) -> dict:
     assert len(names) - 1 >= 3 and names[1:3] == ["model.onnx_data", "model.onnx_data_1"], names
     write_json(chunked / "config.json", transformers_js_config(read_json(chunked / "config.json", "config"),
                                                                {"model.onnx": len(names) - 1}))
-    return {"fp32": (tiny_export, "fp32"), "q4": (q4, "int4"), "fp32-chunked": (chunked, "fp32")}
+    return {"fp32": (tiny_export, "fp32"), "q4": (q4, "int4"), "fp32-chunked": (chunked, "fp32"),
+            "fp32-llama": (hf_exports["llama"], "fp32"), "q4-llama": (llama_q4, "int4")}
 
 
 def run_in_page(browser, folder: Path, dtype: str, screenshot: Path | None = None, **params) -> tuple[str, dict]:
@@ -111,7 +117,7 @@ def onnxgen_run_text(folder: Path, variant: str, *extra) -> str:
 # ----------------------------------------------------------------------------- in the browser
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "q4", "fp32-chunked"])
+@pytest.mark.parametrize("dtype", ["fp32", "q4", "fp32-chunked", "fp32-llama", "q4-llama"])
 def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp_path):
     folder, variant = web_exports[dtype]
     shot = tmp_path / f"web-{dtype}.png"
@@ -119,6 +125,8 @@ def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp
     # the chunked copy's graph and config changed after export: its manifest no longer matches them
     extra = ("--unsafe-skip-verify",) if dtype.endswith("chunked") else ()
     assert text == onnxgen_run_text(folder, variant, *extra)
+    if dtype.endswith("llama"):  # a comparison that means something: varied text, not a run of one token
+        assert len(set(text)) >= 8, repr(text)
     assert data["completion"] == text
     assert not data["errors"], data["errors"]  # every file the page asked for was there
     # what the page reports: tokens streamed, a speed, the bytes downloaded, the backend and weights used
