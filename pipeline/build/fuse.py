@@ -50,7 +50,7 @@ from pipeline.check.parity import parity_of, source_of
 from pipeline.errors import ParityError, UserError
 from pipeline.exports import MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging, variant_path
 from pipeline.train.decoder import DecoderConfig, Rotary, rope_kind
-from pipeline.train.families import FAMILIES
+from pipeline.train.families import arch_of
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,11 @@ def _downstream_reshape(name: str, consumers, producers) -> str:
 def attention_of(folder: Path) -> DecoderConfig:
     """The decoder configuration the export's graph was built from (its config.json, read by its family),
     refused in one line when GroupQueryAttention cannot do its attention (see the module docstring)."""
-    config = read_json(folder / "config.json", "config")
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
+    arch = arch_of(folder)
+    model_type = read_json(folder / "config.json", "config").get("model_type")
+    if arch is None:
         raise UserError(f"fuse {folder}: model_type {model_type!r} was exported by optimum, not onnxgen's decoder; "
                         "only the plain graph runs it")
-    arch = FAMILIES[model_type](config, str(folder / "config.json")).arch()
     reasons = [why for bad, why in [
         (rope_kind(arch.rope_scaling) == "longrope", "longrope scaling (its table switches with the length)"),
         # ONNX Runtime's rotary kernels: "head_size shall be a multiple of 16", "cos_cache dimension 1 must
@@ -165,7 +164,7 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
         for kind in set(arch.layer_types):
             local = bases[kind] != arch.rope_theta  # Gemma 3's sliding layers: their own base, unscaled
             name = "fuse/local" if local else "fuse/rope"
-            if name not in {t.name.rsplit("_", 1)[0] for t in g.initializer}:
+            if not any(name + "_cos" in names for names in caches.values()):  # a table once, for its layers
                 cos, sin = rotary_caches(arch, bases[kind] if local else None)
                 g.initializer.extend([numpy_helper.from_array(cos.astype(np_dtype), name + "_cos"),
                                       numpy_helper.from_array(sin.astype(np_dtype), name + "_sin")])

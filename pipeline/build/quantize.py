@@ -53,8 +53,8 @@ from pipeline.build.optimize import optimize
 from pipeline.check.parity import window_plan
 from pipeline.check.sources import run_windows
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, fused_path, past_names, read_config, read_json, variant_path
-from pipeline.train.families import FAMILIES
+from pipeline.exports import VARIANTS, fused_path, past_names, read_config, variant_path
+from pipeline.train.families import arch_of
 from pipeline.train.runs import load_model, read_tokens
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,8 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     done = {}
     with tempfile.TemporaryDirectory(prefix="onnxgen-optimize-") as tmp:
         optimized = Path(tmp) / "model_optimized.onnx"
-        family = FAMILIES.get(shape.model_type)
-        norm = family(read_json(folder / "config.json", "config"), str(folder)).arch().norm if family else "layernorm"
+        arch = arch_of(folder)
+        norm = arch.norm if arch is not None else "layernorm"
         opt_stats = optimize(fp32, optimized, num_heads, hidden, fuse=fuse, norm=norm)
         builders = {  # each: (src, dst) -> details for the manifest
             "int8": {"dynamic": quantize_int8_dynamic, "blockwise": quantize_int8_blockwise,

@@ -447,6 +447,15 @@ def family_of(folder: Path) -> Family:
     return FAMILIES[model_type](config, str(path))
 
 
+def arch_of(folder: str | Path) -> DecoderConfig | None:
+    """The decoder configuration of an export or model folder's config.json, None for a model_type
+    outside the families (an Optimum fallback export)."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, "config")
+    family = FAMILIES.get(config.get("model_type"))
+    return None if family is None else family(config, str(path)).arch()
+
+
 def load_decoder(folder: str | Path) -> Decoder:
     """Our decoder with the folder's weights (safetensors only), fp32, in eval mode."""
     folder = Path(folder)
