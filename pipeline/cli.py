@@ -137,18 +137,25 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
 @click.option("--force", is_flag=True, help="Replace an existing export folder.")
 @click.option("--hf", "hf", type=click.Path(path_type=Path), default=None,
               help="Import a local transformers causal-LM folder (gpt2, llama, qwen2, phi3, gpt_neox) instead.")
-@click.option("--corpus", default=None, help="With --hf: text for the parity windows [Python's standard library].")
-def export(checkpoint, out, force, hf, corpus):
-    """Export a trained run folder (or, with --hf, a Hugging Face model) to ONNX (fp32, KV cache) with
-    configs, tokenizer, genai_config.json, parity and manifest."""
-    if (checkpoint is None) == (hf is None):
-        raise UserError("export: give a CHECKPOINT run folder or --hf DIR (one of them)")
-    if corpus is not None and hf is None:
-        raise UserError("--corpus: only used with --hf (an onnxgen run holds out its own data)")
+@click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None,
+              help="Import a llama.cpp GGUF file (llama, qwen2; dequantized to fp32) instead.")
+@click.option("--corpus", default=None, help="With --hf/--gguf: text for the parity windows [Python's standard library].")
+def export(checkpoint, out, force, hf, gguf, corpus):
+    """Export a trained run folder (or, with --hf, a Hugging Face model; with --gguf, a GGUF file) to ONNX
+    (fp32, KV cache) with configs, tokenizer, genai_config.json, parity and manifest."""
+    if sum(x is not None for x in (checkpoint, hf, gguf)) != 1:
+        raise UserError("export: give a CHECKPOINT run folder, --hf DIR or --gguf FILE (one of them)")
+    if corpus is not None and hf is None and gguf is None:
+        raise UserError("--corpus: only used with --hf or --gguf (an onnxgen run holds out its own data)")
     from pipeline.build.export import export as export_run
-    from pipeline.build.hf_import import export_hf
+    from pipeline.build.hf_import import export_gguf, export_hf
 
-    report = export_run(checkpoint, out, force=force) if hf is None else export_hf(hf, out, force=force, corpus=corpus)
+    if gguf is not None:
+        report = export_gguf(gguf, out, force=force, corpus=corpus)
+    elif hf is not None:
+        report = export_hf(hf, out, force=force, corpus=corpus)
+    else:
+        report = export_run(checkpoint, out, force=force)
     fp32 = report.results[0]
     click.echo(f"exported {out}: fp32 max |Δlogit| {fp32.max_abs:.2e}, KL {fp32.kl_mean:.1e} over {fp32.scored} "
                f"tokens, greedy {fp32.greedy_match}/{fp32.greedy_tokens} identical")

@@ -11,12 +11,19 @@ the type; we then conform what it leaves different from the contract: GPT-2's in
 symbolic dimension it calls "past_sequence_length + sequence_length" becomes "total_sequence_length".
 Either way parity is against the transformers PyTorch model (not ours) driven through the same contract,
 on held-out windows of a corpus (the standard library by default) tokenized with the model's own tokenizer.
+
+    onnxgen export --gguf model.gguf --out exports/NAME
+
+A GGUF file (llama.cpp's) is first written out as a transformers folder in a temporary folder (train/gguf.py:
+dequantized fp32 safetensors, config.json, tokenizer.json from its metadata), then exported as above; the
+manifest names the GGUF as the source, so `onnxgen parity` stages it again.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +40,7 @@ from pipeline.exports import (CHUNK_BYTES, GENAI_CONFIG, INPUTS, VARIANTS, chat_
                               present_names, save_graph, staging, transformers_js_config, variant_files,
                               write_chat_template, write_json)
 from pipeline.train.families import FAMILIES, load_decoder, supported
+from pipeline.train.gguf import stage_gguf
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +180,23 @@ def generation_config(src: Path, config: dict) -> dict:
     return gen
 
 
-def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:
-    """The `export --hf` stage: import, conform, write the folder, check parity, publish atomically."""
+def export_gguf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None) -> ParityReport:
+    """The `export --gguf` stage: the file as a transformers folder in a temporary folder, then `export --hf`."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    with tempfile.TemporaryDirectory(prefix="onnxgen-gguf-") as tmp:
+        t0 = time.time()
+        gguf = stage_gguf(src, tmp)
+        log.info("staged %s (%s) as a transformers folder in %.1fs", src, gguf["quant_types"], time.time() - t0)
+        source = {"checkpoint": str(src.resolve()), "kind": "gguf", **gguf}
+        return export_hf(tmp, out, force=force, corpus=corpus, source=source)
+
+
+def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str | None = None,
+              source: dict | None = None) -> ParityReport:
+    """The `export --hf` stage: import, conform, write the folder, check parity, publish atomically.
+    source: what the manifest records as the source, when `src` is only a staging of it (a GGUF)."""
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise UserError(f"--out {out}: exists; pass --force to replace it")
@@ -208,8 +231,9 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         templated = write_chat_template(tmp, template.source) if template else []
         write_genai_config(tmp)
         weights = sorted(src.glob("*.safetensors"))
-        source = {"checkpoint": str(src.resolve()), "kind": "hf", "model_type": config["model_type"],
-                  "model_sha256": {p.name: manifest.sha256(p) for p in weights}, "corpus": corpus}
+        source = {**(source or {"checkpoint": str(src.resolve()), "kind": "hf",
+                                "model_sha256": {p.name: manifest.sha256(p) for p in weights}}),
+                  "model_type": config["model_type"], "corpus": corpus}
         files = ["config.json", "generation_config.json", *[n for n in TOKENIZER_FILES if (tmp / n).is_file()],
                  *[n for n in templated if n not in TOKENIZER_FILES], GENAI_CONFIG, *[f"onnx/{n}" for n in graph_files]]
         manifest.record(tmp, "export", files, source=source, **exporter)

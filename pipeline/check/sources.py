@@ -4,10 +4,12 @@ graph contract, and the held-out token windows it is judged on.
     onnxgen run folder   our GPT (train/runs.load_model), windows from the run's data/valid.bin
     Hugging Face folder  the transformers model (safetensors only, no remote code), windows of a corpus
                          (the standard library by default) tokenized with the export's tokenizer
+    GGUF file            the same, from the transformers folder train/gguf.py makes of it
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.exports import VARIANTS, generation_ids
 from pipeline.tokenizer import EOT, load_tokenizer
 from pipeline.train.corpus import load_corpus
+from pipeline.train.gguf import is_gguf, stage_gguf
 from pipeline.train.runs import load_model, read_tokens
 
 def is_hf_folder(path: Path) -> bool:
@@ -44,6 +47,12 @@ def load_hf_model(src: Path):
                                                      attn_implementation="eager")
     return model.eval()
 
+
+def load_gguf_model(path: Path):
+    """The fp32 transformers model of a GGUF file, through a temporary transformers folder."""
+    with tempfile.TemporaryDirectory(prefix="onnxgen-gguf-") as tmp:
+        stage_gguf(path, tmp)
+        return load_hf_model(Path(tmp))
 
 
 def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, length: int) -> np.ndarray:
@@ -128,10 +137,11 @@ def open_source(folder: Path, checkpoint: Path, n_windows: int, length: int, mod
     """The reference for the export in `folder`: an onnxgen run folder or a Hugging Face folder, with
     `n_windows` held-out windows of `length` tokens (parity.window_plan leaves room in the context)."""
     folder, checkpoint = Path(folder), Path(checkpoint)
-    if is_hf_folder(checkpoint):  # imported with `export --hf`: the transformers model is the reference
+    if is_hf_folder(checkpoint) or is_gguf(checkpoint):  # `export --hf/--gguf`: the transformers model is the reference
         # the corpus recorded at import time, so every stage uses the same windows
         corpus = (manifest.load(folder).get("source") or {}).get("corpus")
-        model = model if model is not None else load_hf_model(checkpoint)
+        if model is None:
+            model = load_gguf_model(checkpoint) if is_gguf(checkpoint) else load_hf_model(checkpoint)
         ids = generation_ids(folder)
         windows = hf_windows(folder, corpus, ids.eos[0], n_windows, length)
         return Source(str(checkpoint), hf_reference(model), hf_empty_past(folder), windows, ids.pad)
