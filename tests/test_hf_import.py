@@ -177,7 +177,7 @@ def test_parity_stage_and_run_work_on_an_import(int8_exports, tmp_path):
 
 def test_export_needs_exactly_one_source(tmp_path):
     proc = onnxgen("export", "--out", tmp_path / "x", check=False)
-    assert proc.returncode == 2 and "CHECKPOINT run folder or --hf DIR" in proc.stderr
+    assert proc.returncode == 2 and "CHECKPOINT run folder, --hf DIR or --gguf FILE" in proc.stderr
     proc = onnxgen("export", tmp_path, "--hf", tmp_path, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "one of them" in proc.stderr
 
