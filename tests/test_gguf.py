@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_CORPUS, assert_user_error, onnxgen
+from conftest import TEST_CORPUS, assert_user_error, onnxgen, snapshot
 from pipeline import manifest
 from pipeline.run.lm import OnnxLM
 
@@ -205,23 +205,25 @@ def test_add_bos_token_decides_whether_a_bos_is_added(tokenizer_json, tmp_path):
         assert tok.decode(tok.encode(TEXT).ids, skip_special_tokens=False) == ("<|im_start|>" if add_bos else "") + TEXT
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(tmp_path):
+def test_bad_inputs_are_one_line_and_write_nothing(sources, tmp_path):
+    """README "Errors": a missing file, a non-GGUF, a truncated GGUF, another architecture."""
     out = tmp_path / "out"
-    proc = onnxgen("export", "--gguf", tmp_path / "nonesuch.gguf", "--out", out, check=False)
-    assert_user_error(proc, "nonesuch.gguf", "does not exist")
     (tmp_path / "text.gguf").write_text("not a model\n")
-    proc = onnxgen("export", "--gguf", tmp_path / "text.gguf", "--out", out, check=False)
-    assert_user_error(proc, "text.gguf", "not a GGUF file")
+    (tmp_path / "truncated.gguf").write_bytes(sources["llama"][0].read_bytes()[:4000])
     w = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    proc = onnxgen("export", "--gguf", tmp_path / "falcon.gguf", "--out", out, check=False)
-    assert_user_error(proc, "falcon.gguf", "architecture 'falcon' is not supported", "llama")
+    before = snapshot(tmp_path)
+    for name, words in [("nonesuch.gguf", ["does not exist"]), ("text.gguf", ["not a GGUF file"]),
+                        ("truncated.gguf", ["not a readable GGUF file, truncated or corrupt"]),
+                        ("falcon.gguf", ["architecture 'falcon' is not supported", "llama, qwen2"])]:
+        proc = onnxgen("export", "--gguf", tmp_path / name, "--out", out, check=False)
+        assert_user_error(proc, name, *words)
     proc = onnxgen("export", tmp_path, "--gguf", tmp_path / "falcon.gguf", "--out", out, check=False)
     assert_user_error(proc, "one of them")
-    assert not out.exists()
+    assert snapshot(tmp_path) == before and not out.exists()
 
 
 def smollm2_gguf() -> Path | None:

@@ -71,7 +71,7 @@ class GGUFFile:
         try:
             self.reader = gguf.GGUFReader(self.path)
         except (ValueError, OSError, IndexError) as e:
-            raise UserError(f"--gguf {self.path}: not a readable GGUF file ({e})") from None
+            raise UserError(f"--gguf {self.path}: not a readable GGUF file, truncated or corrupt ({e})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.arch = self.get("general.architecture")
         if self.arch not in ARCHITECTURES:
