@@ -168,6 +168,7 @@ def test_export_has_the_original_models_logits(sources, exports, arch):
     assert source["kind"] == "gguf" and source["checkpoint"] == str(path) and source["gguf"] == path.name
     assert source["gguf_sha256"] == manifest.sha256(path)
     assert source["quant_types"] == ({"F32": 5, "Q8_0": 16} if arch == "llama" else {"F32": 11, "Q8_0": 15})
+    assert not [p.name for p in exports[arch].parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -185,7 +186,9 @@ def export_gguf(src: str | Path, out: str | Path, force: bool = False, corpus: s
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise UserError(f"--out {out}: exists; pass --force to replace it")
-    with tempfile.TemporaryDirectory(prefix="onnxgen-gguf-") as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # beside --out, on its disk, named as staging() names its folders: one a kill -9 leaves is tidied next time
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-{os.getpid()}-gguf-", dir=out.parent) as tmp:
         t0 = time.time()
         gguf = stage_gguf(src, tmp)
         log.info("staged %s (%s) as a transformers folder in %.1fs", src, gguf["quant_types"], time.time() - t0)
