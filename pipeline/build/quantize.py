@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from pipeline import manifest
@@ -84,6 +85,72 @@ def _head_matmul(model: onnx.ModelProto) -> str:
     while node.op_type != "MatMul":
         node = produced[node.input[0]]
     return node.name
+
+
+def _embedding_gather(model: onnx.ModelProto):
+    """The Gather of input_ids from a (V, C) initializer: the token embedding."""
+    inits = {i.name for i in model.graph.initializer}
+    return next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                 and n.input[1] == "input_ids"), None)
+
+
+def _is_tied(model: onnx.ModelProto) -> bool:
+    """The LM head's weight is the embedding transposed (a tied head: GPT-2, SmolLM2, ...)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    gather, head = _embedding_gather(model), next(n for n in model.graph.node if n.name == _head_matmul(model))
+    if gather is None or head.input[1] not in inits:
+        return False
+    table, weight = (numpy_helper.to_array(inits[n]) for n in (gather.input[0], head.input[1]))
+    return table.shape[::-1] == weight.shape and np.array_equal(table.T, weight)
+
+
+def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool) -> dict:
+    """The embedding lookup quantized with the weights: a com.microsoft GatherBlockQuantized (blocks of
+    INT4_BLOCK along the hidden axis, symmetric, `bits` bits). A tied head's MatMulNBits already holds the
+    same table quantized the same way, (V, C/block, block*bits/8) bytes and (V, C/block) scales, so the lookup
+    reads those through a Reshape and the file carries the table once (as onnxruntime-genai's builder does).
+    Written by hand: onnxruntime's MatMulNBitsQuantizer quantizes a Gather on its own (a second copy of a tied
+    table), and nothing in it shares one. Returns what it did, for the manifest."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    g = model.graph
+    gather = _embedding_gather(model)
+    if gather is None:
+        return {"embedding": "fp32 (no Gather of input_ids from a constant table)"}
+    head = None
+    if tied:
+        produced = {o: n for n in g.node for o in n.output}
+        head = produced["logits"]
+        while head.op_type not in ("MatMulNBits", "MatMul"):
+            head = produced[head.input[0]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        if head.op_type != "MatMulNBits" or attrs.get("bits") != bits or attrs.get("block_size") != INT4_BLOCK \
+                or len(head.input) > 3:
+            head = None  # a head kept fp32 or at other bits: the lookup gets its own table
+    if head is None:
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=INT4_BLOCK, is_symmetric=True,
+                                 op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),
+                                 nodes_to_include=[gather.name])
+        q.process()
+        return {"embedding": f"GatherBlockQuantized, {bits} bits, own table"}
+    table = gather.input[0]
+    vocab, hidden = next(list(i.dims) for i in g.initializer if i.name == table)
+    shape = f"onnxgen/embedding_shape"
+    g.initializer.append(numpy_helper.from_array(np.array([vocab, hidden * bits // 8], np.int64), shape))
+    packed = "onnxgen/embedding_packed"
+    new = [helper.make_node("Reshape", [head.input[1], shape], [packed], name="/wte/Reshape"),
+           helper.make_node("GatherBlockQuantized", [packed, gather.input[1], head.input[2]], list(gather.output),
+                            name="/wte/GatherBlockQuantized", domain="com.microsoft", bits=bits,
+                            block_size=INT4_BLOCK, gather_axis=0, quantize_axis=1)]
+    at = list(g.node).index(gather)
+    g.node.remove(gather)
+    for k, node in enumerate(new):
+        g.node.insert(at + k, node)
+    if not any(n.input and table in n.input for n in g.node):
+        g.initializer.remove(next(i for i in g.initializer if i.name == table))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {"embedding": f"GatherBlockQuantized, {bits} bits, shared with the tied head"}
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -171,12 +238,16 @@ def quantize_int8_blockwise(src: Path, dst: Path) -> dict:
     and a row's result does not depend on the other rows in the batch."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=INT4_BLOCK, is_symmetric=True,
+    model = onnx.load(str(src))
+    tied = _is_tied(model)
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=INT4_BLOCK, is_symmetric=True,
                              accuracy_level=INT4_ACCURACY)
     q.process()
-    onnx.save(q.model.model, str(dst))
+    model = q.model.model
+    table = compact_embedding(model, 8, tied)
+    onnx.save(model, str(dst))
     return {"method": "MatMulNBits", "int8_mode": "blockwise", "bits": 8, "block_size": INT4_BLOCK, "symmetric": True,
-            "accuracy_level": INT4_ACCURACY}
+            "accuracy_level": INT4_ACCURACY, **table}
 
 
 def _block_of(node_name: str) -> int | None:
@@ -195,6 +266,7 @@ def quantize_int4(src: Path, dst: Path, head: str = DEFAULT_HEAD) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
+    tied = _is_tied(model)
     head_node = _head_matmul(model)
     weights = _weight_matmuls(model)
     blocks = {n: _block_of(n) for n in weights}
@@ -213,9 +285,11 @@ def quantize_int4(src: Path, dst: Path, head: str = DEFAULT_HEAD) -> dict:
         model = q8.model.model
     left = [n for n in _weight_matmuls(model) if n != head_node]
     assert not left, f"int4: MatMuls left unquantized: {left}"
+    # the lookup at the head's precision: one table when tied (an fp32 head: a 4-bit table of its own)
+    table = compact_embedding(model, {"int8": 8, "int4": 4}.get(head, 4), tied)
     onnx.save(model, str(dst))
     return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK, "symmetric": True,
-            "accuracy_level": INT4_ACCURACY, "lm_head": head, "eight_bit_blocks": eight_bit_blocks}
+            "accuracy_level": INT4_ACCURACY, "lm_head": head, "eight_bit_blocks": eight_bit_blocks, **table}
 
 
 def _drop_duplicate_casts(graph) -> None:
