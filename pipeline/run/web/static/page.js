@@ -18,10 +18,6 @@ env.allowRemoteModels = false;
 env.allowLocalModels = true;
 env.localModelPath = info.model_path;
 env.useBrowserCache = false;  // an export re-made under the same name must be read again
-env.backends.onnx.wasm.wasmPaths = {
-  mjs: new URL('/vendor/ort/ort-wasm-simd-threaded.asyncify.mjs', location.href).href,
-  wasm: new URL('/vendor/ort/ort-wasm-simd-threaded.asyncify.wasm', location.href).href,
-};
 
 const MB = (n) => (n / 1e6).toFixed(n < 1e7 ? 2 : 1) + ' MB';
 const VARIANT_OF = { fp32: 'fp32', fp16: 'fp16', q8: 'int8', q4: 'int4' };
@@ -57,6 +53,23 @@ const wanted = {
 };
 if (wanted.dtype) $('dtype').value = wanted.dtype;
 if (wanted.device) $('device').value = wanted.device;
+
+// onnxruntime-web ships two WASM builds and a page can start only one: the WebGPU one (asyncify) lacks some
+// CPU kernels that quantized exports use (GatherBlockQuantized, the int4/int8 embedding), so WASM runs get
+// the plain build. Choosing the other device reloads the page with it.
+const build = $('device').value === 'webgpu' ? 'ort-wasm-simd-threaded.asyncify' : 'ort-wasm-simd-threaded';
+env.backends.onnx.wasm.wasmPaths = {
+  mjs: new URL(`/vendor/ort/${build}.mjs`, location.href).href,
+  wasm: new URL(`/vendor/ort/${build}.wasm`, location.href).href,
+};
+const startedOn = $('device').value;
+$('device').addEventListener('change', () => {
+  if ($('device').value === startedOn) return;
+  const next = new URLSearchParams(location.search);
+  next.set('device', $('device').value);
+  next.delete('prompt');  // a reload to switch runtimes, not a new run
+  location.search = next.toString();
+});
 if (wanted.mode) $('mode').value = wanted.mode;
 if (wanted.max_new_tokens) $('max_new_tokens').value = wanted.max_new_tokens;
 if (wanted.temperature) $('temperature').value = wanted.temperature;
