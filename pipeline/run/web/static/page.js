@@ -194,6 +194,9 @@ async function generate() {
   output.dataset.tokens = String(tokens);
   output.dataset.tokensPerSecond = tokens > 1 ? ((tokens - 1) / ((lastAt - firstAt) / 1000)).toFixed(2) : '';
   output.dataset.completion = completion;
+  // token ids, for scripts that check the run against another runtime's
+  output.dataset.promptIds = inputs.input_ids.tolist()[0].join(',');
+  output.dataset.ids = ids.join(',');
   output.dataset.done = 'true';
   status(`done: ${tokens} tokens`);
   $('stop').disabled = true;
