@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,91 @@ DEFAULT_HEAD = "int8"               # measured: see docs/variants.md
 DEFAULT_INT8_MODE = "blockwise"
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization")  # kept fp32 in the fp16 variant     # dynamic and static miss top-1 99% (above)
+
+
+# ----------------------------------------------------------------------------- recipes
+METHODS = ("rtn", "hqq", "gptq")
+KINDS = {  # our decoder's weight MatMuls (train/decoder.py names them GPT-2's way, whatever the family)
+    "qkv": "attn/c_attn", "o": "attn/c_proj", "gate_up": "mlp/c_fc", "up": "mlp/c_fc", "down": "mlp/c_proj"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the weight MatMuls of a variant are quantized (recorded in the manifest as .summary()).
+
+    bits          the body's bits (4 or 8)
+    method        rtn: round to nearest (onnxruntime's MLAS quantizer); hqq: onnxruntime's HQQ (fp32 zero
+                  points, asymmetric); gptq: error-compensating, needs calibration windows (`gptq_quantize`)
+    block_size    weights per scale along the input axis (32, 64, 128)
+    symmetric     rtn only: no zero points (hqq is always asymmetric, gptq follows this flag)
+    accuracy_level  MatMulNBits' compute type on CPU: 4 = int8 activations per block, 0 = fp32
+    head          the LM head's (and, tied, the embedding's) precision: int4, int8, fp32; always RTN
+                  symmetric (a tied table is also the embedding, which must stay plain round-to-nearest)
+    eight_bit     body tensors that get 8 bits: "first_last" (first and last blocks), "block:0,29",
+                  a kind ("qkv", "o", "gate_up", "down") optionally with layers ("down:0-3,27")
+    """
+    bits: int = 4
+    method: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    head: str = "int8"
+    eight_bit: tuple[str, ...] = ("first_last",)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "bits": self.bits, "block_size": self.block_size,
+                "symmetric": self.symmetric if self.method != "hqq" else False,
+                "accuracy_level": self.accuracy_level, "lm_head": self.head, "eight_bit": list(self.eight_bit)}
+
+
+
+# The default recipe per variant: for models trained here ("trained", set on tiny and small, whose
+# thresholds they pass) and for imports ("import", set on SmolLM2-135M-Instruct by
+# benchmarks/quant_quality.py, see benchmarks/QUANT.md).
+DEFAULT_RECIPES = {
+    "trained": {"int8": Recipe(bits=8, eight_bit=()), "int4": Recipe()},
+    "import": {"int8": Recipe(bits=8, eight_bit=()), "int4": Recipe()},
+}
+
+
+def _layers(spec: str, known: list[int]) -> set[int]:
+    out = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b or a)
+        out.update(range(lo if lo >= 0 else known[-1] + 1 + lo, (hi if hi >= 0 else known[-1] + 1 + hi) + 1))
+    return out
+
+
+def _kind_of(node_name: str) -> str | None:
+    m = re.search(r"/(attn|mlp)/(c_attn|c_proj|c_fc)/", node_name)
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
+def plan_bits(model: onnx.ModelProto, recipe: Recipe) -> dict[str, int | None]:
+    """{weight MatMul: bits, None for fp32} per the recipe; the head by recipe.head."""
+    head = _head_matmul(model)
+    weights = _weight_matmuls(model)
+    blocks = {n: _block_of(n) for n in weights}
+    known = sorted({b for b in blocks.values() if b is not None})
+    eight: set[str] = set()
+    for sel in recipe.eight_bit:
+        what, _, layers = sel.partition(":")
+        if what == "first_last":
+            chosen = {known[0], known[-1]} if len(known) > 2 else set()
+            eight |= {n for n, b in blocks.items() if b in chosen}
+        elif what == "block":
+            chosen = _layers(layers, known)
+            eight |= {n for n, b in blocks.items() if b in chosen}
+        elif what in KINDS:
+            chosen = _layers(layers, known) if layers else set(known)
+            eight |= {n for n, b in blocks.items() if b in chosen and _kind_of(n) == KINDS[what]}
+        else:
+            raise UserError(f"eight-bit selector {sel!r}: expected first_last, block:LAYERS or one of "
+                            f"{', '.join(KINDS)} (optionally :LAYERS)")
+    plan = {n: (8 if n in eight or recipe.bits == 8 else recipe.bits) for n in weights if n != head}
+    plan[head] = {"int4": 4, "int8": 8, "fp32": None}[recipe.head]
+    return plan
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -104,7 +190,7 @@ def _is_tied(model: onnx.ModelProto) -> bool:
     return table.shape[::-1] == weight.shape and np.array_equal(table.T, weight)
 
 
-def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool) -> dict:
+def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size: int = INT4_BLOCK) -> dict:
     """The embedding lookup quantized with the weights: a com.microsoft GatherBlockQuantized (blocks of
     INT4_BLOCK along the hidden axis, symmetric, `bits` bits). A tied head's MatMulNBits already holds the
     same table quantized the same way, (V, C/block, block*bits/8) bytes and (V, C/block) scales, so the lookup
@@ -124,11 +210,11 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool) -> dict:
         while head.op_type not in ("MatMulNBits", "MatMul"):
             head = produced[head.input[0]]
         attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-        if head.op_type != "MatMulNBits" or attrs.get("bits") != bits or attrs.get("block_size") != INT4_BLOCK \
+        if head.op_type != "MatMulNBits" or attrs.get("bits") != bits or attrs.get("block_size") != block_size \
                 or len(head.input) > 3:
             head = None  # a head kept fp32 or at other bits: the lookup gets its own table
     if head is None:
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=INT4_BLOCK, is_symmetric=True,
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                  op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),
                                  nodes_to_include=[gather.name])
         q.process()
@@ -141,7 +227,7 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool) -> dict:
     new = [helper.make_node("Reshape", [head.input[1], shape], [packed], name="/wte/Reshape"),
            helper.make_node("GatherBlockQuantized", [packed, gather.input[1], head.input[2]], list(gather.output),
                             name="/wte/GatherBlockQuantized", domain="com.microsoft", bits=bits,
-                            block_size=INT4_BLOCK, gather_axis=0, quantize_axis=1)]
+                            block_size=block_size, gather_axis=0, quantize_axis=1)]
     at = list(g.node).index(gather)
     g.node.remove(gather)
     for k, node in enumerate(new):
@@ -151,6 +237,270 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool) -> dict:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"embedding": f"GatherBlockQuantized, {bits} bits, shared with the tied head"}
+
+
+def _grid(group: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `group` (rows of one block), the scale and zero point MLAS's round-to-nearest uses:
+    symmetric, the value of largest magnitude maps to code 0 (scale may be negative, zero point 2^(bits-1));
+    asymmetric, the range [min(w, 0), max(w, 0)] spread over every code."""
+    maxq = (1 << bits) - 1
+    if symmetric:
+        idx = np.abs(group).argmax(0)
+        extreme = group[idx, np.arange(group.shape[1])]
+        scale = extreme / -(1 << (bits - 1))
+        scale[scale == 0] = 1.0
+        return scale, np.full_like(scale, 1 << (bits - 1))
+    lo, hi = np.minimum(group.min(0), 0), np.maximum(group.max(0), 0)
+    scale = (hi - lo) / maxq
+    scale[scale == 0] = 1.0
+    return scale, np.clip(np.round(-lo / scale), 0, maxq)
+
+
+def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
+                percdamp: float = 0.01, blocksize: int = 128):
+    """GPTQ (Frantar et al. 2022) of one (K, N) weight given the Hessian H = 2·XᵀX/n of its input X:
+    rows (input channels) are quantized in order and each one's error is pushed onto the rows not yet
+    quantized through the inverse Hessian's Cholesky factor. Written by hand: onnxruntime's gptq() does the
+    same solve, but returns fake-quantized floats that gptq_quantize then re-rounds onto a fresh grid (for
+    symmetric weights 16/15 of GPTQ's scale, undoing part of the gain); this returns the integer codes of
+    the grid it solved on. Returns codes (N, K padded to blocks) uint8, scales (N, K/group) float32 and
+    zero points (N, K/group) uint8."""
+    K, N = W.shape
+    W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[dead] = 0
+    H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor
+    kb = -(-K // group)
+    maxq = (1 << bits) - 1
+    scales, zeros = np.ones((kb, N)), np.zeros((kb, N))
+    codes = np.zeros((kb * group, N), np.uint8)
+    blocksize = max(group, blocksize - blocksize % group)  # a group never straddles two blocks
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1, Err1, Hinv1 = W[i1:i2].copy(), np.zeros((i2 - i1, N)), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            r = i1 + i
+            if r % group == 0:
+                scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric)
+            s, z = scales[r // group], zeros[r // group]
+            q = np.clip(np.round(W1[i] / s) + z, 0, maxq)
+            codes[r] = q
+            err = (W1[i] - s * (q - z)) / Hinv1[i, i]
+            W1[i:] -= np.outer(Hinv1[i, i:], err)  # row i of the upper factor
+            Err1[i] = err
+        W[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+    codes[K:] = zeros[-1].astype(np.uint8)  # padding rows of the last block: code = zero point, value 0
+    return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
+
+
+def _pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """(N, blocks) uint8 -> MatMulNBits' zero_points layout: per row, 4-bit values two to a byte (low
+    nibble first, a row padded to whole bytes). Written by hand: weight_only's packer pads across rows
+    when the number of blocks is odd (K 576 at block 64: 9 blocks)."""
+    if bits == 8:
+        return zeros
+    if zeros.shape[1] % 2:
+        zeros = np.concatenate([zeros, np.full((len(zeros), 1), 8, np.uint8)], 1)
+    return (zeros[:, ::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+
+
+def text_windows(folder: Path, text: str, n: int, length: int, seed: int = 0) -> np.ndarray:
+    """(≤ n, length) calibration windows: `text` tokenized with the export's tokenizer, cut into consecutive
+    windows, n of them picked with `seed` (all of them when the text holds fewer)."""
+    from pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(folder) / "tokenizer.json", require_eot=False)
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int64)
+    count = len(ids) // length
+    if count == 0:
+        raise UserError(f"calibration text: {len(ids)} tokens, fewer than one window of {length}")
+    pick = np.sort(np.random.default_rng(seed).permutation(count)[:n])
+    return np.stack([ids[i * length:(i + 1) * length] for i in pick])
+
+
+CALIBRATION_WINDOWS = 128  # GPTQ: windows of calibration text (seeded)
+CALIBRATION_LENGTH = 256   # tokens per window (shorter when the context is)
+CALIBRATION_SEED = 0
+
+
+def calibration_data(folder: Path, text_file: str | Path | None, n: int, length: int,
+                     checkpoint: str | Path | None = None) -> tuple[np.ndarray, dict]:
+    """(windows, what the manifest records) for GPTQ. From `text_file` when given; else from the export's
+    recorded source: an import's corpus (its training split: parity judges on the held-out one), or a
+    trained model's run (data/train.bin). The sha256 is of the text (or tokens) the windows were cut from."""
+    import hashlib
+
+    folder = Path(folder)
+    source = manifest.load(folder).get("source") or {}
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise UserError(f"--calibration {path}: file does not exist")
+        data = path.read_bytes()
+        text = data.decode("utf-8", errors="replace")
+        windows = text_windows(folder, text, n, length, CALIBRATION_SEED)
+        what = str(path)
+    elif source.get("kind") in ("hf", "gguf"):
+        from pipeline.train.corpus import load_corpus
+
+        docs = load_corpus(source.get("corpus")).train
+        order = np.random.default_rng(CALIBRATION_SEED).permutation(len(docs))
+        picked, chars = [], 0
+        for i in order:  # enough text for n windows (about 3 characters a token, twice over), not the whole corpus
+            picked.append(docs[i])
+            chars += len(docs[i])
+            if chars >= 6 * n * length:
+                break
+        text = "\n\n".join(picked)
+        data = text.encode("utf-8")
+        windows = text_windows(folder, text, n, length, CALIBRATION_SEED)
+        what = f"corpus {source.get('corpus') or 'stdlib'} (training split, {len(picked)} documents)"
+    else:
+        run = Path(checkpoint or source.get("checkpoint", ""))
+        if not (run / "data" / "train.bin").is_file():
+            raise UserError(f"--method gptq: no calibration text: pass --calibration TEXT_FILE (the source run's "
+                            f"{run / 'data' / 'train.bin'} was not found)")
+        tokens = read_tokens(run, "train").astype(np.int64)
+        data = tokens.tobytes()
+        count = len(tokens) // length
+        pick = np.sort(np.random.default_rng(CALIBRATION_SEED).permutation(count)[:n])
+        windows = np.stack([tokens[i * length:(i + 1) * length] for i in pick])
+        what = f"{run / 'data' / 'train.bin'}"
+    return windows, {"source": what, "sha256": hashlib.sha256(data).hexdigest(), "windows": int(len(windows)),
+                     "window_length": int(windows.shape[1]), "seed": CALIBRATION_SEED}
+
+
+def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray, progress: bool,
+             batch: int = 4) -> dict[str, np.ndarray]:
+    """{activation: 2·XᵀX/n} over every token of `windows` (n, T), from one run of the fp32 graph per batch
+    with the activations as extra outputs. Written by hand: onnxruntime's gptq_quantize runs the whole
+    model once per activation and per window (121 activations in SmolLM2-135M: 121x the forwards)."""
+    import onnxruntime as ort
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    del aug.graph.output[:]
+    aug.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(aug.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    H = {a: None for a in activations}
+    n = 0
+    bar = tqdm(total=len(windows), desc="calibrating (GPTQ)", unit="window", disable=not progress)
+    for start in range(0, len(windows), batch):
+        ids = windows[start:start + batch].astype(np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+        feed.update({p.name: np.zeros((len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
+        outs = session.run(activations, feed)
+        for a, x in zip(activations, outs):
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            H[a] = x.T @ x if H[a] is None else H[a] + x.T @ x
+        n += ids.size
+        bar.update(len(ids))
+    bar.close()
+    return {a: 2 * h / n for a, h in H.items()}
+
+
+def matmul_nbits(node, shape: tuple[int, int], codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+                 bits: int, group: int, accuracy_level: int):
+    """(MatMulNBits node, its initializers) for MatMul `node` whose (K, N) weight is codes (N, K padded),
+    scales (N, blocks) and zero points (N, blocks; None: symmetric, the op's default 2^(bits-1)). The
+    packing of codes and scales is onnxruntime's (weight_only.make_matmul_weight_only_node); zero points
+    are packed here (_pack_zero_points)."""
+    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
+
+    K, N = shape
+    kb = scales.shape[1]
+    q_node, new = make_matmul_weight_only_node(node, (K, N), bits, group, kb, codes.reshape(N * kb, group),
+                                               scales.reshape(-1).astype(np.float32), None, accuracy_level)
+    if zeros is not None:
+        zp = numpy_helper.from_array(_pack_zero_points(zeros, bits), node.input[1] + "_zp")
+        new.append(zp)
+        q_node.input.append(zp.name)
+    return q_node, new
+
+
+def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray, recipe: "Recipe",
+                  progress: bool) -> None:
+    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place)."""
+    g = model.graph
+    by_name = {n.name: n for n in g.node}
+    acts = sorted({by_name[n].input[0] for n in nodes})
+    H = hessians(model, acts, windows, progress)
+    inits = {i.name: i for i in g.initializer}
+    bits, group = recipe.bits, recipe.block_size
+    for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):
+        node = by_name[name]
+        W = numpy_helper.to_array(inits[node.input[1]])
+        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, recipe.symmetric)
+        q_node, new = matmul_nbits(node, W.shape, codes, scales, None if recipe.symmetric else zeros,
+                                   bits, group, recipe.accuracy_level)
+        g.initializer.extend(new)
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(at, q_node)
+        if not any(node.input[1] in n.input for n in g.node):
+            g.initializer.remove(inits[node.input[1]])
+
+
+def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarray | None = None,
+                     progress: bool = False) -> dict:
+    """The fused fp32 graph `src` -> `dst` with every weight MatMul a MatMulNBits per `recipe` (the head
+    as recipe.head says) and the embedding lookup sharing a tied head's table. `calibration`: (n, T) token
+    windows, for GPTQ. Returns the manifest's details: the recipe and the bits each tensor got."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    if recipe.method not in METHODS:
+        raise UserError(f"--method {recipe.method}: expected one of {', '.join(METHODS)}")
+    model = onnx.load(str(src))
+    tied = _is_tied(model)
+    head = _head_matmul(model)
+    plan = plan_bits(model, recipe)
+    body4 = [n for n, b in plan.items() if b == 4 and n != head]
+    if recipe.method == "gptq" and body4:
+        if calibration is None or not len(calibration):
+            raise UserError("--method gptq: needs calibration text (--calibration)")
+        gptq_quantize(model, body4, calibration, recipe, progress)
+    groups = []  # (nodes, bits, symmetric, algo_config)
+    if recipe.method == "hqq" and body4:
+        groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4)))
+    elif recipe.method == "rtn" and body4:
+        groups.append((body4, 4, recipe.symmetric, None))
+    if plan[head] == 4:
+        groups.append(([head], 4, True, None))  # the head (and a tied embedding): always symmetric RTN
+    eight = [n for n, b in plan.items() if b == 8]
+    if eight:
+        groups.append((eight, 8, True, None))
+    for nodes, bits, symmetric, algo in groups:
+        others = [n for n in _weight_matmuls(model) if n not in nodes]
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=symmetric,
+                                 accuracy_level=recipe.accuracy_level, nodes_to_exclude=others, algo_config=algo)
+        q.process()
+        model = q.model.model
+    for node in model.graph.node:  # HQQ and GPTQ nodes carry no accuracy_level of their own
+        if node.op_type == "MatMulNBits":
+            for a in list(node.attribute):
+                if a.name == "accuracy_level":
+                    node.attribute.remove(a)
+            node.attribute.append(helper.make_attribute("accuracy_level", recipe.accuracy_level))
+    left = [n for n in _weight_matmuls(model) if n != head]
+    assert not left, f"quantize: MatMuls left unquantized: {left}"
+    table = compact_embedding(model, plan[head] or 4, tied, recipe.block_size)
+    onnx.save(model, str(dst))
+    counts = {}
+    for b in plan.values():
+        counts[str(b or 32)] = counts.get(str(b or 32), 0) + 1
+    blocks = {}
+    for n, b in plan.items():
+        if n != head and _block_of(n) is not None:
+            blocks.setdefault(_block_of(n), []).append(b)
+    eight_bit_blocks = sorted(k for k, bs in blocks.items() if all(b == 8 for b in bs)) if recipe.bits == 4 else []
+    return {**recipe.summary(), "matmuls_by_bits": counts, "eight_bit_blocks": eight_bit_blocks,
+            "bits_per_tensor": {n: b for n, b in plan.items()}, **table}
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -232,22 +582,12 @@ def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dic
             "matmuls": len(nodes)}
 
 
-def quantize_int8_blockwise(src: Path, dst: Path) -> dict:
-    """Weight-only int8 MatMulNBits (bits=8, block 32, accuracy_level 4): the kernel quantizes the
+def quantize_int8_blockwise(src: Path, dst: Path, recipe: "Recipe | None" = None) -> dict:
+    """Weight-only int8 MatMulNBits (bits=8, block 32): with accuracy_level 4 the kernel quantizes the
     activations per block of 32 per row, not per tensor, so one outlier channel costs its block only
     and a row's result does not depend on the other rows in the batch."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(src))
-    tied = _is_tied(model)
-    q = MatMulNBitsQuantizer(model, bits=8, block_size=INT4_BLOCK, is_symmetric=True,
-                             accuracy_level=INT4_ACCURACY)
-    q.process()
-    model = q.model.model
-    table = compact_embedding(model, 8, tied)
-    onnx.save(model, str(dst))
-    return {"method": "MatMulNBits", "int8_mode": "blockwise", "bits": 8, "block_size": INT4_BLOCK, "symmetric": True,
-            "accuracy_level": INT4_ACCURACY, **table}
+    recipe = recipe or DEFAULT_RECIPES["trained"]["int8"]
+    return {"int8_mode": "blockwise", **quantize_weights(src, dst, recipe)}
 
 
 def _block_of(node_name: str) -> int | None:
@@ -257,39 +597,16 @@ def _block_of(node_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def quantize_int4(src: Path, dst: Path, head: str = DEFAULT_HEAD) -> dict:
-    """4-bit MatMulNBits, except the LM head (`head`) and, in models of more than two blocks, the first
-    and last blocks, which get 8 bits (as llama.cpp's K-quants give their most sensitive tensors more
-    bits). Measured on the fully trained `small` (900 steps), top-1 against PyTorch: every block 4-bit
-    96.39% (misses 97%; asymmetric 96.97%, HQQ 96.97%, block 16 96.29%, only c_attn 8-bit 97.46%);
-    first and last blocks 8-bit 98.34%, greedy 64/64, for 0.8 MB more (13.87 vs 13.08 MB)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(src))
-    tied = _is_tied(model)
-    head_node = _head_matmul(model)
-    weights = _weight_matmuls(model)
-    blocks = {n: _block_of(n) for n in weights}
-    known = sorted({b for b in blocks.values() if b is not None})
-    eight_bit_blocks = [known[0], known[-1]] if len(known) > 2 else []
-    eight = [n for n, b in blocks.items() if b in eight_bit_blocks] + ([head_node] if head == "int8" else [])
-    keep = [head_node] if head != "int4" else []
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                             accuracy_level=INT4_ACCURACY, nodes_to_exclude=sorted(set(eight + keep)))
-    q.process()
-    model = q.model.model
-    if eight:
-        q8 = MatMulNBitsQuantizer(model, bits=8, block_size=INT4_BLOCK, is_symmetric=True,
-                                  accuracy_level=INT4_ACCURACY, nodes_to_include=eight)
-        q8.process()
-        model = q8.model.model
-    left = [n for n in _weight_matmuls(model) if n != head_node]
-    assert not left, f"int4: MatMuls left unquantized: {left}"
-    # the lookup at the head's precision: one table when tied (an fp32 head: a 4-bit table of its own)
-    table = compact_embedding(model, {"int8": 8, "int4": 4}.get(head, 4), tied)
-    onnx.save(model, str(dst))
-    return {"method": "MatMulNBits", "bits": 4, "block_size": INT4_BLOCK, "symmetric": True,
-            "accuracy_level": INT4_ACCURACY, "lm_head": head, "eight_bit_blocks": eight_bit_blocks, **table}
+def quantize_int4(src: Path, dst: Path, head: str = DEFAULT_HEAD, recipe: "Recipe | None" = None,
+                  calibration: np.ndarray | None = None, progress: bool = False) -> dict:
+    """4-bit MatMulNBits per `recipe` (default: the trained models' recipe, below), the LM head at `head`.
+    The trained models' recipe gives the first and last blocks of models of more than two blocks 8 bits
+    (as llama.cpp's K-quants give their most sensitive tensors more bits). Measured on the fully trained
+    `small` (900 steps), top-1 against PyTorch: every block 4-bit 96.39% (misses 97%; asymmetric 96.97%,
+    HQQ 96.97%, block 16 96.29%, only c_attn 8-bit 97.46%); first and last blocks 8-bit 98.34%, greedy
+    64/64, for 0.8 MB more (13.87 vs 13.08 MB)."""
+    recipe = recipe or replace(DEFAULT_RECIPES["trained"]["int4"], head=head)
+    return quantize_weights(src, dst, recipe, calibration=calibration, progress=progress)
 
 
 def _drop_duplicate_casts(graph) -> None:
@@ -318,20 +635,46 @@ def convert_fp16(src: Path, dst: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the stage
-def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MODE, head: str = DEFAULT_HEAD,
-             checkpoint: str | Path | None = None, progress: bool = True) -> dict:
+def recipe_for(folder: Path, variant: str, **overrides) -> Recipe:
+    """The default recipe of `variant` for this export (an import's or a trained model's), with the
+    options given (not None) replacing its fields."""
+    kind = (manifest.load(folder).get("source") or {}).get("kind")
+    base = DEFAULT_RECIPES["import" if kind in ("hf", "gguf") else "trained"][variant]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "eight_bit" in given:
+        given["eight_bit"] = tuple(x for x in given["eight_bit"] if x and x != "none")
+    recipe = replace(base, **given)
+    if recipe.method not in METHODS:
+        raise UserError(f"--method {recipe.method}: expected one of {', '.join(METHODS)}")
+    if recipe.block_size not in (16, 32, 64, 128, 256):
+        raise UserError(f"--block-size {recipe.block_size}: expected a power of two from 16 to 256")
+    return recipe
+
+
+def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MODE, head: str | None = None,
+             checkpoint: str | Path | None = None, progress: bool = True, method: str | None = None,
+             block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
+             eight_bit: tuple[str, ...] | None = None, calibration: str | Path | None = None,
+             calibration_windows: int = CALIBRATION_WINDOWS) -> dict:
     """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
-    Each file is renamed into place whole and recorded in the manifest. Returns {variant: details}."""
+    int4 and blockwise int8 follow the export's default recipe (DEFAULT_RECIPES) with the options given
+    replacing its fields; GPTQ calibrates on `calibration` (a text file; default: the export's recorded
+    corpus or run). Each file is renamed into place whole and recorded in the manifest (with its recipe).
+    Returns {variant: details}."""
     folder = Path(folder)
     if variant not in (*QUANTIZED, "all"):
         raise UserError(f"--variant {variant}: expected one of {', '.join(QUANTIZED)} or all")
     if int8_mode not in INT8_MODES:
         raise UserError(f"--int8-mode {int8_mode}: expected one of {', '.join(INT8_MODES)}")
-    if head not in HEADS:
+    if head is not None and head not in HEADS:
         raise UserError(f"--head {head}: expected one of {', '.join(HEADS)}")
     fp32 = variant_path(folder, "fp32")
     if not fp32.is_file():
         raise UserError(f"export {folder}: {fp32} does not exist (run `onnxgen export` first)")
+    options = dict(method=method, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                   eight_bit=eight_bit)
+    recipes = {"int4": recipe_for(folder, "int4", head=head, **options),
+               "int8": recipe_for(folder, "int8", **options)}
     run = None
     if int8_mode == "static" and variant in ("int8", "all"):
         run = Path(checkpoint or (manifest.load(folder).get("source") or {}).get("checkpoint", ""))
@@ -339,12 +682,21 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
             raise UserError(f"--int8-mode static: needs the source run's held-out split ({run / 'data' / 'valid.bin'}"
                             f" not found); pass --checkpoint RUN")
     shape = read_config(folder)
+    todo = QUANTIZED if variant == "all" else (variant,)
+    windows, calibration_info = None, None
+    if any(recipes[v].method == "gptq" for v in todo if v in recipes and (v != "int8" or int8_mode == "blockwise")):
+        windows, calibration_info = calibration_data(folder, calibration, calibration_windows,
+                                                     min(CALIBRATION_LENGTH, shape.context), checkpoint)
     # onnxruntime.transformers' fusions (its gpt2 model type: residual Add + norm -> SkipLayerNormalization,
     # or SkipSimplifiedLayerNormalization for RMSNorm, the one in front of the first block stays a
     # SimplifiedLayerNormalization) for every graph our decoder wrote, whatever its family: SmolLM2-135M's
     # int4 goes from 1,409 nodes to ~560. Not for Optimum's graphs (the fallback exporter), left as they are.
     exporter = (manifest.load(folder).get("stages") or [{}])[0].get("exporter")
     num_heads, hidden, fuse = shape.heads, shape.hidden, exporter != "optimum"
+
+    def with_calibration(details: dict, recipe: Recipe) -> dict:
+        return {**details, "calibration": calibration_info} if recipe.method == "gptq" else details
+
     done = {}
     with tempfile.TemporaryDirectory(prefix="onnxgen-optimize-") as tmp:
         optimized = Path(tmp) / "model_optimized.onnx"
@@ -352,12 +704,17 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
         norm = arch.norm if arch is not None else "layernorm"
         opt_stats = optimize(fp32, optimized, num_heads, hidden, fuse=fuse, norm=norm)
         builders = {  # each: (src, dst) -> details for the manifest
-            "int8": {"dynamic": quantize_int8_dynamic, "blockwise": quantize_int8_blockwise,
+            "int8": {"dynamic": quantize_int8_dynamic,
+                     "blockwise": lambda s, d: with_calibration(
+                         {"int8_mode": "blockwise",
+                          **quantize_weights(s, d, recipes["int8"], calibration=windows, progress=progress)},
+                         recipes["int8"]),
                      "static": lambda s, d: quantize_int8_static(s, d, run, progress)}[int8_mode],
-            "int4": lambda s, d: quantize_int4(s, d, head),
+            "int4": lambda s, d: with_calibration(
+                quantize_int4(s, d, recipes["int4"].head, recipe=recipes["int4"], calibration=windows,
+                              progress=progress), recipes["int4"]),
             "fp16": convert_fp16,
         }
-        todo = QUANTIZED if variant == "all" else (variant,)
         for v in tqdm(todo, desc="quantize", unit="variant", disable=not progress, leave=False):
             done[v] = _write_variant(folder, v, builders[v], optimized, opt_stats)
     return done
