@@ -1,0 +1,385 @@
+"""Quantization recipes scored against the export's own fp32 graph, llama-perplexity style (issue 13).
+
+    python benchmarks/quant_quality.py --export /work/cache/smol-q --recipes int8,int4      # measure
+    python benchmarks/quant_quality.py --export /work/cache/smol-q --report                 # QUANT.md + PNG
+
+Text: the standard library's pydoc_data/topics.py (~750 KB of English documentation, offline everywhere).
+Its topics are shuffled with a fixed seed; the first ones, until CHUNKS chunks are filled, are the
+evaluation text, the rest is written to calibration.txt (for GPTQ: disjoint from what is scored).
+Scoring: the evaluation text is tokenized as one stream and cut into CHUNKS chunks of CTX tokens, each run
+from an empty cache; the second half of each chunk is scored (the CTX/2 tokens 128..255, each predicted
+from the position before it, so every scored token sees at least 128 tokens of context): 64 x 128 = 8,192
+scored tokens. The fp32 graph's log-probabilities are computed once and cached as fp16 (.npy under the
+cache folder); the error that rounding adds is measured and reported as the "fp32 (cache floor)" row.
+Metrics are the project's own (pipeline.check.parity._Score): mean KL(fp32 || variant), same top-1, PPL
+ratio. Decode speed: batch 1, 64-token prompt then 32 single-token steps through the plain graph
+(past fed back), median step, 2 threads; indicative only (this machine is shared).
+
+Each measured recipe is appended to results.json in the cache folder; --report writes benchmarks/QUANT.md
+and benchmarks/quant_quality.png from it (size against KLD, one point per recipe, llama.cpp's points).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.build import quantize as q  # noqa: E402
+from pipeline.check.parity import Thresholds, _Score  # noqa: E402
+from pipeline.tokenizer import load_tokenizer  # noqa: E402
+
+CTX, CHUNKS, SEED = 256, 64, 1234
+BATCH = 2  # chunks per forward call (a 49k vocabulary: 50 MB of logits per chunk)
+CACHE = Path("/work/cache/quant_bench")
+# issue 13's reference points, same model (SmolLM2-135M-Instruct), same method (their 4,826 tokens)
+REFERENCE = [("llama.cpp Q8_0", 145, 0.0055, 0.952, 1.004), ("llama.cpp Q6_K", 138, 0.0134, 0.933, 1.015),
+             ("llama.cpp Q4_K_M", 105, 0.084, 0.850, 1.081), ("llama.cpp Q4_0", 92, 0.347, 0.681, 1.269),
+             ("genai builder int4", 86, 0.439, 0.632, 1.372)]
+
+
+def R(**kw) -> q.Recipe:
+    return q.Recipe(**kw)
+
+
+# name -> Recipe. "int4" and "int8" are the branch's recipes before issue 13 (block 32, accuracy_level 4).
+RECIPES: dict[str, q.Recipe] = {
+    "int8": R(bits=8, eight_bit=()),
+    "int8-acc1": R(bits=8, eight_bit=(), accuracy_level=1),
+    "int8-acc0": R(bits=8, eight_bit=(), accuracy_level=0),
+    "int8-b16": R(bits=8, eight_bit=(), block_size=16),
+    "int8-b64-acc0": R(bits=8, eight_bit=(), accuracy_level=0, block_size=64),
+    "int8-b128-acc0": R(bits=8, eight_bit=(), accuracy_level=0, block_size=128),
+    "int4": R(),
+    "int4-acc0": R(accuracy_level=0),
+    "int4-head4": R(head="int4"),
+    "int4-asym": R(symmetric=False),
+    "int4-asym-acc0": R(symmetric=False, accuracy_level=0),
+    "int4-b64": R(block_size=64),
+    "int4-b64-asym": R(block_size=64, symmetric=False),
+    "int4-b128-asym": R(block_size=128, symmetric=False),
+    "int4-hqq": R(method="hqq"),
+    "int4-hqq-b64": R(method="hqq", block_size=64),
+    "int4-hqq-b128": R(method="hqq", block_size=128),
+    "int4-gptq": R(method="gptq"),
+    "int4-gptq-asym": R(method="gptq", symmetric=False),
+    "int4-gptq-b64-asym": R(method="gptq", block_size=64, symmetric=False),
+    "int4-gptq-b128-asym": R(method="gptq", block_size=128, symmetric=False),
+    # sensitivity probes: everything 4-bit (head 8) except one tensor kind at 8 bits
+    "int4-all4": R(eight_bit=()),
+    "int4-all4+qkv": R(eight_bit=("qkv",)),
+    "int4-all4+o": R(eight_bit=("o",)),
+    "int4-all4+gate_up": R(eight_bit=("gate_up",)),
+    "int4-all4+down": R(eight_bit=("down",)),
+}
+
+
+def parse_recipe(name: str) -> q.Recipe:
+    """A name from RECIPES, or key=value pairs joined by '/' (e.g. method=gptq/block_size=64/eight_bit=down:0-3)."""
+    if name in RECIPES:
+        return RECIPES[name]
+    kw = {}
+    for part in name.split("/"):
+        k, _, v = part.partition("=")
+        if k == "eight_bit":
+            kw[k] = tuple(x for x in v.split("+") if x)
+        elif k in ("bits", "block_size", "accuracy_level"):
+            kw[k] = int(v)
+        elif k == "symmetric":
+            kw[k] = v in ("1", "true", "True")
+        else:
+            kw[k] = v
+    return q.Recipe(**kw)
+
+
+# ----------------------------------------------------------------------------- text
+def topics_text() -> tuple[list[str], list[str]]:
+    """(evaluation topics, calibration topics): pydoc_data/topics.py shuffled with SEED."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    scope: dict = {}
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), scope)
+    topics = scope["topics"]
+    keys = sorted(topics)
+    order = np.random.default_rng(SEED).permutation(len(keys))
+    return [topics[keys[i]] for i in order], keys
+
+
+def split(folder: Path, cache: Path) -> tuple[np.ndarray, Path]:
+    """(CHUNKS, CTX) evaluation chunks and the path of the calibration text (the remaining topics)."""
+    tok = load_tokenizer(folder / "tokenizer.json", require_eot=False)
+    docs, _ = topics_text()
+    need, ids, k = CHUNKS * CTX, [], 0
+    while len(ids) < need:
+        ids.extend(tok.encode(docs[k] + "\n\n", add_special_tokens=False).ids)
+        k += 1
+    chunks = np.asarray(ids[:need], np.int64).reshape(CHUNKS, CTX)
+    calib = cache / "calibration.txt"
+    text = "\n\n".join(docs[k:])
+    if not calib.is_file() or calib.read_text(encoding="utf-8") != text:
+        calib.write_text(text, encoding="utf-8")
+    return chunks, calib
+
+
+# ----------------------------------------------------------------------------- running a graph
+def session(path: Path, threads: int = 2):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.log_severity_level = 3
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def feed(sess, ids: np.ndarray) -> dict:
+    f = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+         "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            f[i.name] = np.zeros((len(ids), i.shape[1], 0, i.shape[3]), np.float32)
+    return f
+
+
+def scored_logits(sess, chunks: np.ndarray):
+    """Per batch: (b, CTX/2, V) logits at positions CTX/2-1 .. CTX-2 (predicting the second half)."""
+    h = CTX // 2
+    for s in range(0, len(chunks), BATCH):
+        ids = chunks[s:s + BATCH]
+        logits = sess.run(["logits"], feed(sess, ids))[0]
+        yield s, logits[:, h - 1:CTX - 1]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def reference(folder: Path, chunks: np.ndarray, cache: Path) -> np.ndarray:
+    """(CHUNKS, CTX/2, V) fp16 log-probs of the fp32 graph, computed once; the floor row is recorded."""
+    path = cache / "ref_logprobs.npy"
+    ids_path = cache / "ref_ids.npy"
+    if path.is_file() and ids_path.is_file() and np.array_equal(np.load(ids_path), chunks):
+        return np.load(path, mmap_mode="r")
+    sess = session(folder / "onnx" / "model.onnx")
+    out = None
+    floor = _Score(Thresholds(), stride=1 << 30)
+    targets = chunks[:, CTX // 2:]
+    t0 = time.time()
+    for s, logits in scored_logits(sess, chunks):
+        lp = log_softmax(logits)
+        if out is None:
+            out = np.lib.format.open_memmap(str(path) + ".tmp.npy", "w+", np.float16,
+                                            (CHUNKS, CTX // 2, lp.shape[-1]))
+        out[s:s + len(lp)] = lp.astype(np.float16)
+        b = len(lp)
+        floor.add(lp, out[s:s + b].astype(np.float64), targets[s:s + b], np.ones(targets[s:s + b].shape, bool))
+        print(f"  reference {s + b}/{CHUNKS} chunks ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    out.flush()
+    del out
+    os.replace(str(path) + ".tmp.npy", path)
+    np.save(ids_path, chunks)
+    r = floor.result("fp32 (cache floor)")
+    size = sum(f.stat().st_size for f in (folder / "onnx").glob("model.onnx*"))
+    save_result(cache, {"name": "fp32 (cache floor)", "recipe": {"method": "none: fp32 vs its fp16 cache"},
+                        "bytes": size, "kl_mean": r.kl_mean, "top1": r.top1, "ppl_ratio": r.ppl_ratio,
+                        "ppl_reference": r.ppl_reference, "scored": r.scored, "decode_ms": None,
+                        "build_s": None, "eval_s": time.time() - t0})
+    return np.load(path, mmap_mode="r")
+
+
+def decode_ms(path: Path, prompt: np.ndarray, steps: int = 32) -> float:
+    """Median ms of one decode step (batch 1, after a 64-token prefill), plain graph."""
+    sess = session(path)
+    past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    present = [o.name for o in sess.get_outputs() if o.name.startswith("present.")]
+    ids = prompt[None, :64]
+    outs = sess.run(["logits", *present], feed(sess, ids))
+    n, times = ids.shape[1], []
+    for _ in range(steps):
+        nxt = np.array([[int(outs[0][0, -1].argmax())]], np.int64)
+        f = {"input_ids": nxt, "attention_mask": np.ones((1, n + 1), np.int64),
+             "position_ids": np.array([[n]], np.int64), **dict(zip(past_names, outs[1:]))}
+        t = time.perf_counter()
+        outs = sess.run(["logits", *present], f)
+        times.append(time.perf_counter() - t)
+        n += 1
+    return 1000 * float(np.median(times))
+
+
+def evaluate(path: Path, ref: np.ndarray, chunks: np.ndarray) -> dict:
+    sess = session(path)
+    score = _Score(Thresholds(), stride=1 << 30)
+    targets = chunks[:, CTX // 2:]
+    for s, logits in scored_logits(sess, chunks):
+        b = len(logits)
+        score.add(ref[s:s + b].astype(np.float64), logits, targets[s:s + b], np.ones(targets[s:s + b].shape, bool))
+    r = score.result(path.name)
+    return {"kl_mean": r.kl_mean, "kl_p99": r.kl_p99, "top1": r.top1, "top1_low": r.top1_low,
+            "ppl_ratio": r.ppl_ratio, "ppl_reference": r.ppl_reference, "scored": r.scored}
+
+
+# ----------------------------------------------------------------------------- results
+def load_results(cache: Path) -> list[dict]:
+    p = cache / "results.json"
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def save_result(cache: Path, r: dict) -> None:
+    rs = [x for x in load_results(cache) if x["name"] != r["name"]] + [r]
+    tmp = cache / "results.json.tmp"
+    tmp.write_text(json.dumps(rs, indent=1))
+    tmp.replace(cache / "results.json")
+
+
+def optimized_graph(folder: Path, cache: Path) -> Path:
+    """The fused fp32 graph every variant starts from (as `onnxgen quantize` makes it), made once."""
+    from pipeline.build.optimize import optimize
+    from pipeline.exports import read_config
+    from pipeline.train.families import arch_of
+
+    out = cache / "model_optimized.onnx"
+    if not out.is_file():
+        shape, arch = read_config(folder), arch_of(folder)
+        optimize(folder / "onnx" / "model.onnx", out, shape.heads, shape.hidden, fuse=True,
+                 norm=arch.norm if arch is not None else "layernorm")
+    return out
+
+
+def measure(folder: Path, cache: Path, name: str, chunks, ref, calib: Path, windows: int) -> dict:
+    recipe = parse_recipe(name)
+    src = optimized_graph(folder, cache)
+    calibration = None
+    if recipe.method == "gptq":
+        calibration = q.text_windows(folder, calib.read_text(encoding="utf-8"), windows, CTX, seed=SEED)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        dst = Path(tmp) / "model.onnx"
+        t0 = time.time()
+        details = q.quantize_weights(src, dst, recipe, calibration=calibration, progress=True)
+        build = time.time() - t0
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        t0 = time.time()
+        m = evaluate(dst, ref, chunks)
+        ev = time.time() - t0
+        ms = decode_ms(dst, chunks[0])
+    r = {"name": name, "recipe": {k: v for k, v in details.items() if k != "bits_per_tensor"}, "bytes": size, **m,
+         "decode_ms": ms, "build_s": build, "eval_s": ev,
+         "calibration_windows": None if calibration is None else int(len(calibration))}
+    save_result(cache, r)
+    print(f"{name}: {size / 1e6:.1f} MB  KL {m['kl_mean']:.4g}  top-1 {m['top1']:.2%}  PPL ratio {m['ppl_ratio']:.4f}"
+          f"  decode {ms:.1f} ms  (build {build:.0f} s, eval {ev:.0f} s)", flush=True)
+    return r
+
+
+# ----------------------------------------------------------------------------- report
+def versions() -> str:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu or platform.processor()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}, "
+            f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+def report(cache: Path, folder: Path, out_md: Path, out_png: Path) -> None:
+    rs = load_results(cache)
+    lines = [
+        "# Quantization recipes on SmolLM2-135M-Instruct (issue 13)",
+        "",
+        f"Made by `benchmarks/quant_quality.py --report` from {cache}/results.json. Machine: {versions()}.",
+        "",
+        f"Each graph against the export's own fp32 graph ({folder}), llama-perplexity style: {CHUNKS} chunks of "
+        f"{CTX} tokens of English text (pydoc_data/topics.py, topics shuffled with seed {SEED}), each from an "
+        f"empty cache, the second half of each chunk scored: {CHUNKS * CTX // 2:,} tokens. KLD = mean "
+        "KL(fp32 ‖ variant) in nats; top-1 = same most likely token; PPL ratio = variant over fp32 on the "
+        "text's next tokens. Size = the .onnx file (no external data at these sizes). Decode = median ms of one "
+        "batch-1 step after a 64-token prompt, plain graph, 2 threads, on a machine shared with other jobs "
+        "(indicative). GPTQ calibrates on windows of the other topics (disjoint from the scored text). "
+        "The `fp32 (cache floor)` row is the error of the fp16 cache of reference log-probs itself.",
+        "",
+        "| recipe | method | bits (body/head) | block | sym | acc. level | 8-bit body tensors | size MB | KLD "
+        "| same top-1 | PPL ratio | decode ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rs, key=lambda r: -r["bytes"]):
+        c = r["recipe"]
+        ms = f"{r['decode_ms']:.1f}" if r.get("decode_ms") else ""
+        eight = ", ".join(c.get("eight_bit", [])) or ("" if c.get("bits") != 4 else "none")
+        lines.append(
+            f"| {r['name']} | {c.get('method', '')} | {c.get('bits', '')}/{c.get('lm_head', '')} | "
+            f"{c.get('block_size', '')} | {'' if 'symmetric' not in c else ('yes' if c['symmetric'] else 'no')} | "
+            f"{c.get('accuracy_level', '')} | {eight} | {r['bytes'] / 1e6:.1f} | {r['kl_mean']:.4g} | "
+            f"{r['top1']:.2%} | {r['ppl_ratio']:.4f} | {ms} |")
+    lines += ["", "Issue 13's reference points (llama.cpp's `llama-perplexity --kl-divergence`, 4,826 tokens):", "",
+              "| | size MB | KLD | same top-1 | PPL ratio |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {n} | {s} | {k} | {t:.1%} | {p} |" for n, s, k, t, p in REFERENCE]
+    out_md.write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    pts = [r for r in rs if r["kl_mean"] > 0 and "floor" not in r["name"]]
+    for r in pts:
+        ax.scatter(r["bytes"] / 1e6, r["kl_mean"], color="tab:blue", s=22)
+        ax.annotate(r["name"], (r["bytes"] / 1e6, r["kl_mean"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    for n, s, k, *_ in REFERENCE:
+        ax.scatter(s, k, color="tab:red", marker="s", s=28)
+        ax.annotate(n, (s, k), fontsize=7, color="tab:red", xytext=(3, -9), textcoords="offset points")
+    ax.axhline(0.05, color="gray", ls=":", lw=1)
+    ax.axvline(95, color="gray", ls=":", lw=1)
+    ax.text(95.5, 0.052, "int4 goal: ≤ 95 MB, KLD ≤ 0.05", fontsize=7, color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("mean KLD vs fp32 (nats, log)")
+    ax.set_title("SmolLM2-135M-Instruct: size vs KLD per recipe (blue: onnxgen, red: issue 13's references)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--export", type=Path, default=Path("/work/cache/smol-q"))
+    ap.add_argument("--cache", type=Path, default=None, help=f"[{CACHE}/EXPORT_NAME]")
+    ap.add_argument("--recipes", default="", help="comma-separated names (see RECIPES) or key=value/... specs")
+    ap.add_argument("--calibration-windows", type=int, default=256)
+    ap.add_argument("--report", action="store_true")
+    a = ap.parse_args()
+    import logging
+
+    import onnxruntime.quantization.matmul_nbits_quantizer as mq
+    logging.getLogger(mq.__name__).setLevel(logging.WARNING)
+    mq.logger.setLevel(logging.WARNING)
+    cache = a.cache or CACHE / a.export.name
+    cache.mkdir(parents=True, exist_ok=True)
+    chunks, calib = split(a.export, cache)
+    ref = reference(a.export, chunks, cache)
+    for name in [n for n in a.recipes.split(",") if n]:
+        measure(a.export, cache, name, chunks, ref, calib, a.calibration_windows)
+    if a.report:
+        report(cache, a.export, ROOT / "benchmarks" / "QUANT.md", ROOT / "benchmarks" / "quant_quality.png")
+
+
+if __name__ == "__main__":
+    main()
