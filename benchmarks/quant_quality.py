@@ -44,6 +44,7 @@ from pipeline.tokenizer import load_tokenizer  # noqa: E402
 CTX, CHUNKS, SEED = 256, 64, 1234
 BATCH = 2  # chunks per forward call (a 49k vocabulary: 50 MB of logits per chunk)
 CACHE = Path("/work/cache/quant_bench")
+HESSIANS: dict = {}  # GPTQ recipes of one run share the calibration Hessians
 # issue 13's reference points, same model (SmolLM2-135M-Instruct), same method (their 4,826 tokens)
 REFERENCE = [("llama.cpp Q8_0", 145, 0.0055, 0.952, 1.004), ("llama.cpp Q6_K", 138, 0.0134, 0.933, 1.015),
              ("llama.cpp Q4_K_M", 105, 0.084, 0.850, 1.081), ("llama.cpp Q4_0", 92, 0.347, 0.681, 1.269),
@@ -60,6 +61,11 @@ RECIPES: dict[str, q.Recipe] = {
     "int8-acc1": R(bits=8, eight_bit=(), accuracy_level=1),
     "int8-acc0": R(bits=8, eight_bit=(), accuracy_level=0),
     "int8-b16": R(bits=8, eight_bit=(), block_size=16),
+    "int8-acc0-head": R(bits=8, eight_bit=(), fp32_compute=("head",)),
+    "int8-acc0-down": R(bits=8, eight_bit=(), fp32_compute=("down",)),
+    "int8-acc0-qkv": R(bits=8, eight_bit=(), fp32_compute=("qkv",)),
+    "int8-acc0-gate_up": R(bits=8, eight_bit=(), fp32_compute=("gate_up",)),
+    "int8-acc0-o": R(bits=8, eight_bit=(), fp32_compute=("o",)),
     "int8-b64-acc0": R(bits=8, eight_bit=(), accuracy_level=0, block_size=64),
     "int8-b128-acc0": R(bits=8, eight_bit=(), accuracy_level=0, block_size=128),
     "int4": R(),
@@ -93,7 +99,7 @@ def parse_recipe(name: str) -> q.Recipe:
     kw = {}
     for part in name.split("/"):
         k, _, v = part.partition("=")
-        if k == "eight_bit":
+        if k in ("eight_bit", "fp32_compute"):
             kw[k] = tuple(x for x in v.split("+") if x)
         elif k in ("bits", "block_size", "accuracy_level"):
             kw[k] = int(v)
@@ -266,7 +272,8 @@ def measure(folder: Path, cache: Path, name: str, chunks, ref, calib: Path, wind
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         dst = Path(tmp) / "model.onnx"
         t0 = time.time()
-        details = q.quantize_weights(src, dst, recipe, calibration=calibration, progress=True)
+        details = q.quantize_weights(src, dst, recipe, calibration=calibration, progress=True,
+                                     hessian_cache=HESSIANS)
         build = time.time() - t0
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
         t0 = time.time()
@@ -299,59 +306,88 @@ def versions() -> str:
             f"transformers {transformers.__version__}")
 
 
-def report(cache: Path, folder: Path, out_md: Path, out_png: Path) -> None:
-    rs = load_results(cache)
-    lines = [
-        "# Quantization recipes on SmolLM2-135M-Instruct (issue 13)",
-        "",
-        f"Made by `benchmarks/quant_quality.py --report` from {cache}/results.json. Machine: {versions()}.",
-        "",
-        f"Each graph against the export's own fp32 graph ({folder}), llama-perplexity style: {CHUNKS} chunks of "
-        f"{CTX} tokens of English text (pydoc_data/topics.py, topics shuffled with seed {SEED}), each from an "
-        f"empty cache, the second half of each chunk scored: {CHUNKS * CTX // 2:,} tokens. KLD = mean "
-        "KL(fp32 ‖ variant) in nats; top-1 = same most likely token; PPL ratio = variant over fp32 on the "
-        "text's next tokens. Size = the .onnx file (no external data at these sizes). Decode = median ms of one "
-        "batch-1 step after a 64-token prompt, plain graph, 2 threads, on a machine shared with other jobs "
-        "(indicative). GPTQ calibrates on windows of the other topics (disjoint from the scored text). "
-        "The `fp32 (cache floor)` row is the error of the fp16 cache of reference log-probs itself.",
-        "",
-        "| recipe | method | bits (body/head) | block | sym | acc. level | 8-bit body tensors | size MB | KLD "
-        "| same top-1 | PPL ratio | decode ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+MODELS = {  # export folder name -> how the report names it
+    "smol-q": "SmolLM2-135M-Instruct (as converted from the Q4_1 GGUF: body weights on a Q4_1 grid)",
+    "smol-dither": "SmolLM2-135M-Instruct dithered (benchmarks/quant_dither.py: the same plus one grid step of noise)",
+}
+
+
+def table(rs: list[dict]) -> list[str]:
+    lines = ["| recipe | method | bits (body/head) | block | sym | acc. level | 8-bit body tensors | size MB | KLD "
+             "| same top-1 | PPL ratio | decode ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rs, key=lambda r: -r["bytes"]):
         c = r["recipe"]
         ms = f"{r['decode_ms']:.1f}" if r.get("decode_ms") else ""
         eight = ", ".join(c.get("eight_bit", [])) or ("" if c.get("bits") != 4 else "none")
+        if c.get("fp32_compute"):
+            eight += f" (fp32 compute: {', '.join(c['fp32_compute'])})"
         lines.append(
             f"| {r['name']} | {c.get('method', '')} | {c.get('bits', '')}/{c.get('lm_head', '')} | "
             f"{c.get('block_size', '')} | {'' if 'symmetric' not in c else ('yes' if c['symmetric'] else 'no')} | "
             f"{c.get('accuracy_level', '')} | {eight} | {r['bytes'] / 1e6:.1f} | {r['kl_mean']:.4g} | "
             f"{r['top1']:.2%} | {r['ppl_ratio']:.4f} | {ms} |")
-    lines += ["", "Issue 13's reference points (llama.cpp's `llama-perplexity --kl-divergence`, 4,826 tokens):", "",
-              "| | size MB | KLD | same top-1 | PPL ratio |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {n} | {s} | {k} | {t:.1%} | {p} |" for n, s, k, t, p in REFERENCE]
-    out_md.write_text("\n".join(lines) + "\n")
+    return lines
 
+
+def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> None:
+    lines = [
+        "# Quantization recipes on SmolLM2-135M-Instruct (issue 13)",
+        "",
+        f"Made by `benchmarks/quant_quality.py --report` from each model's results.json under {CACHE}. "
+        f"Machine: {versions()}.",
+        "",
+        f"Each graph against its export's own fp32 graph, llama-perplexity style: {CHUNKS} chunks of "
+        f"{CTX} tokens of English text (pydoc_data/topics.py, topics shuffled with seed {SEED}), each from an "
+        f"empty cache, the second half of each chunk scored: {CHUNKS * CTX // 2:,} tokens. KLD = mean "
+        "KL(fp32 ‖ variant) in nats; top-1 = same most likely token; PPL ratio = variant over fp32 on the "
+        "text's next tokens. Size = the .onnx file (no external data at these sizes). Decode = median ms of one "
+        "batch-1 step after a 64-token prompt, plain graph, 2 threads, on a machine shared with other jobs "
+        "(indicative: compare within a few ms only loosely). GPTQ calibrates on 128 windows of 256 tokens of the "
+        "other topics (disjoint from the scored text). The `fp32 (cache floor)` row is the error of the fp16 "
+        "cache of reference log-probs itself. Recipes are `Recipe` fields of pipeline/build/quantize.py; "
+        "`int4`/`int8` are the recipes before issue 13.",
+        "",
+    ]
+    if notes:
+        lines += [notes.strip(), ""]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6.5))
-    pts = [r for r in rs if r["kl_mean"] > 0 and "floor" not in r["name"]]
-    for r in pts:
-        ax.scatter(r["bytes"] / 1e6, r["kl_mean"], color="tab:blue", s=22)
-        ax.annotate(r["name"], (r["bytes"] / 1e6, r["kl_mean"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
-    for n, s, k, *_ in REFERENCE:
-        ax.scatter(s, k, color="tab:red", marker="s", s=28)
+    fig, ax = plt.subplots(figsize=(11, 7))
+    colors = ["tab:blue", "tab:green", "tab:purple"]
+    for k, cache in enumerate(caches):
+        rs = load_results(cache)
+        if not rs:
+            continue
+        label = MODELS.get(cache.name, cache.name)
+        lines += [f"## {label}", ""] + table(rs) + [""]
+        pts = [r for r in rs if r["kl_mean"] > 0 and "floor" not in r["name"]]
+        for r in pts:
+            ax.scatter(r["bytes"] / 1e6, r["kl_mean"], color=colors[k], s=22,
+                       label=label.split(" (")[0] if r is pts[0] else None)
+            ax.annotate(r["name"], (r["bytes"] / 1e6, r["kl_mean"]), fontsize=6.5, color=colors[k],
+                        xytext=(3, 2), textcoords="offset points")
+    lines += ["## Issue 13's reference points", "",
+              "llama.cpp's `llama-perplexity --kl-divergence` and onnxruntime-genai's builder on the converted "
+              "model (4,826 tokens; not re-measured here):", "",
+              "| | size MB | KLD | same top-1 | PPL ratio |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {n} | {s} | {k} | {t:.1%} | {p} |" for n, s, k, t, p in REFERENCE]
+    out_md.write_text("\n".join(lines) + "\n")
+    for i, (n, s, k, *_) in enumerate(REFERENCE):
+        ax.scatter(s, k, color="tab:red", marker="s", s=28, label="issue 13 references" if i == 0 else None)
         ax.annotate(n, (s, k), fontsize=7, color="tab:red", xytext=(3, -9), textcoords="offset points")
     ax.axhline(0.05, color="gray", ls=":", lw=1)
     ax.axvline(95, color="gray", ls=":", lw=1)
-    ax.text(95.5, 0.052, "int4 goal: ≤ 95 MB, KLD ≤ 0.05", fontsize=7, color="gray")
+    ax.text(95.5, 0.055, "int4 goal: ≤ 95 MB, KLD ≤ 0.05", fontsize=7, color="gray")
+    ax.axhline(0.003, color="gray", ls="--", lw=0.8)
+    ax.text(150, 0.0032, "int8 goal: KLD ≤ 0.003", fontsize=7, color="gray")
     ax.set_yscale("log")
     ax.set_xlabel("size (MB)")
-    ax.set_ylabel("mean KLD vs fp32 (nats, log)")
-    ax.set_title("SmolLM2-135M-Instruct: size vs KLD per recipe (blue: onnxgen, red: issue 13's references)")
+    ax.set_ylabel("mean KLD vs the export's fp32 graph (nats, log)")
+    ax.set_title("SmolLM2-135M-Instruct: size vs KLD, one point per recipe")
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -373,12 +409,17 @@ def main() -> None:
     mq.logger.setLevel(logging.WARNING)
     cache = a.cache or CACHE / a.export.name
     cache.mkdir(parents=True, exist_ok=True)
-    chunks, calib = split(a.export, cache)
-    ref = reference(a.export, chunks, cache)
-    for name in [n for n in a.recipes.split(",") if n]:
+    names = [n for n in a.recipes.split(",") if n]
+    if names:
+        chunks, calib = split(a.export, cache)
+        ref = reference(a.export, chunks, cache)
+    for name in names:
         measure(a.export, cache, name, chunks, ref, calib, a.calibration_windows)
     if a.report:
-        report(cache, a.export, ROOT / "benchmarks" / "QUANT.md", ROOT / "benchmarks" / "quant_quality.png")
+        notes = (ROOT / "benchmarks" / "QUANT_NOTES.md")
+        report([CACHE / m for m in MODELS if (CACHE / m / "results.json").is_file()],
+               ROOT / "benchmarks" / "QUANT.md", ROOT / "benchmarks" / "quant_quality.png",
+               notes.read_text() if notes.is_file() else "")
 
 
 if __name__ == "__main__":

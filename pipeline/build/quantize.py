@@ -92,6 +92,7 @@ class Recipe:
                   symmetric (a tied table is also the embedding, which must stay plain round-to-nearest)
     eight_bit     body tensors that get 8 bits: "first_last" (first and last blocks), "block:0,29",
                   a kind ("qkv", "o", "gate_up", "down") optionally with layers ("down:0-3,27")
+    fp32_compute  tensors (same selectors, and "head") run at accuracy_level 0 whatever accuracy_level says
     """
     bits: int = 4
     method: str = "rtn"
@@ -100,11 +101,13 @@ class Recipe:
     accuracy_level: int = 4
     head: str = "int8"
     eight_bit: tuple[str, ...] = ("first_last",)
+    fp32_compute: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         return {"method": self.method, "bits": self.bits, "block_size": self.block_size,
                 "symmetric": self.symmetric if self.method != "hqq" else False,
-                "accuracy_level": self.accuracy_level, "lm_head": self.head, "eight_bit": list(self.eight_bit)}
+                "accuracy_level": self.accuracy_level, "lm_head": self.head, "eight_bit": list(self.eight_bit),
+                **({"fp32_compute": list(self.fp32_compute)} if self.fp32_compute else {})}
 
 
 
@@ -131,28 +134,38 @@ def _kind_of(node_name: str) -> str | None:
     return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
-def plan_bits(model: onnx.ModelProto, recipe: Recipe) -> dict[str, int | None]:
-    """{weight MatMul: bits, None for fp32} per the recipe; the head by recipe.head."""
+def select(model: onnx.ModelProto, selectors: tuple[str, ...]) -> set[str]:
+    """The weight MatMuls that `selectors` name: "first_last" (first and last blocks, models of more than
+    two), "block:LAYERS", a kind (qkv, o, gate_up, down) optionally ":LAYERS", or "head"."""
     head = _head_matmul(model)
     weights = _weight_matmuls(model)
     blocks = {n: _block_of(n) for n in weights}
     known = sorted({b for b in blocks.values() if b is not None})
-    eight: set[str] = set()
-    for sel in recipe.eight_bit:
+    out: set[str] = set()
+    for sel in selectors:
         what, _, layers = sel.partition(":")
         if what == "first_last":
             chosen = {known[0], known[-1]} if len(known) > 2 else set()
-            eight |= {n for n, b in blocks.items() if b in chosen}
+            out |= {n for n, b in blocks.items() if b in chosen}
         elif what == "block":
             chosen = _layers(layers, known)
-            eight |= {n for n, b in blocks.items() if b in chosen}
+            out |= {n for n, b in blocks.items() if b in chosen}
         elif what in KINDS:
             chosen = _layers(layers, known) if layers else set(known)
-            eight |= {n for n, b in blocks.items() if b in chosen and _kind_of(n) == KINDS[what]}
+            out |= {n for n, b in blocks.items() if b in chosen and _kind_of(n) == KINDS[what]}
+        elif what == "head":
+            out.add(head)
         else:
-            raise UserError(f"eight-bit selector {sel!r}: expected first_last, block:LAYERS or one of "
+            raise UserError(f"tensor selector {sel!r}: expected first_last, block:LAYERS, head or one of "
                             f"{', '.join(KINDS)} (optionally :LAYERS)")
-    plan = {n: (8 if n in eight or recipe.bits == 8 else recipe.bits) for n in weights if n != head}
+    return out
+
+
+def plan_bits(model: onnx.ModelProto, recipe: Recipe) -> dict[str, int | None]:
+    """{weight MatMul: bits, None for fp32} per the recipe; the head by recipe.head."""
+    head = _head_matmul(model)
+    eight = select(model, recipe.eight_bit)
+    plan = {n: (8 if n in eight or recipe.bits == 8 else recipe.bits) for n in _weight_matmuls(model) if n != head}
     plan[head] = {"int4": 4, "int8": 8, "fp32": None}[recipe.head]
     return plan
 
@@ -397,8 +410,9 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
         feed.update({p.name: np.zeros((len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
         outs = session.run(activations, feed)
         for a, x in zip(activations, outs):
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            H[a] = x.T @ x if H[a] is None else H[a] + x.T @ x
+            x = x.reshape(-1, x.shape[-1])
+            xx = (x.T @ x).astype(np.float64)  # fp32 products (BLAS), summed per batch into fp64
+            H[a] = xx if H[a] is None else H[a] + xx
         n += ids.size
         bar.update(len(ids))
     bar.close()
@@ -425,12 +439,22 @@ def matmul_nbits(node, shape: tuple[int, int], codes: np.ndarray, scales: np.nda
 
 
 def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray, recipe: "Recipe",
-                  progress: bool) -> None:
-    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place)."""
+                  progress: bool, hessian_cache: dict | None = None) -> None:
+    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place).
+    hessian_cache: a dict kept by a caller that quantizes the same graph on the same windows again."""
+    import hashlib
+
     g = model.graph
     by_name = {n.name: n for n in g.node}
     acts = sorted({by_name[n].input[0] for n in nodes})
-    H = hessians(model, acts, windows, progress)
+    key = (hashlib.sha256(windows.astype(np.int64).tobytes()).hexdigest(), tuple(acts))
+    if hessian_cache is not None and key in hessian_cache:
+        H = hessian_cache[key]
+    else:
+        H = hessians(model, acts, windows, progress)
+        if hessian_cache is not None:
+            hessian_cache.clear()
+            hessian_cache[key] = H
     inits = {i.name: i for i in g.initializer}
     bits, group = recipe.bits, recipe.block_size
     for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):
@@ -448,7 +472,7 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray,
 
 
 def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarray | None = None,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, hessian_cache: dict | None = None) -> dict:
     """The fused fp32 graph `src` -> `dst` with every weight MatMul a MatMulNBits per `recipe` (the head
     as recipe.head says) and the embedding lookup sharing a tied head's table. `calibration`: (n, T) token
     windows, for GPTQ. Returns the manifest's details: the recipe and the bits each tensor got."""
@@ -460,11 +484,12 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     tied = _is_tied(model)
     head = _head_matmul(model)
     plan = plan_bits(model, recipe)
+    fp32 = select(model, recipe.fp32_compute)
     body4 = [n for n, b in plan.items() if b == 4 and n != head]
     if recipe.method == "gptq" and body4:
         if calibration is None or not len(calibration):
             raise UserError("--method gptq: needs calibration text (--calibration)")
-        gptq_quantize(model, body4, calibration, recipe, progress)
+        gptq_quantize(model, body4, calibration, recipe, progress, hessian_cache)
     groups = []  # (nodes, bits, symmetric, algo_config)
     if recipe.method == "hqq" and body4:
         groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4)))
@@ -483,10 +508,11 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
         model = q.model.model
     for node in model.graph.node:  # HQQ and GPTQ nodes carry no accuracy_level of their own
         if node.op_type == "MatMulNBits":
+            level = 0 if any(node.name.startswith(n) for n in fp32) else recipe.accuracy_level
             for a in list(node.attribute):
                 if a.name == "accuracy_level":
                     node.attribute.remove(a)
-            node.attribute.append(helper.make_attribute("accuracy_level", recipe.accuracy_level))
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
     left = [n for n in _weight_matmuls(model) if n != head]
     assert not left, f"quantize: MatMuls left unquantized: {left}"
     table = compact_embedding(model, plan[head] or 4, tied, recipe.block_size)
