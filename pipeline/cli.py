@@ -190,15 +190,35 @@ def parity(export_dir, checkpoint, variants, tokens):
               help="int8 method [blockwise]: MatMulNBits 8-bit, block 32; dynamic: per-channel weights, "
                    "per-tensor activations at run time; static: QDQ calibrated on held-out windows.")
 @click.option("--head", type=click.Choice(["int4", "int8", "fp32"]), default=None,
-              help="LM head precision in the int4 variant [int8].")
+              help="LM head (and tied embedding) precision in the int4 variant [int8].")
+@click.option("--method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None,
+              help="int4/int8 weights: rtn round to nearest, hqq (data-free, zero points), gptq (calibrated on "
+                   "--calibration) [the export's default recipe: docs in pipeline/build/quantize.py].")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="Weights per scale [the default recipe's].")
+@click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (rtn, gptq) [the default recipe's].")
+@click.option("--accuracy-level", type=click.Choice(["0", "1", "4"]), default=None,
+              help="MatMulNBits compute on CPU: 4 int8 activations, 0/1 fp32 [the default recipe's].")
+@click.option("--eight-bit", multiple=True, metavar="SELECTOR",
+              help="Body tensors kept at 8 bits in int4 (repeatable): first_last, block:0,29, qkv, o, gate_up, "
+                   "down, a kind with layers (down:0-3,27), or none [the default recipe's].")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="GPTQ calibration text file [the export's recorded corpus, or the source run's training split].")
+@click.option("--calibration-windows", type=click.IntRange(min=1), default=None,
+              help="GPTQ: seeded windows of calibration text [128].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Source run for static calibration [the one recorded in the manifest].")
-def quantize(export_dir, variant, int8_mode, head, checkpoint):
+def quantize(export_dir, variant, int8_mode, head, method, block_size, symmetric, accuracy_level, eight_bit,
+             calibration, calibration_windows, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
     from pipeline.build import quantize as q
 
-    done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head or q.DEFAULT_HEAD,
-                      checkpoint=checkpoint, progress=sys.stderr.isatty())
+    done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head,
+                      checkpoint=checkpoint, progress=sys.stderr.isatty(), method=method,
+                      block_size=int(block_size) if block_size else None, symmetric=symmetric,
+                      accuracy_level=int(accuracy_level) if accuracy_level else None,
+                      eight_bit=tuple(eight_bit) if eight_bit else None, calibration=calibration,
+                      calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS)
     for v, d in done.items():
         click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
 

@@ -142,7 +142,7 @@ def test_failed_rebuild_leaves_the_old_variant(tiny_quantized, tmp_path, monkeyp
     (folder / "onnx" / ".model_q4.onnx.tmp-killed.onnx").write_bytes(b"left by kill -9")
     manifest_before = (folder / "manifest.json").read_text()
 
-    def half_written(src, dst, head="int8"):  # same signature as quantize_int4
+    def half_written(src, dst, head="int8", **kw):  # same signature as quantize_int4
         dst.write_bytes(b"partial")
         raise KeyboardInterrupt  # as a Ctrl-C in the middle of writing
 

@@ -81,6 +81,7 @@ def test_selectors_pick_the_tensors_they_name(tiny_export):
     assert {n for n, b in plan.items() if b == 8} == {n for n in plan if n.startswith("/h.0/")}
     with pytest.raises(UserError, match="selector"):
         q.plan_bits(model, q.Recipe(eight_bit=("v_proj",)))
+    assert q.select(model, ("head", "qkv:0")) == {"/lm_head/MatMul", "/h.0/attn/c_attn/MatMul"}
 
 
 def test_imports_and_trained_models_get_their_own_default_recipe(tiny_export, tmp_path):

@@ -16,13 +16,28 @@ FastGelu, constant LM head):
              one scale for the whole batch loses the rest); batched rows also change each other's logits.
            static: QDQ, activation ranges calibrated (MinMax) on held-out windows of the source run that
              the parity windows do not touch. top-1 94.3%: misses for the same per-tensor reason.
-    int4   onnx/model_q4.onnx         weight-only MatMulNBits, 4 bits, block 32, symmetric, accuracy_level 4
-           (int8 activations inside the kernel on CPU). LM head (`head`): int8 by default (same accuracy
+    int4   onnx/model_q4.onnx         weight-only MatMulNBits, 4 bits (a `Recipe`: method, block size, zero
+           points, accuracy_level, which tensors get 8 bits). LM head (`head`): int8 by default (same accuracy
            as an fp32 head at a quarter of its size; an int4 head misses top-1 97%).
     fp16   onnx/model_fp16.onnx       everything fp16 (past/present too, as the contract allows)
            except the logits, which stay an fp32 output.
-The embedding Gather stays fp32 in every variant: a lookup costs nothing to run; quantizing it
-(GatherBlockQuantized) would shrink the files further and is left for later.
+The embedding lookup is a GatherBlockQuantized reading the tied head's MatMulNBits table (one copy), or
+its own 4-bit table when the head is not tied or kept fp32 (compact_embedding).
+
+Recipes (issue 13; benchmarks/QUANT.md, measured on SmolLM2-135M-Instruct against its own fp32 graph):
+    DEFAULT_RECIPES holds one per variant for models trained here (set on tiny/small, whose thresholds they
+    pass: RTN symmetric, block 32, accuracy_level 4, first/last blocks 8-bit) and one for imports.
+    method rtn   onnxruntime's MatMulNBitsQuantizer (MLAS round to nearest; integer zero points if asymmetric)
+           hqq   onnxruntime's HQQ: float zero points (+1 bit a weight at block 32) that MLAS has no fast
+                 kernel for: decode 6-9x slower on CPU
+           gptq  written here (gptq_weight/hessians): onnxruntime 1.32's own gptq() propagates no error
+                 (it reads a column of the upper Cholesky factor, all zeros below the diagonal: its
+                 result equals round-to-nearest's), and gptq_quantize runs the model once per activation
+                 per window. Calibrated on `--calibration` text (default: the export's corpus).
+    accuracy_level 4 (int8 activations per block inside the kernel) costs int8 most of its KL on SmolLM2
+    (4.4e-3 vs 1.4e-3 at level 0, but level 0 decodes 6x slower); smaller blocks quantize the activations
+    in smaller blocks too: block 16 gives 2.7e-3 at full speed. int4 loses almost nothing to it (0.2145 vs
+    0.2116): its weights dominate.
 
 A variant is written to a temporary file in onnx/ and renamed over the old one only when whole
 (os.replace is atomic on one filesystem): a kill leaves the previous variant untouched.
@@ -114,9 +129,19 @@ class Recipe:
 # The default recipe per variant: for models trained here ("trained", set on tiny and small, whose
 # thresholds they pass) and for imports ("import", set on SmolLM2-135M-Instruct by
 # benchmarks/quant_quality.py, see benchmarks/QUANT.md).
+#   import int8: block 16: the kernel's int8 activations come in blocks of 16 as well; SmolLM2 KLD 2.7e-3
+#     against block 32's 4.4e-3 (dithered: 3.05e-3 against 5.1e-3), same decode speed, 169 MB against 152
+#     (accuracy_level 0 gives 1.4e-3 but decodes 6x slower).
+#   import int4: GPTQ with zero points, block 32, calibrated on the export's corpus; 8 bits for the head,
+#     the first and last blocks and every q/k/v projection (measured per MB the most sensitive kind: on
+#     the dithered SmolLM2, with the rest round-to-nearest 4-bit, q/k/v at 8 bits cut KLD by 0.019 a MB,
+#     down 0.008, gate/up 0.004, o 0.003; first/last blocks 0.021). KLD 0.047, same top-1 88.3%, PPL
+#     ratio 1.058 at 111.9 MB, against 0.307/71.2%/1.387 at 102.9 MB for the trained models' recipe;
+#     same decode speed. Costs a calibration pass (~3 min for SmolLM2 on 2 cores).
 DEFAULT_RECIPES = {
     "trained": {"int8": Recipe(bits=8, eight_bit=()), "int4": Recipe()},
-    "import": {"int8": Recipe(bits=8, eight_bit=()), "int4": Recipe()},
+    "import": {"int8": Recipe(bits=8, eight_bit=(), block_size=16),
+               "int4": Recipe(method="gptq", symmetric=False, eight_bit=("first_last", "qkv"))},
 }
 
 
@@ -670,6 +695,8 @@ def recipe_for(folder: Path, variant: str, **overrides) -> Recipe:
     if "eight_bit" in given:
         given["eight_bit"] = tuple(x for x in given["eight_bit"] if x and x != "none")
     recipe = replace(base, **given)
+    if recipe.bits == 8:  # 8-bit tensors are always round to nearest (symmetric): --method is int4's
+        recipe = replace(recipe, method="rtn", symmetric=True)
     if recipe.method not in METHODS:
         raise UserError(f"--method {recipe.method}: expected one of {', '.join(METHODS)}")
     if recipe.block_size not in (16, 32, 64, 128, 256):
