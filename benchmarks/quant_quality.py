@@ -83,6 +83,10 @@ RECIPES: dict[str, q.Recipe] = {
     "int4-gptq-asym": R(method="gptq", symmetric=False),
     "int4-gptq-b64-asym": R(method="gptq", block_size=64, symmetric=False),
     "int4-gptq-b128-asym": R(method="gptq", block_size=128, symmetric=False),
+    "int4-gptq-asym+qkv": R(method="gptq", symmetric=False, eight_bit=("first_last", "qkv")),  # import default
+    "int4-gptq-b64-asym+qkv1-2": R(method="gptq", block_size=64, symmetric=False, eight_bit=("first_last", "qkv:1-2")),
+    "int4-gptq-b64-asym-head4+qkv": R(method="gptq", block_size=64, symmetric=False, head="int4",
+                                      eight_bit=("first_last", "qkv")),
     # sensitivity probes: everything 4-bit (head 8) except one tensor kind at 8 bits
     "int4-all4": R(eight_bit=()),
     "int4-all4+qkv": R(eight_bit=("qkv",)),
@@ -306,6 +310,7 @@ def versions() -> str:
             f"transformers {transformers.__version__}")
 
 
+SHORT = {"smol-q": "converted (weights on the Q4_1 grid)", "smol-dither": "dithered (continuous weights)"}
 MODELS = {  # export folder name -> how the report names it
     "smol-q": "SmolLM2-135M-Instruct (as converted from the Q4_1 GGUF: body weights on a Q4_1 grid)",
     "smol-dither": "SmolLM2-135M-Instruct dithered (benchmarks/quant_dither.py: the same plus one grid step of noise)",
@@ -366,7 +371,7 @@ def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> 
         pts = [r for r in rs if r["kl_mean"] > 0 and "floor" not in r["name"]]
         for r in pts:
             ax.scatter(r["bytes"] / 1e6, r["kl_mean"], color=colors[k], s=22,
-                       label=label.split(" (")[0] if r is pts[0] else None)
+                       label=SHORT.get(cache.name, cache.name) if r is pts[0] else None)
             ax.annotate(r["name"], (r["bytes"] / 1e6, r["kl_mean"]), fontsize=6.5, color=colors[k],
                         xytext=(3, 2), textcoords="offset points")
     lines += ["## Issue 13's reference points", "",
@@ -400,6 +405,10 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None, help=f"[{CACHE}/EXPORT_NAME]")
     ap.add_argument("--recipes", default="", help="comma-separated names (see RECIPES) or key=value/... specs")
     ap.add_argument("--calibration-windows", type=int, default=256)
+    ap.add_argument("--graph", type=Path, default=None,
+                    help="score this existing graph (e.g. what `onnxgen quantize` wrote) as recipe --graph-name, "
+                         "recipe read from the export's manifest")
+    ap.add_argument("--graph-name", default="graph")
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     import logging
@@ -413,6 +422,18 @@ def main() -> None:
     if names:
         chunks, calib = split(a.export, cache)
         ref = reference(a.export, chunks, cache)
+    if a.graph is not None:
+        chunks, _ = split(a.export, cache)
+        ref = reference(a.export, chunks, cache)
+        stage = next((st for st in reversed(json.loads((a.export / "manifest.json").read_text()).get("stages", []))
+                      if st.get("stage", "").startswith("quantize:")), {})
+        t0 = time.time()
+        m = evaluate(a.graph, ref, chunks)
+        r = {"name": a.graph_name, "recipe": {k: v for k, v in stage.items() if k not in ("bits_per_tensor", "optimize")},
+             "bytes": sum(f.stat().st_size for f in a.graph.parent.glob(a.graph.name + "*")), **m,
+             "decode_ms": decode_ms(a.graph, chunks[0]), "build_s": None, "eval_s": time.time() - t0}
+        save_result(cache, r)
+        print(f"{a.graph_name}: KL {m['kl_mean']:.4g} top-1 {m['top1']:.2%} PPL ratio {m['ppl_ratio']:.4f}")
     for name in names:
         measure(a.export, cache, name, chunks, ref, calib, a.calibration_windows)
     if a.report:
