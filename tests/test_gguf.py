@@ -230,7 +230,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(sources, tmp_path):
 def test_smollm2_from_its_gguf_to_the_fast_path(smollm2):
     """A real model end to end, as a user runs it (the `smollm2` fixture): the GGUF imported (30 layers, Q4_1
     and Q8_0 tensors, tied embeddings, the 'smollm' pre-tokenizer; fp32 judged against transformers on the
-    same weights), quantized to int4 and fused (the twin judged too); then a chat on the fused int4 graph."""
+    same weights), quantized to int4 by the import recipe (GPTQ) and fused (the twin judged too); then a chat on the fused int4 graph."""
     out, export_stdout = smollm2
     assert "greedy 64/64 identical" in export_stdout, export_stdout
     generation = json.loads((out / "generation_config.json").read_text())
@@ -241,8 +241,12 @@ def test_smollm2_from_its_gguf_to_the_fast_path(smollm2):
 
     record = manifest.load(out)
     assert record["stages"][-1]["fused"]["variants"]["int4 fused"]["status"] == "pass"
-    # the embedding is read from the tied head's 8-bit table: no fp32 copy, no second quantized copy
-    assert record["files"]["onnx/model_q4.onnx"]["bytes"] < 110e6, record["files"]["onnx/model_q4.onnx"]
+    # an import's int4 recipe: GPTQ with zero points, calibrated on the recorded corpus (its hash kept)
+    recipe = next(s for s in record["stages"] if s.get("stage") == "quantize:int4")
+    assert (recipe["method"], recipe["symmetric"], recipe["lm_head"]) == ("gptq", False, "int8"), recipe
+    assert len(recipe["calibration"]["sha256"]) == 64 and recipe["calibration"]["windows"] > 0
+    # 111.9 MB: the embedding is read from the tied head's 8-bit table (an fp32 copy alone would be 113 MB)
+    assert record["files"]["onnx/model_q4.onnx"]["bytes"] < 115e6, record["files"]["onnx/model_q4.onnx"]
     messages = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
     proc = onnxgen("run", out, "--chat", "-", "--variant", "int4", "--fused", "--temperature", 0,
                    "--max-new-tokens", 16, input=messages)
