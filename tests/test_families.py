@@ -65,7 +65,11 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(folder, safe_serialization=safe)
+    model.save_pretrained(folder)
+    if not safe:  # a pickled checkpoint, as older Hub folders have (transformers 5 only writes safetensors)
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return model.eval()
 
 
@@ -165,6 +169,48 @@ def test_family_defaults_are_transformers_defaults():
             assert getattr(config, key, value) == value, (model_type, key)
 
 
+# transformers 5 writes RoPE as one rope_parameters object (exactly these, from 5.25's save_pretrained of
+# the cases above); transformers 4 wrote rope_theta, rope_scaling, partial_rotary_factor, rotary_* and
+# Gemma 3's rope_local_base_freq
+ROPE_V5 = {
+    "llama3": {"rope_parameters": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                   "original_max_position_embeddings": 16, "rope_theta": 500000.0,
+                                   "rope_type": "llama3"}},
+    "phi3": {"partial_rotary_factor": 0.5, "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+                                                               "rope_type": "default"}},
+    "phi3-longrope": {"rope_parameters": {"long_factor": [2.0, 3.0, 5.0, 8.0], "original_max_position_embeddings": 8,
+                                          "partial_rotary_factor": 1.0, "rope_theta": 10000.0, "rope_type": "longrope",
+                                          "short_factor": [1.0, 1.5, 2.0, 2.5], "type": "longrope"}},
+    "gemma3": {"rope_parameters": {"full_attention": {"factor": 8.0, "rope_theta": 1000000.0, "rope_type": "linear"},
+                                   "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}},
+    "gpt_neox": {"rope_parameters": {"partial_rotary_factor": 0.25, "rope_theta": 10000.0, "rope_type": "default"}},
+}
+LEGACY_ROPE = ("rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_pct", "rotary_emb_base",
+               "rope_local_base_freq", "rope_parameters")
+
+
+@pytest.mark.parametrize("name", ROPE_V5)
+def test_transformers_5_configs_mean_the_same_model(tiny, tmp_path, name):
+    """The same model's config as transformers 5 writes it gives the same logits as the saved one (4.x keys
+    when the suite runs on 4.57, 5.x keys on 5.x), past the 8 positions where longrope changes factors."""
+    saved = json.loads((tiny[name][0] / "config.json").read_text())
+    v5 = {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | json.loads(json.dumps(ROPE_V5[name]))
+    folder = _edited(tiny, tmp_path, name)
+    (folder / "config.json").write_text(json.dumps(v5))
+    ids = torch.arange(1, 13)[None]
+    with torch.no_grad():
+        assert torch.equal(load_decoder(folder)(ids)[0], load_decoder(tiny[name][0])(ids)[0])
+
+
+def test_transformers_5_scaling_on_sliding_layers_is_refused(tiny):
+    saved = json.loads((tiny["gemma3"][0] / "config.json").read_text())
+    rope = json.loads(json.dumps(ROPE_V5["gemma3"]))
+    rope["rope_parameters"]["sliding_attention"] |= {"rope_type": "linear", "factor": 2.0}
+    v5 = {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | rope
+    with pytest.raises(UserError, match="sliding_attention: 'linear' scaling on sliding layers is not implemented"):
+        FAMILIES["gemma3_text"](v5, "v5").arch()
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def _edited(tiny, tmp_path, name, **changes):
@@ -221,6 +267,7 @@ def test_math_changing_keys_are_refused(tiny, tmp_path):
 def test_pickled_only_folder_is_refused(tmp_path):
     save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
     assert not list((tmp_path / "pickled").glob("*.safetensors"))
+    assert (tmp_path / "pickled" / "pytorch_model.bin").exists()
     with pytest.raises(UserError, match="safetensors only"):
         load_decoder(tmp_path / "pickled")
 

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.exports import read_json
-from pipeline.train.decoder import Decoder, DecoderConfig
+from pipeline.train.decoder import Decoder, DecoderConfig, rope_kind
 
 FAMILIES: dict[str, type["Family"]] = {}
 
@@ -50,12 +50,47 @@ class Family:
     tensors: dict = {}         # our module -> theirs, or several of theirs concatenated
     ignore = ()                # regexes: tensors of theirs that are buffers, not weights
 
+    theta_key = "rope_theta"                   # where transformers 4 kept the RoPE base
+    fraction_key = "partial_rotary_factor"     # ... and the rotated fraction of each head
+
     def __init__(self, config: dict, where: str):
         self.config, self.where = config, where
+        self.config = self.legacy_rope(config)
         for key, allowed in self.refuse.items():
             if self.get(key, allowed) != allowed:
                 self.fail(f"{key} = {self.config[key]!r} changes the model in a way onnxgen does not implement "
                           f"(supported: {allowed!r})")
+
+    def legacy_rope(self, config: dict) -> dict:
+        """transformers 5 writes RoPE as one `rope_parameters` object (base, rotated fraction and scaling
+        together; per layer type for Gemma 3) where transformers 4 wrote rope_theta, partial_rotary_factor
+        and rope_scaling. The families read the 4.x keys, so a 5.x config is mapped onto them here, with
+        transformers 5's precedence: a non-empty legacy rope_scaling replaces rope_parameters altogether, and
+        otherwise rope_parameters' values override the top-level ones (but Phi-3's top-level
+        original_max_position_embeddings)."""
+        params = config.get("rope_parameters")
+        if params is None or config.get("rope_scaling"):
+            return config
+        if not isinstance(params, dict):
+            self.fail(f"rope_parameters must be an object, got {params!r}")
+        config = dict(config)
+        if params and set(params) <= {"full_attention", "sliding_attention"}:  # per layer type (Gemma 3)
+            local = params.get("sliding_attention") or {}
+            if rope_kind(local) != "default":
+                self.fail(f"rope_parameters.sliding_attention: {rope_kind(local)!r} scaling on sliding layers "
+                          "is not implemented (supported: 'default')")
+            if "rope_theta" in local:
+                config["rope_local_base_freq"] = local["rope_theta"]
+            params = params.get("full_attention") or {}
+        if "rope_theta" in params:
+            config[self.theta_key] = params["rope_theta"]
+        if "partial_rotary_factor" in params:
+            config[self.fraction_key] = params["partial_rotary_factor"]
+        if "original_max_position_embeddings" in params:
+            config.setdefault("original_max_position_embeddings", params["original_max_position_embeddings"])
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        config["rope_scaling"] = scaling if rope_kind(scaling) != "default" else None
+        return config
 
     def fail(self, message: str):
         raise UserError(f"config {self.where}: {message}")
@@ -349,6 +384,7 @@ class GPTNeoX(Family):
         "lm_head": "embed_out",
     }
     ignore = (r"attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$")
+    theta_key, fraction_key = "rotary_emb_base", "rotary_pct"
 
     def fields(self) -> dict:
         bias = self.get("attention_bias")
