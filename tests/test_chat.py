@@ -55,7 +55,8 @@ def test_template_gives_transformers_token_ids(tiny_export, tmp_path, name, temp
 
     folder = tmp_path / name
     hf = _hf_tokenizer(tiny_export, folder, template, specials)
-    want = hf.apply_chat_template(MESSAGES, add_generation_prompt=generation_prompt, tokenize=True)
+    want = hf.apply_chat_template(MESSAGES, add_generation_prompt=generation_prompt, tokenize=True,
+                                  return_dict=False)  # transformers 5's default is a dict
     ours = ChatFormat(chat_template(folder), Tokenizer.from_file(str(folder / "tokenizer.json")))
     assert ours.render(MESSAGES, generation_prompt) == hf.apply_chat_template(
         MESSAGES, add_generation_prompt=generation_prompt, tokenize=False)

@@ -73,6 +73,13 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
     return model.eval()
 
 
+def copy_tokenizer(source, folder):
+    """A tokenizer's files (transformers 5 writes no special_tokens_map.json)."""
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / f).is_file() or f == "tokenizer.json":
+            shutil.copyfile(source / f, folder / f)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """case -> (folder, the transformers model, eager attention: the definitional math)."""
@@ -303,8 +310,7 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     model_type, sizes = CASES[name]
     src = tmp_path / "src"
     save_tiny(src, model_type, {**sizes, "max_position_embeddings": 128}, vocab=512)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(hf_models["llama"] / f, src / f)
+    copy_tokenizer(hf_models["llama"], src)
     report = export_hf(src, tmp_path / "out", corpus=str(TEST_CORPUS))
     fp32 = report.to_dict()["variants"]["fp32"]
     assert report.passed and fp32["greedy_match"] == 64, fp32
@@ -428,8 +434,7 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     from pipeline.run.lm import OnnxLM
 
     src = fused_case(tmp_path, "llama", vocab=512)  # the tokenizer's
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(hf_models["llama"] / f, src / f)
+    copy_tokenizer(hf_models["llama"], src)
     out = tmp_path / "out"
     assert export_hf(src, out, corpus=str(TEST_CORPUS)).passed
     details = quantize(out, "int8", progress=False)["int8"]

@@ -84,7 +84,7 @@ def write_gguf(path: Path, arch: str, model, tok_json: dict, add_bos: bool = Fal
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") else c.rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     tokenizer_metadata(w, add_bos, tok_json)
     for name, t in model.state_dict().items():

@@ -37,9 +37,9 @@ from pipeline.build.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.check.sources import load_hf_model
 from pipeline.errors import UserError
-from pipeline.exports import (CHUNK_BYTES, GENAI_CONFIG, INPUTS, VARIANTS, chat_template, first_id, past_names,
-                              present_names, save_graph, staging, transformers_js_config, variant_files,
-                              write_chat_template, write_json)
+from pipeline.exports import (CHUNK_BYTES, GENAI_CONFIG, INPUTS, SPECIAL_TOKENS, SPECIAL_TOKENS_MAP, VARIANTS,
+                              chat_template, first_id, past_names, present_names, read_json, save_graph, staging,
+                              transformers_js_config, variant_files, write_chat_template, write_json)
 from pipeline.train.families import FAMILIES, load_decoder, supported
 from pipeline.train.gguf import stage_gguf
 
@@ -230,6 +230,10 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
         if not (tmp / "tokenizer_config.json").is_file():  # onnxruntime-genai and transformers.js need one
             write_json(tmp / "tokenizer_config.json",
                        {"model_max_length": config.get("max_position_embeddings", config.get("n_positions"))})
+        if not (tmp / SPECIAL_TOKENS_MAP).is_file():  # transformers 5 no longer writes one; the contract has it
+            tokenizer_config = read_json(tmp / "tokenizer_config.json", "tokenizer config")
+            write_json(tmp / SPECIAL_TOKENS_MAP, {k: tokenizer_config[k] for k in SPECIAL_TOKENS
+                                                  if tokenizer_config.get(k) is not None})
         template = chat_template(src)  # chat_template.jinja or tokenizer_config's: the export keeps both
         templated = write_chat_template(tmp, template.source) if template else []
         write_genai_config(tmp)
