@@ -392,20 +392,29 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
               help="Requests waiting for a row; beyond batch + queue a request gets 429.")
 @click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4 (its fused twin).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--kv-cache-gb", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Memory for the KV cache, committed at start; a request's prompt + max_tokens may use what "
+                   "--max-batch rows of it hold, up to the model's context.")
 @click.option("--unsafe-skip-verify", is_flag=True,
               help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
-def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, threads, unsafe_skip_verify):
+def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, threads, kv_cache_gb, unsafe_skip_verify):
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with continuous
     batching over the fused graph (onnxgen fuse)."""
     from pipeline.run.lm import OnnxLM
+    from pipeline.run.batching import kv_context
     from pipeline.run.serve import serve as run_server
 
     # no spinning: the server's HTTP side and its clients need the cores between steps
     lm = OnnxLM(export_dir, variant=variant, threads=threads, verify=not unsafe_skip_verify, fused=True, spin=False)
+    context = kv_context(lm, max_batch, kv_cache_gb * 1e9)
+    if context < 2:
+        raise UserError(f"--kv-cache-gb {kv_cache_gb}: holds {context} position(s) for each of --max-batch "
+                        f"{max_batch} rows (expected room for a prompt and a token: raise it or lower --max-batch)")
     name = model_name or Path(export_dir).resolve().name
-    click.echo(f"serving {export_dir} as `{name}` on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue})",
-               err=True)
-    run_server(lm, name, host=host, port=port, capacity=max_batch, max_waiting=max_queue)
+    limit = "the model's" if context == lm.n_ctx else f"of {lm.n_ctx}, as {kv_cache_gb:g} GB of KV cache holds"
+    click.echo(f"serving {export_dir} as `{name}` on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue}, "
+               f"context {context} tokens: {limit})", err=True)
+    run_server(lm, name, host=host, port=port, capacity=max_batch, max_waiting=max_queue, context=context)
 
 
 @main.command()

@@ -32,14 +32,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(folder, capacity=4, max_waiting=16):
+def running(folder, capacity=4, max_waiting=16, context=None):
     """The server in this process, on a free loopback port: yields (client, server, base url)."""
     import uvicorn
 
     from pipeline.run.lm import OnnxLM
     from pipeline.run.serve import Server
 
-    server = Server(OnnxLM(folder, fused=True, verify=True), "tiny", capacity=capacity, max_waiting=max_waiting)
+    server = Server(OnnxLM(folder, fused=True, verify=True), "tiny", capacity=capacity, max_waiting=max_waiting,
+                    context=context)
     port = _free_port()
     http = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=http.run, daemon=True)
@@ -242,6 +243,37 @@ def test_a_crash_in_one_request_leaves_the_others(served, monkeypatch):
             assert text == _alone(server.lm, server.lm.encode(job.pop("prompt")), **job)
     monkeypatch.undo()
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_kv_cache_smaller_than_the_context_bounds_requests(tiny_chat_export):
+    """Rows of the shared cache hold 32 positions: /v1/models says so, a request that needs 33 gets
+    OpenAI's context error, one that fits runs to its length and equals its run alone."""
+    with running(tiny_chat_export, capacity=2, context=32) as (client, server, url):
+        assert server.engine.cache[0].shape[2] == 32 and server.lm.n_ctx > 32
+        with urllib.request.urlopen(f"{url}/models", timeout=30) as r:
+            assert json.loads(r.read())["data"][0]["context_length"] == 32
+        ids = server.lm.encode("import os\nimport sys\n")
+        code, reply = _post(f"{url}/completions", json.dumps(
+            {"model": "tiny", "prompt": ids, "max_tokens": 33 - len(ids), "temperature": 0}))
+        assert code == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+        assert "maximum context length is 32 tokens" in reply["error"]["message"]
+        r = client.completions.create(model="tiny", prompt=ids, max_tokens=32 - len(ids), temperature=0)
+        assert r.choices[0].text == _alone(server.lm, ids, max_tokens=32 - len(ids), temperature=0)
+
+
+def test_kv_context_is_what_the_memory_holds(tiny_chat_export):
+    from pipeline.run.batching import kv_context
+    from pipeline.run.lm import OnnxLM
+
+    lm = OnnxLM(tiny_chat_export, fused=True)
+    per_position = len(lm.past_names) * lm.n_kv_heads * lm.head_dim * 4
+    assert kv_context(lm, 4, 1e12) == lm.n_ctx
+    assert kv_context(lm, 4, 4 * per_position * 10 + 1) == 10
+    assert kv_context(lm, 4, per_position) == 0
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", str(tiny_chat_export), "--kv-cache-gb",
+                           "1e-9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--kv-cache-gb 1e-09: holds 0 position(s)" in proc.stderr
 
 
 def test_the_serve_command(tiny_chat_export):

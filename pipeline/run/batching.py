@@ -6,8 +6,11 @@ leave it when they finish, each row with its own length.
     engine.submit(Request(prompt_ids, max_tokens, sampling, stop, emit=callback))  # False: queue full
     engine.cancel(request)                                   # a client went away: its row is freed
 
-The cache is one (capacity, H, L, D) NumPy array per cache tensor (L: the model's context), and each
-request owns a row of it (a slot):
+The cache is one (capacity, H, L, D) NumPy array per cache tensor, and each request owns a row of it (a
+slot). L is the model's context, or less where the memory given to the cache (kv_context) holds less: a
+real model's full context is large (SmolLM2: 8,192 positions, 377 MB a row, 24 GB for 64 rows). The arrays
+are written once at start, so their memory is committed then: a row touched for the first time by a
+request would otherwise take its page faults in that request's prefill (2.5-3.4 s for one SmolLM2 row).
   - a newcomer is prefilled alone: its row's slice (1, H, L, D) is bound as past and present, so
     GroupQueryAttention's first-prompt path writes its keys straight into the shared array, no copy.
     Alone, because onnxruntime's GroupQueryAttention continues a prompt only at batch 1, and because a
@@ -39,6 +42,13 @@ from pipeline.run.text import CompletionText
 log = logging.getLogger(__name__)
 
 
+def kv_context(lm, capacity: int, budget_bytes: float) -> int:
+    """The positions per row that `capacity` rows of the KV cache hold in `budget_bytes`, at most the
+    model's context; 0 when not even one position fits."""
+    per_position = len(lm.past_names) * lm.n_kv_heads * lm.head_dim * np.dtype(lm.past_dtype).itemsize
+    return int(min(lm.n_ctx, budget_bytes // (capacity * per_position)))
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -60,14 +70,17 @@ class Request:
 
 class BatchEngine:
     def __init__(self, lm, capacity: int = 16, max_waiting: int = 64,
-                 deliver: Callable[[list[tuple[Request, str, object]]], None] | None = None):
+                 deliver: Callable[[list[tuple[Request, str, object]]], None] | None = None,
+                 context: int | None = None):
         import onnxruntime as ort
 
         assert lm.fused, "continuous batching needs the fused graph (onnxgen fuse)"
         self.lm, self.capacity, self.max_waiting = lm, capacity, max_waiting
-        self.L = lm.n_ctx
+        self.L = lm.n_ctx if context is None else min(context, lm.n_ctx)  # positions a request may use
         shape = (capacity, lm.n_kv_heads, self.L, lm.head_dim)
-        self.cache = [np.zeros(shape, dtype=lm.past_dtype) for _ in lm.past_names]  # rows are slots
+        self.cache = [np.empty(shape, dtype=lm.past_dtype) for _ in lm.past_names]  # rows are slots
+        for a in self.cache:
+            a.fill(0)  # commit the pages now, not in some request's prefill
         self.out = np.zeros((capacity, 1, lm.vocab_size), dtype=np.float32)
         self.rows: list[Request | None] = [None] * capacity
         self.waiting: deque[Request] = deque()

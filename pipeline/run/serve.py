@@ -58,13 +58,14 @@ def _integer(body: dict, name: str, lo: int | None = None):
 class Server:
     """What the routes share: the model, its name, its chat format and the engine."""
 
-    def __init__(self, lm, name: str, capacity: int = 16, max_waiting: int = 64):
+    def __init__(self, lm, name: str, capacity: int = 16, max_waiting: int = 64, context: int | None = None):
         self.lm, self.name = lm, name
         try:
             self.chat = ChatFormat.of(lm)
         except UserError:
             self.chat = None  # /v1/chat/completions says so; /v1/completions still works
-        self.engine = BatchEngine(lm, capacity=capacity, max_waiting=max_waiting, deliver=self._deliver)
+        self.engine = BatchEngine(lm, capacity=capacity, max_waiting=max_waiting, deliver=self._deliver,
+                                  context=context)
         self.loop = None
         self.created = int(time.time())
 
@@ -115,7 +116,7 @@ class Server:
             stop_ids = tuple(self.chat.stop_ids())
         else:
             ids = self._prompt_ids(body.get("prompt"))
-        n_ctx = self.lm.n_ctx
+        n_ctx = self.engine.L  # the model's context, or what the KV cache's memory holds
         if not ids:
             raise ApiError(400, "the prompt is empty (expected at least one token)", "prompt" if not chat else "messages")
         if max_tokens is None:
@@ -220,7 +221,7 @@ class Server:
 
     def _model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "onnxgen",
-                "context_length": self.lm.n_ctx}
+                "context_length": self.engine.L}
 
     @staticmethod
     def _error(e: ApiError):
@@ -308,8 +309,8 @@ class Server:
 
 
 def serve(lm, name: str, host: str = "127.0.0.1", port: int = 8000, capacity: int = 16, max_waiting: int = 64,
-          log_level: str = "warning") -> None:
+          context: int | None = None, log_level: str = "warning") -> None:
     import uvicorn
 
-    server = Server(lm, name, capacity=capacity, max_waiting=max_waiting)
+    server = Server(lm, name, capacity=capacity, max_waiting=max_waiting, context=context)
     uvicorn.run(server.app(), host=host, port=port, log_level=log_level)
