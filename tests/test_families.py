@@ -3,6 +3,7 @@ loaded through train/families.py, gives transformers' own logits (a left-padded 
 KV cache) and the same greedy tokens. And what we refuse, we refuse in one line."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -74,8 +75,11 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
 
 
 def copy_tokenizer(source, folder):
-    """A tokenizer's files (transformers 5 writes no special_tokens_map.json)."""
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    """The tokenizer files export --hf carries that `source` has (transformers 5 writes no special_tokens_map.json);
+    tokenizer.json always."""
+    from pipeline.build.hf_import import TOKENIZER_FILES
+
+    for f in TOKENIZER_FILES:
         if (source / f).is_file() or f == "tokenizer.json":
             shutil.copyfile(source / f, folder / f)
 
@@ -196,24 +200,26 @@ LEGACY_ROPE = ("rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_pc
                "rope_local_base_freq", "rope_parameters")
 
 
+def as_v5(tiny, name) -> dict:
+    """The saved config of case `name` with its RoPE keys as transformers 5 writes them."""
+    saved = json.loads((tiny[name][0] / "config.json").read_text())
+    return {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | copy.deepcopy(ROPE_V5[name])
+
+
 @pytest.mark.parametrize("name", ROPE_V5)
 def test_transformers_5_configs_mean_the_same_model(tiny, tmp_path, name):
     """The same model's config as transformers 5 writes it gives the same logits as the saved one (4.x keys
     when the suite runs on 4.57, 5.x keys on 5.x), past the 8 positions where longrope changes factors."""
-    saved = json.loads((tiny[name][0] / "config.json").read_text())
-    v5 = {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | json.loads(json.dumps(ROPE_V5[name]))
     folder = _edited(tiny, tmp_path, name)
-    (folder / "config.json").write_text(json.dumps(v5))
+    (folder / "config.json").write_text(json.dumps(as_v5(tiny, name)))
     ids = torch.arange(1, 13)[None]
     with torch.no_grad():
         assert torch.equal(load_decoder(folder)(ids)[0], load_decoder(tiny[name][0])(ids)[0])
 
 
 def test_transformers_5_scaling_on_sliding_layers_is_refused(tiny):
-    saved = json.loads((tiny["gemma3"][0] / "config.json").read_text())
-    rope = json.loads(json.dumps(ROPE_V5["gemma3"]))
-    rope["rope_parameters"]["sliding_attention"] |= {"rope_type": "linear", "factor": 2.0}
-    v5 = {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | rope
+    v5 = as_v5(tiny, "gemma3")
+    v5["rope_parameters"]["sliding_attention"] |= {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(UserError, match="sliding_attention: 'linear' scaling on sliding layers is not implemented"):
         FAMILIES["gemma3_text"](v5, "v5").arch()
 

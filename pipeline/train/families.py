@@ -54,7 +54,7 @@ class Family:
     fraction_key = "partial_rotary_factor"     # ... and the rotated fraction of each head
 
     def __init__(self, config: dict, where: str):
-        self.config, self.where = config, where
+        self.where = where  # before legacy_rope, whose refusals name it
         self.config = self.legacy_rope(config)
         for key, allowed in self.refuse.items():
             if self.get(key, allowed) != allowed:
