@@ -146,11 +146,12 @@ def test_parity_stage_and_run_work_on_an_import(int8_exports, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from pipeline.check.parity import IMPORT_FLOOR, thresholds_for
+    from pipeline.check.parity import IMPORT_FLOOR, IMPORT_FP16, thresholds_for
 
     folder = tmp_path / "llama"
     shutil.copytree(int8_exports["llama"], folder)
     assert thresholds_for(folder)["int8"] == IMPORT_FLOOR and thresholds_for(folder)["fp32"] == THRESHOLDS["fp32"]
+    assert thresholds_for(folder)["fp16"] == IMPORT_FP16
     at_export = json.loads((folder / "parity.json").read_text())["variants"]["fp32"]
     proc = onnxgen("parity", folder, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -45,6 +45,24 @@ def test_fp32_bound_scales_with_the_logits():
     assert _tol_ratio(row / 100, row / 100 + [[0.0, 1.49e-4, 0.0]], t) > 1.0
 
 
+def test_an_imports_fp16_is_held_to_fp32_quality_by_its_distribution():
+    """SmolLM2-135M's fp16 over 8,437 tokens (huge activations in its residual stream): 3.2x over the
+    elementwise bound set on the trained small, yet KL 4.9e-6 and same top-1 99.81%. An import's fp16 bar
+    passes that and fails what a wrong graph does (top-1 ~90%, KL ~0.1)."""
+    from pipeline.check.parity import IMPORT_FP16
+
+    n = 8437
+    hits = round(0.998104 * n)
+    smol = dict(scored=n, top1=hits / n, top1_low=wilson_lower(hits, n), kl_mean=4.9e-6, ppl_ratio=1.0001,
+                max_abs=0.107, tol_ratio=3.22)
+    assert VariantResult("fp16", **smol).check(THRESHOLDS["fp16"]).status == "fail"
+    assert VariantResult("fp16", **smol).check(IMPORT_FP16).status == "pass"
+    hits = round(0.90 * n)
+    wrong = dict(smol, top1=hits / n, top1_low=wilson_lower(hits, n), kl_mean=0.1)
+    r = VariantResult("fp16", **wrong).check(IMPORT_FP16)
+    assert r.status == "fail" and len(r.failures) == 2
+
+
 # ----------------------------------------------------------------------------- real bugs fail the gate
 
 def _perturbed(source, **changes):

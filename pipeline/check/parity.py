@@ -125,16 +125,25 @@ THRESHOLDS: dict[str, Thresholds] = {
 # quantized variants are reported in full and fail only when the graph is broken: a wrong scale, a
 # transposed or misplaced weight, a broken fused twin leave the next token to chance (same top-1 of a few
 # percent, KL of several nats), far under these floors, while every real 4-bit format above clears them.
-# fp32 and fp16 keep their bounds: they do measure the graph.
+# fp32 keeps its bound: it does measure the graph.
 IMPORT_FLOOR = Thresholds(top1=0.5, kl_mean=1.0)
+# An import's fp16 is held to fp32 quality by the distribution, not by fp16's elementwise bound, which was
+# set on the trained small (4 layers, hidden states of ordinary size). A real model's residual stream
+# carries a few huge activations (SmolLM2-135M's reach 25,800 from layer 12 on, where one fp16 step is 16),
+# so the absolute error that reaches a logit is a property of the model, not of the graph. SmolLM2-135M,
+# 8,437 tokens: plain fp16 max |Δ| 0.107 (3.2x the bound), mean KL 4.9e-6, same top-1 99.81% (95% lower
+# bound 99.69%); its fused twin max |Δ| 0.238 (7.7x), KL 1.4e-5, top-1 99.59% (99.42%). So: mean KL ≤ 1e-4
+# (7x the fused twin; llama.cpp's Q8_0 of the same model is 5.5e-3) and same top-1 ≥ 99% (95% lower bound).
+# That is four orders of magnitude under the import floor's KL and ~30x under int8's KL on the same model.
+IMPORT_FP16 = Thresholds(top1=0.99, kl_mean=1e-4)
 
 
 def thresholds_for(folder: Path) -> dict[str, Thresholds]:
-    """The bars an export is held to: THRESHOLDS for models trained here, IMPORT_FLOOR for an import's
-    quantized variants."""
+    """The bars an export is held to: THRESHOLDS for models trained here; for an import, IMPORT_FLOOR for its
+    quantized variants and IMPORT_FP16 for fp16."""
     kind = (manifest.load(folder).get("source") or {}).get("kind")
     if kind in ("hf", "gguf"):
-        return {**THRESHOLDS, "int8": IMPORT_FLOOR, "int4": IMPORT_FLOOR}
+        return {**THRESHOLDS, "int8": IMPORT_FLOOR, "int4": IMPORT_FLOOR, "fp16": IMPORT_FP16}
     return THRESHOLDS
 
 
