@@ -105,9 +105,9 @@ def parse_recipe(name: str) -> q.Recipe:
         k, _, v = part.partition("=")
         if k in ("eight_bit", "fp32_compute"):
             kw[k] = tuple(x for x in v.split("+") if x)
-        elif k in ("bits", "block_size", "accuracy_level"):
+        elif k in ("bits", "block_size", "accuracy_level", "head_block"):
             kw[k] = int(v)
-        elif k == "symmetric":
+        elif k in ("symmetric", "act_order"):
             kw[k] = v in ("1", "true", "True")
         else:
             kw[k] = v
@@ -327,9 +327,13 @@ def table(rs: list[dict]) -> list[str]:
         eight = ", ".join(c.get("eight_bit", [])) or ("" if c.get("bits") != 4 else "none")
         if c.get("fp32_compute"):
             eight += f" (fp32 compute: {', '.join(c['fp32_compute'])})"
+        block = f"{c.get('block_size', '')}"
+        if c.get("lm_head_block", c.get("block_size")) != c.get("block_size"):
+            block += f" (head {c['lm_head_block']})"
         lines.append(
-            f"| {r['name']} | {c.get('method', '')} | {c.get('bits', '')}/{c.get('lm_head', '')} | "
-            f"{c.get('block_size', '')} | {'' if 'symmetric' not in c else ('yes' if c['symmetric'] else 'no')} | "
+            f"| {r['name']} | {c.get('method', '')}{', act order' if c.get('act_order') else ''} | "
+            f"{c.get('bits', '')}/{c.get('lm_head', '')} | "
+            f"{block} | {'' if 'symmetric' not in c else ('yes' if c['symmetric'] else 'no')} | "
             f"{c.get('accuracy_level', '')} | {eight} | {r['bytes'] / 1e6:.1f} | {r['kl_mean']:.4g} | "
             f"{r['top1']:.2%} | {r['ppl_ratio']:.4f} | {ms} |")
     return lines

@@ -196,7 +196,11 @@ def parity(export_dir, checkpoint, variants, tokens):
                    "--calibration) [the export's default recipe: docs in pipeline/build/quantize.py].")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="Weights per scale [the default recipe's].")
+@click.option("--head-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="Weights per scale in the head and a tied embedding [--block-size].")
 @click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (rtn, gptq) [the default recipe's].")
+@click.option("--act-order/--no-act-order", default=None,
+              help="gptq: solve input channels by decreasing activation energy [the default recipe's].")
 @click.option("--accuracy-level", type=click.Choice(["0", "1", "4"]), default=None,
               help="MatMulNBits compute on CPU: 4 int8 activations, 0/1 fp32 [the default recipe's].")
 @click.option("--eight-bit", multiple=True, metavar="SELECTOR",
@@ -208,14 +212,16 @@ def parity(export_dir, checkpoint, variants, tokens):
               help="GPTQ: seeded windows of calibration text [128].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Source run for static calibration [the one recorded in the manifest].")
-def quantize(export_dir, variant, int8_mode, head, method, block_size, symmetric, accuracy_level, eight_bit,
-             calibration, calibration_windows, checkpoint):
+def quantize(export_dir, variant, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
+             accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
     from pipeline.build import quantize as q
 
     done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head,
                       checkpoint=checkpoint, progress=sys.stderr.isatty(), method=method,
-                      block_size=int(block_size) if block_size else None, symmetric=symmetric,
+                      block_size=int(block_size) if block_size else None,
+                      head_block=int(head_block_size) if head_block_size else None, symmetric=symmetric,
+                      act_order=act_order,
                       accuracy_level=int(accuracy_level) if accuracy_level else None,
                       eight_bit=tuple(eight_bit) if eight_bit else None, calibration=calibration,
                       calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS)

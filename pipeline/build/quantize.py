@@ -108,6 +108,9 @@ class Recipe:
     eight_bit     body tensors that get 8 bits: "first_last" (first and last blocks), "block:0,29",
                   a kind ("qkv", "o", "gate_up", "down") optionally with layers ("down:0-3,27")
     fp32_compute  tensors (same selectors, and "head") run at accuracy_level 0 whatever accuracy_level says
+    head_block    the head's (and tied embedding's) block size; 0: block_size. An 8-bit head is 8 bits of
+                  code and, at block 32, 1 bit of fp32 scale a weight: block 128 takes that to 0.25
+    act_order     gptq only: rows by decreasing Hessian diagonal, with static groups (gptq_weight)
     """
     bits: int = 4
     method: str = "rtn"
@@ -117,11 +120,19 @@ class Recipe:
     head: str = "int8"
     eight_bit: tuple[str, ...] = ("first_last",)
     fp32_compute: tuple[str, ...] = ()
+    head_block: int = 0
+    act_order: bool = False
+
+    @property
+    def head_block_size(self) -> int:
+        return self.head_block or self.block_size
 
     def summary(self) -> dict:
         return {"method": self.method, "bits": self.bits, "block_size": self.block_size,
                 "symmetric": self.symmetric if self.method != "hqq" else False,
-                "accuracy_level": self.accuracy_level, "lm_head": self.head, "eight_bit": list(self.eight_bit),
+                "accuracy_level": self.accuracy_level, "lm_head": self.head, "lm_head_block": self.head_block_size,
+                "eight_bit": list(self.eight_bit),
+                **({"act_order": True} if self.act_order and self.method == "gptq" else {}),
                 **({"fp32_compute": list(self.fp32_compute)} if self.fp32_compute else {})}
 
 
@@ -295,32 +306,43 @@ def _grid(group: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np
 
 
 def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
-                percdamp: float = 0.01, blocksize: int = 128):
+                percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False):
     """GPTQ (Frantar et al. 2022) of one (K, N) weight given the Hessian H = 2·XᵀX/n of its input X:
     rows (input channels) are quantized in order and each one's error is pushed onto the rows not yet
     quantized through the inverse Hessian's Cholesky factor. Written by hand: onnxruntime's gptq() does the
     same solve, but returns fake-quantized floats that gptq_quantize then re-rounds onto a fresh grid (for
     symmetric weights 16/15 of GPTQ's scale, undoing part of the gain); this returns the integer codes of
     the grid it solved on. Returns codes (N, K padded to blocks) uint8, scales (N, K/group) float32 and
-    zero points (N, K/group) uint8."""
+    zero points (N, K/group) uint8.
+
+    act_order: rows in order of decreasing Hessian diagonal (the inputs with the most energy first, while the
+    most rows are left to absorb their error), GPTQ's "desc_act". A block's grid must still cover rows that
+    are contiguous in the file (MatMulNBits' layout), so each grid is set once, from the weights before any
+    update ("static groups")."""
     K, N = W.shape
     W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[dead] = 0
-    H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor
     kb = -(-K // group)
     maxq = (1 << bits) - 1
     scales, zeros = np.ones((kb, N)), np.zeros((kb, N))
     codes = np.zeros((kb * group, N), np.uint8)
+    order = np.arange(K)
+    if act_order:
+        for b in range(kb):
+            scales[b], zeros[b] = _grid(W[b * group:(b + 1) * group], bits, symmetric)
+        order = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[order], H[order][:, order]
+    H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor
     blocksize = max(group, blocksize - blocksize % group)  # a group never straddles two blocks
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
         W1, Err1, Hinv1 = W[i1:i2].copy(), np.zeros((i2 - i1, N)), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            r = i1 + i
-            if r % group == 0:
+            r = order[i1 + i]  # the row's place in the file
+            if not act_order and r % group == 0:
                 scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric)
             s, z = scales[r // group], zeros[r // group]
             q = np.clip(np.round(W1[i] / s) + z, 0, maxq)
@@ -485,7 +507,8 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray,
     for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):
         node = by_name[name]
         W = numpy_helper.to_array(inits[node.input[1]])
-        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, recipe.symmetric)
+        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, recipe.symmetric,
+                                           act_order=recipe.act_order)
         q_node, new = matmul_nbits(node, W.shape, codes, scales, None if recipe.symmetric else zeros,
                                    bits, group, recipe.accuracy_level)
         g.initializer.extend(new)
@@ -520,14 +543,15 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
         groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4)))
     elif recipe.method == "rtn" and body4:
         groups.append((body4, 4, recipe.symmetric, None))
-    if plan[head] == 4:
-        groups.append(([head], 4, True, None))  # the head (and a tied embedding): always symmetric RTN
-    eight = [n for n, b in plan.items() if b == 8]
+    eight = [n for n, b in plan.items() if b == 8 and n != head]
     if eight:
         groups.append((eight, 8, True, None))
-    for nodes, bits, symmetric, algo in groups:
+    groups = [(nodes, bits, symmetric, algo, recipe.block_size) for nodes, bits, symmetric, algo in groups]
+    if plan[head]:  # the head (and a tied embedding): always symmetric RTN, at its own block size
+        groups.append(([head], plan[head], True, None, recipe.head_block_size))
+    for nodes, bits, symmetric, algo, block in groups:
         others = [n for n in _weight_matmuls(model) if n not in nodes]
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=symmetric,
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
                                  accuracy_level=recipe.accuracy_level, nodes_to_exclude=others, algo_config=algo)
         q.process()
         model = q.model.model
@@ -540,7 +564,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
             node.attribute.append(helper.make_attribute("accuracy_level", level))
     left = [n for n in _weight_matmuls(model) if n != head]
     assert not left, f"quantize: MatMuls left unquantized: {left}"
-    table = compact_embedding(model, plan[head] or 4, tied, recipe.block_size)
+    table = compact_embedding(model, plan[head] or 4, tied, recipe.head_block_size)
     onnx.save(model, str(dst))
     counts = {}
     for b in plan.values():
@@ -701,6 +725,8 @@ def recipe_for(folder: Path, variant: str, **overrides) -> Recipe:
         raise UserError(f"--method {recipe.method}: expected one of {', '.join(METHODS)}")
     if recipe.block_size not in (16, 32, 64, 128, 256):
         raise UserError(f"--block-size {recipe.block_size}: expected a power of two from 16 to 256")
+    if recipe.head_block not in (0, 16, 32, 64, 128, 256):
+        raise UserError(f"--head-block-size {recipe.head_block}: expected a power of two from 16 to 256")
     return recipe
 
 
@@ -708,7 +734,8 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
              checkpoint: str | Path | None = None, progress: bool = True, method: str | None = None,
              block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
              eight_bit: tuple[str, ...] | None = None, calibration: str | Path | None = None,
-             calibration_windows: int = CALIBRATION_WINDOWS) -> dict:
+             calibration_windows: int = CALIBRATION_WINDOWS, head_block: int | None = None,
+             act_order: bool | None = None) -> dict:
     """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
     int4 and blockwise int8 follow the export's default recipe (DEFAULT_RECIPES) with the options given
     replacing its fields; GPTQ calibrates on `calibration` (a text file; default: the export's recorded
@@ -725,7 +752,7 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     if not fp32.is_file():
         raise UserError(f"export {folder}: {fp32} does not exist (run `onnxgen export` first)")
     options = dict(method=method, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                   eight_bit=eight_bit)
+                   eight_bit=eight_bit, head_block=head_block, act_order=act_order)
     recipes = {"int4": recipe_for(folder, "int4", head=head, **options),
                "int8": recipe_for(folder, "int8", **options)}
     run = None
