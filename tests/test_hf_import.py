@@ -180,6 +180,13 @@ def test_parity_stage_and_run_work_on_an_import(int8_exports, tmp_path):
     assert proc.returncode == 1 and "int8: top-1 agreement" in proc.stderr, proc.stderr
 
 
+def test_export_help_names_every_family():
+    from pipeline.train.families import FAMILIES
+
+    out = " ".join(onnxgen("export", "--help").stdout.split())
+    assert all(f" {name}," in out or f" {name} " in out for name in FAMILIES), out
+
+
 def test_export_needs_exactly_one_source(tmp_path):
     proc = onnxgen("export", "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "CHECKPOINT run folder, --hf DIR or --gguf FILE" in proc.stderr
