@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.check.bench import _onnxgen_loader, _timed, machine, versions  # noqa: E402
+from pipeline.run.lm import graph_bytes  # noqa: E402
 
 PROMPT, NEW = 32, 128
 
@@ -57,6 +59,23 @@ def genai_folder_loader(folder: Path, threads: int):
     return gen
 
 
+def read_bandwidth(threads: int, mb: int = 512) -> float:
+    """GB/s of reading a buffer far larger than any cache, one slice per thread (np.max: vectorized, and
+    numpy releases the GIL). Best of 5: what the memory system gives, for the bandwidth limit of a decode
+    step that reads every weight once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = np.ones(mb << 18, np.float32)
+    parts = np.array_split(buf, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = min(best, time.perf_counter() - t)
+    return buf.nbytes / best / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ours", type=Path, required=True, help="an onnxgen export with int4 and its fused twin")
@@ -66,14 +85,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("REAL_MODEL.md"))
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    size = lambda p: p.stat().st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + "*data*"))  # noqa: E731
-    engines = {
+    size = graph_bytes
+    fused, plain = args.ours / "onnx/model_q4_gqa.onnx", args.ours / "onnx/model_q4.onnx"
+    engines = {  # onnxgen as `onnxgen run` runs it (threads spin on a graph of SPIN_BYTES or more), and not spinning
         "onnxgen int4, fused (GroupQueryAttention, shared buffer)": (
-            lambda t: _onnxgen_loader(args.ours, "int4", True, t), size(args.ours / "onnx/model_q4_gqa.onnx")),
-        "onnxgen int4, fused, threads spinning": (
-            lambda t: _onnxgen_loader(args.ours, "int4", True, t, spin=True), size(args.ours / "onnx/model_q4_gqa.onnx")),
+            lambda t: _onnxgen_loader(args.ours, "int4", True, t), size(fused)),
+        "onnxgen int4, fused, threads not spinning": (
+            lambda t: _onnxgen_loader(args.ours, "int4", True, t, spin=False), size(fused)),
         "onnxgen int4, plain graph": (
-            lambda t: _onnxgen_loader(args.ours, "int4", False, t), size(args.ours / "onnx/model_q4.onnx")),
+            lambda t: _onnxgen_loader(args.ours, "int4", False, t), size(plain)),
         "onnxruntime-genai builder int4": (
             lambda t: genai_folder_loader(args.genai, t), size(args.genai / "model.onnx")),
     }
@@ -83,12 +103,16 @@ def main() -> None:
     for gen in loaded.values():  # warm-up: first-run allocations and kernel selection
         gen(ids, 8)
     rates: dict = {k: [] for k in loaded}
+    bandwidth: dict = {t: [] for t in threads}
     for r in range(args.rounds):
+        for t in threads:
+            bandwidth[t].append(read_bandwidth(t))
         for key, gen in loaded.items():
             one, full = _timed(gen, ids, 1), _timed(gen, ids, NEW)
             rates[key].append((NEW - 1) / (full - one))
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    bw = {t: statistics.median(v) for t, v in bandwidth.items()}
     peer = "onnxruntime-genai builder int4"
     lines = [f"# {args.ours.name}: batch-1 greedy decode, onnxgen vs onnxruntime-genai's builder", "",
              f"Machine: {machine()}. Versions: {', '.join(f'{k} {v}' for k, v in versions().items())}.",
@@ -99,6 +123,16 @@ def main() -> None:
     for name, (_, nbytes) in engines.items():
         cells = " | ".join(f"{med[(name, t)]:.1f} | {med[(name, t)] / med[(peer, t)]:.2f}x" for t in threads)
         lines.append(f"| {name} | {nbytes / 1e6:.1f} | {cells} |")
+    lines += ["", "**Against the memory-bandwidth limit.** A batch-1 step reads every weight once (a tied head reads "
+              "the whole table), so the limit is read bandwidth over the graph's bytes. Read bandwidth, measured in "
+              "each round (np.max over 512 MB, one slice per thread, best of 5; median of rounds): "
+              + ", ".join(f"{bw[t]:.1f} GB/s at {t} thread{'s' * (t > 1)}" for t in threads) + ".", "",
+              "| engine | " + " | ".join(f"{t} thread{'s' * (t > 1)}: limit tok/s | reached" for t in threads) + " |",
+              "|---|" + "---|---|" * len(threads)]
+    for name, (_, nbytes) in engines.items():
+        cells = " | ".join(f"{bw[t] * 1e9 / nbytes:.0f} | {med[(name, t)] / (bw[t] * 1e9 / nbytes):.0%}"
+                           for t in threads)
+        lines.append(f"| {name} | {cells} |")
     lines += ["", "Per-round rates (tok/s):", ""]
     for key, v in rates.items():
         lines.append(f"- {key[0]}, {key[1]} thread(s): {', '.join(f'{x:.1f}' for x in v)}")

@@ -32,7 +32,7 @@ from pipeline import manifest
 from pipeline.check.sources import open_source
 from pipeline.errors import UserError
 from pipeline.exports import GENAI_CONFIG, VARIANTS, fused_path, generation_ids, read_config, read_json
-from pipeline.run.lm import OnnxLM
+from pipeline.run.lm import SPIN_BYTES, OnnxLM, graph_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Engine:
     kind: str      # torch, optimum, genai, onnxgen
     file: str = ""   # the ONNX file under onnx/ (empty for torch)
     fused: bool = False
-    spin: bool = False  # onnxgen only: ONNX Runtime's default thread spinning instead of onnxgen's
+    spin: bool | None = None  # onnxgen only: None spins as `onnxgen run` does (by graph size), else forced
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _genai_loader(folder: Path, file: str, fused: bool, threads: int):
     return gen
 
 
-def _onnxgen_loader(folder: Path, variant: str, fused: bool, threads: int, spin: bool | None = False):
+def _onnxgen_loader(folder: Path, variant: str, fused: bool, threads: int, spin: bool | None = None):
     lm = OnnxLM(folder, variant, threads=threads, fused=fused, spin=spin)
 
     def gen(ids, n):
@@ -183,8 +183,9 @@ def engines_for(folder: Path, kinds: list[str] | None = None) -> list[Engine]:
     if "onnxgen" in kinds:
         out += [Engine("onnxgen, plain graph", v, "onnxgen", VARIANTS[v]) for v in have]
         out += [Engine("onnxgen, fused graph", v, "onnxgen", fused_path(folder, v).name, True) for v in fused]
+        # where onnxgen chooses not to spin (a small graph, lm.SPIN_BYTES), what spinning would give
         out += [Engine("onnxgen, fused graph, threads spinning", v, "onnxgen", fused_path(folder, v).name, True,
-                       spin=True) for v in fused if v == "int4"]
+                       spin=True) for v in fused if v == "int4" and graph_bytes(fused_path(folder, v)) < SPIN_BYTES]
     return out
 
 

@@ -48,6 +48,11 @@ def require_cuda() -> None:
 SPIN_BYTES = 64 << 20
 
 
+def graph_bytes(path: Path) -> int:
+    """An ONNX file's size with its external data."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+
+
 def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool | None = None):
     import onnxruntime as ort
 
@@ -61,7 +66,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool
     # the same ~0.1 ms of Python, and its ~700 kernels each wake the pool: SmolLM2-135M int4 fused at 2
     # threads decodes 115 tok/s spinning, 94 not (benchmarks/REAL_MODEL.md, side by side).
     if spin is None:
-        spin = sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) >= SPIN_BYTES  # + external data
+        spin = graph_bytes(path) >= SPIN_BYTES
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
