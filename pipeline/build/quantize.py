@@ -270,13 +270,22 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size:
         return {"embedding": f"GatherBlockQuantized, {bits} bits, own table"}
     table = gather.input[0]
     vocab, hidden = next(list(i.dims) for i in g.initializer if i.name == table)
+    padded = -(-hidden // block_size) * block_size  # MatMulNBits pads each row to whole blocks
     shape = f"onnxgen/embedding_shape"
-    g.initializer.append(numpy_helper.from_array(np.array([vocab, hidden * bits // 8], np.int64), shape))
+    g.initializer.append(numpy_helper.from_array(np.array([vocab, padded * bits // 8], np.int64), shape))
     packed = "onnxgen/embedding_packed"
+    looked_up = list(gather.output) if padded == hidden else ["onnxgen/embedding_padded"]
     new = [helper.make_node("Reshape", [head.input[1], shape], [packed], name="/wte/Reshape"),
-           helper.make_node("GatherBlockQuantized", [packed, gather.input[1], head.input[2]], list(gather.output),
+           helper.make_node("GatherBlockQuantized", [packed, gather.input[1], head.input[2]], looked_up,
                             name="/wte/GatherBlockQuantized", domain="com.microsoft", bits=bits,
                             block_size=block_size, gather_axis=0, quantize_axis=1)]
+    if padded != hidden:  # a block that does not divide the width (576 at 128): drop the padding columns
+        ends = "onnxgen/embedding_width"
+        g.initializer.extend([numpy_helper.from_array(np.array([hidden], np.int64), ends),
+                              numpy_helper.from_array(np.array([0], np.int64), "onnxgen/zero"),
+                              numpy_helper.from_array(np.array([-1], np.int64), "onnxgen/last_axis")])
+        new.append(helper.make_node("Slice", [looked_up[0], "onnxgen/zero", ends, "onnxgen/last_axis"],
+                                    list(gather.output), name="/wte/Slice"))
     at = list(g.node).index(gather)
     g.node.remove(gather)
     for k, node in enumerate(new):
