@@ -243,7 +243,8 @@ def test_smollm2_from_its_gguf_to_the_fast_path(smollm2):
     assert record["stages"][-1]["fused"]["variants"]["int4 fused"]["status"] == "pass"
     # an import's int4 recipe: GPTQ with zero points, calibrated on the recorded corpus (its hash kept)
     recipe = next(s for s in record["stages"] if s.get("stage") == "quantize:int4")
-    assert (recipe["method"], recipe["symmetric"], recipe["lm_head"]) == ("gptq", False, "int8"), recipe
+    assert (recipe["method"], recipe["symmetric"], recipe["lm_head"], recipe["act_order"]) == \
+        ("gptq", False, "int8", True), recipe
     assert len(recipe["calibration"]["sha256"]) == 64 and recipe["calibration"]["windows"] > 0
     # 111.9 MB: the embedding is read from the tied head's 8-bit table (an fp32 copy alone would be 113 MB)
     assert record["files"]["onnx/model_q4.onnx"]["bytes"] < 115e6, record["files"]["onnx/model_q4.onnx"]
