@@ -332,7 +332,7 @@ def table(rs: list[dict]) -> list[str]:
             block += f" (head {c['lm_head_block']})"
         lines.append(
             f"| {r['name']} | {c.get('method', '')}{', act order' if c.get('act_order') else ''} | "
-            f"{c.get('bits', '')}/{c.get('lm_head', '')} | "
+            f"{c.get('bits', '')}/{c.get('lm_head', '')}{' (gptq)' if c.get('lm_head_method') == 'gptq' else ''} | "
             f"{block} | {'' if 'symmetric' not in c else ('yes' if c['symmetric'] else 'no')} | "
             f"{c.get('accuracy_level', '')} | {eight} | {r['bytes'] / 1e6:.1f} | {r['kl_mean']:.4g} | "
             f"{r['top1']:.2%} | {r['ppl_ratio']:.4f} | {ms} |")

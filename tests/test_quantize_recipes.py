@@ -88,6 +88,34 @@ def test_selectors_pick_the_tensors_they_name(tiny_export):
     assert q.select(model, ("head", "qkv:0")) == {"/lm_head/MatMul", "/h.0/attn/c_attn/MatMul"}
 
 
+def test_gptq_solves_a_4_bit_head_that_the_embedding_still_shares(tiny_export, tmp_path):
+    """--method gptq with --head int4: the head is solved by GPTQ as well, symmetric (no zero points), so the
+    tied embedding's lookup reads the same table; the graph's next tokens follow the fp32 graph's."""
+    folder = tmp_path / "exp"
+    shutil.copytree(tiny_export, folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("".join(p.read_text() for p in sorted(TEST_CORPUS.rglob("*.py"))[:20]))
+    onnxgen("quantize", folder, "--variant", "int4", "--method", "gptq", "--head", "int4", "--eight-bit", "none",
+            "--calibration", text, "--calibration-windows", "16")
+    stage = manifest.load(folder)["stages"][-1]
+    assert stage["lm_head"] == "int4" and stage["lm_head_method"] == "gptq" and "shared" in stage["embedding"]
+    g = onnx.load(str(variant_path(folder, "int4"))).graph
+    head = next(n for n in g.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    assert len(head.input) == 3 and helper.get_attribute_value(next(a for a in head.attribute if a.name == "bits")) == 4
+    lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
+    assert lookup.input[2] == head.input[2]  # the head's scales: one table
+    ids = np.arange(1, 41)[None].astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones((1, 40), np.int64), "position_ids": np.arange(40)[None]}
+    outs = {}
+    for v in ("fp32", "int4"):
+        sess = ort.InferenceSession(str(variant_path(folder, v)), providers=["CPUExecutionProvider"])
+        f = dict(feed)
+        for i in sess.get_inputs()[3:]:
+            f[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        outs[v] = sess.run(["logits"], f)[0][0]
+    assert (outs["fp32"].argmax(-1) == outs["int4"].argmax(-1)).mean() >= 0.9
+
+
 def test_imports_and_trained_models_get_their_own_default_recipe(tiny_export, tmp_path):
     folder = tmp_path / "exp"
     shutil.copytree(tiny_export, folder)

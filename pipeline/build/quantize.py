@@ -103,8 +103,12 @@ class Recipe:
     block_size    weights per scale along the input axis (32, 64, 128)
     symmetric     rtn only: no zero points (hqq is always asymmetric, gptq follows this flag)
     accuracy_level  MatMulNBits' compute type on CPU: 4 = int8 activations per block, 0 = fp32
-    head          the LM head's (and, tied, the embedding's) precision: int4, int8, fp32; always RTN
-                  symmetric (a tied table is also the embedding, which must stay plain round-to-nearest)
+    head          the LM head's (and, tied, the embedding's) precision: int4, int8, fp32; always symmetric
+                  (the embedding lookup reads a tied head's table, without zero points). Round to nearest,
+                  except a 4-bit head under method gptq, which GPTQ solves too: on SmolLM2 (tied, block 64,
+                  act order, q/k/v and first/last 8-bit) KLD 0.237 with an RTN 4-bit head, 0.084 with GPTQ's,
+                  both 88.8 MB (benchmarks/QUANT.md). The embedding then reads the head's solution, which
+                  serves the logits first; the measured KLD is that of the whole graph, lookup included
     eight_bit     body tensors that get 8 bits: "first_last" (first and last blocks), "block:0,29",
                   a kind ("qkv", "o", "gate_up", "down") optionally with layers ("down:0-3,27")
     fp32_compute  tensors (same selectors, and "head") run at accuracy_level 0 whatever accuracy_level says
@@ -127,10 +131,15 @@ class Recipe:
     def head_block_size(self) -> int:
         return self.head_block or self.block_size
 
+    @property
+    def gptq_head(self) -> bool:
+        return self.method == "gptq" and self.head == "int4"
+
     def summary(self) -> dict:
         return {"method": self.method, "bits": self.bits, "block_size": self.block_size,
                 "symmetric": self.symmetric if self.method != "hqq" else False,
                 "accuracy_level": self.accuracy_level, "lm_head": self.head, "lm_head_block": self.head_block_size,
+                **({"lm_head_method": "gptq"} if self.gptq_head else {}),
                 "eight_bit": list(self.eight_bit),
                 **({"act_order": True} if self.act_order and self.method == "gptq" else {}),
                 **({"fp32_compute": list(self.fp32_compute)} if self.fp32_compute else {})}
@@ -496,8 +505,9 @@ def matmul_nbits(node, shape: tuple[int, int], codes: np.ndarray, scales: np.nda
 
 
 def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray, recipe: "Recipe",
-                  progress: bool, hessian_cache: dict | None = None) -> None:
-    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place).
+                  progress: bool, hessian_cache: dict | None = None, head: str | None = None) -> None:
+    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place); `head`, when
+    one of them, is solved symmetric at recipe.head_block_size (see Recipe.head).
     hessian_cache: a dict kept by a caller that quantizes the same graph on the same windows again."""
     import hashlib
 
@@ -513,13 +523,13 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray,
             hessian_cache.clear()
             hessian_cache[key] = H
     inits = {i.name: i for i in g.initializer}
-    bits, group = recipe.bits, recipe.block_size
+    bits = recipe.bits
     for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):
         node = by_name[name]
         W = numpy_helper.to_array(inits[node.input[1]])
-        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, recipe.symmetric,
-                                           act_order=recipe.act_order)
-        q_node, new = matmul_nbits(node, W.shape, codes, scales, None if recipe.symmetric else zeros,
+        group, symmetric = (recipe.head_block_size, True) if name == head else (recipe.block_size, recipe.symmetric)
+        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order)
+        q_node, new = matmul_nbits(node, W.shape, codes, scales, None if symmetric else zeros,
                                    bits, group, recipe.accuracy_level)
         g.initializer.extend(new)
         at = list(g.node).index(node)
@@ -544,10 +554,11 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     plan = plan_bits(model, recipe)
     fp32 = select(model, recipe.fp32_compute)
     body4 = [n for n, b in plan.items() if b == 4 and n != head]
-    if recipe.method == "gptq" and body4:
+    solved = body4 + [head] * recipe.gptq_head if recipe.method == "gptq" else []
+    if solved:
         if calibration is None or not len(calibration):
             raise UserError("--method gptq: needs calibration text (--calibration)")
-        gptq_quantize(model, body4, calibration, recipe, progress, hessian_cache)
+        gptq_quantize(model, solved, calibration, recipe, progress, hessian_cache, head=head)
     groups = []  # (nodes, bits, symmetric, algo_config)
     if recipe.method == "hqq" and body4:
         groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4)))
@@ -557,7 +568,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     if eight:
         groups.append((eight, 8, True, None))
     groups = [(nodes, bits, symmetric, algo, recipe.block_size) for nodes, bits, symmetric, algo in groups]
-    if plan[head]:  # the head (and a tied embedding): always symmetric RTN, at its own block size
+    if plan[head] and head not in solved:  # the head (and a tied embedding): symmetric RTN, its own block size
         groups.append(([head], plan[head], True, None, recipe.head_block_size))
     for nodes, bits, symmetric, algo, block in groups:
         others = [n for n in _weight_matmuls(model) if n not in nodes]
