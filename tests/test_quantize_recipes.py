@@ -32,6 +32,20 @@ def _problem(K=96, N=40, seed=0):
     return W, X, 2 * X.T @ X / len(X)
 
 
+def _int4_follows_fp32(folder) -> float:
+    """How often the int4 graph's next token is the fp32 graph's, over 40 positions of one prompt."""
+    feed = {"input_ids": np.arange(1, 41)[None].astype(np.int64), "attention_mask": np.ones((1, 40), np.int64),
+            "position_ids": np.arange(40)[None].astype(np.int64)}
+    outs = {}
+    for v in ("fp32", "int4"):
+        sess = ort.InferenceSession(str(variant_path(folder, v)), providers=["CPUExecutionProvider"])
+        f = dict(feed)
+        for i in sess.get_inputs()[3:]:
+            f[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        outs[v] = sess.run(["logits"], f)[0][0]
+    return float((outs["fp32"].argmax(-1) == outs["int4"].argmax(-1)).mean())
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_beats_round_to_nearest_on_its_objective(symmetric, act_order):
@@ -104,16 +118,7 @@ def test_gptq_solves_a_4_bit_head_that_the_embedding_still_shares(tiny_export, t
     assert len(head.input) == 3 and helper.get_attribute_value(next(a for a in head.attribute if a.name == "bits")) == 4
     lookup = next(n for n in g.node if n.op_type == "GatherBlockQuantized")
     assert lookup.input[2] == head.input[2]  # the head's scales: one table
-    ids = np.arange(1, 41)[None].astype(np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones((1, 40), np.int64), "position_ids": np.arange(40)[None]}
-    outs = {}
-    for v in ("fp32", "int4"):
-        sess = ort.InferenceSession(str(variant_path(folder, v)), providers=["CPUExecutionProvider"])
-        f = dict(feed)
-        for i in sess.get_inputs()[3:]:
-            f[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-        outs[v] = sess.run(["logits"], f)[0][0]
-    assert (outs["fp32"].argmax(-1) == outs["int4"].argmax(-1)).mean() >= 0.9
+    assert _int4_follows_fp32(folder) >= 0.9
 
 
 def test_imports_and_trained_models_get_their_own_default_recipe(tiny_export, tmp_path):
@@ -155,16 +160,7 @@ def test_cli_gptq_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):
     # a block wider than the rows (64): the table's rows are padded to 128, and the lookup drops the padding
     assert any(n.op_type == "Slice" and n.input[0] == lookup.output[0] for n in g.node)
     # the graph computes: logits of the GPTQ graph follow the fp32 graph's (a packing bug gives noise)
-    feed = {"input_ids": np.arange(1, 41)[None].astype(np.int64), "attention_mask": np.ones((1, 40), np.int64),
-            "position_ids": np.arange(40)[None].astype(np.int64)}
-    outs = {}
-    for v in ("fp32", "int4"):
-        s = ort.InferenceSession(str(variant_path(folder, v)), providers=["CPUExecutionProvider"])
-        f = dict(feed)
-        for i in s.get_inputs()[3:]:
-            f[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-        outs[v] = s.run(["logits"], f)[0][0]
-    assert (outs["fp32"].argmax(-1) == outs["int4"].argmax(-1)).mean() >= 0.9
+    assert _int4_follows_fp32(folder) >= 0.9
     proc = onnxgen("quantize", folder, "--variant", "int4", "--method", "gptq", "--calibration",
                    tmp_path / "missing.txt", check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
