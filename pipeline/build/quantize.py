@@ -559,15 +559,15 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
         if calibration is None or not len(calibration):
             raise UserError("--method gptq: needs calibration text (--calibration)")
         gptq_quantize(model, solved, calibration, recipe, progress, hessian_cache, head=head)
-    groups = []  # (nodes, bits, symmetric, algo_config)
+    groups = []  # (nodes, bits, symmetric, algo_config, block size)
     if recipe.method == "hqq" and body4:
-        groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4)))
+        groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4),
+                       recipe.block_size))
     elif recipe.method == "rtn" and body4:
-        groups.append((body4, 4, recipe.symmetric, None))
+        groups.append((body4, 4, recipe.symmetric, None, recipe.block_size))
     eight = [n for n, b in plan.items() if b == 8 and n != head]
     if eight:
-        groups.append((eight, 8, True, None))
-    groups = [(nodes, bits, symmetric, algo, recipe.block_size) for nodes, bits, symmetric, algo in groups]
+        groups.append((eight, 8, True, None, recipe.block_size))
     if plan[head] and head not in solved:  # the head (and a tied embedding): symmetric RTN, its own block size
         groups.append(([head], plan[head], True, None, recipe.head_block_size))
     for nodes, bits, symmetric, algo, block in groups:
