@@ -18,7 +18,7 @@ request would otherwise take its page faults in that request's prefill (2.5-3.4 
   - a decode step runs rows [0, hi) as one batch, hi being one past the highest slot in use; a free
     slot inside that range takes a pad token into its own slot 0, which nothing reads;
   - each request samples with its own Sampler (its temperature, top_p and seed), so its tokens are
-    the ones it gets alone, whoever shares the batch (sample_rows does all rows in a few NumPy calls).
+    the ones it gets alone, whoever shares the batch (sample_rows: each row by its own Sampler).
 Everything runs on one engine thread (ONNX Runtime releases the GIL while it computes). Results go out
 once per phase (after the newcomers' prefills, after a decode step) as one list to `deliver` (the server
 hands it to its event loop in one call), or to each request's `emit` callback on the engine thread. An

@@ -50,6 +50,10 @@ class SamplingConfig:
 
 
 class Sampler:
+    """Draws the next id of each row: temperature, then top-k, then top-p (nucleus), as transformers orders
+    them. Row by row, in float32 for the logits and float64 for the running mass: a row's id depends on
+    that row's logits and random draw only, so a row sampled in a batch gets what it gets alone."""
+
     def __init__(self, config: SamplingConfig):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
@@ -63,68 +67,80 @@ class Sampler:
             logits = np.where(seen, penalized, logits)
         if c.greedy:
             return logits.argmax(-1).astype(np.int64)
-        # shift before dividing: a tiny temperature would turn logits / T into inf - inf = nan
-        z = logits.astype(np.float64)
-        with np.errstate(over="ignore"):  # -> -inf: probability 0, as it should be
-            z = (z - z.max(-1, keepdims=True)) / c.temperature
-        if c.top_k and c.top_k < z.shape[-1]:
-            kth = np.partition(z, -c.top_k, axis=-1)[:, -c.top_k][:, None]
-            z = np.where(z < kth, -np.inf, z)
-        z -= z.max(-1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(-1, keepdims=True)
+        u = self.rng.random(logits.shape[0])  # one draw per row, in row order
+        return np.array([self.pick(row, x) for row, x in zip(logits, u)], dtype=np.int64)
+
+    def pick(self, row: np.ndarray, u: float) -> int:
+        """The id that the uniform draw u in [0, 1) selects from one row of logits (V,) (temperature > 0).
+
+        Written for a 49k vocabulary at serving rates: the float64 version over the whole row, with a full
+        sort for top-p, took ~0.6 ms a row (10 ms a step at 16 rows of SmolLM2); this one ~0.1 ms."""
+        c = self.config
+        z = row.astype(np.float32, copy=True)
+        z -= z.max()
+        # a temperature so small that 1/T overflows float32 is greedy among the ties at the top: 0 * big = 0
+        with np.errstate(over="ignore"):
+            z *= np.float32(min(1.0 / c.temperature, float(np.finfo(np.float32).max)))
+        ids = None  # None: every id is a candidate
+        if c.top_k and c.top_k < z.shape[0]:
+            ids = _top_k(z, c.top_k)
+            z = z[ids]
+        p = np.exp(z)  # the largest is exp(0) = 1: no overflow, and the sum is >= 1
         if c.top_p < 1.0:
-            order = np.argsort(-p, axis=-1)
-            sorted_p = np.take_along_axis(p, order, -1)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < c.top_p
-            keep = np.zeros_like(keep_sorted)
-            np.put_along_axis(keep, order, keep_sorted, -1)
-            p = np.where(keep, p, 0.0)
-            p /= p.sum(-1, keepdims=True)
-        u = self.rng.random((p.shape[0], 1))
-        return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1).astype(np.int64)
+            keep = _nucleus(p, c.top_p)
+            ids = keep if ids is None else ids[keep]
+            p = p[keep]
+        i = _inverse_cdf(p, u)
+        return int(i if ids is None else ids[i])
+
+
+def _inverse_cdf(p: np.ndarray, u: float, block: int = 256) -> int:
+    """The first index whose running mass (float64) passes u of the total; an index of probability 0 is
+    never chosen. In two levels, sums of blocks and then one block, because NumPy's cumsum over a 49k row
+    takes ~0.5 ms and this ~30 us."""
+    sums = np.add.reduceat(p, np.arange(0, p.shape[0], block), dtype=np.float64)
+    mass = np.cumsum(sums)
+    x = u * mass[-1]
+    j = int(np.searchsorted(mass, x, side="right"))
+    if j == len(mass):  # x rounded up to the total: the last block with any mass
+        j = int(np.flatnonzero(sums)[-1])
+    part = p[j * block:(j + 1) * block]
+    inner = np.cumsum(part, dtype=np.float64) + (mass[j - 1] if j else 0.0)
+    i = int(np.searchsorted(inner, x, side="right"))
+    if i == len(part):  # the two sums rounded differently: the block's last id with any mass
+        i = int(np.flatnonzero(part)[-1])
+    return j * block + i
+
+
+def _top_k(z: np.ndarray, k: int) -> np.ndarray:
+    """Indices (ascending) of the k largest z, ties with the k-th included (as transformers' TopKLogitsWarper).
+    z <= 0 with max 0. Partitions only the ids near the top when k of them are there: a partition of a
+    49k row takes ~0.4 ms."""
+    for margin in (8.0, 32.0, np.inf):
+        near = np.flatnonzero(z >= -margin)
+        if len(near) >= k:
+            kth = np.partition(z[near], -k)[-k]
+            return near[z[near] >= kth]  # every id >= the k-th is >= -margin, so all of them are in `near`
+    raise AssertionError("unreachable: the last margin takes every id")
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices (ascending) of the smallest set of largest p (largest first, ties by id) whose mass reaches
+    top_p of the total; the largest always stays. Only ids above a floor are sorted, once they hold that
+    mass: every id below it comes after all of them, so the cut falls among them (a full sort of a 49k
+    row takes ~2.4 ms)."""
+    target = top_p * p.sum(dtype=np.float64)
+    for floor in (1e-2, 1e-4, 1e-6, -1.0):  # p <= 1 (the largest is 1)
+        cand = np.flatnonzero(p > floor)
+        if floor < 0 or p[cand].sum(dtype=np.float64) >= target:
+            break
+    order = cand[np.lexsort((cand, -p[cand]))]
+    sp = p[order].astype(np.float64)
+    before = np.cumsum(sp) - sp
+    return np.sort(order[before < target])
 
 
 def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
-    """logits (n, V) -> next ids (n,), row i chosen by samplers[i]: the id that sampler gives that row alone
-    (the same float64 operations row by row, and each row draws from its own random stream), in a few NumPy
-    calls per group of rows that share top-k and whether top-p is on. A continuous batch mixes requests
-    with their own temperature, top_p and seed; one Sampler call per row costs ~40 us."""
-    out = np.empty(len(samplers), dtype=np.int64)
-    groups: dict = {}
-    for i, s in enumerate(samplers):
-        c = s.config
-        key = "alone" if c.repetition_penalty != 1.0 else "greedy" if c.greedy else (c.top_k, c.top_p < 1.0)
-        groups.setdefault(key, []).append(i)
-    for key, rows in groups.items():
-        if key == "alone":
-            for i in rows:
-                out[i] = samplers[i](logits[i:i + 1])[0]
-            continue
-        if key == "greedy":
-            out[rows] = logits[rows].argmax(-1)
-            continue
-        top_k, nucleus = key
-        temperature = np.array([[samplers[i].config.temperature] for i in rows])
-        z = logits[rows].astype(np.float64)
-        with np.errstate(over="ignore"):
-            z = (z - z.max(-1, keepdims=True)) / temperature
-        if top_k and top_k < z.shape[-1]:
-            kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
-            z = np.where(z < kth, -np.inf, z)
-        z -= z.max(-1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(-1, keepdims=True)
-        if nucleus:
-            top_p = np.array([[samplers[i].config.top_p] for i in rows])
-            order = np.argsort(-p, axis=-1)
-            sorted_p = np.take_along_axis(p, order, -1)
-            keep_sorted = (np.cumsum(sorted_p, -1) - sorted_p) < top_p
-            keep = np.zeros_like(keep_sorted)
-            np.put_along_axis(keep, order, keep_sorted, -1)
-            p = np.where(keep, p, 0.0)
-            p /= p.sum(-1, keepdims=True)
-        u = np.array([samplers[i].rng.random((1, 1))[0] for i in rows])  # (n, 1): as Sampler draws for one row
-        out[rows] = np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
-    return out
+    """logits (n, V) -> next ids (n,), row i chosen by samplers[i] with its own draw: the id that sampler
+    gives that row alone. A continuous batch mixes requests with their own temperature, top_p and seed."""
+    return np.array([s(logits[i:i + 1])[0] for i, s in enumerate(samplers)], dtype=np.int64)
