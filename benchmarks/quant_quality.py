@@ -107,7 +107,7 @@ def parse_recipe(name: str) -> q.Recipe:
             kw[k] = tuple(x for x in v.split("+") if x)
         elif k in ("bits", "block_size", "accuracy_level", "head_block"):
             kw[k] = int(v)
-        elif k in ("symmetric", "act_order"):
+        elif k in ("symmetric", "act_order", "grid_search"):
             kw[k] = v in ("1", "true", "True")
         else:
             kw[k] = v
@@ -331,7 +331,7 @@ def table(rs: list[dict]) -> list[str]:
         if c.get("lm_head_block", c.get("block_size")) != c.get("block_size"):
             block += f" (head {c['lm_head_block']})"
         lines.append(
-            f"| {r['name']} | {c.get('method', '')}{', act order' if c.get('act_order') else ''} | "
+            f"| {r['name']} | {c.get('method', '')}{', act order' if c.get('act_order') else ''}{', grid search' if c.get('grid_search') else ''} | "
             f"{c.get('bits', '')}/{c.get('lm_head', '')}{' (gptq)' if c.get('lm_head_method') == 'gptq' else ''} | "
             f"{block} | {'' if 'symmetric' not in c else ('yes' if c['symmetric'] else 'no')} | "
             f"{c.get('accuracy_level', '')} | {eight} | {r['bytes'] / 1e6:.1f} | {r['kl_mean']:.4g} | "

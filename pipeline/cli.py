@@ -202,6 +202,9 @@ def parity(export_dir, checkpoint, variants, tokens):
 @click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (rtn, gptq) [the default recipe's].")
 @click.option("--act-order/--no-act-order", default=None,
               help="gptq: solve input channels by decreasing activation energy [the default recipe's].")
+@click.option("--grid-search/--no-grid-search", default=None,
+              help="gptq: shrink each block's range to the one with the least activation-weighted error "
+                   "[the default recipe's].")
 @click.option("--accuracy-level", type=click.Choice(["0", "1", "4"]), default=None,
               help="MatMulNBits compute on CPU: 4 int8 activations, 0/1 fp32 [the default recipe's].")
 @click.option("--eight-bit", multiple=True, metavar="SELECTOR",
@@ -214,7 +217,7 @@ def parity(export_dir, checkpoint, variants, tokens):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Source run for static calibration [the one recorded in the manifest].")
 def quantize(export_dir, variant, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
-             accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
+             grid_search, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
     from pipeline.build import quantize as q
 
@@ -222,7 +225,7 @@ def quantize(export_dir, variant, int8_mode, head, method, block_size, head_bloc
                       checkpoint=checkpoint, progress=sys.stderr.isatty(), method=method,
                       block_size=int(block_size) if block_size else None,
                       head_block=int(head_block_size) if head_block_size else None, symmetric=symmetric,
-                      act_order=act_order,
+                      act_order=act_order, grid_search=grid_search,
                       accuracy_level=int(accuracy_level) if accuracy_level else None,
                       eight_bit=tuple(eight_bit) if eight_bit else None, calibration=calibration,
                       calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS)

@@ -70,13 +70,33 @@ def test_gptq_beats_round_to_nearest_on_its_objective(symmetric, act_order):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gptq_codes_run_in_matmulnbits_as_solved(symmetric, act_order):
+def test_grid_search_lowers_gptqs_objective_on_heavy_tailed_weights(symmetric, act_order):
+    """Real weights have outliers (Student t here), and the full min/max range spends codes on them. Inputs
+    of different scales, independent: where they are strongly correlated (_problem), GPTQ's own error
+    feedback already absorbs most of it and the search gains 0-6%."""
+    rng = np.random.default_rng(0)
+    K, N = 192, 48
+    X = rng.normal(size=(1024, K)) * np.exp(rng.normal(size=K))
+    H = 2 * X.T @ X / len(X)
+    W = rng.standard_t(4, size=(K, N)).astype(np.float32)
+    err = lambda c, s, z: np.linalg.norm(X @ (W.astype(np.float64) - _dequantize(c, s, z, K).T))  # noqa: E731
+    full = err(*q.gptq_weight(W, H, 4, 32, symmetric, act_order=act_order))
+    searched = q.gptq_weight(W, H, 4, 32, symmetric, act_order=act_order, grid_search=True)
+    assert searched[0].max() <= 15 and (not symmetric or (searched[2] == 8).all())
+    # measured 0.80-0.85 of the full range's error (seeds 0-3: 0.76-0.86)
+    assert err(*searched) < 0.92 * full
+
+
+@pytest.mark.parametrize("grid_search", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_codes_run_in_matmulnbits_as_solved(symmetric, act_order, grid_search):
     """Packed by matmul_nbits, MatMulNBits (fp32 compute) gives A @ dequantized weight; K=96 is 3 blocks,
     an odd count, so the zero points' per-row padding is exercised. In act order the rows are solved out of
     order but stored in place, on the grid each block had before any update."""
     W, X, H = _problem()
     K, N = W.shape
-    codes, scales, zeros = q.gptq_weight(W, H, 4, 32, symmetric, act_order=act_order)
+    codes, scales, zeros = q.gptq_weight(W, H, 4, 32, symmetric, act_order=act_order, grid_search=grid_search)
     node = helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")
     q_node, inits = q.matmul_nbits(node, (K, N), codes, scales, None if symmetric else zeros, 4, 32, 0)
     graph = helper.make_graph([q_node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
@@ -139,10 +159,10 @@ def test_cli_gptq_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):
     text.write_text("".join(p.read_text() for p in sorted(TEST_CORPUS.rglob("*.py"))[:20]))
     onnxgen("quantize", folder, "--variant", "int4", "--method", "gptq", "--asymmetric", "--block-size", "32",
             "--eight-bit", "none", "--calibration", text, "--calibration-windows", "16", "--act-order",
-            "--head-block-size", "128")
+            "--head-block-size", "128", "--grid-search")
     stage = manifest.load(folder)["stages"][-1]
     assert stage["method"] == "gptq" and stage["symmetric"] is False and stage["eight_bit"] == []
-    assert stage["act_order"] is True and stage["lm_head_block"] == 128 and "shared" in stage["embedding"]
+    assert stage["act_order"] is True and stage["grid_search"] is True and stage["lm_head_block"] == 128 and "shared" in stage["embedding"]
     assert stage["calibration"]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert stage["calibration"]["windows"] == 16
     assert {b for n, b in stage["bits_per_tensor"].items() if n != "/lm_head/MatMul"} == {4}

@@ -115,6 +115,8 @@ class Recipe:
     head_block    the head's (and tied embedding's) block size; 0: block_size. An 8-bit head is 8 bits of
                   code and, at block 32, 1 bit of fp32 scale a weight: block 128 takes that to 0.25
     act_order     gptq only: rows by decreasing Hessian diagonal, with static groups (gptq_weight)
+    grid_search   gptq only: each block's range shrunk to the one that rounds it with the least
+                  Hessian-weighted error (_grid), instead of the full min/max range
     """
     bits: int = 4
     method: str = "rtn"
@@ -126,6 +128,7 @@ class Recipe:
     fp32_compute: tuple[str, ...] = ()
     head_block: int = 0
     act_order: bool = False
+    grid_search: bool = False
 
     @property
     def head_block_size(self) -> int:
@@ -142,6 +145,7 @@ class Recipe:
                 **({"lm_head_method": "gptq"} if self.gptq_head else {}),
                 "eight_bit": list(self.eight_bit),
                 **({"act_order": True} if self.act_order and self.method == "gptq" else {}),
+                **({"grid_search": True} if self.grid_search and self.method == "gptq" else {}),
                 **({"fp32_compute": list(self.fp32_compute)} if self.fp32_compute else {})}
 
 
@@ -307,25 +311,51 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size:
     return {"embedding": f"GatherBlockQuantized, {bits} bits, shared with the tied head"}
 
 
-def _grid(group: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def _grid(group: np.ndarray, bits: int, symmetric: bool,
+          importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per column of `group` (rows of one block), the scale and zero point MLAS's round-to-nearest uses:
     symmetric, the value of largest magnitude maps to code 0 (scale may be negative, zero point 2^(bits-1));
-    asymmetric, the range [min(w, 0), max(w, 0)] spread over every code."""
+    asymmetric, the range [min(w, 0), max(w, 0)] spread over every code.
+
+    importance (rows,): search instead, per column, the range shrunk by one of GRID_SHRINK that rounds the
+    block with the least importance-weighted squared error (the rows' Hessian diagonal: the energy of their
+    inputs), as GPTQ's reference code (mse=True) and llama.cpp's importance-matrix quantizers do. Clipping
+    the few largest weights buys a finer step for the rest."""
+    if importance is None:
+        return _range_grid(group, bits, symmetric, 1.0)
+    best, scale, zero = None, None, None
+    maxq = (1 << bits) - 1
+    for shrink in GRID_SHRINK:
+        s, z = _range_grid(group, bits, symmetric, shrink)
+        q = np.clip(np.round(group / s) + z, 0, maxq)
+        err = (importance[:, None] * (group - s * (q - z)) ** 2).sum(0)
+        if best is None:
+            best, scale, zero = err, s, z
+            continue
+        better = err < best
+        best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
+    return scale, zero
+
+
+GRID_SHRINK = np.linspace(1.0, 0.7, 13)  # the ranges _grid's search tries, as fractions of the full one
+
+
+def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     maxq = (1 << bits) - 1
     if symmetric:
         idx = np.abs(group).argmax(0)
-        extreme = group[idx, np.arange(group.shape[1])]
+        extreme = group[idx, np.arange(group.shape[1])] * shrink
         scale = extreme / -(1 << (bits - 1))
         scale[scale == 0] = 1.0
         return scale, np.full_like(scale, 1 << (bits - 1))
-    lo, hi = np.minimum(group.min(0), 0), np.maximum(group.max(0), 0)
+    lo, hi = np.minimum(group.min(0), 0) * shrink, np.maximum(group.max(0), 0) * shrink
     scale = (hi - lo) / maxq
     scale[scale == 0] = 1.0
     return scale, np.clip(np.round(-lo / scale), 0, maxq)
 
 
 def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
-                percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False):
+                percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, grid_search: bool = False):
     """GPTQ (Frantar et al. 2022) of one (K, N) weight given the Hessian H = 2·XᵀX/n of its input X:
     rows (input channels) are quantized in order and each one's error is pushed onto the rows not yet
     quantized through the inverse Hessian's Cholesky factor. Written by hand: onnxruntime's gptq() does the
@@ -337,7 +367,9 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     act_order: rows in order of decreasing Hessian diagonal (the inputs with the most energy first, while the
     most rows are left to absorb their error), GPTQ's "desc_act". A block's grid must still cover rows that
     are contiguous in the file (MatMulNBits' layout), so each grid is set once, from the weights before any
-    update ("static groups")."""
+    update ("static groups").
+
+    grid_search: each block's grid by _grid's search, weighted by the Hessian diagonal of its rows."""
     K, N = W.shape
     W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
     dead = np.diag(H) == 0
@@ -348,9 +380,12 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     scales, zeros = np.ones((kb, N)), np.zeros((kb, N))
     codes = np.zeros((kb * group, N), np.uint8)
     order = np.arange(K)
+    energy = np.diag(H).copy()
+    weigh = (lambda rows: energy[rows]) if grid_search else (lambda rows: None)  # noqa: E731
     if act_order:
         for b in range(kb):
-            scales[b], zeros[b] = _grid(W[b * group:(b + 1) * group], bits, symmetric)
+            rows = slice(b * group, (b + 1) * group)
+            scales[b], zeros[b] = _grid(W[rows], bits, symmetric, weigh(rows))
         order = np.argsort(-np.diag(H), kind="stable")
         W, H = W[order], H[order][:, order]
     H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
@@ -362,7 +397,8 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
         for i in range(i2 - i1):
             r = order[i1 + i]  # the row's place in the file
             if not act_order and r % group == 0:
-                scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric)
+                scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric,
+                                                              weigh(slice(r, r + group)))
             s, z = scales[r // group], zeros[r // group]
             q = np.clip(np.round(W1[i] / s) + z, 0, maxq)
             codes[r] = q
@@ -528,7 +564,8 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray,
         node = by_name[name]
         W = numpy_helper.to_array(inits[node.input[1]])
         group, symmetric = (recipe.head_block_size, True) if name == head else (recipe.block_size, recipe.symmetric)
-        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order)
+        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order,
+                                           grid_search=recipe.grid_search)
         q_node, new = matmul_nbits(node, W.shape, codes, scales, None if symmetric else zeros,
                                    bits, group, recipe.accuracy_level)
         g.initializer.extend(new)
@@ -756,7 +793,7 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
              block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
              eight_bit: tuple[str, ...] | None = None, calibration: str | Path | None = None,
              calibration_windows: int = CALIBRATION_WINDOWS, head_block: int | None = None,
-             act_order: bool | None = None) -> dict:
+             act_order: bool | None = None, grid_search: bool | None = None) -> dict:
     """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
     int4 and blockwise int8 follow the export's default recipe (DEFAULT_RECIPES) with the options given
     replacing its fields; GPTQ calibrates on `calibration` (a text file; default: the export's recorded
@@ -773,7 +810,7 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     if not fp32.is_file():
         raise UserError(f"export {folder}: {fp32} does not exist (run `onnxgen export` first)")
     options = dict(method=method, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                   eight_bit=eight_bit, head_block=head_block, act_order=act_order)
+                   eight_bit=eight_bit, head_block=head_block, act_order=act_order, grid_search=grid_search)
     recipes = {"int4": recipe_for(folder, "int4", head=head, **options),
                "int8": recipe_for(folder, "int8", **options)}
     run = None
