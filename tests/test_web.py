@@ -281,7 +281,7 @@ def test_onnxgen_web_command_serves_until_stopped(runtime, tiny_export):
 
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "web", str(tiny_export), "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {tiny_export} at http://127.0.0.1:"), line
@@ -290,7 +290,13 @@ def test_onnxgen_web_command_serves_until_stopped(runtime, tiny_export):
         assert status == 200 and json.loads(body)["name"] == tiny_export.name
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        try:
+            assert proc.wait(timeout=10) == 0
+        except subprocess.TimeoutExpired:
+            # seen once in a full run (not reproduced in 20 alone or under load, where it stops in 15-32 ms):
+            # SIGABRT makes faulthandler print every thread's stack, to say where it hung
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(f"onnxgen web did not stop within 10 s of Ctrl-C; its stacks:\n{proc.communicate(timeout=10)[1][-4000:]}")
         assert "Traceback" not in proc.stderr.read()
 
 
