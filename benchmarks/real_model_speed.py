@@ -59,6 +59,14 @@ def genai_folder_loader(folder: Path, threads: int):
     return gen
 
 
+def recipe_label(export: Path) -> str:
+    """The int4 recipe an export's manifest records, in a few words (head bits, block, 8-bit tensors)."""
+    stage = next(s for s in reversed(json.loads((export / "manifest.json").read_text())["stages"])
+                 if s.get("stage") == "quantize:int4")
+    eight = "+".join(stage.get("eight_bit") or []) or "none"
+    return f"{stage['lm_head']} head ({stage.get('lm_head_method', 'rtn')}), block {stage['block_size']}, 8-bit {eight}"
+
+
 def read_bandwidth(threads: int, mb: int = 512) -> float:
     """GB/s of reading a buffer far larger than any cache, one slice per thread (np.max: vectorized, and
     numpy releases the GIL). Best of 5: what the memory system gives, for the bandwidth limit of a decode
@@ -80,6 +88,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ours", type=Path, required=True, help="an onnxgen export with int4 and its fused twin")
     ap.add_argument("--genai", type=Path, required=True, help="onnxruntime-genai builder output (int4)")
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="another onnxgen export of the same model (another int4 recipe): its fused int4 is "
+                         "measured too, named by its recipe")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("REAL_MODEL.md"))
@@ -94,9 +105,12 @@ def main() -> None:
             lambda t: _onnxgen_loader(args.ours, "int4", True, t, spin=False), size(fused)),
         "onnxgen int4, plain graph": (
             lambda t: _onnxgen_loader(args.ours, "int4", False, t), size(plain)),
-        "onnxruntime-genai builder int4": (
-            lambda t: genai_folder_loader(args.genai, t), size(args.genai / "model.onnx")),
     }
+    for extra in args.also:
+        engines[f"onnxgen int4, fused, {recipe_label(extra)}"] = (
+            lambda t, e=extra: _onnxgen_loader(e, "int4", True, t), size(extra / "onnx/model_q4_gqa.onnx"))
+    engines["onnxruntime-genai builder int4"] = (
+        lambda t: genai_folder_loader(args.genai, t), size(args.genai / "model.onnx"))
     vocab = json.loads((args.ours / "config.json").read_text())["vocab_size"]
     ids = np.random.default_rng(0).integers(100, vocab - 100, (1, PROMPT))
     loaded = {(name, t): load(t) for name, (load, _) in engines.items() for t in threads}
