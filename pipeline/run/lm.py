@@ -64,7 +64,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool
     # more than it saves (this project's shared 2-core machine, the small preset's int4 fused graph: 1528
     # tok/s without, 418 with; benchmarks/RESULTS.md). A large graph's step is ~10 ms of kernels against
     # the same ~0.1 ms of Python, and its ~700 kernels each wake the pool: SmolLM2-135M int4 fused at 2
-    # threads decodes 114 tok/s spinning, 84 not (benchmarks/REAL_MODEL.md, side by side).
+    # threads decodes 144 tok/s spinning, 118 not (benchmarks/REAL_MODEL.md, side by side).
     if spin is None:
         spin = graph_bytes(path) >= SPIN_BYTES
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
