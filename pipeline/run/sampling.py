@@ -57,6 +57,10 @@ class Sampler:
     def __init__(self, config: SamplingConfig):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+        # 1/T, once: a temperature so small that 1/T overflows float32 is greedy among the ties at the top
+        # (0 * big = 0, the rest -> -inf); greedy (T = 0) never reaches pick
+        self.inv_temperature = np.float32(min(1.0 / config.temperature, float(np.finfo(np.float32).max))
+                                          if config.temperature else 1.0)
 
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
         """logits (B, V) float -> next ids (B,) int64. seen (B, V) bool: tokens so far, for the penalty."""
@@ -78,9 +82,8 @@ class Sampler:
         c = self.config
         z = row.astype(np.float32, copy=True)
         z -= z.max()
-        # a temperature so small that 1/T overflows float32 is greedy among the ties at the top: 0 * big = 0
         with np.errstate(over="ignore"):
-            z *= np.float32(min(1.0 / c.temperature, float(np.finfo(np.float32).max)))
+            z *= self.inv_temperature
         ids = None  # None: every id is a candidate
         if c.top_k and c.top_k < z.shape[0]:
             ids = _top_k(z, c.top_k)
