@@ -321,23 +321,25 @@ def _grid(group: np.ndarray, bits: int, symmetric: bool,
     block with the least importance-weighted squared error (the rows' Hessian diagonal: the energy of their
     inputs), as GPTQ's reference code (mse=True) and llama.cpp's importance-matrix quantizers do. Clipping
     the few largest weights buys a finer step for the rest."""
+    scale, zero = _range_grid(group, bits, symmetric, 1.0)
     if importance is None:
-        return _range_grid(group, bits, symmetric, 1.0)
-    best, scale, zero = None, None, None
+        return scale, zero
     maxq = (1 << bits) - 1
-    for shrink in GRID_SHRINK:
-        s, z = _range_grid(group, bits, symmetric, shrink)
+
+    def error(s, z):
         q = np.clip(np.round(group / s) + z, 0, maxq)
-        err = (importance[:, None] * (group - s * (q - z)) ** 2).sum(0)
-        if best is None:
-            best, scale, zero = err, s, z
-            continue
+        return (importance[:, None] * (group - s * (q - z)) ** 2).sum(0)
+
+    best = error(scale, zero)
+    for shrink in GRID_SHRINK[1:]:
+        s, z = _range_grid(group, bits, symmetric, shrink)
+        err = error(s, z)
         better = err < best
         best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
     return scale, zero
 
 
-GRID_SHRINK = np.linspace(1.0, 0.7, 13)  # the ranges _grid's search tries, as fractions of the full one
+GRID_SHRINK = np.linspace(1.0, 0.7, 13)  # the ranges _grid's search tries, as fractions of the full one (first)
 
 
 def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
@@ -380,12 +382,11 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     scales, zeros = np.ones((kb, N)), np.zeros((kb, N))
     codes = np.zeros((kb * group, N), np.uint8)
     order = np.arange(K)
-    energy = np.diag(H).copy()
-    weigh = (lambda rows: energy[rows]) if grid_search else (lambda rows: None)  # noqa: E731
+    energy = np.diag(H).copy() if grid_search else None  # _grid's weights, in the file's row order
     if act_order:
         for b in range(kb):
             rows = slice(b * group, (b + 1) * group)
-            scales[b], zeros[b] = _grid(W[rows], bits, symmetric, weigh(rows))
+            scales[b], zeros[b] = _grid(W[rows], bits, symmetric, None if energy is None else energy[rows])
         order = np.argsort(-np.diag(H), kind="stable")
         W, H = W[order], H[order][:, order]
     H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
@@ -398,7 +399,7 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
             r = order[i1 + i]  # the row's place in the file
             if not act_order and r % group == 0:
                 scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric,
-                                                              weigh(slice(r, r + group)))
+                                                              None if energy is None else energy[r:r + group])
             s, z = scales[r // group], zeros[r // group]
             q = np.clip(np.round(W1[i] / s) + z, 0, maxq)
             codes[r] = q
