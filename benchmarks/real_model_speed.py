@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import manifest  # noqa: E402
 from pipeline.check.bench import _onnxgen_loader, _timed, machine, versions  # noqa: E402
 from pipeline.run.lm import graph_bytes  # noqa: E402
 
@@ -61,8 +62,7 @@ def genai_folder_loader(folder: Path, threads: int):
 
 def recipe_label(export: Path) -> str:
     """The int4 recipe an export's manifest records, in a few words (head bits, block, 8-bit tensors)."""
-    stage = next(s for s in reversed(json.loads((export / "manifest.json").read_text())["stages"])
-                 if s.get("stage") == "quantize:int4")
+    stage = next(s for s in reversed(manifest.load(export)["stages"]) if s.get("stage") == "quantize:int4")
     eight = "+".join(stage.get("eight_bit") or []) or "none"
     return f"{stage['lm_head']} head ({stage.get('lm_head_method', 'rtn')}), block {stage['block_size']}, 8-bit {eight}"
 
