@@ -205,11 +205,14 @@ def parity(export_dir, checkpoint, variants, tokens):
 @click.option("--grid-search/--no-grid-search", default=None,
               help="gptq: shrink each block's range to the one with the least activation-weighted error "
                    "[the default recipe's].")
+@click.option("--scales", type=click.Choice(["fp16", "fp32"]), default=None,
+              help="How the file stores the scales: fp16 (half the bytes, cast back to fp32 when onnxruntime "
+                   "loads it) or fp32 [fp16].")
 @click.option("--accuracy-level", type=click.Choice(["0", "1", "4"]), default=None,
               help="MatMulNBits compute on CPU: 4 int8 activations, 0/1 fp32 [the default recipe's].")
 @click.option("--eight-bit", multiple=True, metavar="SELECTOR",
               help="Body tensors kept at 8 bits in int4 (repeatable): first_last, block:0,29, qkv, o, gate_up, "
-                   "down, a kind with layers (down:0-3,27), or none [the default recipe's].")
+                   "down, a kind with layers (down:0-3,27; down:outer, the first and last sixth), or none [the default recipe's].")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="GPTQ calibration text file [the export's recorded corpus, or the source run's training split].")
 @click.option("--calibration-windows", type=click.IntRange(min=1), default=None,
@@ -217,7 +220,7 @@ def parity(export_dir, checkpoint, variants, tokens):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Source run for static calibration [the one recorded in the manifest].")
 def quantize(export_dir, variant, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
-             grid_search, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
+             grid_search, scales, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
     from pipeline.build import quantize as q
 
@@ -225,7 +228,7 @@ def quantize(export_dir, variant, int8_mode, head, method, block_size, head_bloc
                       checkpoint=checkpoint, progress=sys.stderr.isatty(), method=method,
                       block_size=int(block_size) if block_size else None,
                       head_block=int(head_block_size) if head_block_size else None, symmetric=symmetric,
-                      act_order=act_order, grid_search=grid_search,
+                      act_order=act_order, grid_search=grid_search, scales=scales,
                       accuracy_level=int(accuracy_level) if accuracy_level else None,
                       eight_bit=tuple(eight_bit) if eight_bit else None, calibration=calibration,
                       calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS)

@@ -120,6 +120,11 @@ def test_selectors_pick_the_tensors_they_name(tiny_export):
     with pytest.raises(UserError, match="selector"):
         q.plan_bits(model, q.Recipe(eight_bit=("v_proj",)))
     assert q.select(model, ("head", "qkv:0")) == {"/lm_head/MatMul", "/h.0/attn/c_attn/MatMul"}
+    assert q.select(model, ("down:outer",)) == {"/h.0/mlp/c_proj/MatMul", "/h.1/mlp/c_proj/MatMul"}
+    # "outer": the first and last sixth of the blocks, rounded up
+    assert q._layers("outer", list(range(30))) == set(range(5)) | set(range(25, 30))
+    assert q._layers("outer", list(range(24))) == set(range(4)) | set(range(20, 24))
+    assert q._layers("1-2,-1", list(range(6))) == {1, 2, 5}
 
 
 def test_gptq_solves_a_4_bit_head_that_the_embedding_still_shares(tiny_export, tmp_path):
@@ -184,3 +189,87 @@ def test_cli_gptq_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):
     proc = onnxgen("quantize", folder, "--variant", "int4", "--method", "gptq", "--calibration",
                    tmp_path / "missing.txt", check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def _scale_tables(model):
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.input[2]: inits.get(n.input[2]) for n in model.graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+
+
+def test_fp16_scales_halve_the_scale_bytes_and_change_no_value_beyond_their_rounding(tiny_export, tmp_path):
+    """--scales fp16 (the default) stores each scale table as fp16 behind a Cast: the file shrinks by half the
+    fp32 tables' bytes, onnxruntime folds the Casts before the kernels see the scales, and the logits are
+    those of the fp32-scale graph with its scales rounded to fp16."""
+    fp16, fp32 = tmp_path / "fp16", tmp_path / "fp32"
+    for folder, scales in ((fp16, []), (fp32, ["--scales", "fp32"])):
+        shutil.copytree(tiny_export, folder)
+        onnxgen("quantize", folder, "--variant", "int4", *scales)
+    assert manifest.load(fp16)["stages"][-1]["scales"] == "fp16"
+    assert manifest.load(fp32)["stages"][-1]["scales"] == "fp32"
+    m16, m32 = (onnx.load(str(variant_path(f, "int4"))) for f in (fp16, fp32))
+    t16, t32 = _scale_tables(m16), _scale_tables(m32)
+    assert t16.keys() == t32.keys() and all(t.data_type == TensorProto.FLOAT for t in t32.values())
+    assert all(t is None for t in t16.values())  # not initializers: each is a Cast's output
+    casts = {n.output[0]: n for n in m16.graph.node if n.op_type == "Cast"}
+    inits16 = {i.name: i for i in m16.graph.initializer}
+    for name, t in t32.items():
+        stored = inits16[casts[name].input[0]]
+        assert stored.data_type == TensorProto.FLOAT16
+        np.testing.assert_array_equal(numpy_helper.to_array(stored),
+                                      numpy_helper.to_array(t).astype(np.float16))
+    saved = sum(numpy_helper.to_array(t).size * 2 for t in t32.values())
+    size16, size32 = (variant_path(f, "int4").stat().st_size for f in (fp16, fp32))
+    assert saved - 200 * len(t32) < size32 - size16 <= saved  # less a Cast node and its names a table
+
+    # the fp32-scale graph with its tables rounded to fp16 computes what the fp16-scale graph computes
+    for t in t32.values():
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16).astype(np.float32), t.name))
+    feed = {"input_ids": np.arange(1, 25)[None].astype(np.int64), "attention_mask": np.ones((1, 24), np.int64),
+            "position_ids": np.arange(24)[None].astype(np.int64)}
+    logits = []
+    for model in (m16, m32):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        f = dict(feed)
+        for i in sess.get_inputs()[3:]:
+            f[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        logits.append(sess.run(["logits"], f)[0])
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+    # folded when the session loads: no Cast is left in front of a kernel's scales
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(m16.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    produced = {o: n.op_type for n in optimized.graph.node for o in n.output}
+    assert not [s for s in _scale_tables(optimized) if produced.get(s) == "Cast"]
+
+
+def test_scales_outside_fp16_stay_fp32_and_gptq_solves_on_stored_scales():
+    """A table with a scale fp16 would flush (or overflow) stays fp32; GPTQ with fp16 scales solves on
+    scales that fp16 holds exactly, so the codes it chose are the codes of the stored grid."""
+    W, X, H = _problem()
+    K, N = W.shape
+    codes, scales, zeros = q.gptq_weight(W, H, 4, 32, False, act_order=True, fp16_scales=True)
+    np.testing.assert_array_equal(scales.astype(np.float16).astype(np.float32), scales)
+    loose = q.gptq_weight(W, H, 4, 32, False, act_order=True)[1]
+    assert not np.array_equal(loose.astype(np.float16).astype(np.float32), loose)  # the rounding is real
+
+    nodes, inits = [], []
+    for k, scale in enumerate((1.0, 1e-6)):  # weights whose scales are ~1e-7: below fp16's normal range
+        node = helper.make_node("MatMul", ["A", f"W{k}"], [f"Y{k}"], name=f"mm{k}")
+        q_node, new = q.matmul_nbits(node, (K, N), codes, scales * scale, zeros, 4, 32, 0)
+        nodes.append(q_node)
+        inits += new
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info(f"Y{k}", TensorProto.FLOAT, [None, N]) for k in (0, 1)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    assert q.store_scales_fp16(model) == {"tensors": 1, "kept_fp32": 1}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    A = X[:8].astype(np.float32)
+    y0, y1 = sess.run(["Y0", "Y1"], {"A": A})
+    want = A.astype(np.float64) @ _dequantize(codes, scales, zeros, K).T
+    np.testing.assert_allclose(y0, want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(y1, want * 1e-6, rtol=1e-4, atol=1e-9)

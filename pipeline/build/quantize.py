@@ -89,6 +89,7 @@ FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
 
 # ----------------------------------------------------------------------------- recipes
 METHODS = ("rtn", "hqq", "gptq")
+SCALES = ("fp16", "fp32")
 KINDS = {  # our decoder's weight MatMuls (train/decoder.py names them GPT-2's way, whatever the family)
     "qkv": "attn/c_attn", "o": "attn/c_proj", "gate_up": "mlp/c_fc", "up": "mlp/c_fc", "down": "mlp/c_proj"}
 
@@ -110,13 +111,18 @@ class Recipe:
                   both 88.8 MB (benchmarks/QUANT.md). The embedding then reads the head's solution, which
                   serves the logits first; the measured KLD is that of the whole graph, lookup included
     eight_bit     body tensors that get 8 bits: "first_last" (first and last blocks), "block:0,29",
-                  a kind ("qkv", "o", "gate_up", "down") optionally with layers ("down:0-3,27")
+                  a kind ("qkv", "o", "gate_up", "down") optionally with layers ("down:0-3,27", "down:outer":
+                  the first and last sixth of the blocks)
     fp32_compute  tensors (same selectors, and "head") run at accuracy_level 0 whatever accuracy_level says
     head_block    the head's (and tied embedding's) block size; 0: block_size. An 8-bit head is 8 bits of
                   code and, at block 32, 1 bit of fp32 scale a weight: block 128 takes that to 0.25
     act_order     gptq only: rows by decreasing Hessian diagonal, with static groups (gptq_weight)
     grid_search   gptq only: each block's range shrunk to the one that rounds it with the least
                   Hessian-weighted error (_grid), instead of the full min/max range
+    scales        how the file stores the scales: "fp16" (an fp16 initializer and a Cast to the fp32 that
+                  MatMulNBits takes in an fp32 graph, which onnxruntime folds when it loads the session:
+                  store_scales_fp16) or "fp32". At block 32 an fp32 scale costs 1 bit a weight, fp16 0.5
+                  (llama.cpp's blocks store fp16 scales too): SmolLM2's int4 94.9 -> 86.4 MB, same speed
     """
     bits: int = 4
     method: str = "rtn"
@@ -129,6 +135,7 @@ class Recipe:
     head_block: int = 0
     act_order: bool = False
     grid_search: bool = False
+    scales: str = "fp16"
 
     @property
     def head_block_size(self) -> int:
@@ -146,6 +153,7 @@ class Recipe:
                 "eight_bit": list(self.eight_bit),
                 **({"act_order": True} if self.act_order and self.method == "gptq" else {}),
                 **({"grid_search": True} if self.grid_search and self.method == "gptq" else {}),
+                "scales": self.scales,
                 **({"fp32_compute": list(self.fp32_compute)} if self.fp32_compute else {})}
 
 
@@ -171,10 +179,17 @@ DEFAULT_RECIPES = {
 
 
 def _layers(spec: str, known: list[int]) -> set[int]:
+    """Blocks by number ("1-4,25", negative from the end) or "outer": the first and last sixth of the
+    blocks, rounded up (SmolLM2's 30: 0-4 and 25-29), where llama.cpp's K-quants spend more bits too."""
+    if spec == "outer":
+        k = -(-len(known) // 6)
+        return set(known[:k] + known[-k:])
     out = set()
     for part in spec.split(","):
-        a, _, b = part.partition("-")
-        lo, hi = int(a), int(b or a)
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part.strip())
+        if m is None:
+            raise UserError(f"layers {spec!r}: expected numbers and ranges (1-4,25,-1) or outer")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         out.update(range(lo if lo >= 0 else known[-1] + 1 + lo, (hi if hi >= 0 else known[-1] + 1 + hi) + 1))
     return out
 
@@ -311,8 +326,8 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size:
     return {"embedding": f"GatherBlockQuantized, {bits} bits, shared with the tied head"}
 
 
-def _grid(group: np.ndarray, bits: int, symmetric: bool,
-          importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _grid(group: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
+          fp16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per column of `group` (rows of one block), the scale and zero point MLAS's round-to-nearest uses:
     symmetric, the value of largest magnitude maps to code 0 (scale may be negative, zero point 2^(bits-1));
     asymmetric, the range [min(w, 0), max(w, 0)] spread over every code.
@@ -320,8 +335,10 @@ def _grid(group: np.ndarray, bits: int, symmetric: bool,
     importance (rows,): search instead, per column, the range shrunk by one of GRID_SHRINK that rounds the
     block with the least importance-weighted squared error (the rows' Hessian diagonal: the energy of their
     inputs), as GPTQ's reference code (mse=True) and llama.cpp's importance-matrix quantizers do. Clipping
-    the few largest weights buys a finer step for the rest."""
-    scale, zero = _range_grid(group, bits, symmetric, 1.0)
+    the few largest weights buys a finer step for the rest.
+
+    fp16: scales the file stores as fp16 (Recipe.scales), rounded so before the codes are chosen."""
+    scale, zero = _range_grid(group, bits, symmetric, 1.0, fp16)
     if importance is None:
         return scale, zero
     maxq = (1 << bits) - 1
@@ -332,7 +349,7 @@ def _grid(group: np.ndarray, bits: int, symmetric: bool,
 
     best = error(scale, zero)
     for shrink in GRID_SHRINK[1:]:
-        s, z = _range_grid(group, bits, symmetric, shrink)
+        s, z = _range_grid(group, bits, symmetric, shrink, fp16)
         err = error(s, z)
         better = err < best
         best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
@@ -342,22 +359,41 @@ def _grid(group: np.ndarray, bits: int, symmetric: bool,
 GRID_SHRINK = np.linspace(1.0, 0.7, 13)  # the ranges _grid's search tries, as fractions of the full one (first)
 
 
-def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float,
+                fp16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     maxq = (1 << bits) - 1
     if symmetric:
         idx = np.abs(group).argmax(0)
         extreme = group[idx, np.arange(group.shape[1])] * shrink
-        scale = extreme / -(1 << (bits - 1))
+        scale = _stored(extreme / -(1 << (bits - 1)), fp16)
         scale[scale == 0] = 1.0
         return scale, np.full_like(scale, 1 << (bits - 1))
     lo, hi = np.minimum(group.min(0), 0) * shrink, np.maximum(group.max(0), 0) * shrink
-    scale = (hi - lo) / maxq
+    scale = _stored((hi - lo) / maxq, fp16)
     scale[scale == 0] = 1.0
     return scale, np.clip(np.round(-lo / scale), 0, maxq)
 
 
+FP16_NORMAL = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))
+
+
+def _fits_fp16(scale: np.ndarray) -> np.ndarray:
+    """Where a scale survives fp16 with its relative precision: 0, or a normal fp16 magnitude."""
+    a = np.abs(scale)
+    return (a == 0) | ((a >= FP16_NORMAL[0]) & (a <= FP16_NORMAL[1]))
+
+
+def _stored(scale: np.ndarray, fp16: bool) -> np.ndarray:
+    """`scale` as the file will hold it: rounded to fp16 where it fits (store_scales_fp16 keeps a tensor
+    with any scale outside fp16's normal range at fp32, and these values are then exact in fp32 too)."""
+    if not fp16:
+        return scale
+    return np.where(_fits_fp16(scale), scale.astype(np.float16).astype(scale.dtype), scale)
+
+
 def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
-                percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, grid_search: bool = False):
+                percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, grid_search: bool = False,
+                fp16_scales: bool = False):
     """GPTQ (Frantar et al. 2022) of one (K, N) weight given the Hessian H = 2·XᵀX/n of its input X:
     rows (input channels) are quantized in order and each one's error is pushed onto the rows not yet
     quantized through the inverse Hessian's Cholesky factor. Written by hand: onnxruntime's gptq() does the
@@ -371,7 +407,8 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     are contiguous in the file (MatMulNBits' layout), so each grid is set once, from the weights before any
     update ("static groups").
 
-    grid_search: each block's grid by _grid's search, weighted by the Hessian diagonal of its rows."""
+    grid_search: each block's grid by _grid's search, weighted by the Hessian diagonal of its rows.
+    fp16_scales: solve on the scales rounded as an fp16 file stores them (Recipe.scales)."""
     K, N = W.shape
     W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
     dead = np.diag(H) == 0
@@ -386,7 +423,8 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     if act_order:
         for b in range(kb):
             rows = slice(b * group, (b + 1) * group)
-            scales[b], zeros[b] = _grid(W[rows], bits, symmetric, None if energy is None else energy[rows])
+            scales[b], zeros[b] = _grid(W[rows], bits, symmetric, None if energy is None else energy[rows],
+                                        fp16_scales)
         order = np.argsort(-np.diag(H), kind="stable")
         W, H = W[order], H[order][:, order]
     H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
@@ -399,7 +437,8 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
             r = order[i1 + i]  # the row's place in the file
             if not act_order and r % group == 0:
                 scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric,
-                                                              None if energy is None else energy[r:r + group])
+                                                              None if energy is None else energy[r:r + group],
+                                                              fp16_scales)
             s, z = scales[r // group], zeros[r // group]
             q = np.clip(np.round(W1[i] / s) + z, 0, maxq)
             codes[r] = q
@@ -566,7 +605,7 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray,
         W = numpy_helper.to_array(inits[node.input[1]])
         group, symmetric = (recipe.head_block_size, True) if name == head else (recipe.block_size, recipe.symmetric)
         codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order,
-                                           grid_search=recipe.grid_search)
+                                           grid_search=recipe.grid_search, fp16_scales=recipe.scales == "fp16")
         q_node, new = matmul_nbits(node, W.shape, codes, scales, None if symmetric else zeros,
                                    bits, group, recipe.accuracy_level)
         g.initializer.extend(new)
@@ -624,6 +663,8 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     left = [n for n in _weight_matmuls(model) if n != head]
     assert not left, f"quantize: MatMuls left unquantized: {left}"
     table = compact_embedding(model, plan[head] or 4, tied, recipe.head_block_size)
+    if recipe.scales == "fp16":
+        table["fp16_scales"] = store_scales_fp16(model)
     onnx.save(model, str(dst))
     counts = {}
     for b in plan.values():
@@ -635,6 +676,32 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     eight_bit_blocks = sorted(k for k, bs in blocks.items() if all(b == 8 for b in bs)) if recipe.bits == 4 else []
     return {**recipe.summary(), "matmuls_by_bits": counts, "eight_bit_blocks": eight_bit_blocks,
             "bits_per_tensor": {n: b for n, b in plan.items()}, **table}
+
+
+def store_scales_fp16(model: onnx.ModelProto) -> dict:
+    """Every fp32 scale table of a MatMulNBits or GatherBlockQuantized stored as fp16, with a Cast back to
+    the fp32 the op takes in an fp32 graph (in place). onnxruntime folds the Casts when it loads the session
+    (basic optimizations, before the kernels pack their weights), so the kernels see what they saw before,
+    minus the rounding. A table with any scale outside fp16's normal range stays fp32. Written by hand:
+    onnxruntime's quantizers write scales in the graph's float type and have no option for this.
+    Returns {"tensors": converted, "kept_fp32": kept} for the manifest."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    tables = sorted({n.input[2] for n in g.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+                     and len(n.input) > 2 and n.input[2] in inits
+                     and inits[n.input[2]].data_type == onnx.TensorProto.FLOAT})
+    converted, kept = 0, 0
+    for name in tables:
+        scale = numpy_helper.to_array(inits[name])
+        if not _fits_fp16(scale).all():
+            kept += 1
+            continue
+        g.initializer.remove(inits[name])
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float16), name + "_fp16"))
+        g.node.insert(converted, helper.make_node("Cast", [name + "_fp16"], [name], name=name + "/Cast",
+                                                  to=onnx.TensorProto.FLOAT))
+        converted += 1
+    return {"tensors": converted, "kept_fp32": kept}
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -784,6 +851,8 @@ def recipe_for(folder: Path, variant: str, **overrides) -> Recipe:
         raise UserError(f"--method {recipe.method}: expected one of {', '.join(METHODS)}")
     if recipe.block_size not in (16, 32, 64, 128, 256):
         raise UserError(f"--block-size {recipe.block_size}: expected a power of two from 16 to 256")
+    if recipe.scales not in SCALES:
+        raise UserError(f"--scales {recipe.scales}: expected one of {', '.join(SCALES)}")
     if recipe.head_block not in (0, 16, 32, 64, 128, 256):
         raise UserError(f"--head-block-size {recipe.head_block}: expected a power of two from 16 to 256")
     return recipe
@@ -794,7 +863,7 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
              block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int | None = None,
              eight_bit: tuple[str, ...] | None = None, calibration: str | Path | None = None,
              calibration_windows: int = CALIBRATION_WINDOWS, head_block: int | None = None,
-             act_order: bool | None = None, grid_search: bool | None = None) -> dict:
+             act_order: bool | None = None, grid_search: bool | None = None, scales: str | None = None) -> dict:
     """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
     int4 and blockwise int8 follow the export's default recipe (DEFAULT_RECIPES) with the options given
     replacing its fields; GPTQ calibrates on `calibration` (a text file; default: the export's recorded
@@ -811,7 +880,8 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     if not fp32.is_file():
         raise UserError(f"export {folder}: {fp32} does not exist (run `onnxgen export` first)")
     options = dict(method=method, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
-                   eight_bit=eight_bit, head_block=head_block, act_order=act_order, grid_search=grid_search)
+                   eight_bit=eight_bit, head_block=head_block, act_order=act_order, grid_search=grid_search,
+                   scales=scales)
     recipes = {"int4": recipe_for(folder, "int4", head=head, **options),
                "int8": recipe_for(folder, "int8", **options)}
     run = None
