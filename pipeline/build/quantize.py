@@ -164,17 +164,20 @@ class Recipe:
 #   import int8: block 16: the kernel's int8 activations come in blocks of 16 as well; SmolLM2 KLD 2.7e-3
 #     against block 32's 4.4e-3 (dithered: 3.05e-3 against 5.1e-3), same decode speed, 169 MB against 152
 #     (accuracy_level 0 gives 1.4e-3 but decodes 6x slower).
-#   import int4: GPTQ with zero points, block 32, calibrated on the export's corpus; 8 bits for the head,
-#     the first and last blocks and every q/k/v projection (measured per MB the most sensitive kind: on
-#     the dithered SmolLM2, with the rest round-to-nearest 4-bit, q/k/v at 8 bits cut KLD by 0.019 a MB,
-#     down 0.008, gate/up 0.004, o 0.003; first/last blocks 0.021). KLD 0.047, same top-1 88.3%, PPL
-#     ratio 1.058 at 111.9 MB, against 0.307/71.2%/1.387 at 102.9 MB for the trained models' recipe;
-#     same decode speed. Costs a calibration pass (~3 min for SmolLM2 on 2 cores). In act order (static
-#     groups: the same file format) KLD 0.039, same top-1 89.4%, PPL ratio 1.038 at the same size.
+#   import int4: GPTQ with zero points, in act order, searched grids, block 32, calibrated on the export's
+#     corpus; fp16 scales. 8 bits for every q/k/v projection, the first and last blocks and the down
+#     projections of the outer blocks (the first and last sixth: SmolLM2's 0-4 and 25-29): per MB the most
+#     sensitive tensors (on the dithered SmolLM2, the rest round-to-nearest 4-bit, 8 bits cut KLD by 0.019
+#     a MB for q/k/v, 0.021 first/last blocks, 0.008 down, 0.004 gate/up, 0.003 o). The head (and the tied
+#     embedding, which reads its table) 4-bit, solved by GPTQ too, at block 16. On SmolLM2-135M-Instruct,
+#     8,192 scored tokens of English text (benchmarks/QUANT.md): 94.6 MB, KLD 0.049, same top-1 88.2%, PPL
+#     ratio 1.048 on the dithered stand-in; the previous default (8-bit head, fp32 scales) was 0.039 / 89.4%
+#     / 1.038 at 111.9 MB. Costs a calibration pass (~4 min for SmolLM2 on 2 cores).
 DEFAULT_RECIPES = {
     "trained": {"int8": Recipe(bits=8, eight_bit=()), "int4": Recipe()},
     "import": {"int8": Recipe(bits=8, eight_bit=(), block_size=16),
-               "int4": Recipe(method="gptq", symmetric=False, eight_bit=("first_last", "qkv"), act_order=True)},
+               "int4": Recipe(method="gptq", symmetric=False, act_order=True, grid_search=True, head="int4",
+                              head_block=16, eight_bit=("first_last", "qkv", "down:outer"))},
 }
 
 
