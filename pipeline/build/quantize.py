@@ -122,7 +122,7 @@ class Recipe:
     scales        how the file stores the scales: "fp16" (an fp16 initializer and a Cast to the fp32 that
                   MatMulNBits takes in an fp32 graph, which onnxruntime folds when it loads the session:
                   store_scales_fp16) or "fp32". At block 32 an fp32 scale costs 1 bit a weight, fp16 0.5
-                  (llama.cpp's blocks store fp16 scales too): SmolLM2's int4 94.9 -> 86.4 MB, same speed
+                  (llama.cpp's blocks store fp16 scales too): SmolLM2's int4 94.9 -> 86.5 MB, same speed
     """
     bits: int = 4
     method: str = "rtn"
@@ -163,16 +163,19 @@ class Recipe:
 # benchmarks/quant_quality.py, see benchmarks/QUANT.md).
 #   import int8: block 16: the kernel's int8 activations come in blocks of 16 as well; SmolLM2 KLD 2.7e-3
 #     against block 32's 4.4e-3 (dithered: 3.05e-3 against 5.1e-3), same decode speed, 169 MB against 152
-#     (accuracy_level 0 gives 1.4e-3 but decodes 6x slower).
+#     with fp32 scales (accuracy_level 0 gives 1.4e-3 but decodes 6x slower); 152 MB and 2.76e-3 with fp16.
 #   import int4: GPTQ with zero points, in act order, searched grids, block 32, calibrated on the export's
 #     corpus; fp16 scales. 8 bits for every q/k/v projection, the first and last blocks and the down
 #     projections of the outer blocks (the first and last sixth: SmolLM2's 0-4 and 25-29): per MB the most
 #     sensitive tensors (on the dithered SmolLM2, the rest round-to-nearest 4-bit, 8 bits cut KLD by 0.019
 #     a MB for q/k/v, 0.021 first/last blocks, 0.008 down, 0.004 gate/up, 0.003 o). The head (and the tied
 #     embedding, which reads its table) 4-bit, solved by GPTQ too, at block 16. On SmolLM2-135M-Instruct,
-#     8,192 scored tokens of English text (benchmarks/QUANT.md): 94.6 MB, KLD 0.049, same top-1 88.2%, PPL
-#     ratio 1.048 on the dithered stand-in; the previous default (8-bit head, fp32 scales) was 0.039 / 89.4%
-#     / 1.038 at 111.9 MB. Costs a calibration pass (~4 min for SmolLM2 on 2 cores).
+#     8,192 scored tokens of English text (benchmarks/QUANT.md), calibrated on other English text: 94.6 MB,
+#     KLD 0.049, same top-1 88.2%, PPL ratio 1.048 on the dithered stand-in (converted: 0.041 / 88.8% /
+#     1.026); calibrated on the default corpus (Python source) 0.051 / 87.4% / 1.055 on the converted model.
+#     The previous default (8-bit head, fp32 scales) was 0.039 / 89.4% / 1.038 at 111.9 MB. The head's
+#     block 16 costs ~10% of decode speed against 32 (benchmarks/REAL_MODEL.md). Costs a calibration pass
+#     (~4 min for SmolLM2 on 2 cores).
 DEFAULT_RECIPES = {
     "trained": {"int8": Recipe(bits=8, eight_bit=()), "int4": Recipe()},
     "import": {"int8": Recipe(bits=8, eight_bit=(), block_size=16),
