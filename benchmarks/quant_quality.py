@@ -311,10 +311,12 @@ def versions() -> str:
             f"transformers {transformers.__version__}")
 
 
-SHORT = {"smol-q": "converted (weights on the Q4_1 grid)", "smol-dither": "dithered (continuous weights)"}
+SHORT = {"smol-q": "converted (weights on the Q4_1 grid)", "smol-dither": "dithered (continuous weights)",
+         "small": "small (trained here)"}
 MODELS = {  # export folder name -> how the report names it
     "smol-q": "SmolLM2-135M-Instruct (as converted from the Q4_1 GGUF: body weights on a Q4_1 grid)",
     "smol-dither": "SmolLM2-135M-Instruct dithered (benchmarks/quant_dither.py: the same plus one grid step of noise)",
+    "small": "small (trained here by a fresh clone's `make export`; its own BPE, Python source)",
 }
 
 
@@ -340,9 +342,35 @@ def table(rs: list[dict]) -> list[str]:
     return lines
 
 
+def frontier(rs: list[dict]) -> list[dict]:
+    """The recipes no other beats on both size and KLD (the reference's cache floor left out)."""
+    pts = [r for r in rs if r["kl_mean"] > 0 and "floor" not in r["name"]]
+    return [r for r in pts if not any(o["bytes"] <= r["bytes"] and o["kl_mean"] < r["kl_mean"] for o in pts)]
+
+
+def summary(caches: list[Path], out_md: Path) -> None:
+    """A short table per model for benchmarks/RESULTS.md (benchmarks/run.py appends this file): the size/KLD
+    frontier and the defaults, pointing at QUANT.md for the rest."""
+    lines = ["## Quantization recipes (issue 13)", "",
+             f"From `benchmarks/quant_quality.py --report`: each graph against its export's fp32 graph on "
+             f"{CHUNKS * CTX // 2:,} scored tokens (details, every recipe and the notes: "
+             "[QUANT.md](QUANT.md); size against KLD: [quant_quality.png](quant_quality.png)). Per model, the "
+             "recipes no other beats on both size and KLD, and the defaults.", ""]
+    for cache in caches:
+        rs = load_results(cache)
+        keep = {r["name"] for r in frontier(rs)} | {r["name"] for r in rs if "default" in r["name"]
+                                                      or r["name"] in ("int4", "int8")}
+        lines += [f"**{MODELS.get(cache.name, cache.name)}**", "",
+                  "| recipe | size MB | KLD | same top-1 | PPL ratio |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {r['kl_mean']:.4g} | {r['top1']:.2%} | {r['ppl_ratio']:.4f} |"
+                  for r in sorted(rs, key=lambda r: -r["bytes"]) if r["name"] in keep]
+        lines.append("")
+    out_md.write_text("\n".join(lines))
+
+
 def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> None:
     lines = [
-        "# Quantization recipes on SmolLM2-135M-Instruct (issue 13)",
+        "# Quantization recipes on SmolLM2-135M-Instruct and the trained small (issue 13)",
         "",
         f"Made by `benchmarks/quant_quality.py --report` from each model's results.json under {CACHE}. "
         f"Machine: {versions()}.",
@@ -365,8 +393,11 @@ def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 7))
-    colors = ["tab:blue", "tab:green", "tab:purple"]
+    small = [c for c in caches if not c.name.startswith("smol")]
+    fig, axes = plt.subplots(1, 2 if small else 1, figsize=(16 if small else 11, 7),
+                             gridspec_kw={"width_ratios": [2.2, 1]} if small else None, squeeze=False)
+    ax = axes[0][0]
+    colors = {"smol-q": "tab:blue", "smol-dither": "tab:green", "small": "tab:purple"}
     for k, cache in enumerate(caches):
         rs = load_results(cache)
         if not rs:
@@ -374,11 +405,20 @@ def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> 
         label = MODELS.get(cache.name, cache.name)
         lines += [f"## {label}", ""] + table(rs) + [""]
         pts = [r for r in rs if r["kl_mean"] > 0 and "floor" not in r["name"]]
+        where = axes[0][1] if cache in small else ax
+        color = colors.get(cache.name, "tab:gray")
         for r in pts:
-            ax.scatter(r["bytes"] / 1e6, r["kl_mean"], color=colors[k], s=22,
-                       label=SHORT.get(cache.name, cache.name) if r is pts[0] else None)
-            ax.annotate(r["name"], (r["bytes"] / 1e6, r["kl_mean"]), fontsize=6.5, color=colors[k],
-                        xytext=(3, 2), textcoords="offset points")
+            where.scatter(r["bytes"] / 1e6, r["kl_mean"], color=color, s=22,
+                          label=SHORT.get(cache.name, cache.name) if r is pts[0] else None)
+            where.annotate(r["name"], (r["bytes"] / 1e6, r["kl_mean"]), fontsize=6.5, color=color,
+                           xytext=(3, 2), textcoords="offset points")
+    if small:
+        side = axes[0][1]
+        side.set_yscale("log")
+        side.set_xlabel("size (MB)")
+        side.set_title("the trained small (its own thresholds: issue 9)")
+        side.legend(fontsize=8, loc="upper right")
+        side.grid(True, which="both", alpha=0.3)
     lines += ["## Issue 13's reference points", "",
               "llama.cpp's `llama-perplexity --kl-divergence` and onnxruntime-genai's builder on the converted "
               "model (4,826 tokens; not re-measured here):", "",
@@ -430,8 +470,12 @@ def main() -> None:
     if a.graph is not None:
         chunks, _ = split(a.export, cache)
         ref = reference(a.export, chunks, cache)
-        stage = next((st for st in reversed(json.loads((a.export / "manifest.json").read_text()).get("stages", []))
-                      if st.get("stage", "").startswith("quantize:")), {})
+        from pipeline import manifest
+        from pipeline.exports import VARIANTS
+
+        variant = {f: v for v, f in VARIANTS.items()}.get(a.graph.name)  # the recipe: from the graph's own export
+        stage = next((st for st in reversed(manifest.load(a.graph.parent.parent).get("stages", []))
+                      if st.get("stage") == f"quantize:{variant}"), {})
         t0 = time.time()
         m = evaluate(a.graph, ref, chunks)
         r = {"name": a.graph_name, "recipe": {k: v for k, v in stage.items() if k not in ("bits_per_tensor", "optimize")},
@@ -443,9 +487,10 @@ def main() -> None:
         measure(a.export, cache, name, chunks, ref, calib, a.calibration_windows)
     if a.report:
         notes = (ROOT / "benchmarks" / "QUANT_NOTES.md")
-        report([CACHE / m for m in MODELS if (CACHE / m / "results.json").is_file()],
-               ROOT / "benchmarks" / "QUANT.md", ROOT / "benchmarks" / "quant_quality.png",
+        caches = [CACHE / m for m in MODELS if (CACHE / m / "results.json").is_file()]
+        report(caches, ROOT / "benchmarks" / "QUANT.md", ROOT / "benchmarks" / "quant_quality.png",
                notes.read_text() if notes.is_file() else "")
+        summary(caches, ROOT / "benchmarks" / "QUANT_SUMMARY.md")
 
 
 if __name__ == "__main__":

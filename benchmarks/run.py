@@ -67,6 +67,9 @@ def main() -> None:
               threads=args.threads, engines=["genai", "onnxgen"], rss=False, title="base preset",
               chart=out.with_name("results_base.png"))
         sections.append(out.with_name("base.md").read_text())
+    quant = ROOT / "benchmarks" / "QUANT_SUMMARY.md"  # written by benchmarks/quant_quality.py --report
+    if quant.is_file():
+        sections.append(quant.read_text())
     notes = (ROOT / "benchmarks" / "NOTES.md").read_text() if (ROOT / "benchmarks" / "NOTES.md").is_file() else ""
     text = "# onnxgen generation benchmark\n\nWritten by `python benchmarks/run.py` (or `onnxgen bench EXPORT`).\n\n"
     tmp = out.with_name("RESULTS.md.tmp")
