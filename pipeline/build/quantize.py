@@ -669,8 +669,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     left = [n for n in _weight_matmuls(model) if n != head]
     assert not left, f"quantize: MatMuls left unquantized: {left}"
     table = compact_embedding(model, plan[head] or 4, tied, recipe.head_block_size)
-    if recipe.scales == "fp16":
-        table["fp16_scales"] = store_scales_fp16(model)
+    stored = {"fp16_scales": store_scales_fp16(model)} if recipe.scales == "fp16" else {}
     onnx.save(model, str(dst))
     counts = {}
     for b in plan.values():
@@ -681,7 +680,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
             blocks.setdefault(_block_of(n), []).append(b)
     eight_bit_blocks = sorted(k for k, bs in blocks.items() if all(b == 8 for b in bs)) if recipe.bits == 4 else []
     return {**recipe.summary(), "matmuls_by_bits": counts, "eight_bit_blocks": eight_bit_blocks,
-            "bits_per_tensor": {n: b for n, b in plan.items()}, **table}
+            "bits_per_tensor": {n: b for n, b in plan.items()}, **table, **stored}
 
 
 def store_scales_fp16(model: onnx.ModelProto) -> dict:
