@@ -398,7 +398,7 @@ def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> 
                              gridspec_kw={"width_ratios": [2.2, 1]} if small else None, squeeze=False)
     ax = axes[0][0]
     colors = {"smol-q": "tab:blue", "smol-dither": "tab:green", "small": "tab:purple"}
-    for k, cache in enumerate(caches):
+    for cache in caches:
         rs = load_results(cache)
         if not rs:
             continue

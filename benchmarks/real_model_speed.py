@@ -61,10 +61,13 @@ def genai_folder_loader(folder: Path, threads: int):
 
 
 def recipe_label(export: Path) -> str:
-    """The int4 recipe an export's manifest records, in a few words (head bits, block, 8-bit tensors)."""
+    """The int4 recipe an export's manifest records, in a few words (head bits, block, 8-bit tensors, scales;
+    exports made before fp16 scales record none and hold fp32)."""
     stage = next(s for s in reversed(manifest.load(export)["stages"]) if s.get("stage") == "quantize:int4")
     eight = "+".join(stage.get("eight_bit") or []) or "none"
-    return f"{stage['lm_head']} head ({stage.get('lm_head_method', 'rtn')}), block {stage['block_size']}, 8-bit {eight}"
+    head_block = stage.get("lm_head_block", stage["block_size"])
+    return (f"{stage['lm_head']} head ({stage.get('lm_head_method', 'rtn')}, block {head_block}), block "
+            f"{stage['block_size']}, 8-bit {eight}, {stage.get('scales', 'fp32')} scales")
 
 
 def read_bandwidth(threads: int, mb: int = 512) -> float:
