@@ -434,6 +434,8 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     (each twin judged against transformers), then onnxgen's runtime on the fused twins gives the plain
     graphs' greedy tokens. int8: random weights leave int4 under the import floor (same top-1 43% at 64
     wide, where every logit is a near-tie); SmolLM2's real ones do not (77%, check/parity.py)."""
+    import onnx
+
     from pipeline.build.fuse import fuse_export
     from pipeline.build.hf_import import export_hf
     from pipeline.build.quantize import quantize
@@ -449,6 +451,8 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     assert fuse_export(out, ["fp32", "int8"]) == ["onnx/model_gqa.onnx", "onnx/model_quantized_gqa.onnx"]
     fused = manifest.load(out)["stages"][-1]["fused"]["variants"]
     assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
+    fp32_twin = [n.op_type for n in onnx.load(str(out / "onnx" / "model_gqa.onnx")).graph.node]
+    assert fp32_twin.count("SkipSimplifiedLayerNormalization") == 2 * 2  # as the int8's graph
     prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
     for variant in ("fp32", "int8"):
         plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)

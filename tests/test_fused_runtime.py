@@ -36,6 +36,12 @@ def test_fused_graph_is_gqa_with_the_contract_names(tiny_fused_export):
     names = [i.name for i in model.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert model.graph.input[3].type.tensor_type.shape.dim[2].dim_param == "max_sequence_length"
+    # the twin is built from optimize.py's graph, as the quantized variants are: residual + LayerNorm and the
+    # MLP's GELU fused (the plain model.onnx keeps standard ops only)
+    assert ops.count("SkipLayerNormalization") == 2 * n_layer + 1 and ops.count("FastGelu") == n_layer
+    assert "Tanh" not in ops and "LayerNormalization" not in ops
+    plain = [n.op_type for n in onnx.load(str(tiny_fused_export / "onnx" / "model.onnx")).graph.node]
+    assert "SkipLayerNormalization" not in plain and "FastGelu" not in plain
 
 
 def test_fused_twin_is_judged_against_pytorch(tiny_fused_export):

@@ -25,6 +25,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from pipeline import manifest
+from pipeline.exports import read_config
+from pipeline.train.families import arch_of
+
 log = logging.getLogger(__name__)
 
 # the fusions we expect, by the decoder's norm; anything else fused is reported too
@@ -106,6 +110,17 @@ def optimize(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int,
     log.info("optimize: fused %s; folded %d runtime head transpose(s)",
              ", ".join(f"{n} {op}" for op, n in stats.items()) or "nothing", folded)
     return {"fused": stats, "constant_head_folded": folded}
+
+
+def optimize_export(folder: str | Path, src: str | Path, dst: str | Path) -> dict:
+    """optimize() with what the export says: its heads, width and norm (config.json); a graph of Optimum's
+    (the fallback exporter, manifest.json) is left unfused. The quantized variants start from its output, and
+    `onnxgen fuse` builds the fp32 twin from it (the plain model.onnx stays free of contrib ops)."""
+    shape = read_config(folder)
+    exporter = (manifest.load(folder).get("stages") or [{}])[0].get("exporter")
+    arch = arch_of(folder)
+    norm = arch.norm if arch is not None else "layernorm"
+    return optimize(src, dst, shape.heads, shape.hidden, fuse=exporter != "optimum", norm=norm)
 
 
 def _record_types(model: onnx.ModelProto) -> None:

@@ -66,12 +66,11 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from pipeline import manifest
-from pipeline.build.optimize import optimize
+from pipeline.build.optimize import optimize_export
 from pipeline.check.parity import window_plan
 from pipeline.check.sources import run_windows
 from pipeline.errors import UserError
 from pipeline.exports import VARIANTS, fused_path, past_names, read_config, variant_path
-from pipeline.train.families import arch_of
 from pipeline.train.runs import load_model, read_tokens
 
 log = logging.getLogger(__name__)
@@ -901,12 +900,6 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     if any(recipes[v].method == "gptq" for v in todo if v in recipes and (v != "int8" or int8_mode == "blockwise")):
         windows, calibration_info = calibration_data(folder, calibration, calibration_windows,
                                                      min(CALIBRATION_LENGTH, shape.context), checkpoint)
-    # onnxruntime.transformers' fusions (its gpt2 model type: residual Add + norm -> SkipLayerNormalization,
-    # or SkipSimplifiedLayerNormalization for RMSNorm, the one in front of the first block stays a
-    # SimplifiedLayerNormalization) for every graph our decoder wrote, whatever its family: SmolLM2-135M's
-    # int4 goes from 1,409 nodes to ~560. Not for Optimum's graphs (the fallback exporter), left as they are.
-    exporter = (manifest.load(folder).get("stages") or [{}])[0].get("exporter")
-    num_heads, hidden, fuse = shape.heads, shape.hidden, exporter != "optimum"
 
     def with_calibration(details: dict, recipe: Recipe) -> dict:
         return {**details, "calibration": calibration_info} if recipe.method == "gptq" else details
@@ -914,9 +907,11 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     done = {}
     with tempfile.TemporaryDirectory(prefix="onnxgen-optimize-") as tmp:
         optimized = Path(tmp) / "model_optimized.onnx"
-        arch = arch_of(folder)
-        norm = arch.norm if arch is not None else "layernorm"
-        opt_stats = optimize(fp32, optimized, num_heads, hidden, fuse=fuse, norm=norm)
+        # onnxruntime.transformers' fusions (its gpt2 model type: residual Add + norm -> SkipLayerNormalization,
+        # or SkipSimplifiedLayerNormalization for RMSNorm, the one in front of the first block stays a
+        # SimplifiedLayerNormalization) for every graph our decoder wrote, whatever its family: SmolLM2-135M's
+        # int4 goes from 1,409 nodes to ~560. Not for Optimum's graphs (the fallback exporter), left as they are.
+        opt_stats = optimize_export(folder, fp32, optimized)
         builders = {  # each: (src, dst) -> details for the manifest
             "int8": {"dynamic": quantize_int8_dynamic,
                      "blockwise": lambda s, d: with_calibration(
