@@ -41,6 +41,9 @@ class CompletionText:
         if not piece:
             return ""
         self.text += piece
+        if not self.stop:  # nothing to cut or hold back
+            self.shown = self.text
+            return piece
         cut = cut_at_stop(self.text, self.stop)
         self.stopped = len(cut) < len(self.text)
         return self._show(cut if self.stopped or not self.hold else cut[:len(cut) - self.hold])
