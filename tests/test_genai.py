@@ -61,6 +61,22 @@ def test_genai_config_describes_the_graph(tiny_export):
     assert decoder["head_size"] == model_config["n_embd"] // model_config["n_head"]
     assert config["model"]["context_length"] == model_config["n_positions"]
     assert "genai_config.json" in manifest.load(tiny_export)["files"]
+    # genai decodes as `onnxgen run` and transformers do by default: generation_config.json's sampling
+    gen = json.loads((tiny_export / "generation_config.json").read_text())
+    assert gen["do_sample"] is True
+    assert {k: config["search"][k] for k in ("do_sample", "temperature", "top_k", "top_p")} == \
+        {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p")}
+
+
+def test_genai_config_is_greedy_where_the_model_is(tmp_path, tiny_export):
+    from pipeline.build.genai import genai_config
+
+    folder = tmp_path / "greedy"
+    shutil.copytree(tiny_export, folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False, "repetition_penalty": 1.2}))
+    search = genai_config(folder)["search"]
+    assert search["do_sample"] is False and search["top_k"] == 1 and search["repetition_penalty"] == 1.2
 
 
 def test_genai_tokenizer_gives_our_ids(tiny_export):

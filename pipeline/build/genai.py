@@ -20,7 +20,9 @@ import onnx
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import GENAI_CONFIG, VARIANTS, first_id, read_config, read_json, variant_path, write_json
+from pipeline.exports import (GENAI_CONFIG, VARIANTS, first_id, generation_ids, read_config, read_json, variant_path,
+                              write_json)
+from pipeline.run.sampling import SamplingConfig
 
 
 def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
@@ -87,12 +89,24 @@ def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
             },
         },
         "search": {
-            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": n_ctx, "min_length": 0,
-            "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+            "num_beams": 1, "num_return_sequences": 1, "max_length": n_ctx, "min_length": 0,
+            **_sampling(folder), "length_penalty": 1.0,
             "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
             "past_present_share_buffer": False,
         },
     }
+
+
+def _sampling(folder: Path) -> dict:
+    """generation_config.json's sampling defaults, read as `onnxgen run` and transformers read them
+    (run/sampling.py), so a genai user gets the decoding the model's authors chose: a trained export samples
+    (do_sample, temperature 0.8, top-k 50, top-p 0.95), most imports are greedy."""
+    s = SamplingConfig.from_defaults(generation_ids(folder).sampling)
+    if s.greedy:
+        return {"do_sample": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                "repetition_penalty": s.repetition_penalty}
+    return {"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+            "repetition_penalty": s.repetition_penalty}
 
 
 def write_genai_config(folder: str | Path, variant: str = "fp32") -> Path:

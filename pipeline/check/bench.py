@@ -129,7 +129,8 @@ def _genai_loader(folder: Path, file: str, fused: bool, threads: int):
 
     def gen(ids, n):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, batch_size=ids.shape[0])
+        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, batch_size=ids.shape[0],
+                                  do_sample=False)  # greedy, as onnxgen here (the export may sample by default)
         generator = og.Generator(model, params)
         generator.append_tokens(ids.astype(np.int32))
         while not generator.is_done():
