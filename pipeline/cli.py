@@ -260,12 +260,14 @@ def quantize(export_dir, variant, int8_mode, head, method, block_size, head_bloc
               help="The fused attention graph (onnxgen fuse) or the plain one [fused when the export has it].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
+@click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr.")
 @click.option("--unsafe-skip-verify", is_flag=True,
               help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
 def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, stop, seed, variant, device, fused, threads, echo, unsafe_skip_verify):
+        repetition_penalty, stop, seed, variant, device, fused, threads, echo, stats, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
+    import time
 
     import numpy as np
 
@@ -302,8 +304,10 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     for i, text in enumerate(batch or [prompt]):
         check_text(text, f"prompt {i + 1}" if batch else "prompt")
     variant = variant or ("fp16" if device == "cuda" else "fp32")
+    started = time.perf_counter()
     lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
                 fused="auto" if fused is None else fused)
+    loaded = time.perf_counter()
     sampling = SamplingConfig.from_defaults(lm.sampling_defaults, temperature=temperature, top_k=top_k, top_p=top_p,
                                             repetition_penalty=repetition_penalty, seed=seed)
     result = Generation()
@@ -317,14 +321,27 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
         texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result)
         for p, text, reason in zip(batch, texts, result.stop_reason):
             click.echo(json.dumps({"prompt": p, "completion": text, "stop_reason": reason}, ensure_ascii=False))
+        if stats:
+            n = sum(len(t) for t in result.tokens)
+            click.echo(f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms; "
+                       f"{len(batch)} prompts, {n} tokens in {time.perf_counter() - loaded:.2f} s", err=True)
         return
     if echo:
         click.echo(prompt, nl=False)
+    first = None
     for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop)):
+        first = first or time.perf_counter()
         click.echo(piece, nl=False)
+    end = time.perf_counter()
     click.echo()
     if result.stop_reason and result.stop_reason[0] == "context":
         click.echo(f"onnxgen: stopped at the model's context length ({lm.n_ctx} tokens)", err=True)
+    if stats:
+        n = len(result.tokens[0]) if result.tokens else 0
+        rate = f", {(n - 1) / (end - first):.0f} tok/s after it" if first and n > 1 and end > first else ""
+        ttft = f"first text after {(first - loaded) * 1e3:.1f} ms" if first else "no text"
+        click.echo(f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms; "
+                   f"{ttft}; {n} tokens{rate}", err=True)
 
 
 @main.command()
