@@ -50,6 +50,9 @@ uses only standard opset-17 ops, so every runtime that loads model.onnx (onnxrun
 transformers.js in the browser, other execution providers) runs it, while the fused graph's
 com.microsoft ops (SkipLayerNormalization, FastGelu) are only in some builds. The quantized variants
 carry contrib ops anyway (MatMulNBits, DynamicQuantizeMatMul), so they are built from the fused graph.
+So is the fp32 twin of `onnxgen fuse` (build/fuse.py), which only onnxgen's runtime loads: there, with the
+attention in one kernel and the cache in place, the element-wise ops are a larger share of a step (small
+preset, batch 1: 103 kernels -> 56, ~8% faster).
 """
 from __future__ import annotations
 
