@@ -101,7 +101,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     size = graph_bytes
     fused, plain = args.ours / "onnx/model_q4_gqa.onnx", args.ours / "onnx/model_q4.onnx"
-    engines = {  # onnxgen as `onnxgen run` runs it (threads spin on a graph of SPIN_BYTES or more), and not spinning
+    engines = {  # onnxgen as `onnxgen run` runs it (threads spinning), and not spinning (as `onnxgen serve` does)
         "onnxgen int4, fused (GroupQueryAttention, shared buffer)": (
             lambda t: _onnxgen_loader(args.ours, "int4", True, t), size(fused)),
         "onnxgen int4, fused, threads not spinning": (

@@ -32,7 +32,7 @@ from pipeline import manifest
 from pipeline.check.sources import open_source
 from pipeline.errors import UserError
 from pipeline.exports import GENAI_CONFIG, VARIANTS, fused_path, generation_ids, read_config, read_json
-from pipeline.run.lm import SPIN_BYTES, OnnxLM, graph_bytes
+from pipeline.run.lm import OnnxLM
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Engine:
     kind: str      # torch, optimum, genai, onnxgen
     file: str = ""   # the ONNX file under onnx/ (empty for torch)
     fused: bool = False
-    spin: bool | None = None  # onnxgen only: None spins as `onnxgen run` does (by graph size), else forced
+    spin: bool | None = None  # onnxgen only: None spins as `onnxgen run` does, False as `onnxgen serve` does
 
 
 @dataclass
@@ -184,9 +184,9 @@ def engines_for(folder: Path, kinds: list[str] | None = None) -> list[Engine]:
     if "onnxgen" in kinds:
         out += [Engine("onnxgen, plain graph", v, "onnxgen", VARIANTS[v]) for v in have]
         out += [Engine("onnxgen, fused graph", v, "onnxgen", fused_path(folder, v).name, True) for v in fused]
-        # where onnxgen chooses not to spin (a small graph, lm.SPIN_BYTES), what spinning would give
-        out += [Engine("onnxgen, fused graph, threads spinning", v, "onnxgen", fused_path(folder, v).name, True,
-                       spin=True) for v in fused if v == "int4" and graph_bytes(fused_path(folder, v)) < SPIN_BYTES]
+        # the same graph as `onnxgen serve` runs it: idle threads sleep (run/lm.py's make_session says why)
+        out += [Engine("onnxgen, fused graph, threads not spinning", v, "onnxgen", fused_path(folder, v).name, True,
+                       spin=False) for v in fused if v == "int4"]
     return out
 
 

@@ -45,9 +45,6 @@ def require_cuda() -> None:
                         "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
 
 
-SPIN_BYTES = 64 << 20
-
-
 def graph_bytes(path: Path) -> int:
     """An ONNX file's size with its external data."""
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
@@ -59,14 +56,15 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    # Spin-waiting (spin=None: by the graph's size, SPIN_BYTES). Between two steps the core goes to Python
-    # (sampling, stops), and a worker spinning for the next kernel takes it: for a small graph that costs
-    # more than it saves (this project's shared 2-core machine, the small preset's int4 fused graph: 1528
-    # tok/s without, 418 with; benchmarks/RESULTS.md). A large graph's step is ~10 ms of kernels against
-    # the same ~0.1 ms of Python, and its ~700 kernels each wake the pool: SmolLM2-135M int4 fused at 2
-    # threads decodes 144 tok/s spinning, 118 not (benchmarks/REAL_MODEL.md, side by side).
+    # Spin-waiting: idle intra-op threads spin for the next kernel instead of sleeping (ONNX Runtime's and
+    # onnxruntime-genai's default). Measured on this project's 2-core machine with 2 threads, fresh processes
+    # side by side (benchmarks/CLI.md): the small preset's fused fp32 graph decodes a token in 0.42 ms spinning
+    # against 0.64 ms not, int4 0.22 against 0.32 ms. A spinning thread takes its core from whatever else wants
+    # it: an earlier run of ours with six other jobs on these 2 cores measured the small's int4 at 418 tok/s
+    # spinning against 1,528 not. So the server, whose event loop needs the other core, passes spin=False,
+    # and --threads 1 (no pool at all) is the choice on a busy machine.
     if spin is None:
-        spin = graph_bytes(path) >= SPIN_BYTES
+        spin = True
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
@@ -230,7 +228,7 @@ class OnnxLM:
                  verify: bool = False, fused: bool | str = False, spin: bool | None = None):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
-        (faster only on cores nothing else wants); None: for graphs of SPIN_BYTES and more."""
+        (faster only on cores nothing else wants); None: ONNX Runtime's default, spinning."""
         self.folder = Path(folder)
         self.verify = verify  # the chat template's files are checked when a chat reads them (run/chat.py)
         if not self.folder.is_dir():
