@@ -70,3 +70,20 @@ def test_a_row_in_a_batch_gets_what_it_gets_alone(config):
     for _ in range(5):
         together = sample_rows(logits, batch)
         assert together.tolist() == [int(a(logits[i:i + 1])[0]) for i, a in enumerate(alone)]
+
+
+@pytest.mark.parametrize("vocab", [49152, 5037, 200])
+def test_rows_at_once_are_pick_row_by_row(vocab):
+    """_pick_rows (every id at a temperature, many rows in one call each) gives each row the id pick() gives
+    it alone, for the same draw: the same float32 and float64 operations, row by row."""
+    from pipeline.run.sampling import _pick_rows
+
+    rng = np.random.default_rng(11)
+    logits = np.stack(list(_rows(3, n=12, vocab=vocab)))
+    temperatures = rng.choice([0.3, 0.7, 1.0, 1.6], size=len(logits))
+    samplers = [Sampler(SamplingConfig(temperature=float(t))) for t in temperatures]
+    for _ in range(20):
+        u = rng.random(len(logits))
+        u[0] = np.nextafter(1.0, 0.0)  # the top of the range: the last id with any mass
+        got = _pick_rows(logits, np.array([s.inv_temperature for s in samplers]), u)
+        assert got.tolist() == [s.pick(row, x) for s, row, x in zip(samplers, logits, u)]

@@ -231,8 +231,11 @@ class BatchEngine:
             if r.cancelled:
                 self._release(r)
         rows = [r for r in rows if not r.cancelled]
+        slots = [r.slot for r in rows]
+        # rows in slots 0..n-1 (a full batch): a view of the logits; else a copy of those rows
+        logits = self.out[:len(slots), 0] if slots == list(range(len(slots))) else self.out[slots, 0]
         try:
-            ids = sample_rows(self.out[[r.slot for r in rows], 0], [r.sampler for r in rows])
+            ids = sample_rows(logits, [r.sampler for r in rows])
         except Exception:  # noqa: BLE001: find the row at fault, one at a time
             ids = [None] * len(rows)
         for r, nxt in zip(rows, ids):
