@@ -87,3 +87,20 @@ def test_rows_at_once_are_pick_row_by_row(vocab):
         u[0] = np.nextafter(1.0, 0.0)  # the top of the range: the last id with any mass
         got = _pick_rows(logits, np.array([s.inv_temperature for s in samplers]), u)
         assert got.tolist() == [s.pick(row, x) for s, row, x in zip(samplers, logits, u)]
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 1.0])
+def test_few_candidates_in_python_floats_are_the_numpy_definitions(top_p):
+    """_pick_few (a top-k's candidates, in Python floats) picks what _nucleus then _inverse_cdf pick."""
+    from pipeline.run.sampling import _pick_few
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7, 50, 256):
+        for trial in range(40):
+            p = np.exp(-np.abs(rng.standard_normal(n) * 3)).astype(np.float32)
+            if trial % 3 == 0:
+                p = np.round(p, 1).astype(np.float32)  # ties, and zeros
+            p[np.argmax(p)] = 1.0
+            keep = _nucleus(p, top_p) if top_p < 1.0 else np.arange(n)
+            for u in (*rng.random(5), 0.0, np.nextafter(1.0, 0.0)):
+                assert _pick_few(p, top_p, u) == int(keep[_inverse_cdf(p[keep], u)])
