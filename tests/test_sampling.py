@@ -104,3 +104,12 @@ def test_few_candidates_in_python_floats_are_the_numpy_definitions(top_p):
             keep = _nucleus(p, top_p) if top_p < 1.0 else np.arange(n)
             for u in (*rng.random(5), 0.0, np.nextafter(1.0, 0.0)):
                 assert _pick_few(p, top_p, u) == int(keep[_inverse_cdf(p[keep], u)])
+
+
+@pytest.mark.parametrize("temperature", [1.4e45, 1e-50])
+def test_extreme_temperatures_with_top_k(temperature):
+    """1/T underflows float32 to 0 (or is clamped to its max): top-k's margins are in the logits' units,
+    T times the margin, never 1/(1/T). Found by tests/test_input_properties.py's search."""
+    z = np.array([[0.0, 0.0, -1.0, -3.0]], dtype=np.float32)
+    ids = Sampler(SamplingConfig(temperature=temperature, top_k=2, seed=0))(z)
+    assert ids.tolist()[0] in (0, 1)

@@ -94,7 +94,7 @@ class Sampler:
         if c.top_k and c.top_k < row.shape[0]:
             # the k largest logits are the k largest after temperature: find them on the raw row, then scale
             # only those (a step of the small preset: ~50 us a row before, over the whole row)
-            ids = _top_k(row, c.top_k, scale=1.0 / float(self.inv_temperature), top=top)
+            ids = _top_k(row, c.top_k, scale=c.temperature, top=top)  # (not 1 / inv_temperature: that can be 0)
             row = row[ids]
         with np.errstate(over="ignore"):
             z = (row - top) * self.inv_temperature
