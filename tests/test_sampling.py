@@ -106,7 +106,7 @@ def test_few_candidates_in_python_floats_are_the_numpy_definitions(top_p):
                 assert _pick_few(p, top_p, u) == int(keep[_inverse_cdf(p[keep], u)])
 
 
-@pytest.mark.parametrize("temperature", [1.4e45, 1e-50])
+@pytest.mark.parametrize("temperature", [1.42724769270596e+45, 1e46, 1e-50])
 def test_extreme_temperatures_with_top_k(temperature):
     """1/T underflows float32 to 0 (or is clamped to its max): top-k's margins are in the logits' units,
     T times the margin, never 1/(1/T). Found by tests/test_input_properties.py's search."""
