@@ -308,6 +308,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
                 fused="auto" if fused is None else fused)
     loaded = time.perf_counter()
+    what = f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms"  # --stats
     sampling = SamplingConfig.from_defaults(lm.sampling_defaults, temperature=temperature, top_k=top_k, top_p=top_p,
                                             repetition_penalty=repetition_penalty, seed=seed)
     result = Generation()
@@ -323,8 +324,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
             click.echo(json.dumps({"prompt": p, "completion": text, "stop_reason": reason}, ensure_ascii=False))
         if stats:
             n = sum(len(t) for t in result.tokens)
-            click.echo(f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms; "
-                       f"{len(batch)} prompts, {n} tokens in {time.perf_counter() - loaded:.2f} s", err=True)
+            click.echo(f"{what}; {len(batch)} prompts, {n} tokens in {time.perf_counter() - loaded:.2f} s", err=True)
         return
     if echo:
         click.echo(prompt, nl=False)
@@ -340,8 +340,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
         n = len(result.tokens[0]) if result.tokens else 0
         rate = f", {(n - 1) / (end - first):.0f} tok/s after it" if first and n > 1 and end > first else ""
         ttft = f"first text after {(first - loaded) * 1e3:.1f} ms" if first else "no text"
-        click.echo(f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms; "
-                   f"{ttft}; {n} tokens{rate}", err=True)
+        click.echo(f"{what}; {ttft}; {n} tokens{rate}", err=True)
 
 
 @main.command()
