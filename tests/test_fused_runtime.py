@@ -127,6 +127,19 @@ def test_cli_runs_a_batch_of_prompts(tiny_fused_export, tmp_path):
     assert [r["completion"] for r in rows] == [lm.complete([p], 16)[0] for p in PROMPTS]
 
 
+def test_run_stats_count_the_tokens_it_streamed(tiny_fused_export):
+    """--stats: one stderr line with the graph, its load time and the tokens generated (what
+    benchmarks/cli_speed.py counts tokens by); the completion on stdout is what run prints without it."""
+    args = ("-q", "run", tiny_fused_export, PROMPTS[0], "--no-echo", "--max-new-tokens", 12, "--temperature", 0)
+    with_stats, plain = onnxgen(*args, "--stats"), onnxgen(*args)
+    assert with_stats.stdout == plain.stdout
+    result = Generation()
+    for _ in OnnxLM(tiny_fused_export, fused=True).stream(PROMPTS[0], 12, result=result):
+        pass
+    line = with_stats.stderr.strip().splitlines()[-1]
+    assert line.startswith("onnxgen: fp32 fused loaded in ") and f"; {len(result.tokens[0])} tokens" in line
+
+
 def _has_cuda() -> bool:
     import onnxruntime as ort
 
