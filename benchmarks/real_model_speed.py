@@ -66,7 +66,8 @@ def recipe_label(export: Path) -> str:
     stage = next(s for s in reversed(manifest.load(export)["stages"]) if s.get("stage") == "quantize:int4")
     eight = "+".join(stage.get("eight_bit") or []) or "none"
     head_block = stage.get("lm_head_block", stage["block_size"])
-    return (f"{stage['lm_head']} head ({stage.get('lm_head_method', 'rtn')}, block {head_block}), block "
+    preset = f"--recipe {stage['preset']}: " if stage.get("preset", "default") != "default" else ""
+    return (f"{preset}{stage['lm_head']} head ({stage.get('lm_head_method', 'rtn')}, block {head_block}), block "
             f"{stage['block_size']}, 8-bit {eight}, {stage.get('scales', 'fp32')} scales")
 
 

@@ -187,6 +187,11 @@ def parity(export_dir, checkpoint, variants, tokens):
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
+@click.option("--recipe", "preset", type=click.Choice(["default", "fast"]), default="default", show_default=True,
+              help="int4's starting recipe, before the options below: default (quality per MB: 8-bit q/k/v, "
+                   "first/last blocks, outer down projections, head at block 16 for imports) or fast (every tensor "
+                   "4-bit at block 64, head included: smaller, faster to decode, less faithful; "
+                   "benchmarks/REAL_MODEL.md).")
 @click.option("--int8-mode", type=click.Choice(["dynamic", "static", "blockwise"]), default=None,
               help="int8 method [blockwise]: MatMulNBits 8-bit, block 32; dynamic: per-channel weights, "
                    "per-tensor activations at run time; static: QDQ calibrated on held-out windows.")
@@ -219,7 +224,7 @@ def parity(export_dir, checkpoint, variants, tokens):
               help="GPTQ: seeded windows of calibration text [128].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Source run for static calibration [the one recorded in the manifest].")
-def quantize(export_dir, variant, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
+def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
              grid_search, scales, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
     from pipeline.build import quantize as q
@@ -231,7 +236,7 @@ def quantize(export_dir, variant, int8_mode, head, method, block_size, head_bloc
                       act_order=act_order, grid_search=grid_search, scales=scales,
                       accuracy_level=int(accuracy_level) if accuracy_level else None,
                       eight_bit=tuple(eight_bit) if eight_bit else None, calibration=calibration,
-                      calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS)
+                      calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS, recipe=preset)
     for v, d in done.items():
         click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
 

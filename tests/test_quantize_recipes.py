@@ -157,6 +157,44 @@ def test_imports_and_trained_models_get_their_own_default_recipe(tiny_export, tm
     assert q.recipe_for(folder, "int8") == q.DEFAULT_RECIPES["import"]["int8"]
 
 
+def test_the_fast_recipe_is_the_default_at_block_64_with_every_tensor_4_bit(tiny_export, tmp_path):
+    """--recipe fast changes the starting point, not the method: a trained model's stays round to nearest, an
+    import's stays GPTQ; the options given still override it; int8 has no fast recipe; a name it does not know
+    is refused."""
+    folder = tmp_path / "exp"
+    shutil.copytree(tiny_export, folder)
+    for kind, base in (("trained", q.DEFAULT_RECIPES["trained"]["int4"]), ("hf", q.DEFAULT_RECIPES["import"]["int4"])):
+        if kind == "hf":
+            m = manifest.load(folder)
+            write_json(folder / "manifest.json", {**m, "source": {**m["source"], "kind": "hf"}})
+        fast = q.recipe_for(folder, "int4", "fast")
+        assert (fast.block_size, fast.head, fast.head_block_size, fast.eight_bit) == (64, "int4", 64, ())
+        assert (fast.method, fast.symmetric, fast.act_order, fast.scales) == (base.method, base.symmetric,
+                                                                             base.act_order, base.scales)
+        assert fast != base
+        assert q.recipe_for(folder, "int4", "fast", block_size=128, head_block=16).block_size == 128
+        assert q.recipe_for(folder, "int4", "fast", head_block=16).head_block_size == 16
+        assert q.recipe_for(folder, "int8", "fast") == q.recipe_for(folder, "int8")
+    with pytest.raises(UserError, match="--recipe quick"):
+        q.recipe_for(folder, "int4", "quick")
+
+
+def test_cli_fast_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):
+    folder = tmp_path / "exp"
+    shutil.copytree(tiny_export, folder)
+    onnxgen("quantize", folder, "--variant", "int4", "--recipe", "fast")
+    stage = manifest.load(folder)["stages"][-1]
+    assert stage["preset"] == "fast" and stage["block_size"] == 64 and stage["eight_bit"] == []
+    assert stage["lm_head"] == "int4" and stage["lm_head_block"] == 64 and "shared" in stage["embedding"]
+    assert set(stage["bits_per_tensor"].values()) == {4}
+    g = onnx.load(str(variant_path(folder, "int4"))).graph
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in g.node if n.op_type == "MatMulNBits"]
+    assert attrs and all(a["bits"] == 4 and a["block_size"] == 64 for a in attrs)
+    assert _int4_follows_fp32(folder) >= 0.9  # measured 1.0
+    onnxgen("quantize", folder, "--variant", "int4")
+    assert manifest.load(folder)["stages"][-1]["preset"] == "default"
+
+
 def test_cli_gptq_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):
     folder = tmp_path / "exp"
     shutil.copytree(tiny_export, folder)
