@@ -502,12 +502,14 @@ def fuse(export_dir, variants):
 @click.option("--threads", type=int, default=0, help="Intra-op threads for every engine [all cores].")
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch sizes [1 and 16].")
 @click.option("--engines", default=None, help="Comma-separated subset (torch, optimum, genai, onnxgen).")
-def bench(export_dir, out, rounds, tokens, threads, batches, engines):
-    """Decode tok/s, 256-token prefill, peak RSS: onnxgen's variants against PyTorch, Optimum, genai."""
+@click.option("--prefill", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt tokens of the timed prefill (at most the context less one).")
+def bench(export_dir, out, rounds, tokens, threads, batches, engines, prefill):
+    """Decode tok/s, prefill time, peak RSS: onnxgen's variants against PyTorch, Optimum, genai."""
     from pipeline.check.bench import bench as run_bench
 
     run_bench(export_dir, out, rounds=rounds, tokens=tokens, threads=threads, batches=list(batches) or [1, 16],
-              engines=engines.split(",") if engines else None)
+              engines=engines.split(",") if engines else None, prefill=prefill)
     click.echo(f"wrote {out}")
 
 

@@ -38,3 +38,21 @@ def test_bench_runs_an_imported_llama_with_its_pytorch_source(hf_exports, tmp_pa
     assert [r.engine.kind for r in result["rows"]] == ["torch", "onnxgen"]
     assert all(not r.error and np.isfinite(r.decode[1][0]) for r in result["rows"]), [r.error for r in result["rows"]]
     assert "2 layers, 4 heads (2 kv)" in out.read_text()
+
+
+def test_bench_takes_the_prefill_length_and_charts_beside_its_own_report(tiny_fused_export, tmp_path):
+    """--prefill sets the timed prompt (bounded by the context less one), and a report not named RESULTS.md
+    gets its own chart instead of overwriting results.png."""
+    import pytest
+
+    from pipeline.errors import UserError
+
+    out = tmp_path / "SMOL_BENCH.md"
+    result = bench(tiny_fused_export, out, rounds=1, tokens=8, batches=[1], engines=["onnxgen"], rss=False, prefill=40)
+    assert result["n_prefill"] == 40 and "prefill 40 tokens, ms" in out.read_text()
+    assert (tmp_path / "smol_bench.png").is_file() and not (tmp_path / "results.png").exists()
+    result = bench(tiny_fused_export, out, rounds=1, tokens=8, batches=[1], engines=["onnxgen"], rss=False,
+                   prefill=10 ** 6)
+    assert result["n_prefill"] == result["config"].context - 1
+    with pytest.raises(UserError, match="--prefill 0"):
+        bench(tiny_fused_export, out, rounds=1, tokens=8, batches=[1], engines=["onnxgen"], rss=False, prefill=0)

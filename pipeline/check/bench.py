@@ -282,7 +282,8 @@ def machine() -> str:
 
 def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds: int = 5, tokens: int = 128,
           threads: int = 0, batches: list[int] | None = None, engines: list[str] | None = None,
-          rss: bool = True, title: str | None = None, chart: str | Path | None = None) -> dict:
+          rss: bool = True, title: str | None = None, chart: str | Path | None = None,
+          prefill: int = PREFILL) -> dict:
     """Measure, then write `out` (markdown) and a PNG chart beside it. Returns the numbers."""
     from tqdm import tqdm
 
@@ -295,7 +296,9 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
     eos = generation_ids(folder).eos
     vocab = np.array([t for t in range(shape.vocab) if t not in eos])
     prompt = rng.choice(vocab, size=(1, 16)).astype(np.int64)
-    n_prefill = min(PREFILL, shape.context - 1)  # one slot left for the generated token
+    if prefill < 1:
+        raise UserError(f"--prefill {prefill}: expected a prompt length of at least 1 token")
+    n_prefill = min(prefill, shape.context - 1)  # one slot left for the generated token
     long_prompt = rng.choice(vocab, size=(1, n_prefill)).astype(np.int64)
     tokens = min(tokens, shape.context - prompt.shape[1])
 
@@ -329,7 +332,7 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
     result = {"rows": rows, "bandwidth": bandwidth, "batches": batches, "tokens": tokens, "rounds": rounds,
               "threads": threads or os.cpu_count(), "n_prefill": n_prefill, "config": shape, "folder": folder}
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = report(result, title=title, chart=chart or out.with_name("results.png"))
+    md = report(result, title=title, chart=chart or out.with_name(out.stem.lower() + ".png"))  # RESULTS.md: results.png
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(md)
     tmp.replace(out)
