@@ -174,11 +174,15 @@ class SharedBufferDecode:
         # decode: input_ids and position_ids are (B, 1) from here on, so they are OrtValues made once and
         # updated in place. The mask grows: GroupQueryAttention sizes its score buffer by its width
         # (total_sequence_length), so a max-length mask would cost every step the whole budget.
+        # On the CPU an OrtValue made from a NumPy array is that array's memory: writing the array is enough.
         self.step_ids, self.step_pos = np.empty((B, 1), np.int64), np.empty((B, 1), np.int64)
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(a, device, 0)
                        for name, a in (("input_ids", self.step_ids), ("position_ids", self.step_pos))}
+        self.copy_inputs = device != "cpu"
         self._bind_step_inputs()
         self.columns = np.arange(L)
+        # one row has no padding: its mask is all ones, a prefix of this row (B > 1 builds it per step)
+        self.ones = np.ones((1, L), np.int64) if B == 1 else None
 
     def _bind_step_inputs(self) -> None:
         for name, value in self.values.items():
@@ -215,9 +219,14 @@ class SharedBufferDecode:
         slot = np.minimum(self.lengths, self.L - 1)
         self.step_ids[:, 0] = nxt
         self.step_pos[:, 0] = np.minimum(slot, self.lm.n_ctx - 1)
-        self.values["input_ids"].update_inplace(self.step_ids)
-        self.values["position_ids"].update_inplace(self.step_pos)
-        self.io.bind_cpu_input("attention_mask", (self.columns[:slot.max() + 1] <= slot[:, None]).astype(np.int64))
+        if self.copy_inputs:
+            self.values["input_ids"].update_inplace(self.step_ids)
+            self.values["position_ids"].update_inplace(self.step_pos)
+        if self.ones is not None:
+            mask = self.ones[:, :int(slot[0]) + 1]
+        else:
+            mask = (self.columns[:slot.max() + 1] <= slot[:, None]).astype(np.int64)
+        self.io.bind_cpu_input("attention_mask", mask)
         self.lm.session.run_with_iobinding(self.io)
         self.lengths = np.where(done, self.lengths, self.lengths + 1)
         return self.logits
