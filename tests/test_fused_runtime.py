@@ -63,6 +63,29 @@ def test_batch_rows_give_the_same_tokens_as_alone(tiny_fused_export, fused):
         assert batch.tokens[b] == _tokens(lm, [p]).tokens[0], f"row {b}"
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_row_that_ends_early_leaves_the_others_as_alone(tiny_fused_export, fused):
+    """Rows that end (at an end-of-text id, here one of row 0's own tokens) stop growing and receive the pad
+    id, while the rest of the batch runs on as if alone (generate's bookkeeping while some rows are done)."""
+    lm = OnnxLM(tiny_fused_export, fused=fused)
+    ids = [lm.encode(p) for p in PROMPTS]
+    # the tiny model's greedy text repeats one id; a repetition penalty (deterministic, per row) varies it
+    greedy = SamplingConfig(temperature=0, repetition_penalty=1.5)
+    free = [_tokens(lm, [p], sampling=greedy).tokens[0] for p in ids]
+    for end in dict.fromkeys(free[0]):  # the first of row 0's ids that ends the rows at different steps
+        lm.eos_ids = np.array([end])
+        alone = [_tokens(lm, [p], sampling=greedy) for p in ids]
+        if len({len(r.tokens[0]) for r in alone}) > 1:
+            break
+    reasons = [r.stop_reason[0] for r in alone]
+    assert reasons[0] == "eos" and len({len(r.tokens[0]) for r in alone}) > 1, (reasons, free)
+    batch = _tokens(lm, ids, sampling=greedy)
+    assert batch.stop_reason == reasons
+    assert batch.stop_reason == reasons
+    for b in range(len(ids)):
+        assert batch.tokens[b] == alone[b].tokens[0], f"row {b}"
+
+
 def test_fused_and_plain_loops_agree_when_sampling(tiny_fused_export):
     plain, fused = OnnxLM(tiny_fused_export), OnnxLM(tiny_fused_export, fused=True)
     ids = [plain.encode(p) for p in PROMPTS]

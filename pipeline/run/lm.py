@@ -216,16 +216,18 @@ class SharedBufferDecode:
     def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
         """Feed next ids (B,); rows marked done take the id into a slot that is never read and do not
         advance. Returns the logits (B, V) that follow."""
-        slot = np.minimum(self.lengths, self.L - 1)
-        self.step_ids[:, 0] = nxt
-        self.step_pos[:, 0] = np.minimum(slot, self.lm.n_ctx - 1)
+        if self.ones is not None:  # one row (the CLI, a chat): the same in Python ints, cheaper than NumPy calls
+            slot = min(int(self.lengths[0]), self.L - 1)
+            self.step_ids[0, 0], self.step_pos[0, 0] = nxt[0], min(slot, self.lm.n_ctx - 1)
+            mask = self.ones[:, :slot + 1]
+        else:
+            slot = np.minimum(self.lengths, self.L - 1)
+            self.step_ids[:, 0] = nxt
+            self.step_pos[:, 0] = np.minimum(slot, self.lm.n_ctx - 1)
+            mask = (self.columns[:slot.max() + 1] <= slot[:, None]).astype(np.int64)
         if self.copy_inputs:
             self.values["input_ids"].update_inplace(self.step_ids)
             self.values["position_ids"].update_inplace(self.step_pos)
-        if self.ones is not None:
-            mask = self.ones[:, :int(slot[0]) + 1]
-        else:
-            mask = (self.columns[:slot.max() + 1] <= slot[:, None]).astype(np.int64)
         self.io.bind_cpu_input("attention_mask", mask)
         self.lm.session.run_with_iobinding(self.io)
         self.lengths = np.where(done, self.lengths, self.lengths + 1)
@@ -343,17 +345,22 @@ class OnnxLM:
         is_eos[self.eos_ids] = stop_at_eos
         state = self.start(prompts, max_new_tokens)
         logits = state.logits
+        # Python's work between two steps runs cold (a step streams the weights through the caches), so while
+        # no row is done (always, for one row) the masks by `done` are skipped: the same results, fewer calls
+        n_done = 0
         for step in range(max_new_tokens):
-            nxt = np.where(done, self.pad_id, sampler(logits, seen))
-            alive = np.flatnonzero(~done)
+            nxt = sampler(logits, seen)
+            if n_done:
+                nxt = np.where(done, self.pad_id, nxt)
+            alive = np.flatnonzero(~done) if n_done else np.arange(B)
             ids = nxt.tolist()
             for b in alive.tolist():
                 result.tokens[b].append(ids[b])
             if seen is not None:
                 seen[alive, nxt[alive]] = True
-            lengths += ~done
+            lengths[alive] += 1
             yield nxt
-            finished_now = is_eos[nxt] & ~done
+            finished_now = is_eos[nxt] & ~done if n_done else is_eos[nxt]
             if finished_now.any():
                 for b in np.flatnonzero(finished_now):
                     result.stop_reason[b] = "eos"
@@ -363,12 +370,13 @@ class OnnxLM:
                 if any(s in tail for s in stop):
                     result.stop_reason[b] = "stop"
                     done[b] = True
-            full = ~done & (lengths >= self.n_ctx)
-            if full.any():
+            if lengths.max() >= self.n_ctx:
+                full = ~done & (lengths >= self.n_ctx)
                 for b in np.flatnonzero(full):
                     result.stop_reason[b] = "context"
                 done |= full
-            if done.all() or step == max_new_tokens - 1:
+            n_done = int(done.sum())
+            if n_done == B or step == max_new_tokens - 1:
                 break
             logits = state.step(nxt, done)
         for b in range(B):
