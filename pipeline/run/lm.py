@@ -347,12 +347,12 @@ class OnnxLM:
         logits = state.logits
         # Python's work between two steps runs cold (a step streams the weights through the caches), so while
         # no row is done (always, for one row) the masks by `done` are skipped: the same results, fewer calls
-        n_done = 0
+        n_done, everyone = 0, np.arange(B)
         for step in range(max_new_tokens):
             nxt = sampler(logits, seen)
             if n_done:
                 nxt = np.where(done, self.pad_id, nxt)
-            alive = np.flatnonzero(~done) if n_done else np.arange(B)
+            alive = np.flatnonzero(~done) if n_done else everyone
             ids = nxt.tolist()
             for b in alive.tolist():
                 result.tokens[b].append(ids[b])

@@ -225,11 +225,13 @@ def sample_rows(logits: np.ndarray, samplers: list[Sampler]) -> np.ndarray:
     """logits (n, V) -> next ids (n,), row i chosen by samplers[i] with its own draw: the id that sampler
     gives that row alone. A continuous batch mixes requests with their own temperature, top_p and seed."""
     out = np.empty(len(samplers), dtype=np.int64)
-    whole = [i for i, s in enumerate(samplers) if s.whole_vocabulary(logits.shape[1])]
+    whole, rest = [], []
+    for i, s in enumerate(samplers):
+        (whole if s.whole_vocabulary(logits.shape[1]) else rest).append(i)
     if whole:  # one draw each from its own generator, as s(logits[i:i + 1]) would take it
         u = np.array([samplers[i].rng.random(1)[0] for i in whole])
-        rows = logits if len(whole) == len(samplers) else logits[whole]
+        rows = logits if not rest else logits[whole]
         out[whole] = _pick_rows(rows, np.array([samplers[i].inv_temperature for i in whole]), u)
-    for i in sorted(set(range(len(samplers))) - set(whole)):
+    for i in rest:
         out[i] = samplers[i](logits[i:i + 1])[0]
     return out
