@@ -192,8 +192,8 @@ DEFAULT_RECIPES = {
 # while the default's 8-bit tensors and block-16 head cost more per weight than they save in error. On
 # SmolLM2-135M-Instruct (benchmarks/REAL_MODEL.md, QUANT.md): 73.5 MB, KLD 0.096, same top-1 83.5%, PPL ratio
 # 1.074 (the default: 94.6 MB, 0.041 / 88.8% / 1.026; onnxruntime-genai's builder int4: 86 MB, 0.439 / 63.2% /
-# 1.372), decoding 1.3-1.5x the default's speed (three side-by-side runs, 1 and 2 threads). Block 128 is faster still but pads SmolLM2's 576-long rows to
-# 640 (77.2 MB) and loses more (KLD 0.126).
+# 1.372), decoding 1.3-1.5x the default's speed (three side-by-side runs, 1 and 2 threads). Block 128 is
+# faster still but pads SmolLM2's 576-long rows to 640 (77.2 MB) and loses more (KLD 0.126).
 FAST_INT4 = {"block_size": 64, "head": "int4", "head_block": 64, "eight_bit": ()}
 RECIPE_PRESETS = ("default", "fast")
 
