@@ -891,8 +891,8 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     """The quantize stage: add or rebuild `variant` ("int8", "int4", "fp16" or "all") from onnx/model.onnx.
     int4 and blockwise int8 follow the export's default recipe (DEFAULT_RECIPES; `recipe="fast"`: int4's
     FAST_INT4) with the options given replacing its fields; GPTQ calibrates on `calibration` (a text file;
-    default: the export's recorded corpus or run). Each file is renamed into place whole and recorded in the manifest (with its recipe).
-    Returns {variant: details}."""
+    default: the export's recorded corpus or run). Each file is renamed into place whole and recorded in the
+    manifest (with its recipe). Returns {variant: details}."""
     folder = Path(folder)
     if variant not in (*QUANTIZED, "all"):
         raise UserError(f"--variant {variant}: expected one of {', '.join(QUANTIZED)} or all")
