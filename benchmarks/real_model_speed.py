@@ -30,8 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import manifest  # noqa: E402
-from pipeline.check.bench import _onnxgen_loader, _timed, machine, versions  # noqa: E402
-from pipeline.run.lm import graph_bytes  # noqa: E402
+from pipeline.check.bench import _onnxgen_loader, _timed, graph_bytes, machine, versions  # noqa: E402
 
 PROMPT, NEW = 32, 128
 

@@ -236,6 +236,11 @@ def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
     return best
 
 
+def graph_bytes(path: Path) -> int:
+    """An ONNX file's size with its external data."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+
+
 def weight_bytes_per_step(path: Path) -> int:
     """Initializer bytes a decode step reads: all of them except tables read one row at a time (Gather)."""
     import onnx

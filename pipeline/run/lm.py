@@ -45,11 +45,6 @@ def require_cuda() -> None:
                         "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
 
 
-def graph_bytes(path: Path) -> int:
-    """An ONNX file's size with its external data."""
-    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
-
-
 def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool | None = None):
     import onnxruntime as ort
 
