@@ -182,6 +182,18 @@ def test_bad_chat_requests_raise_in_the_client(served):
         assert e.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x = 1\n" * 200}])
+    # what would change the answer is refused, not ignored; what restates the default is accepted
+    hi = [{"role": "user", "content": "hi"}]
+    for extra, param in ((dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(logit_bias={"5": 100}), "logit_bias"),
+                         (dict(tool_choice="required"), "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, **extra)
+        assert e.value.body["param"] == param
+    assert client.chat.completions.create(model="tiny", messages=hi, max_tokens=2, response_format={"type": "text"},
+                                          logit_bias={}, tool_choice="none").choices[0].finish_reason
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, best_of=3)
     code, reply = _post(f"{url}/chat/completions", b"\xff\xfe not json")
     assert code == 400 and reply["error"]["type"] == "invalid_request_error"
     assert _post(f"{url}/nowhere", "{}")[0] == 404

@@ -85,9 +85,16 @@ class Server:
         for name in ("frequency_penalty", "presence_penalty"):
             if body.get(name) not in (None, 0, 0.0):
                 raise ApiError(400, f"{name}: not supported (only 0)", name, "invalid_value")
-        for name in ("logprobs", "echo", "top_logprobs", "tools", "suffix"):
-            if body.get(name) not in (None, False, 0, []):
+        # parameters that would change what comes back: refused, never ignored (a client asking for JSON output
+        # or a token bias must not get plain text as if it had been honoured)
+        for name in ("logprobs", "echo", "top_logprobs", "tools", "functions", "suffix", "logit_bias"):
+            if body.get(name) not in (None, False, 0, [], {}):
                 raise ApiError(400, f"{name}: not supported", name, "invalid_value")
+        if body.get("best_of") not in (None, 1):
+            raise ApiError(400, "best_of: only 1 is supported", "best_of", "invalid_value")
+        for name, plain in (("response_format", {"type": "text"}), ("tool_choice", "none"), ("function_call", "none")):
+            if body.get(name) not in (None, plain):
+                raise ApiError(400, f"{name}: only {json.dumps(plain)} is supported", name, "invalid_value")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream: expected true or false", "stream", "invalid_value")
