@@ -3,6 +3,7 @@ batch the same as alone, the shared KV buffer written in place, sampling process
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -101,6 +102,41 @@ def test_shared_buffer_is_written_in_place(tiny_fused_export):
     assert filled == len(lm.encode("import os"))  # the prompt's keys, in place, nothing beyond
     state.step(np.array([5]), np.zeros(1, bool))
     assert (key.numpy()[0, 0].any(-1)).sum() == filled + 1
+
+
+def _huge_page_advised(address: int) -> bool:
+    """Whether the mapping holding `address` was madvised for transparent huge pages ("hg" in VmFlags)."""
+    start = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            start = lo if lo <= address < hi else None
+        elif start is not None and line.startswith("VmFlags:"):
+            return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mapping's flags in Linux's /proc")
+def test_kv_caches_are_not_advised_for_huge_pages(tiny_fused_export):
+    # NumPy madvises arrays of 4 MB and more for huge pages, whose first touch can wait on the kernel's memory
+    # compaction (a SmolLM2 chat's first prefill: up to 1.1 s instead of ~60 ms); the caches come from
+    # lm.os_zeros instead. The control shows the check can see the advice.
+    from pipeline.run.batching import BatchEngine
+
+    size = 8 << 20  # NumPy advises from 4 MB, on the 2 MB-aligned part of an array: its middle is in it
+    control = np.zeros(size, np.uint8)
+    if not _huge_page_advised(control.ctypes.data + size // 2):
+        pytest.skip("this kernel takes no huge-page advice (transparent huge pages off), so nothing can stall")
+    lm = OnnxLM(tiny_fused_export, fused=True)
+    rows = size // (lm.n_kv_heads * lm.n_ctx * lm.head_dim * 4) + 1  # caches of 8 MB or more
+    state = lm.start([lm.encode("import os")] * rows, lm.n_ctx)
+    assert state.cache[0].numpy().nbytes >= size
+    assert not _huge_page_advised(state.cache[0].data_ptr() + size // 2)
+    engine = BatchEngine(lm, capacity=rows)
+    cache = engine.cache[0]
+    assert cache.nbytes >= size and not _huge_page_advised(cache.ctypes.data + size // 2)
+    assert not cache.any() and cache.flags.writeable and cache.flags.c_contiguous
 
 
 def test_repetition_penalty_matches_a_per_row_loop():

@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.run.lm import os_zeros
 from pipeline.run.sampling import Sampler, SamplingConfig, sample_rows
 from pipeline.run.text import CompletionText
 
@@ -78,7 +79,7 @@ class BatchEngine:
         self.lm, self.capacity, self.max_waiting = lm, capacity, max_waiting
         self.L = lm.n_ctx if context is None else min(context, lm.n_ctx)  # positions a request may use
         shape = (capacity, lm.n_kv_heads, self.L, lm.head_dim)
-        self.cache = [np.empty(shape, dtype=lm.past_dtype) for _ in lm.past_names]  # rows are slots
+        self.cache = [os_zeros(shape, lm.past_dtype) for _ in lm.past_names]  # rows are slots
         for a in self.cache:
             a.fill(0)  # commit the pages now, not in some request's prefill
         self.out = np.zeros((capacity, 1, lm.vocab_size), dtype=np.float32)

@@ -37,6 +37,24 @@ from pipeline.tokenizer import load_tokenizer
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def os_zeros(shape, dtype) -> np.ndarray:
+    """A zero-filled array in memory mapped straight from the OS, for a KV cache.
+
+    NumPy asks the kernel for transparent huge pages on arrays of 4 MB and more (madvise). Where the
+    machine's THP defrag is "madvise" (a common default), the first touch of each 2 MB then waits for the
+    kernel to compact memory into a huge page: measured here on SmolLM2, a chat's first prefill into its
+    8,192-position cache took 64-1,134 ms that way (four fresh processes) against 53-63 ms from this
+    mapping, and committing a server's 1.9 GB cache 0.35-7.0 s against 0.8-1.0 s. An anonymous private
+    mapping is zeroed by the kernel, touched page by page where it is written, and never madvised.
+    """
+    import mmap
+
+    count = int(np.prod(shape))
+    size = max(count * np.dtype(dtype).itemsize, 1)
+    flags = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # Windows: no flags
+    return np.frombuffer(mmap.mmap(-1, size, **flags), dtype=dtype, count=count).reshape(shape)
+
+
 def require_cuda() -> None:
     import onnxruntime as ort
 
@@ -146,7 +164,7 @@ class SharedBufferDecode:
         self.lm, B, T = lm, len(prompts), max(len(p) for p in prompts)
         self.L = L = min(lm.n_ctx, T + budget)  # the buffer's length: every position this call can write
         device = "cuda" if lm.provider == "cuda" else "cpu"
-        zeros = [np.zeros((B, lm.n_kv_heads, L, lm.head_dim), dtype=lm.past_dtype) for _ in lm.past_names]
+        zeros = [os_zeros((B, lm.n_kv_heads, L, lm.head_dim), lm.past_dtype) for _ in lm.past_names]
         self.cache = [ort.OrtValue.ortvalue_from_numpy(z, device, 0) for z in zeros]
         self.out = np.empty((B, 1, lm.vocab_size), dtype=np.float32)
         io = self.io = lm.session.io_binding()
