@@ -82,7 +82,7 @@ class BatchEngine:
         self.cache = [os_zeros(shape, lm.past_dtype) for _ in lm.past_names]  # rows are slots
         for a in self.cache:
             a.fill(0)  # commit the pages now, not in some request's prefill
-        self.out = np.zeros((capacity, 1, lm.vocab_size), dtype=np.float32)
+        self.out = os_zeros((capacity, 1, lm.vocab_size), np.float32)  # 12.6 MB for 64 rows of SmolLM2
         self.rows: list[Request | None] = [None] * capacity
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
