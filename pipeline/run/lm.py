@@ -43,7 +43,7 @@ def os_zeros(shape, dtype) -> np.ndarray:
     NumPy asks the kernel for transparent huge pages on arrays of 4 MB and more (madvise). Where the
     machine's THP defrag is "madvise" (a common default), the first touch of each 2 MB then waits for the
     kernel to compact memory into a huge page: measured here on SmolLM2, a chat's first prefill into its
-    8,192-position cache took 64-1,134 ms that way (four fresh processes) against 53-63 ms from this
+    8,192-position cache took 64-1,134 ms that way (four fresh processes) against 51-78 ms from this
     mapping, and committing a server's 1.9 GB cache 0.35-7.0 s against 0.8-1.0 s. An anonymous private
     mapping is zeroed by the kernel, touched page by page where it is written, and never madvised.
     """
