@@ -9,8 +9,9 @@ leave it when they finish, each row with its own length.
 The cache is one (capacity, H, L, D) NumPy array per cache tensor, and each request owns a row of it (a
 slot). L is the model's context, or less where the memory given to the cache (kv_context) holds less: a
 real model's full context is large (SmolLM2: 8,192 positions, 377 MB a row, 24 GB for 64 rows). The arrays
-are written once at start, so their memory is committed then: a row touched for the first time by a
-request would otherwise take its page faults in that request's prefill (2.5-3.4 s for one SmolLM2 row).
+are written once at start, so their memory is committed (and the server's footprint known) then. They come
+from lm.os_zeros: in NumPy's memory, advised for huge pages, a row touched for the first time cost its
+request 2.5-3.4 s (SmolLM2), each 2 MB waiting on the kernel's compaction.
   - a newcomer is prefilled alone: its row's slice (1, H, L, D) is bound as past and present, so
     GroupQueryAttention's first-prompt path writes its keys straight into the shared array, no copy.
     Alone, because onnxruntime's GroupQueryAttention continues a prompt only at batch 1, and because a
