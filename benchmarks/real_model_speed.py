@@ -14,6 +14,9 @@ brings both):
     python -m onnxruntime_genai.models.builder -i HF_FOLDER -o /tmp/genai-int4 -p int4 -e cpu -c /tmp/cache
 Ours: onnxgen export --hf HF_FOLDER --out exports/smollm2; onnxgen quantize exports/smollm2 --variant int4;
 onnxgen fuse exports/smollm2.
+llama.cpp as a peer (issue 12's longer goal), `--llama-cpp GGUF --llama-python VENV/bin/python`: llama-cpp-python
+compiles llama.cpp from its sdist, so it gets a side environment:
+    python -m venv /tmp/llama && CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" /tmp/llama/bin/pip install llama-cpp-python
 """
 from __future__ import annotations
 
@@ -59,6 +62,32 @@ def genai_folder_loader(folder: Path, threads: int):
     return gen
 
 
+# llama.cpp (llama-cpp-python) runs in its own environment, one fresh process per round and thread count: it
+# prints the decode rate of the same measurement, (N-1) / (t(N) - t(1)), greedy, after a warm-up.
+LLAMA_CPP = """
+import json, sys, time
+from llama_cpp import Llama
+path, threads, ids, new = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+def timed(n):
+    t = time.perf_counter()
+    for k, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), 1):  # ends at n, eos or not
+        if k == n:
+            break
+    return time.perf_counter() - t
+timed(8)
+print((new - 1) / (timed(new) - timed(1)))
+"""
+
+
+def llama_cpp_rate(python: str, gguf: Path, threads: int, ids: np.ndarray) -> float:
+    import subprocess
+
+    out = subprocess.run([python, "-c", LLAMA_CPP, str(gguf), str(threads), json.dumps(ids[0].tolist()), str(NEW)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def recipe_label(export: Path) -> str:
     """The int4 recipe an export's manifest records, in a few words (head bits, block, 8-bit tensors, scales;
     exports made before fp16 scales record none and hold fp32)."""
@@ -94,6 +123,10 @@ def main() -> None:
     ap.add_argument("--also", type=Path, action="append", default=[],
                     help="another onnxgen export of the same model (another int4 recipe): its fused int4 is "
                          "measured too, named by its recipe")
+    ap.add_argument("--llama-cpp", type=Path, action="append", default=[], metavar="GGUF",
+                    help="a GGUF of the same model, run by llama.cpp (llama-cpp-python) as a peer")
+    ap.add_argument("--llama-python", default="python",
+                    help="the Python that has llama-cpp-python (a side environment: it compiles llama.cpp)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("REAL_MODEL.md"))
@@ -119,7 +152,10 @@ def main() -> None:
     loaded = {(name, t): load(t) for name, (load, _) in engines.items() for t in threads}
     for gen in loaded.values():  # warm-up: first-run allocations and kernel selection
         gen(ids, 8)
-    rates: dict = {k: [] for k in loaded}
+    llama = {f"llama.cpp {g.stem.rsplit('.', 1)[-1]} (llama-cpp-python)": g for g in args.llama_cpp}
+    for name, gguf in llama.items():
+        engines[name] = (None, gguf.stat().st_size)
+    rates: dict = {k: [] for k in [*loaded, *((name, t) for name in llama for t in threads)]}
     bandwidth: dict = {t: [] for t in threads}
     for r in range(args.rounds):
         for t in threads:
@@ -127,6 +163,9 @@ def main() -> None:
         for key, gen in loaded.items():
             one, full = _timed(gen, ids, 1), _timed(gen, ids, NEW)
             rates[key].append((NEW - 1) / (full - one))
+        for name, gguf in llama.items():
+            for t in threads:
+                rates[(name, t)].append(llama_cpp_rate(args.llama_python, gguf, t, ids))
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in rates.items()}
     bw = {t: statistics.median(v) for t, v in bandwidth.items()}
