@@ -55,6 +55,20 @@ def _integer(body: dict, name: str, lo: int | None = None):
     return value
 
 
+# Parameters this server does not implement: (the values that ask nothing of it, the first standing in for an
+# absent one; what the 400 says). Any other value would change what comes back, so it is refused, never ignored
+# (a client asking for JSON output or a token bias must not get plain text as if it had been honoured).
+UNIMPLEMENTED = {
+    "n": ((1,), "only 1 is supported"),
+    **{name: ((None, 0, 0.0), "not supported (only 0)") for name in ("frequency_penalty", "presence_penalty")},
+    **{name: ((None, False, 0, [], {}), "not supported")
+       for name in ("logprobs", "echo", "top_logprobs", "tools", "functions", "suffix", "logit_bias")},
+    "best_of": ((None, 1), "only 1 is supported"),
+    **{name: ((None, plain), f"only {json.dumps(plain)} is supported")
+       for name, plain in (("response_format", {"type": "text"}), ("tool_choice", "none"), ("function_call", "none"))},
+}
+
+
 class Server:
     """What the routes share: the model, its name, its chat format and the engine."""
 
@@ -80,21 +94,9 @@ class Server:
         if model != self.name:
             raise ApiError(404, f"The model `{model}` does not exist (this server has `{self.name}`)", "model",
                            "model_not_found")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "n: only 1 is supported", "n", "invalid_value")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if body.get(name) not in (None, 0, 0.0):
-                raise ApiError(400, f"{name}: not supported (only 0)", name, "invalid_value")
-        # parameters that would change what comes back: refused, never ignored (a client asking for JSON output
-        # or a token bias must not get plain text as if it had been honoured)
-        for name in ("logprobs", "echo", "top_logprobs", "tools", "functions", "suffix", "logit_bias"):
-            if body.get(name) not in (None, False, 0, [], {}):
-                raise ApiError(400, f"{name}: not supported", name, "invalid_value")
-        if body.get("best_of") not in (None, 1):
-            raise ApiError(400, "best_of: only 1 is supported", "best_of", "invalid_value")
-        for name, plain in (("response_format", {"type": "text"}), ("tool_choice", "none"), ("function_call", "none")):
-            if body.get(name) not in (None, plain):
-                raise ApiError(400, f"{name}: only {json.dumps(plain)} is supported", name, "invalid_value")
+        for name, (allowed, what) in UNIMPLEMENTED.items():
+            if body.get(name, allowed[0]) not in allowed:
+                raise ApiError(400, f"{name}: {what}", name, "invalid_value")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "stream: expected true or false", "stream", "invalid_value")
