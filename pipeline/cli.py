@@ -334,9 +334,13 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     if echo:
         click.echo(prompt, nl=False)
     first = None
+    # the stream itself, not click.echo: echo asks the terminal (an ioctl) and scans for ANSI codes on every
+    # call, ~15 us a token, 2-3% of a step of the small preset; what the model writes is passed on as it is
+    out = sys.stdout
     for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop)):
         first = first or time.perf_counter()
-        click.echo(piece, nl=False)
+        out.write(piece)
+        out.flush()
     end = time.perf_counter()
     click.echo()
     if result.stop_reason and result.stop_reason[0] == "context":
