@@ -478,13 +478,15 @@ def web(export_dir, host, port):
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
-def genai(export_dir, variant):
+@click.option("--fused/--plain", default=False, show_default=True,
+              help="The variant's fused twin (onnxgen fuse: GroupQueryAttention over a shared KV buffer, what "
+                   "genai's own builder makes; faster) or its plain contract graph (any execution provider).")
+def genai(export_dir, variant, fused):
     """Point the export's genai_config.json (onnxruntime-genai) at another variant."""
-    from pipeline.build.genai import use_variant
-    from pipeline.exports import VARIANTS
+    from pipeline.build.genai import named_graph, use_variant
 
-    path = use_variant(export_dir, variant)
-    click.echo(f"wrote {path}: onnxruntime-genai now runs onnx/{VARIANTS[variant]}")
+    path = use_variant(export_dir, variant, fused)
+    click.echo(f"wrote {path}: onnxruntime-genai now runs {named_graph(export_dir)}")
 
 
 @main.command()

@@ -147,3 +147,70 @@ def test_genai_runs_the_int8_variant(int8_exports, tmp_path, name):
     assert np.abs(logits[0] - onnxgen_greedy(fp32, ids, 1)[1][0]).max() > 1e-4  # it really is the int8 graph
     proc = onnxgen("genai", folder, "--variant", "int4", check=False)
     assert proc.returncode == 2 and "model_q4.onnx does not exist" in proc.stderr
+
+
+def genai_batch_greedy(folder, prompts: list[str], steps: int) -> list[list[int]]:
+    """Greedy tokens of a batch of prompts through genai's own tokenizer (it pads the batch) and loop."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=64, do_sample=False, batch_size=len(prompts))
+    gen = og.Generator(model, params)
+    gen.append_tokens(og.Tokenizer(model).encode_batch(prompts))
+    out = [[] for _ in prompts]
+    for _ in range(steps):
+        gen.generate_next_token()
+        for row, token in zip(out, gen.get_next_tokens()):
+            row.append(int(token))
+    return out
+
+
+@pytest.mark.slow
+def test_genai_runs_the_fused_twin(tiny_fused_export, tmp_path):
+    """`onnxgen genai EXPORT --fused` points genai at the fused twin (shared KV buffer); genai's padded batch
+    then gives every row the greedy tokens it gets alone and that `onnxgen run`'s loop gives it."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_fused_export, folder)
+    before = (folder / "genai_config.json").read_bytes()
+    twin = folder / "onnx" / "model_gqa.onnx"
+    twin.rename(folder / "aside.onnx")
+    proc = onnxgen("genai", folder, "--fused", check=False)
+    assert proc.returncode == 2 and "model_gqa.onnx does not exist" in proc.stderr and "onnxgen fuse" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and (folder / "genai_config.json").read_bytes() == before
+    (folder / "aside.onnx").rename(twin)
+
+    proc = onnxgen("genai", folder, "--fused")
+    assert "onnx/model_gqa.onnx" in proc.stdout
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "onnx/model_gqa.onnx"
+    assert config["search"]["past_present_share_buffer"] is True
+    manifest.verify(folder)
+    lm = OnnxLM(folder, fused=True)
+    assert len({len(lm.encode(p)) for p in PROMPTS}) == len(PROMPTS)  # the batch is padded
+    alone = [genai_batch_greedy(folder, [p], 12)[0] for p in PROMPTS]
+    assert genai_batch_greedy(folder, PROMPTS, 12) == alone
+    for prompt, tokens in zip(PROMPTS, alone):
+        ours = [int(t[0]) for t in lm.generate([lm.encode(prompt)], 12, stop_at_eos=False)]
+        cut = tokens.index(lm.eos_id) + 1 if lm.eos_id in tokens else len(tokens)  # genai pads a row after its eos
+        assert tokens[:cut] == ours[:cut]
+    onnxgen("genai", folder, "--plain")
+    assert (folder / "genai_config.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_quantize_repoints_genai_from_the_twin_it_replaces(int8_exports, tmp_path):
+    """Rebuilding a variant removes its stale twin; when genai_config.json named that twin, it is pointed at the
+    new plain graph, so onnxruntime-genai never meets a missing file."""
+    from pipeline.build.fuse import fuse_export
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(int8_exports["tiny"], folder)
+    fuse_export(folder, ["int8"])
+    onnxgen("genai", folder, "--variant", "int8", "--fused")
+    proc = onnxgen("quantize", folder, "--variant", "int8")
+    assert "genai_config.json named the fused twin of int8" in proc.stderr
+    assert not (folder / "onnx" / "model_quantized_gqa.onnx").exists()
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "onnx/model_quantized.onnx"
+    assert config["search"]["past_present_share_buffer"] is False
+    manifest.verify(folder)
+    assert len(genai_batch_greedy(folder, PROMPTS[:1], 2)[0]) == 2

@@ -8,8 +8,10 @@ and a Hugging Face import get it the same way. Measured facts that shape it:
     decoder-only path (input_ids, attention_mask, position_ids, past/present per layer), and the graph
     does all the model-specific math, so the architecture's real name does not matter to it.
   - position_ids must be listed among the decoder inputs, or genai does not feed them.
-  - past_present_share_buffer is false: our graphs concatenate the cache (present = past + new), they
-    do not write into a preallocated max-length buffer.
+  - past_present_share_buffer is false for the plain graphs: they concatenate the cache (present = past +
+    new). A fused twin (onnxgen fuse: GroupQueryAttention over one max-length buffer, as genai's own
+    builder makes them) takes true; `onnxgen genai --fused` points the config at one. genai pads a batch
+    of prompts as the twin expects: a batch gives each row the tokens it gets alone (tested).
   - genai's tokenizer reads tokenizer.json and needs tokenizer_config.json beside it (export writes both).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import (GENAI_CONFIG, VARIANTS, first_id, generation_ids, read_config, read_json, variant_path,
+from pipeline.exports import (GENAI_CONFIG, first_id, fused_path, generation_ids, read_config, read_json, variant_path,
                               write_json)
 from pipeline.run.sampling import SamplingConfig
 
@@ -44,13 +46,14 @@ def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
     return len(keys), heads, head_size, vocab
 
 
-def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
-    """The config for `variant` (its file under onnx/ becomes the decoder's filename)."""
+def genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False) -> dict:
+    """The config for `variant` (its file under onnx/ becomes the decoder's filename); fused: its twin."""
     folder = Path(folder)
     config = read_json(folder / "config.json", "config")
     shape = read_config(folder)
     gen = read_json(folder / "generation_config.json", "generation config")
-    rel = f"onnx/{VARIANTS[variant]}"
+    graph = fused_path(folder, variant) if fused else variant_path(folder, variant)
+    rel = f"onnx/{graph.name}"
     layers, kv_heads, head_size, vocab = _cache_shape(folder / rel)
     n_ctx = shape.context
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
@@ -92,7 +95,7 @@ def genai_config(folder: str | Path, variant: str = "fp32") -> dict:
             "num_beams": 1, "num_return_sequences": 1, "max_length": n_ctx, "min_length": 0,
             **_sampling(folder), "length_penalty": 1.0,
             "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": fused,
         },
     }
 
@@ -109,20 +112,44 @@ def _sampling(folder: Path) -> dict:
             "repetition_penalty": s.repetition_penalty}
 
 
-def write_genai_config(folder: str | Path, variant: str = "fp32") -> Path:
+def write_genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False) -> Path:
     """Write genai_config.json into `folder` (atomically) and return its path."""
     folder = Path(folder)
-    return write_json(folder / GENAI_CONFIG, genai_config(folder, variant))
+    return write_json(folder / GENAI_CONFIG, genai_config(folder, variant, fused))
 
 
-def use_variant(folder: str | Path, variant: str) -> Path:
-    """The `genai` stage: point genai_config.json at another variant (e.g. int4 for a small device)
-    and record the change in the manifest, so `manifest verify` still holds."""
+def use_variant(folder: str | Path, variant: str, fused: bool = False) -> Path:
+    """The `genai` stage: point genai_config.json at another variant (e.g. int4 for a small device), or at
+    its fused twin, and record the change in the manifest, so `manifest verify` still holds."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"export {folder}: folder does not exist")
     if not variant_path(folder, variant).is_file():
         raise UserError(f"--variant {variant}: {variant_path(folder, variant)} does not exist in this export")
-    path = write_genai_config(folder, variant)
-    manifest.record(folder, "genai", [GENAI_CONFIG], variant=variant)
+    if fused and not fused_path(folder, variant).is_file():
+        raise UserError(f"--fused: {fused_path(folder, variant)} does not exist (onnxgen fuse {folder} "
+                        f"--variant {variant} writes it)")
+    path = write_genai_config(folder, variant, fused)
+    manifest.record(folder, "genai", [GENAI_CONFIG], variant=variant, fused=fused)
     return path
+
+
+def named_graph(folder: str | Path) -> str | None:
+    """The graph genai_config.json names (a path relative to the folder), None without a readable config."""
+    try:
+        return read_json(Path(folder) / GENAI_CONFIG, "genai config")["model"]["decoder"]["filename"]
+    except (UserError, KeyError, TypeError):
+        return None
+
+
+def follow_replaced_twin(folder: str | Path, variant: str) -> bool:
+    """After `quantize` replaced `variant` and removed its now stale twin: when genai_config.json named that
+    twin, point it at the new plain graph instead, so onnxruntime-genai never meets a missing file
+    (`onnxgen fuse` and `onnxgen genai --fused` bring the twin back). True when it rewrote the config."""
+    folder = Path(folder)
+    twin = fused_path(folder, variant)
+    if named_graph(folder) != f"onnx/{twin.name}" or twin.is_file():
+        return False
+    write_genai_config(folder, variant)
+    manifest.record(folder, "genai", [GENAI_CONFIG], variant=variant, fused=False)
+    return True

@@ -69,6 +69,7 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from pipeline import manifest
+from pipeline.build.genai import follow_replaced_twin
 from pipeline.build.optimize import optimize_export
 from pipeline.check.parity import window_plan
 from pipeline.check.sources import run_windows
@@ -988,5 +989,8 @@ def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict
     size = final.stat().st_size
     details = {**details, "optimize": opt_stats, "bytes": size}
     manifest.record(folder, f"quantize:{variant}", [f"onnx/{VARIANTS[variant]}"], variant=variant, **details)
+    if follow_replaced_twin(folder, variant):
+        log.warning("quantize: genai_config.json named the fused twin of %s, which the new graph replaces: it "
+                    "now names onnx/%s (onnxgen fuse, then onnxgen genai --fused, to go back)", variant, final.name)
     log.info("quantize: wrote onnx/%s (%.2f MB)", final.name, size / 1e6)
     return details
