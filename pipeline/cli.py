@@ -515,7 +515,7 @@ def bench(export_dir, out, rounds, tokens, threads, batches, engines, prefill):
     from pipeline.check.bench import bench as run_bench
 
     run_bench(export_dir, out, rounds=rounds, tokens=tokens, threads=threads, batches=list(batches) or [1, 16],
-              engines=engines.split(",") if engines else None, prefill=prefill)
+              engines=[e.strip() for e in engines.split(",") if e.strip()] if engines else None, prefill=prefill)
     click.echo(f"wrote {out}")
 
 

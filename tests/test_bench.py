@@ -56,3 +56,14 @@ def test_bench_takes_the_prefill_length_and_charts_beside_its_own_report(tiny_fu
     assert result["n_prefill"] == result["config"].context - 1
     with pytest.raises(UserError, match="--prefill 0"):
         bench(tiny_fused_export, out, rounds=1, tokens=8, batches=[1], engines=["onnxgen"], rss=False, prefill=0)
+
+
+def test_bench_refuses_engines_it_does_not_know_and_writes_nothing(tiny_fused_export, tmp_path):
+    """`--engines foo` ran no engine and overwrote the report with an empty table; now it is one line, exit 2."""
+    from conftest import onnxgen
+
+    out = tmp_path / "RESULTS.md"
+    for engines, said in (("onnxgen,foo", "unknown engine 'foo'"), (",", "no engine named")):
+        proc = onnxgen("bench", tiny_fused_export, "--engines", engines, "--out", out, "--rounds", 1, check=False)
+        assert proc.returncode == 2 and said in proc.stderr and "torch, optimum, genai, onnxgen" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists() and not (tmp_path / "results.png").exists()

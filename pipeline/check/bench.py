@@ -159,17 +159,28 @@ def load_engine(e: Engine, folder: Path, threads: int):
 
 def engines_for(folder: Path, kinds: list[str] | None = None) -> list[Engine]:
     """The engines to compare; by default every one whose package is installed (optimum, in the hf extra,
-    needs transformers < 4.58, so a transformers 5 environment has no Optimum peer)."""
-    if kinds is None:
-        kinds = ["torch", "optimum", "genai", "onnxgen"]
-        for kind, module in (("optimum", "optimum.onnxruntime"), ("genai", "onnxruntime_genai")):
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except ModuleNotFoundError:  # its parent package is absent
-                found = False
-            if not found:
-                log.warning("bench: %s is not installed; its engine is left out", module)
-                kinds.remove(kind)
+    needs transformers < 4.58, so a transformers 5 environment has no Optimum peer). Engines asked for by
+    name must exist and be installed."""
+    known = ["torch", "optimum", "genai", "onnxgen"]
+    asked = kinds is not None
+    kinds = list(known) if kinds is None else kinds
+    if not kinds:
+        raise UserError(f"--engines: no engine named; expected some of {', '.join(known)}, comma-separated")
+    for kind in kinds:
+        if kind not in known:
+            raise UserError(f"--engines {','.join(kinds)}: unknown engine {kind!r}; expected some of {', '.join(known)}")
+    for kind, module, extra in (("optimum", "optimum.onnxruntime", "hf"), ("genai", "onnxruntime_genai", "bench")):
+        if kind not in kinds:
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is absent
+            found = False
+        if not found and asked:
+            raise UserError(f"--engines {kind}: {module} is not installed (pip install -e '.[{extra}]')")
+        if not found:
+            log.warning("bench: %s is not installed; its engine is left out", module)
+            kinds.remove(kind)
     have = [v for v in ("fp32", "int8", "int4") if (folder / "onnx" / VARIANTS[v]).is_file()]
     fused = [v for v in have if fused_path(folder, v).is_file()]
     out = []
@@ -308,6 +319,8 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
     tokens = min(tokens, shape.context - prompt.shape[1])
 
     rows = [Row(e) for e in engines_for(folder, engines)]
+    if not rows:  # nothing to measure: leave `out` as it is
+        raise UserError(f"export {folder}: no engine to measure (no fp32, int8 or int4 graph under onnx/)")
     gens = {}
     for row in tqdm(rows, desc="loading engines", unit="engine"):
         try:
