@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TEST_CORPUS, onnxgen
+from conftest import TEST_CORPUS, onnxgen, snapshot
 from pipeline import manifest
 from pipeline.build import quantize as q
 from pipeline.errors import UserError
@@ -193,6 +193,21 @@ def test_cli_fast_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):
     assert _int4_follows_fp32(folder) >= 0.9  # measured 1.0
     onnxgen("quantize", folder, "--variant", "int4")
     assert manifest.load(folder)["stages"][-1]["preset"] == "default"
+
+
+def test_calibration_text_that_no_recipe_reads_is_refused(tiny_export, tmp_path):
+    """--calibration with a recipe that does not calibrate (a trained export's int4 is round to nearest) was
+    silently ignored, and the variant rebuilt as if it had counted: one line, exit 2, nothing written."""
+    folder = tmp_path / "exp"
+    shutil.copytree(tiny_export, folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return x\n" * 200)
+    before = snapshot(folder)
+    for variant in ("int4", "fp16"):
+        proc = onnxgen("quantize", folder, "--variant", variant, "--calibration", text, check=False)
+        assert proc.returncode == 2 and "only GPTQ calibrates" in proc.stderr and "--method gptq" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert snapshot(folder) == before
 
 
 def test_cli_gptq_recipe_reaches_graph_and_manifest(tiny_export, tmp_path):

@@ -918,7 +918,12 @@ def quantize(folder: str | Path, variant: str, int8_mode: str = DEFAULT_INT8_MOD
     shape = read_config(folder)
     todo = QUANTIZED if variant == "all" else (variant,)
     windows, calibration_info = None, None
-    if any(recipes[v].method == "gptq" for v in todo if v in recipes and (v != "int8" or int8_mode == "blockwise")):
+    gptq = [v for v in todo if v in recipes and (v != "int8" or int8_mode == "blockwise") and recipes[v].method == "gptq"]
+    if calibration is not None and not gptq:  # given for nothing: say so rather than quantize as if it had counted
+        raise UserError(f"--calibration {calibration}: only GPTQ calibrates, and no variant this command writes uses "
+                        f"it ({', '.join(f'{v}: {recipes[v].method}' for v in todo if v in recipes) or variant}); "
+                        f"add --method gptq or leave --calibration out")
+    if gptq:
         windows, calibration_info = calibration_data(folder, calibration, calibration_windows,
                                                      min(CALIBRATION_LENGTH, shape.context), checkpoint)
 
