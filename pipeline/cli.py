@@ -448,7 +448,9 @@ def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, thr
     if context < 2:
         raise UserError(f"--kv-cache-gb {kv_cache_gb}: holds {context} position(s) for each of --max-batch "
                         f"{max_batch} rows (expected room for a prompt and a token: raise it or lower --max-batch)")
-    name = model_name or Path(export_dir).resolve().name
+    # the name as the user gave the folder (abspath settles '.' and a trailing slash but keeps a symlink's name:
+    # `serve exports/latest` answers to `latest`, not to whatever the link points at)
+    name = model_name or Path(os.path.abspath(export_dir)).name
     limit = "the model's" if context == lm.n_ctx else f"of {lm.n_ctx}, as {kv_cache_gb:g} GB of KV cache holds"
     click.echo(f"serving {export_dir} as `{name}` on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue}, "
                f"context {context} tokens: {limit})", err=True)

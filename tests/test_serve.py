@@ -288,23 +288,25 @@ def test_kv_context_is_what_the_memory_holds(tiny_chat_export):
     assert "--kv-cache-gb 1e-09: holds 0 position(s)" in proc.stderr
 
 
-def test_the_serve_command(tiny_chat_export):
-    """`onnxgen serve` as a user starts it: answers on the port it was given, stops on SIGINT."""
+def test_the_serve_command(tiny_chat_export, tmp_path):
+    """`onnxgen serve` as a user starts it: answers on the port it was given, stops on SIGINT. The model's name
+    is the folder's as the user named it: a link `latest` serves `latest`, not the name of what it points at."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(tiny_chat_export), "--port", str(port),
-                             "--model-name", "tiny"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    (tmp_path / "latest").symlink_to(tiny_chat_export)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(tmp_path / "latest") + "/", "--port",
+                             str(port)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         deadline = time.time() + 60
         while True:
             try:
-                assert [m.id for m in client.models.list()] == ["tiny"]
+                assert [m.id for m in client.models.list()] == ["latest"]
                 break
             except openai.APIConnectionError:
                 assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "slow"
                 time.sleep(0.2)
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        r = client.chat.completions.create(model="latest", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.send_signal(signal.SIGINT)
