@@ -382,7 +382,7 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"chat with {export_dir} ({'fused, cache kept across turns' if lm.fused else 'plain graph'}): "
-                   "/reset, /system TEXT, /exit; Ctrl-C stops an answer, Ctrl-D quits", err=True)
+                   "/reset, /system TEXT, /exit, /help; Ctrl-C stops an answer, Ctrl-D quits", err=True)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -394,16 +394,22 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            session.reset()
-            click.echo("(conversation reset)")
+        if text.startswith("/") and not text.startswith("//"):  # a command, never sent to the model
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                session.reset()
+                click.echo("(conversation reset)")
+            elif command == "/system":
+                session.reset(system=arg.strip())
+                click.echo("(system prompt set; conversation reset)" if session.system else "(system prompt cleared)")
+            else:
+                click.echo(f"{'' if command in ('/help', '/?') else f'unknown command {command}: '}/reset, /system TEXT "
+                           "(empty: none), /exit; a message that starts with / is typed with //", err=True)
             continue
-        if text.startswith("/system"):
-            session.reset(system=text[len("/system"):].strip())
-            click.echo("(system prompt set; conversation reset)" if session.system else "(system prompt cleared)")
-            continue
+        if text.startswith("//"):
+            line = line.replace("//", "/", 1)
         pieces = session.reply(check_text(line, "message"))
         try:
             for piece in pieces:

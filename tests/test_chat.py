@@ -197,11 +197,12 @@ def _tokens(lm, ids, n):
 def test_chat_command_streams_resets_and_keeps_history(tiny_chat_export):
     """The chat command with its input piped: two turns, /system, /reset, a third turn, then end of input."""
     proc = onnxgen("chat", tiny_chat_export, "--max-new-tokens", "4", "--stats",
-                   input="import os\ndef f():\n/system Be brief.\n/reset\nclass A:\n")
+                   input="import os\ndef f():\n/system Be brief.\n/reset\n/bogus\n/systemd\nclass A:\n//usr/lib\n")
     err = proc.stderr
-    assert err.count("turn ") == 3, err  # one line of stats per answer
-    assert "reused 0" in err.splitlines()[-1]  # after /reset the cache starts over
+    assert err.count("turn ") == 4, err  # one line of stats per answer: /bogus and /systemd are not sent
+    assert "reused 0" in err.splitlines()[-2]  # after /reset the cache starts over
     assert "system prompt set" in proc.stdout and "conversation reset" in proc.stdout
+    assert "unknown command /bogus: /reset, /system TEXT" in err and "unknown command /systemd" in err
 
 
 def test_a_changed_template_is_refused(tiny_chat_export, tmp_path):
