@@ -119,7 +119,8 @@ class Split:
 def read_data(path: Path) -> tuple[str, list]:
     """("jsonl", [(prompt, completion), ...]) or ("text", [paragraph, ...])."""
     if not path.is_file():
-        raise UserError(f"--data {path}: file does not exist")
+        raise UserError(f"--data {path}: " + ("a folder; expected a text or .jsonl file" if path.is_dir()
+                                              else "file does not exist"))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
