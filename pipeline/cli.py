@@ -186,6 +186,8 @@ def parity(export_dir, checkpoint, variants, tokens):
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+# the choices are written out, not imported from build/quantize (its QUANTIZED, RECIPE_PRESETS): importing it here
+# would load onnx and onnxruntime.quantization for every command; tests/test_cli.py checks that they agree
 @click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
 @click.option("--recipe", "preset", type=click.Choice(["default", "fast"]), default="default", show_default=True,
               help="int4's starting recipe, before the options below: default (quality per MB: 8-bit q/k/v, "

@@ -84,3 +84,14 @@ def test_to_hf_writes_a_folder_transformers_loads(tmp_path, tiny_run):
         torch.testing.assert_close(hf(ids).logits, load_model(tiny_run)(ids)[0], atol=1e-5, rtol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
     assert hf.config.eos_token_id == hf.config.bos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_quantize_choices_are_the_quantizers_own():
+    """cli.py writes out quantize's --variant and --recipe choices (importing build/quantize there would load
+    onnx for every command): they must stay what the quantizer accepts."""
+    from pipeline.build.quantize import QUANTIZED, RECIPE_PRESETS
+    from pipeline.cli import quantize
+
+    choices = {p.name: list(p.type.choices) for p in quantize.params if hasattr(p.type, "choices")}
+    assert choices["preset"] == list(RECIPE_PRESETS)
+    assert choices["variant"] == [*QUANTIZED, "all"]
