@@ -12,6 +12,7 @@ import torch
 
 from conftest import TEST_CORPUS
 from pipeline import manifest
+from pipeline.check.sources import hf_cache_kwargs, hf_cache_out
 from pipeline.errors import UserError
 from pipeline.train.families import FAMILIES, load_decoder
 
@@ -131,13 +132,13 @@ def test_logits_equal_transformers(tiny, name):
         theirs = fresh(folder)
         P = 10
         out = theirs(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], use_cache=True)
-        cache = out.past_key_values
+        cache = hf_cache_out(out)
         got, past = ours.forward_with_cache(ids[:, :P], mask[:, :P], pos[:, :P], ours.empty_cache(len(ids)))
         torch.testing.assert_close(got[real[:, :P]], out.logits[real[:, :P]], atol=1e-5, rtol=1e-5)
         for t in range(P, ids.shape[1]):
             step = theirs(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                          past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+                          use_cache=True, **hf_cache_kwargs(theirs, cache))
+            cache = hf_cache_out(step)
             got, past = ours.forward_with_cache(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past)
             delta = max(delta, (got - step.logits).abs().max().item())
             torch.testing.assert_close(got, step.logits, atol=1e-5, rtol=1e-5)

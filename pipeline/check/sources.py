@@ -68,6 +68,19 @@ def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, le
     return held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, length)
 
 
+def hf_cache_kwargs(model, cache) -> dict:
+    """The keyword a transformers model takes its KV cache by: `cache` in transformers 5.x's newer releases
+    (5.25 warns on `past_key_values` at every call and says it goes in 5.40), `past_key_values` in 4.x."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def hf_cache_out(out):
+    """The cache a transformers forward returned, under either name (reading `past_key_values` warns in 5.25)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def hf_reference(model):
     """The transformers model through the graph contract (past as a flat list of key/value tensors)."""
     from transformers import DynamicCache
@@ -77,8 +90,8 @@ def hf_reference(model):
         if past and past[0].shape[2] > 0:
             for i in range(len(past) // 2):
                 cache.update(past[2 * i], past[2 * i + 1], i)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        presents = out.past_key_values
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **hf_cache_kwargs(model, cache))
+        presents = hf_cache_out(out)
         return out.logits, [t for i in range(len(presents)) for t in (presents.layers[i].keys, presents.layers[i].values)]
 
     return reference
