@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import manifest  # noqa: E402
-from pipeline.check.bench import _onnxgen_loader, _timed, graph_bytes, machine, versions  # noqa: E402
+from pipeline.check.bench import (_onnxgen_loader, _timed, graph_bytes, machine, read_bandwidth,  # noqa: E402
+                                  versions)
 
 PROMPT, NEW = 32, 128
 
@@ -99,23 +100,6 @@ def recipe_label(export: Path) -> str:
             f"{stage['block_size']}, 8-bit {eight}, {stage.get('scales', 'fp32')} scales")
 
 
-def read_bandwidth(threads: int, mb: int = 512) -> float:
-    """GB/s of reading a buffer far larger than any cache, one slice per thread (np.max: vectorized, and
-    numpy releases the GIL). Best of 5: what the memory system gives, for the bandwidth limit of a decode
-    step that reads every weight once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    buf = np.ones(mb << 18, np.float32)
-    parts = np.array_split(buf, threads)
-    best = float("inf")
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(5):
-            t = time.perf_counter()
-            list(pool.map(np.max, parts))
-            best = min(best, time.perf_counter() - t)
-    return buf.nbytes / best / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ours", type=Path, required=True, help="an onnxgen export with int4 and its fused twin")
@@ -159,7 +143,7 @@ def main() -> None:
     bandwidth: dict = {t: [] for t in threads}
     for r in range(args.rounds):
         for t in threads:
-            bandwidth[t].append(read_bandwidth(t))
+            bandwidth[t].append(read_bandwidth(t) / 1e9)  # GB/s
         for key, gen in loaded.items():
             one, full = _timed(gen, ids, 1), _timed(gen, ids, NEW)
             rates[key].append((NEW - 1) / (full - one))
@@ -181,7 +165,8 @@ def main() -> None:
         lines.append(f"| {name} | {nbytes / 1e6:.1f} | {cells} |")
     lines += ["", "**Against the memory-bandwidth limit.** A batch-1 step reads every weight once (a tied head reads "
               "the whole table), so the limit is read bandwidth over the graph's bytes. Read bandwidth, measured in "
-              "each round (np.max over 512 MB, one slice per thread, best of 5; median of rounds): "
+              "each round (check/bench.py's read_bandwidth: np.sum over 512 MiB, one slice per thread, best of 5; "
+              "median of rounds): "
               + ", ".join(f"{bw[t]:.1f} GB/s at {t} thread{'s' * (t > 1)}" for t in threads) + ".", "",
               "| engine | " + " | ".join(f"{t} thread{'s' * (t > 1)}: limit tok/s | reached" for t in threads) + " |",
               "|---|" + "---|---|" * len(threads)]
