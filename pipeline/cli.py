@@ -407,8 +407,9 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
                 session.reset(system=arg.strip())
                 click.echo("(system prompt set; conversation reset)" if session.system else "(system prompt cleared)")
             else:
-                click.echo(f"{'' if command in ('/help', '/?') else f'unknown command {command}: '}/reset, /system TEXT "
-                           "(empty: none), /exit; a message that starts with / is typed with //", err=True)
+                unknown = "" if command in ("/help", "/?") else f"unknown command {command}: "
+                click.echo(unknown + "/reset, /system TEXT (empty: none), /exit; a message that starts with / is "
+                           "typed with //", err=True)
             continue
         if text.startswith("//"):
             line = line.replace("//", "/", 1)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TEST_CORPUS
 from pipeline import manifest
-from pipeline.check.sources import hf_cache_kwargs, hf_cache_out
+from pipeline.check.sources import hf_cache_name, hf_cache_out
 from pipeline.errors import UserError
 from pipeline.train.families import FAMILIES, load_decoder
 
@@ -137,7 +137,7 @@ def test_logits_equal_transformers(tiny, name):
         torch.testing.assert_close(got[real[:, :P]], out.logits[real[:, :P]], atol=1e-5, rtol=1e-5)
         for t in range(P, ids.shape[1]):
             step = theirs(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                          use_cache=True, **hf_cache_kwargs(theirs, cache))
+                          use_cache=True, **{hf_cache_name(theirs): cache})
             cache = hf_cache_out(step)
             got, past = ours.forward_with_cache(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past)
             delta = max(delta, (got - step.logits).abs().max().item())

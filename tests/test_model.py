@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.check.sources import hf_cache_kwargs, hf_cache_out
+from pipeline.check.sources import hf_cache_name, hf_cache_out
 from pipeline.errors import UserError
 from pipeline.train.to_hf import to_gpt2
 from pipeline.train.model import GPT, GPTConfig
@@ -69,7 +69,7 @@ def test_transformers_gpt2_gives_our_logits(name):
     # and through their KV cache, at past > 0
     with torch.no_grad():
         first = hf(ids[:, :17], use_cache=True)
-        second = hf(ids[:, 17:], use_cache=True, **hf_cache_kwargs(hf, hf_cache_out(first))).logits
+        second = hf(ids[:, 17:], use_cache=True, **{hf_cache_name(hf): hf_cache_out(first)}).logits
     torch.testing.assert_close(second, ours[:, 17:], atol=1e-5, rtol=1e-5)
 
 

@@ -54,7 +54,7 @@ def genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False)
     gen = read_json(folder / "generation_config.json", "generation config")
     graph = fused_path(folder, variant) if fused else variant_path(folder, variant)
     rel = f"onnx/{graph.name}"
-    layers, kv_heads, head_size, vocab = _cache_shape(folder / rel)
+    layers, kv_heads, head_size, vocab = _cache_shape(graph)
     n_ctx = shape.context
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     if eos is None:

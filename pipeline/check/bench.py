@@ -198,6 +198,9 @@ def engines_for(folder: Path, kinds: list[str] | None = None) -> list[Engine]:
         # the same graph as `onnxgen serve` runs it: idle threads sleep (run/lm.py's make_session says why)
         out += [Engine("onnxgen, fused graph, threads not spinning", v, "onnxgen", fused_path(folder, v).name, True,
                        spin=False) for v in fused if v == "int4"]
+    if not out:  # nothing to measure: the report is not rewritten
+        raise UserError(f"export {folder}: no engine to measure ({', '.join(kinds)} run none of its graphs under onnx/: "
+                        f"{', '.join(have) or 'no fp32, int8 or int4'})")
     return out
 
 
@@ -319,8 +322,6 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
     tokens = min(tokens, shape.context - prompt.shape[1])
 
     rows = [Row(e) for e in engines_for(folder, engines)]
-    if not rows:  # nothing to measure: leave `out` as it is
-        raise UserError(f"export {folder}: no engine to measure (no fp32, int8 or int4 graph under onnx/)")
     gens = {}
     for row in tqdm(rows, desc="loading engines", unit="engine"):
         try:

@@ -68,12 +68,12 @@ def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, le
     return held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, length)
 
 
-def hf_cache_kwargs(model, cache) -> dict:
+def hf_cache_name(model) -> str:
     """The keyword a transformers model takes its KV cache by: `cache` in transformers 5.x's newer releases
     (5.25 warns on `past_key_values` at every call and says it goes in 5.40), `past_key_values` in 4.x."""
     import inspect
 
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def hf_cache_out(out):
@@ -85,12 +85,14 @@ def hf_reference(model):
     """The transformers model through the graph contract (past as a flat list of key/value tensors)."""
     from transformers import DynamicCache
 
+    cache_name = hf_cache_name(model)  # once, not on every call
+
     def reference(ids, mask, pos, past):
         cache = DynamicCache()
         if past and past[0].shape[2] > 0:
             for i in range(len(past) // 2):
                 cache.update(past[2 * i], past[2 * i + 1], i)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **hf_cache_kwargs(model, cache))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache})
         presents = hf_cache_out(out)
         return out.logits, [t for i in range(len(presents)) for t in (presents.layers[i].keys, presents.layers[i].values)]
 
