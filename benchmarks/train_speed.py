@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.train.loop import bf16_available, load_preset  # noqa: E402
-from pipeline.train.model import GPT  # noqa: E402
+from pipeline.model.gpt import GPT  # noqa: E402
 
 
 def steps_per_second(model: GPT, bf16: bool, batch: int, block: int, steps: int) -> float:

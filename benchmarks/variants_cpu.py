@@ -4,7 +4,7 @@ onnx/model.onnx be the optimized graph?). Prints a markdown table.
     python benchmarks/variants_cpu.py EXPORT [--threads 1] [--reps 30]
 
 EXPORT needs all four variants (`onnxgen quantize EXPORT --variant all`). The fused fp32 graph is built
-on the fly with pipeline.build.optimize. Each number is the median of --reps runs after 3 warm-ups:
+on the fly with pipeline.convert.optimize. Each number is the median of --reps runs after 3 warm-ups:
 a prefill of 128 tokens (batch 1, past 0) and one decode step (batch 1, past 128).
 Sessions run at ONNX Runtime's default level (ORT_ENABLE_ALL), as OnnxLM does.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline.exports import VARIANTS, variant_path
-from pipeline.build.optimize import optimize
+from pipeline.convert.optimize import optimize
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:

@@ -11,11 +11,26 @@ from pathlib import Path
 
 import click
 
+from pipeline.convert.quantize import recipe as recipes  # the choices, no onnx: start-up stays fast
 from pipeline.errors import ParityError, UserError
 
 
 # A full disk, a read-only or forbidden place: the machine's state, not a bug; one line, exit 1.
 _ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+# The options several commands share, written once.
+def variant_option(default: str | None = None, help: str = "fp32, fp16, int8 or int4 [fp32 on cpu, fp16 on cuda]."):
+    return click.option("--variant", default=default, show_default=default is not None, help=help)
+
+
+threads_option = click.option("--threads", type=click.IntRange(min=0), default=0,
+                              help="ONNX Runtime intra-op threads [all cores].")
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+unsafe_skip_verify_option = click.option(
+    "--unsafe-skip-verify", is_flag=True,
+    help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
+
 
 
 class _Group(click.Group):
@@ -148,8 +163,12 @@ def export(checkpoint, out, force, hf, gguf, corpus):
         raise UserError("export: give a CHECKPOINT run folder, --hf DIR or --gguf FILE (one of them)")
     if corpus is not None and hf is None and gguf is None:
         raise UserError("--corpus: only used with --hf or --gguf (an onnxgen run holds out its own data)")
-    from pipeline.build.export import export as export_run
-    from pipeline.build.hf_import import export_gguf, export_hf
+    if hf is not None:  # refused in a blink: the folder is read before torch and transformers are imported
+        from pipeline.model.families import check_hf_folder
+
+        check_hf_folder(hf)
+    from pipeline.convert.export import export as export_run
+    from pipeline.convert.hf_import import export_gguf, export_hf
 
     if gguf is not None:
         report = export_gguf(gguf, out, force=force, corpus=corpus)
@@ -186,25 +205,23 @@ def parity(export_dir, checkpoint, variants, tokens):
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
-# the choices are written out, not imported from build/quantize (its QUANTIZED, RECIPE_PRESETS): importing it here
-# would load onnx and onnxruntime.quantization for every command; tests/test_cli.py checks that they agree
-@click.option("--variant", type=click.Choice(["int8", "int4", "fp16", "all"]), default="all", show_default=True)
-@click.option("--recipe", "preset", type=click.Choice(["default", "fast"]), default="default", show_default=True,
+@click.option("--variant", type=click.Choice([*recipes.QUANTIZED, "all"]), default="all", show_default=True)
+@click.option("--recipe", "preset", type=click.Choice(recipes.RECIPE_PRESETS), default="default", show_default=True,
               help="int4's starting recipe, before the options below: default (quality per MB: 8-bit q/k/v, "
                    "first/last blocks, outer down projections, head at block 16 for imports) or fast (every tensor "
                    "4-bit at block 64, head included: smaller, faster to decode, less faithful; "
                    "benchmarks/REAL_MODEL.md).")
-@click.option("--int8-mode", type=click.Choice(["dynamic", "static", "blockwise"]), default=None,
+@click.option("--int8-mode", type=click.Choice(recipes.INT8_MODES), default=recipes.DEFAULT_INT8_MODE,
               help="int8 method [blockwise]: MatMulNBits 8-bit, block 32; dynamic: per-channel weights, "
                    "per-tensor activations at run time; static: QDQ calibrated on held-out windows.")
-@click.option("--head", type=click.Choice(["int4", "int8", "fp32"]), default=None,
+@click.option("--head", type=click.Choice(recipes.HEADS), default=None,
               help="LM head (and tied embedding) precision in the int4 variant [int8].")
-@click.option("--method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None,
+@click.option("--method", type=click.Choice(recipes.METHODS), default=None,
               help="int4/int8 weights: rtn round to nearest, hqq (data-free, zero points), gptq (calibrated on "
-                   "--calibration) [the export's default recipe: docs in pipeline/build/quantize.py].")
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+                   "--calibration) [the export's default recipe: docs in pipeline/convert/quantize.py].")
+@click.option("--block-size", type=click.Choice([str(b) for b in recipes.BLOCKS]), default=None,
               help="Weights per scale [the default recipe's].")
-@click.option("--head-block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+@click.option("--head-block-size", type=click.Choice([str(b) for b in recipes.BLOCKS]), default=None,
               help="Weights per scale in the head and a tied embedding [--block-size].")
 @click.option("--symmetric/--asymmetric", default=None, help="Zero points or not (rtn, gptq) [the default recipe's].")
 @click.option("--act-order/--no-act-order", default=None,
@@ -212,10 +229,10 @@ def parity(export_dir, checkpoint, variants, tokens):
 @click.option("--grid-search/--no-grid-search", default=None,
               help="gptq: shrink each block's range to the one with the least activation-weighted error "
                    "[the default recipe's].")
-@click.option("--scales", type=click.Choice(["fp16", "fp32"]), default=None,
+@click.option("--scales", type=click.Choice(recipes.SCALES), default=None,
               help="How the file stores the scales: fp16 (half the bytes, cast back to fp32 when onnxruntime "
                    "loads it) or fp32 [fp16].")
-@click.option("--accuracy-level", type=click.Choice(["0", "1", "4"]), default=None,
+@click.option("--accuracy-level", type=click.Choice([str(a) for a in recipes.ACCURACY_LEVELS]), default=None,
               help="MatMulNBits compute on CPU: 4 int8 activations, 0/1 fp32 [the default recipe's].")
 @click.option("--eight-bit", multiple=True, metavar="SELECTOR",
               help="Body tensors kept at 8 bits in int4 (repeatable): first_last, block:0,29, qkv, o, gate_up, "
@@ -229,18 +246,19 @@ def parity(export_dir, checkpoint, variants, tokens):
 def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
              grid_search, scales, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
-    from pipeline.build import quantize as q
+    from pipeline.convert.quantize import quantize as quantize_export
+    from pipeline.exports import VARIANTS
 
-    done = q.quantize(export_dir, variant, int8_mode=int8_mode or q.DEFAULT_INT8_MODE, head=head,
-                      checkpoint=checkpoint, progress=sys.stderr.isatty(), method=method,
-                      block_size=int(block_size) if block_size else None,
-                      head_block=int(head_block_size) if head_block_size else None, symmetric=symmetric,
-                      act_order=act_order, grid_search=grid_search, scales=scales,
-                      accuracy_level=int(accuracy_level) if accuracy_level else None,
-                      eight_bit=tuple(eight_bit) if eight_bit else None, calibration=calibration,
-                      calibration_windows=calibration_windows or q.CALIBRATION_WINDOWS, recipe=preset)
+    overrides = dict(method=method, block_size=int(block_size) if block_size else None, head=head,
+                     head_block=int(head_block_size) if head_block_size else None, symmetric=symmetric,
+                     act_order=act_order, grid_search=grid_search, scales=scales,
+                     accuracy_level=int(accuracy_level) if accuracy_level else None,
+                     eight_bit=tuple(eight_bit) if eight_bit else None)
+    done = quantize_export(export_dir, variant, overrides, preset=preset, int8_mode=int8_mode, calibration=calibration,
+                           calibration_windows=calibration_windows, checkpoint=checkpoint,
+                           progress=sys.stderr.isatty())
     for v, d in done.items():
-        click.echo(f"{export_dir}/onnx/{q.VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
+        click.echo(f"{export_dir}/onnx/{VARIANTS[v]}: {v} ({d['method']}), {d['bytes'] / 1e6:.2f} MB")
 
 
 @main.command()
@@ -261,15 +279,14 @@ def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, h
 @click.option("--repetition-penalty", type=float, default=None, help="1 is off [generation_config.json].")
 @click.option("--stop", multiple=True, help="Stop a row when it produces this string (repeatable).")
 @click.option("--seed", type=int, default=None)
-@click.option("--variant", default=None, help="fp32, fp16, int8 or int4 [fp32 on cpu, fp16 on cuda].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@variant_option()
+@device_option
 @click.option("--fused/--plain", "fused", default=None,
               help="The fused attention graph (onnxgen fuse) or the plain one [fused when the export has it].")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
+@threads_option
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
 @click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr.")
-@click.option("--unsafe-skip-verify", is_flag=True,
-              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
+@unsafe_skip_verify_option
 def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
         repetition_penalty, stop, seed, variant, device, fused, threads, echo, stats, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
@@ -362,12 +379,11 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
-@click.option("--variant", default=None, help="fp32, fp16, int8 or int4 [fp32 on cpu, fp16 on cuda].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
+@variant_option()
+@device_option
+@threads_option
 @click.option("--stats", is_flag=True, help="After each answer, print time to first token and tokens/s on stderr.")
-@click.option("--unsafe-skip-verify", is_flag=True,
-              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
+@unsafe_skip_verify_option
 def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, variant, device, threads, stats,
          unsafe_skip_verify):
     """Chat in the terminal with the model's chat template: answers stream, the KV cache is kept across
@@ -437,13 +453,12 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
               help="Requests decoded together (rows of the shared KV buffer).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a row; beyond batch + queue a request gets 429.")
-@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4 (its fused twin).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads [all cores].")
+@variant_option("fp32", "fp32, fp16, int8 or int4 (its fused twin).")
+@threads_option
 @click.option("--kv-cache-gb", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Memory for the KV cache, committed at start; a request's prompt + max_tokens may use what "
                    "--max-batch rows of it hold, up to the model's context.")
-@click.option("--unsafe-skip-verify", is_flag=True,
-              help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
+@unsafe_skip_verify_option
 def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, threads, kv_cache_gb, unsafe_skip_verify):
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with continuous
     batching over the fused graph (onnxgen fuse)."""
@@ -488,13 +503,13 @@ def web(export_dir, host, port):
 
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
-@click.option("--variant", default="fp32", show_default=True, help="fp32, fp16, int8 or int4.")
+@variant_option("fp32", "fp32, fp16, int8 or int4.")
 @click.option("--fused/--plain", default=False, show_default=True,
               help="The variant's fused twin (onnxgen fuse: GroupQueryAttention over a shared KV buffer, what "
                    "genai's own builder makes; faster) or its plain contract graph (any execution provider).")
 def genai(export_dir, variant, fused):
     """Point the export's genai_config.json (onnxruntime-genai) at another variant."""
-    from pipeline.build.genai import named_graph, use_variant
+    from pipeline.convert.genai import named_graph, use_variant
 
     path = use_variant(export_dir, variant, fused)
     click.echo(f"wrote {path}: onnxruntime-genai now runs {named_graph(export_dir)}")
@@ -505,7 +520,7 @@ def genai(export_dir, variant, fused):
 @click.option("--variant", "variants", multiple=True, help="Variants to fuse [all present].")
 def fuse(export_dir, variants):
     """Write each variant's fused-attention twin (onnx/*_gqa.onnx: GroupQueryAttention, shared KV buffer)."""
-    from pipeline.build.fuse import fuse_export
+    from pipeline.convert.fuse import fuse_export
 
     written = fuse_export(export_dir, list(variants) or None, progress=sys.stderr.isatty())
     click.echo(f"fused {export_dir}: " + ", ".join(written) + " (each judged against PyTorch)")
@@ -516,7 +531,7 @@ def fuse(export_dir, variants):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("benchmarks/RESULTS.md"), show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--tokens", type=click.IntRange(min=8), default=128, show_default=True, help="Decode tokens per round.")
-@click.option("--threads", type=int, default=0, help="Intra-op threads for every engine [all cores].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads for every engine [all cores].")
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch sizes [1 and 16].")
 @click.option("--engines", default=None, help="Comma-separated subset (torch, optimum, genai, onnxgen).")
 @click.option("--prefill", type=click.IntRange(min=1), default=256, show_default=True,

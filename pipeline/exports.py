@@ -1,4 +1,4 @@
-"""The export folder (exports/NAME/, shared/DESIGN.md): what its files are called, how its configs read,
+"""The export folder (exports/NAME/, docs/contract.md): what its files are called, how its configs read,
 and how it is written so that a reader never sees half of it.
 
 Every stage that reads or writes an export asks this module:
@@ -44,7 +44,7 @@ GENAI_CONFIG = "genai_config.json"
 # past/present share one buffer whose length is this symbolic dimension
 FUSED_SUFFIX = "_gqa"
 MAX_LEN = "max_sequence_length"
-# the chat template lives in both places (shared/DESIGN.md): transformers >= 4.47 writes the file and reads
+# the chat template lives in both places (docs/contract.md): transformers >= 4.47 writes the file and reads
 # it first; transformers.js and onnxruntime-genai read tokenizer_config.json's "chat_template"
 CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"

@@ -24,6 +24,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_kind(folder: Path) -> str:
+    """What the export in `folder` was made from, as its export stage recorded it: "hf" (a transformers folder),
+    "gguf" (llama.cpp's file) or "run" (a model trained here; also an export that recorded no source)."""
+    return (load(folder).get("source") or {}).get("kind") or "run"
+
+
+def is_import(folder: Path) -> bool:
+    """An imported model (transformers folder or GGUF), whose variants follow the import recipes and bars."""
+    return source_kind(folder) in ("hf", "gguf")
+
+
 def tool_versions() -> dict:
     versions = {"python": platform.python_version()}
     for name in _TOOLS:

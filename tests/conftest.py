@@ -75,7 +75,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tmp_path_factory) -> Path:
-    from pipeline.build.export import export
+    from pipeline.convert.export import export
 
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export(tiny_run, out)
@@ -87,7 +87,7 @@ def tiny_fused_export(tiny_export, tmp_path_factory) -> Path:
     """A copy of tiny_export with the fused-attention twin of its fp32 graph (onnxgen fuse)."""
     import shutil
 
-    from pipeline.build.fuse import fuse_export
+    from pipeline.convert.fuse import fuse_export
 
     out = tmp_path_factory.mktemp("exports") / "tiny_fused"
     shutil.copytree(tiny_export, out)
@@ -102,7 +102,7 @@ def tiny_quantized(tiny_export, tmp_path_factory):
     import shutil
 
     from pipeline.check.parity import check_export
-    from pipeline.build.quantize import quantize
+    from pipeline.convert.quantize import quantize
 
     out = tmp_path_factory.mktemp("exports") / "tiny-quantized"
     shutil.copytree(tiny_export, out)
@@ -187,7 +187,7 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
     """family -> its `export --hf` folder. GPT-2 goes through the real command line (the family whose
     graph needs conforming); the others in-process, which saves an interpreter start each."""
-    from pipeline.build.hf_import import export_hf
+    from pipeline.convert.hf_import import export_hf
 
     root = tmp_path_factory.mktemp("hf_exports")
     out = {}
@@ -204,7 +204,7 @@ def hf_exports(hf_models, tmp_path_factory) -> dict[str, Path]:
 def int8_exports(tiny_export, hf_exports, tmp_path_factory) -> dict[str, Path]:
     """Copies of the trained export and the Llama import with an int8 variant beside fp32 (made by the
     real quantize stage), for the runtime proofs."""
-    from pipeline.build.quantize import quantize
+    from pipeline.convert.quantize import quantize
 
     out = {}
     for name, src in {"tiny": tiny_export, "llama": hf_exports["llama"]}.items():

@@ -107,7 +107,7 @@ def _optimum_loader(folder: Path, file: str, threads: int):
 
 
 def genai_config(folder: Path, file: str, shared_buffer: bool, threads: int) -> dict:
-    """The export's own genai_config.json (build/genai.py wrote it), pointed at one graph of the export."""
+    """The export's own genai_config.json (convert/genai.py wrote it), pointed at one graph of the export."""
     config = read_json(folder / GENAI_CONFIG, "genai config")
     decoder = config["model"]["decoder"]
     decoder["filename"] = f"onnx/{file}"

@@ -70,7 +70,7 @@ class Thresholds:
     # row whose largest is ~20: an absolute 1e-4, or one relative to the logit itself, refuses it.
     # 1e-4 + 1e-5·max|ref| allows 3e-4 to 4e-4 on such rows (2x what SmolLM2 needs) and still sits three
     # orders of magnitude under the errors real bugs make (positions off by one, a wrong RoPE base, a
-    # missing mask row, swapped k/v: ≥ 1e-1 each, tests/test_parity.py).
+    # missing mask row, swapped k/v: ≥ 1e-1 each, tests/check/test_parity.py).
     atol: float | None = None
     rtol: float = 0.0
     structural: bool = False            # cache and padded checks under the same elementwise bound
@@ -141,8 +141,7 @@ IMPORT_FP16 = Thresholds(top1=0.99, kl_mean=3e-4)
 def thresholds_for(folder: Path) -> dict[str, Thresholds]:
     """The bars an export is held to: THRESHOLDS for models trained here; for an import, IMPORT_FLOOR for its
     quantized variants and IMPORT_FP16 for fp16."""
-    kind = (manifest.load(folder).get("source") or {}).get("kind")
-    if kind in ("hf", "gguf"):
+    if manifest.is_import(folder):
         return {**THRESHOLDS, "int8": IMPORT_FLOOR, "int4": IMPORT_FLOOR, "fp16": IMPORT_FP16}
     return THRESHOLDS
 

@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.run.lm import os_zeros
+from pipeline.run.lm import bind_prefill, bind_shared_cache, os_zeros
 from pipeline.run.sampling import Sampler, SamplingConfig, sample_rows
 from pipeline.run.text import CompletionText
 
@@ -178,12 +178,8 @@ class BatchEngine:
                     self._fail(r, f"internal error: {type(e).__name__}: {e}")
 
     def _bind_rows(self, io, lo: int, hi: int) -> None:
-        for past, present, array in zip(self.lm.past_names, self.lm.present_names, self.cache):
-            value = self.ort.OrtValue.ortvalue_from_numpy(array[lo:hi], "cpu", 0)  # a view: no copy
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
-        out = self.out[lo:hi]
-        io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        views = [self.ort.OrtValue.ortvalue_from_numpy(a[lo:hi], "cpu", 0) for a in self.cache]  # no copy
+        bind_shared_cache(io, self.lm, views, self.out[lo:hi])
 
     def _admit(self, r: Request) -> None:
         """Prefill the newcomer alone into its row, then sample its first token."""
@@ -194,9 +190,7 @@ class BatchEngine:
         if io is None:
             io = self._row_io[r.slot] = self.lm.session.io_binding()
             self._bind_rows(io, r.slot, r.slot + 1)
-        io.bind_cpu_input("input_ids", np.asarray([r.prompt], dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, T), dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.arange(T, dtype=np.int64)[None, :])
+        bind_prefill(io, np.asarray([r.prompt], dtype=np.int64), np.array([T]))
         self.lm.session.run_with_iobinding(io)
         r.length = T
         r.sampler, r.text = Sampler(r.sampling), CompletionText(self.lm.tokenizer, r.stop)

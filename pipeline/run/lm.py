@@ -12,11 +12,11 @@ Two graph kinds, one step API and one bookkeeping (stops, sampling, per-row stat
     state = lm.start(prompts, budget)     # prefill: state.logits is (B, V) at each row's last token
     state.step(next_ids, done)            # one decode step: state.logits for the next position
 
-  - fused (onnx/*_gqa.onnx, see build/fuse.py), SharedBufferDecode: one (B, H, max_length, D) OrtValue
+  - fused (onnx/*_gqa.onnx, see convert/fuse.py), SharedBufferDecode: one (B, H, max_length, D) OrtValue
     per cache tensor, allocated once per generation and bound as both past and present, so
     GroupQueryAttention appends in place; logits come back (B, 1, V) straight into a NumPy buffer.
     Prompts are right-padded, each row keeps its own length. On CUDA the cache stays on the device.
-  - plain (the DESIGN.md contract graph), PlainDecode: left padding, presents fed back as OrtValues
+  - plain (the contract graph, docs/contract.md), PlainDecode: left padding, presents fed back as OrtValues
     through IO binding (no NumPy round trip), the cache grows by Concat inside the graph.
 """
 from __future__ import annotations
@@ -153,6 +153,24 @@ class PlainDecode:
         return self.logits
 
 
+def bind_shared_cache(io, lm: "OnnxLM", values: list, logits: np.ndarray) -> None:
+    """The fused graph's cache and logits: each cache OrtValue bound as both past and present, so
+    GroupQueryAttention appends in place, and the logits written straight into `logits` (B, 1, V)."""
+    for past, present, value in zip(lm.past_names, lm.present_names, values):
+        io.bind_ortvalue_input(past, value)
+        io.bind_ortvalue_output(present, value)
+    io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+
+
+def bind_prefill(io, ids: np.ndarray, lengths: np.ndarray) -> None:
+    """The fused graph's prompt feed: (B, T) right-padded ids that start at slot 0 of each row's cache,
+    each row masked to its length, positions 0..T-1."""
+    B, T = ids.shape
+    io.bind_cpu_input("input_ids", ids)
+    io.bind_cpu_input("attention_mask", (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64))
+    io.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))))
+
+
 class SharedBufferDecode:
     """Decode state of the fused graph: one (B, H, L, D) OrtValue per cache tensor, allocated once and
     bound as both past and present, so GroupQueryAttention appends in place. Prompts are right-padded;
@@ -168,19 +186,14 @@ class SharedBufferDecode:
         self.cache = [ort.OrtValue.ortvalue_from_numpy(z, device, 0) for z in zeros]
         self.out = np.empty((B, 1, lm.vocab_size), dtype=np.float32)
         io = self.io = lm.session.io_binding()
-        for past, present, value in zip(lm.past_names, lm.present_names, self.cache):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
-        io.bind_output("logits", "cpu", 0, np.float32, list(self.out.shape), self.out.ctypes.data)
+        bind_shared_cache(io, lm, self.cache, self.out)
 
         # prefill, right-padded: row b's tokens sit in slots [0, len_b)
         self.lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # tokens in the cache, per row
         ids = np.full((B, T), lm.pad_id, dtype=np.int64)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", (np.arange(T)[None, :] < self.lengths[:, None]).astype(np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))))
+        bind_prefill(io, ids, self.lengths)
         lm.session.run_with_iobinding(io)
         self.logits = self.out[:, 0, :]
 

@@ -140,7 +140,7 @@ def _pick_rows(logits: np.ndarray, inv_temperature: np.ndarray, u: np.ndarray, b
     float64 operations as pick() and _inverse_cdf() on each row, done for all rows in one call each (the
     server's step at 16 rows of the small preset: sampling took 16% of the engine thread row by row). NumPy
     reduces each row of a 2-D array as it reduces that row alone, so every row gets the id pick() gives it
-    alone (tests/test_sampling.py checks it id for id)."""
+    alone (tests/run/test_sampling.py checks it id for id)."""
     rows = logits.astype(np.float32, copy=False)
     p = rows - rows.max(axis=1, keepdims=True)  # the one (n, V) temporary: at 16 x 49k a fresh one per
     with np.errstate(over="ignore"):              # operation costs page faults
@@ -167,7 +167,7 @@ def _pick_few(p: np.ndarray, top_p: float, u: float) -> int:
     """_nucleus then _inverse_cdf over a few candidates, in Python floats: the same float64 operations in the
     same order (NumPy's cumsum adds in sequence; the nucleus's total is NumPy's own sum), so the same index,
     without their dozen NumPy calls: inside the generation loop those cost ~0.1 ms a token on the small
-    preset, more than the arithmetic on 50 numbers (tests/test_sampling.py checks the two agree)."""
+    preset, more than the arithmetic on 50 numbers (tests/run/test_sampling.py checks the two agree)."""
     pl = p.tolist()  # float32 -> float64, exactly
     kept = range(len(pl))
     if top_p < 1.0:

@@ -39,7 +39,7 @@ import torch
 from pipeline import manifest
 from pipeline.train import ddp
 from pipeline.errors import UserError
-from pipeline.train.model import GPT, GPTConfig
+from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer import encode_documents, eot_id, load_tokenizer, token_dtype
 from pipeline.train.loop import TrainConfig, fit, get_batch, make_optimizer, restore, save_checkpoint
 from pipeline.train.runs import (ADAPTER, ADAPTER_CONFIG, adapter_files, checkpoint_dir, load_adapter, load_model,

@@ -32,7 +32,7 @@ from pipeline.train import ddp
 from pipeline.train.corpus import load_corpus, resolve_corpus
 from pipeline.train.ddp import World
 from pipeline.errors import UserError
-from pipeline.train.model import GPT, GPTConfig, from_known_keys
+from pipeline.model.gpt import GPT, GPTConfig, from_known_keys
 from pipeline.tokenizer import encode_documents, train_tokenizer
 from pipeline.train.runs import checkpoint_dir, load_weights, read_tokens
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pipeline import manifest
 from pipeline.errors import UserError
 from pipeline.tokenizer import token_dtype
-from pipeline.train.model import GPT, GPTConfig
+from pipeline.model.gpt import GPT, GPTConfig
 
 ADAPTER, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 

@@ -9,7 +9,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.exports import staging
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
-from pipeline.train.model import GPT
+from pipeline.model.gpt import GPT
 from pipeline.train.runs import load_model
 
 

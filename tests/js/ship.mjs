@@ -1,5 +1,5 @@
 // Runs export folders with the JavaScript runtimes, exactly as a user would, and writes what they
-// produced as JSON; tests/test_ship_js.py builds the job and compares every number with Python.
+// produced as JSON; tests/e2e/test_ship_js.py builds the job and compares every number with Python.
 //
 //   node ship.mjs job.json result.json
 //

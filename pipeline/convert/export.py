@@ -1,0 +1,144 @@
+"""Export: a trained run folder -> exports/NAME/ with onnx/model.onnx (fp32), Hugging Face style
+configs, tokenizer files, parity report and manifest. Built in a temporary folder beside the
+target and renamed into place only once the graph passes onnx.checker and parity."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from pipeline import manifest
+from pipeline.convert.genai import write_genai_config
+from pipeline.check.parity import ParityReport, parity_for_run
+from pipeline.errors import ParityError, UserError
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, past_names, present_names, save_graph, staging,
+                              transformers_js_config, write_json)
+from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
+from pipeline.model.decoder import Decoder
+from pipeline.train.runs import checkpoint_dir, load_model, source_details
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is a standard op from 17
+
+
+class _CacheGraph(torch.nn.Module):
+    """Flat inputs and outputs in the contract's order, for the exporter."""
+
+    def __init__(self, model: Decoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = self.model.forward_with_cache(input_ids, attention_mask, position_ids, pairs)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def export_graph(model: Decoder, path: Path) -> list[str]:
+    """torch.onnx.export to the graph contract: symbolic batch and sequence dims, fixed heads and head size.
+    Any configuration of the decoder: our trained GPT, or a Hugging Face family (convert/hf_import.py).
+    Returns the files written beside `path`: the graph, then its external-data chunks if it is over 2 GB
+    (named as transformers.js expects, exports.save_graph; the exporter's own layout is a file per tensor).
+
+    The TorchScript exporter (dynamo=False) is used on purpose: it names the symbolic dims as the
+    contract does from `dynamic_axes`, constant-folds the tied head's transpose, and handles past = 0;
+    the dynamo exporter cannot express total = past + sequence for a flat list of caches by name.
+    Example sizes are >= 2 everywhere: the exporter would specialize a dim of size 0 or 1.
+    """
+    c = model.arch
+    B, T, P = 2, 3, 2
+    ids = torch.randint(0, c.vocab_size, (B, T))
+    mask = torch.ones(B, P + T, dtype=torch.int64)
+    pos = torch.arange(P, P + T).repeat(B, 1)
+    past = [torch.zeros(B, c.n_kv_head, P, c.head_dim) for _ in range(2 * c.n_layer)]
+    ins, outs = list(INPUTS) + past_names(c.n_layer), ["logits"] + present_names(c.n_layer)
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names(c.n_layer)})
+    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names(c.n_layer)})
+    with tempfile.TemporaryDirectory(prefix="onnxgen-export-", dir=path.parent) as work:
+        traced = Path(work) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
+                              output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+        names = save_graph(onnx.load(str(traced)), path)
+    onnx.checker.check_model(str(path), full_check=True)
+    return names
+
+
+def hf_config(model, eot: int) -> dict:
+    """config.json as transformers' GPT2Config writes it, so transformers.js and optimum read it."""
+    c = model.config
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": c.vocab_size, "n_positions": c.n_ctx, "n_ctx": c.n_ctx, "n_embd": c.n_embd,
+        "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": 4 * c.n_embd,
+        "activation_function": "gelu_new" if c.activation == "gelu" else "relu",
+        "layer_norm_epsilon": c.layer_norm_epsilon, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+        "onnxgen": {"positional": c.positional, "bias": c.bias, "source": "onnxgen"},
+    }
+
+
+def generation_config(eot: int, n_ctx: int) -> dict:
+    """Sampling by default: greedy decoding of a small model repeats itself (`os.path.join(os.path.path`);
+    `onnxgen run` reads these as transformers' generate() does, and --temperature 0 is greedy. No
+    repetition penalty: transformers and transformers.js would apply it to greedy decoding as well."""
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": True,
+            "max_length": n_ctx, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
+
+
+def publish_parity(tmp: Path, out: Path, report: ParityReport) -> ParityReport:
+    """Write the fp32 parity report into the staged folder and its manifest; refuse to publish a miss."""
+    manifest.record(tmp, "parity", report.write(tmp), parity=report.to_dict())
+    if not report.passed:
+        failures = "; ".join(f for r in report.results for f in r.failures)
+        raise ParityError(f"export {out}: parity failed ({failures}); nothing was published")
+    return report
+
+
+def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> ParityReport:
+    run, out = Path(checkpoint), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; pass --force to replace it")
+    model = load_model(run)  # a LoRA fine-tune: base + adapter, merged (peft's merge_and_unload)
+    tok = load_tokenizer(run)
+    if tok.get_vocab_size() != model.config.vocab_size:
+        raise UserError(f"tokenizer {run / 'tokenizer.json'}: {tok.get_vocab_size()} tokens but the model "
+                        f"has vocab_size {model.config.vocab_size}")
+    eot = tok.token_to_id(EOT)
+    with staging(out, force) as tmp:
+        (tmp / "onnx").mkdir()
+        t0 = time.time()
+        graph_files = export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
+        log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
+        # a graph over 2 GB: config.json tells transformers.js how many external-data chunks it has
+        write_json(tmp / "config.json", transformers_js_config(hf_config(model, eot),
+                                                               {VARIANTS["fp32"]: len(graph_files) - 1}))
+        write_json(tmp / "generation_config.json", generation_config(eot, model.config.n_ctx))
+        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        write_genai_config(tmp)  # onnxruntime-genai runs the folder as it stands
+        ckpt = checkpoint_dir(run)
+        source = {"checkpoint": str(run.resolve()), "step": json.loads((ckpt / "state.json").read_text())["step"],
+                  "kind": "onnxgen"}
+        if (ckpt / "model.safetensors").is_file():  # a LoRA fine-tune has an adapter instead
+            source["model_sha256"] = manifest.sha256(ckpt / "model.safetensors")
+        source.update(source_details(run))  # a fine-tune's base checkpoint and adapter (sha256)
+        files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", GENAI_CONFIG, *[f"onnx/{n}" for n in graph_files]]
+        manifest.record(tmp, "export", files, source=source, opset=OPSET)
+        log.info("checking parity against PyTorch")
+        report = publish_parity(tmp, out, parity_for_run(tmp, run, ["fp32"]))
+    return report

@@ -1,0 +1,291 @@
+"""Fused attention: rewrite an exported decoder so each layer's attention is one com.microsoft
+GroupQueryAttention node that reads and writes a preallocated max-length KV buffer in place.
+
+    onnxgen fuse exports/default          # onnx/model.onnx -> onnx/model_gqa.onnx (and each variant)
+
+The plain graph (docs/contract.md) concatenates past and new keys every step: the whole cache is
+copied per layer per token, and ~25 small kernels build the mask and run the attention. The fused
+graph keeps the contract's names and dtypes, so onnxruntime-genai runs it as it runs its own builder's
+graphs (`past_present_share_buffer: true`), but:
+  - past_key_values.{i}.* and present.{i}.* are the same (B, H, max_length, D) buffer: bind one
+    OrtValue to both and GroupQueryAttention writes the new position in place (no Concat copy);
+  - attention_mask (B, total) only counts tokens: seqlens_k = sum(mask) - 1 per row. Prompts are
+    RIGHT-padded (GroupQueryAttention's convention), each row has its own length;
+  - logits are (B, 1, V): the hidden state of each row's last real token goes through the LM head,
+    not every position's (at a 256-token prompt the head is as big as the rest of the model).
+
+The rewrite is structural, not by node names, so it works on any variant whose weight MatMuls were
+quantized (MatMulNBits, MatMulInteger) as long as the attention itself is our decoder's pattern
+(model/decoder.py, every family): for layer i, present.{i}.key = Concat(past, f(Split(qkv)[1])) where f is
+a Reshape, a Transpose and, in RoPE families, the rotation; the attention output is the first Reshape
+downstream of present.{i}.value that reads a Transpose (a GQA model's key/value repetition is a Reshape
+of an Expand). What the attention does beyond softmax(q k^T / sqrt(d)) v comes from the model's config
+(the same DecoderConfig that built the graph), as GroupQueryAttention attributes:
+  - RoPE: do_rotary with cos/sin caches of the decoder's own Rotary for positions 0..n_ctx-1 (linear,
+    llama3 and yarn scalings are tables; dynamic NTK equals the plain base within n_ctx); the rotated
+    width (partial rotary) is the caches' width. GroupQueryAttention rotates position past + i, which is
+    what right-padded rows with positions 0..len-1 carry;
+  - sliding-window layers: local_window_size; Gemma 2's score cap: softcap; a configured scale: scale.
+  - q/k norms (Qwen3, Gemma 3): q, k and v go in separately, q and k after their norms; Gemma 3's
+    sliding layers get caches of their own base.
+Refused with the reason (the plain graph still runs): longrope (its table switches with the sequence
+length) and head sizes ONNX Runtime's rotary kernel does not take.
+onnxruntime.transformers' fusions do not cover this: they emit MultiHeadAttention/Attention, which
+on CPU cannot share the past and present buffer.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.transformers.onnx_model import OnnxModel
+
+from pipeline import manifest
+from pipeline.convert.optimize import optimize_export
+from pipeline.check.parity import parity_of, source_of
+from pipeline.errors import ParityError, UserError
+from pipeline.exports import MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging, variant_path
+from pipeline.model.decoder import DecoderConfig, Rotary, rope_kind
+from pipeline.model.families import arch_of
+
+log = logging.getLogger(__name__)
+
+
+def _upstream_split(name: str, producers) -> onnx.NodeProto:
+    """Walk back from present.{i}.key's new half to the Split of the packed q/k/v."""
+    for _ in range(24):  # Reshape, Transpose, the rotation (a partial one slices and concatenates), a q/k norm
+        node = producers.get(name)
+        if node is None:
+            break
+        if node.op_type == "Split":
+            return node
+        name = node.input[0]
+    raise UserError(f"graph: no Split of the packed q/k/v upstream of {name} (not an onnxgen export?)")
+
+
+def _downstream_transpose(name: str, consumers) -> onnx.NodeProto:
+    """The first Transpose downstream of `name`: (B, T, heads, D) -> (B, heads, T, D)."""
+    queue, seen = deque([name]), {name}
+    while queue:
+        for node in consumers.get(queue.popleft(), []):
+            if node.op_type == "Transpose":
+                return node
+            for o in node.output:
+                if o not in seen:
+                    seen.add(o)
+                    queue.append(o)
+    raise UserError(f"graph: no Transpose downstream of {name} (not an onnxgen export?)")
+
+
+def _downstream_reshape(name: str, consumers, producers) -> str:
+    """The attention output (B, T, C): the first Reshape downstream of present.{i}.value that reads a
+    Transpose, (B, H, T, D) -> (B, T, H, D); a GQA model repeats key and value with Expand and Reshape."""
+    queue, seen = deque([name]), {name}
+    while queue:
+        for node in consumers.get(queue.popleft(), []):
+            source = producers.get(node.input[0]) if node.input else None
+            if node.op_type == "Reshape" and source is not None and source.op_type == "Transpose":
+                return node.output[0]
+            for o in node.output:
+                if o not in seen:
+                    seen.add(o)
+                    queue.append(o)
+    raise UserError(f"graph: no attention output downstream of {name} (not an onnxgen export?)")
+
+
+def attention_of(folder: Path) -> DecoderConfig:
+    """The decoder configuration the export's graph was built from (its config.json, read by its family),
+    refused in one line when GroupQueryAttention cannot do its attention (see the module docstring)."""
+    arch = arch_of(folder)
+    model_type = read_json(folder / "config.json", "config").get("model_type")
+    if arch is None:
+        raise UserError(f"fuse {folder}: model_type {model_type!r} was exported by optimum, not onnxgen's decoder; "
+                        "only the plain graph runs it")
+    reasons = [why for bad, why in [
+        (rope_kind(arch.rope_scaling) == "longrope", "longrope scaling (its table switches with the length)"),
+        # ONNX Runtime's rotary kernels: "head_size shall be a multiple of 16", "cos_cache dimension 1 must
+        # be <= head_size / 2 and a multiple of 8"
+        (arch.positional == "rope" and arch.head_dim % 16, f"RoPE with head size {arch.head_dim} (not a multiple "
+                                                           "of 16)"),
+        (arch.positional == "rope" and int(arch.head_dim * arch.rope_fraction) % 16,
+         f"a rotated width of {int(arch.head_dim * arch.rope_fraction)} (not a multiple of 16)")] if bad]
+    if reasons:
+        raise UserError(f"fuse {folder}: {model_type} has {'; '.join(reasons)}: not fused yet, the plain graph "
+                        "runs it")
+    return arch
+
+
+def rotary_caches(arch: DecoderConfig, local_theta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_ctx, rotated / 2) for GroupQueryAttention, from the decoder's own Rotary: the same
+    frequencies and attention factor as the plain graph (whose rotate_half layout repeats each half).
+    local_theta: Gemma 3's sliding layers' own base, without the scaling."""
+    rot = Rotary(arch.head_dim, arch.rope_fraction, arch.rope_theta, arch.rope_scaling, arch.n_ctx,
+                 arch.rope_original_ctx) if local_theta is None else \
+        Rotary(arch.head_dim, arch.rope_fraction, local_theta, None, arch.n_ctx)
+    with torch.no_grad():
+        cos, sin = rot(torch.arange(arch.n_ctx)[None])
+    half = rot.dim // 2
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = True) -> onnx.ModelProto:
+    """Rewrite in place and return `model` (see the module docstring)."""
+    g = model.graph
+    graph = OnnxModel(model)  # onnxruntime.transformers' graph helpers: producers, consumers, sort, prune
+    producers, consumers = graph.output_name_to_node(), graph.input_name_to_nodes()
+    inputs = {i.name: i for i in g.input}
+    if "attention_mask" not in inputs or "past_key_values.0.key" not in inputs:
+        raise UserError("graph: not a decoder with KV cache (no attention_mask / past_key_values.0.key)")
+    n_layer = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    kv_heads = inputs["past_key_values.0.key"].type.tensor_type.shape.dim[1].dim_value
+
+    # seqlens_k (B,) int32 = tokens per row - 1; total_sequence_length () int32 = mask width
+    new = [
+        helper.make_node("ReduceSum", ["attention_mask", "fuse/one_axis"], ["fuse/mask_sum"], keepdims=0),
+        helper.make_node("Sub", ["fuse/mask_sum", "fuse/one"], ["fuse/seqlens_k64"]),
+        helper.make_node("Cast", ["fuse/seqlens_k64"], ["fuse/seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["fuse/mask_shape"]),
+        helper.make_node("Gather", ["fuse/mask_shape", "fuse/one"], ["fuse/total64"], axis=0),
+        helper.make_node("Cast", ["fuse/total64"], ["fuse/total"], to=TensorProto.INT32),
+    ]
+    g.initializer.extend([helper.make_tensor("fuse/one_axis", TensorProto.INT64, [1], [1]),
+                          helper.make_tensor("fuse/one", TensorProto.INT64, [], [1]),
+                          helper.make_tensor("fuse/zero", TensorProto.INT64, [], [0]),
+                          helper.make_tensor("fuse/flat", TensorProto.INT64, [3], [0, 0, -1])])
+    caches, attrs = {}, {}
+    if arch.positional == "rope":
+        dtype = inputs["past_key_values.0.key"].type.tensor_type.elem_type  # fp16 variants: fp16 caches
+        np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+        bases = {"full_attention": arch.rope_theta, "sliding_attention": arch.rope_local_theta or arch.rope_theta}
+        for kind in set(arch.layer_types):
+            local = bases[kind] != arch.rope_theta  # Gemma 3's sliding layers: their own base, unscaled
+            name = "fuse/local" if local else "fuse/rope"
+            if not any(name + "_cos" in names for names in caches.values()):  # a table once, for its layers
+                cos, sin = rotary_caches(arch, bases[kind] if local else None)
+                g.initializer.extend([numpy_helper.from_array(cos.astype(np_dtype), name + "_cos"),
+                                      numpy_helper.from_array(sin.astype(np_dtype), name + "_sin")])
+            caches[kind] = [name + "_cos", name + "_sin"]
+        attrs = {"do_rotary": 1, "rotary_interleaved": 0}
+    if arch.attn_scale is not None:
+        attrs["scale"] = float(arch.attn_scale)
+    if arch.attn_softcap is not None:
+        attrs["softcap"] = float(arch.attn_softcap)
+    replaced: set[str] = set()
+    for i in range(n_layer):
+        split = _upstream_split(producers[f"present.{i}.key"].input[1], producers)
+        if arch.qk_norm:  # q and k after their norms, (B, T, heads, D) -> (B, T, heads * D); v as split
+            qkv = []
+            for j, part in enumerate(("q", "k")):
+                normed = _downstream_transpose(split.output[j], consumers).input[0]
+                new.append(helper.make_node("Reshape", [normed, "fuse/flat"], [f"fuse/{i}/{part}"]))
+                qkv.append(f"fuse/{i}/{part}")
+            qkv.append(split.output[2])
+        else:  # the packed projection, split inside the kernel
+            qkv = [split.input[0], "", ""]
+        out = _downstream_reshape(f"present.{i}.value", consumers, producers)
+        replaced.update([f"present.{i}.key", f"present.{i}.value", out])
+        window = arch.window(i)
+        new.append(helper.make_node(
+            "GroupQueryAttention",
+            [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "fuse/seqlens_k", "fuse/total",
+             *caches.get(arch.layer_types[i], [])],
+            [out, f"present.{i}.key", f"present.{i}.value"],
+            name=f"/h.{i}/attn/GroupQueryAttention", domain="com.microsoft",
+            num_heads=arch.n_head, kv_num_heads=kv_heads, **attrs,
+            **({} if window is None else {"local_window_size": window})))
+    keep = [n for n in g.node if not any(o in replaced for o in n.output)]
+
+    if last_logits:
+        # hidden (B, S, C) -> (B, 1, C) at each row's last real token: index = seqlens_k - past, where
+        # past = total - S; clamped to [0, S-1] (a decode step has S = 1, index 0)
+        head = producers["logits"]
+        hidden = head.input[0]
+        keep.extend([
+            helper.make_node("Shape", ["input_ids"], ["fuse/ids_shape"]),
+            helper.make_node("Gather", ["fuse/ids_shape", "fuse/one"], ["fuse/S"], axis=0),
+            helper.make_node("Sub", ["fuse/total64", "fuse/S"], ["fuse/past"]),
+            helper.make_node("Sub", ["fuse/seqlens_k64", "fuse/past"], ["fuse/idx0"]),
+            helper.make_node("Sub", ["fuse/S", "fuse/one"], ["fuse/S1"]),
+            helper.make_node("Min", ["fuse/idx0", "fuse/S1"], ["fuse/idx1"]),
+            helper.make_node("Max", ["fuse/idx1", "fuse/zero"], ["fuse/idx2"]),
+            helper.make_node("Unsqueeze", ["fuse/idx2", "fuse/one_axis"], ["fuse/idx"]),        # (B, 1)
+            helper.make_node("GatherND", [hidden, "fuse/idx"], ["fuse/last"], batch_dims=1),  # (B, C)
+            helper.make_node("Unsqueeze", ["fuse/last", "fuse/one_axis"], ["fuse/last3"]),    # (B, 1, C)
+        ])
+        for j, name in enumerate(head.input):
+            if name == hidden:
+                head.input[j] = "fuse/last3"
+        logits = next(o for o in g.output if o.name == "logits")
+        logits.type.tensor_type.shape.dim[1].dim_param = "1"
+    del g.node[:]
+    g.node.extend(new + keep)
+    # topological order: the new nodes read only graph inputs and each other, except the GQA nodes,
+    # which read the qkv tensors; then drop the old mask and attention subgraphs nobody reads now
+    graph.topological_sort(is_deterministic=True)
+    graph.prune_graph(allow_remove_graph_inputs=False)
+    for v in list(g.input) + list(g.output):
+        if v.name.startswith(("past_key_values.", "present.")):
+            v.type.tensor_type.shape.dim[2].dim_param = MAX_LEN
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    del g.value_info[:]  # stale shapes of removed tensors
+    return model
+
+
+def fuse_file(src: Path, dst: Path, arch: DecoderConfig, last_logits: bool = True) -> None:
+    """src graph -> dst graph with GroupQueryAttention; written to a temp name, then renamed."""
+    model = onnx.load(str(src))
+    fuse_graph(model, arch, last_logits)
+    large = model.ByteSize() > (1 << 31) - (1 << 26)
+    data = dst.name + "_data"
+    with atomic_file(dst) as tmp:
+        onnx.save(model, str(tmp), save_as_external_data=large, location=data if large else None)
+
+
+def fuse_export(folder: str | Path, variants: list[str] | None = None, progress: bool = False,
+                check: bool = True) -> list[str]:
+    """The `fuse` stage: write the fused twin of each variant present in the export; returns the files
+    written. Each twin is judged against the PyTorch source like its variant (check/parity.py: same windows,
+    same thresholds) before anything is published: the stage works in a copy of the export that replaces
+    it only when every twin passed, so a miss or a kill leaves the export exactly as it was. check=False
+    (benchmarks of untrained weights only; not on the command line) skips the judging."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"export {folder}: folder does not exist")
+    arch = attention_of(folder)
+    variants = variants or present_variants(folder)
+    for v in variants:
+        if not variant_path(folder, v).is_file():
+            raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")
+    source = source_of(folder) if check else None  # before any work: a missing source is the user's to fix
+    written = [str(fused_path(folder, v).relative_to(folder)) for v in variants]
+    with staging(folder, force=True, copy_from=folder) as tmp, tempfile.TemporaryDirectory(prefix="onnxgen-fuse-") as work:
+        for v in tqdm(variants, desc="fuse", unit="graph", disable=not progress, leave=False):
+            src = variant_path(tmp, v)
+            if v == "fp32":
+                # the quantized variants were built from optimize.py's graph (SkipLayerNormalization, FastGelu,
+                # biases folded); model.onnx stays the plain contract graph, but its twin is ours to fuse
+                # further: the small preset's decode step goes from 103 kernels to 56 (convert/optimize.py)
+                optimize_export(tmp, src, Path(work) / "model_optimized.onnx")
+                src = Path(work) / "model_optimized.onnx"
+            fuse_file(src, fused_path(tmp, v), arch)
+        if not check:
+            manifest.record(tmp, "fuse", written, fused="not judged")
+            return written
+        report = parity_of(tmp, variants, source, kinds=("fused",), progress=progress)
+        for r in report.results:
+            log.info("fused %s: KL %.2e, same top-1 %.2f%% over %d tokens, max |Δlogit| %.2e: %s", r.variant,
+                     r.kl_mean, 100 * r.top1, r.scored, r.max_abs, r.status)
+        if not report.passed:
+            failures = "; ".join(f"{r.variant}: {f}" for r in report.results for f in r.failures)
+            raise ParityError(f"fuse {folder}: {failures}; the export was left as it was")
+        manifest.record(tmp, "fuse", written, fused=report.to_dict())
+    return written

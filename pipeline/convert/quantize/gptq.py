@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from tqdm import tqdm
+
+from pipeline.convert.quantize.graph import matmul_nbits, stored
+from pipeline.convert.quantize.recipe import Recipe
+
+
+def _grid(group: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
+          fp16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `group` (rows of one block), the scale and zero point MLAS's round-to-nearest uses:
+    symmetric, the value of largest magnitude maps to code 0 (scale may be negative, zero point 2^(bits-1));
+    asymmetric, the range [min(w, 0), max(w, 0)] spread over every code.
+
+    importance (rows,): search instead, per column, the range shrunk by one of GRID_SHRINK that rounds the
+    block with the least importance-weighted squared error (the rows' Hessian diagonal: the energy of their
+    inputs), as GPTQ's reference code (mse=True) and llama.cpp's importance-matrix quantizers do. Clipping
+    the few largest weights buys a finer step for the rest.
+
+    fp16: scales the file stores as fp16 (Recipe.scales), rounded so before the codes are chosen."""
+    scale, zero = _range_grid(group, bits, symmetric, 1.0, fp16)
+    if importance is None:
+        return scale, zero
+    maxq = (1 << bits) - 1
+
+    def error(s, z):
+        q = np.clip(np.round(group / s) + z, 0, maxq)
+        return (importance[:, None] * (group - s * (q - z)) ** 2).sum(0)
+
+    best = error(scale, zero)
+    for shrink in GRID_SHRINK[1:]:
+        s, z = _range_grid(group, bits, symmetric, shrink, fp16)
+        err = error(s, z)
+        better = err < best
+        best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
+    return scale, zero
+
+GRID_SHRINK = np.linspace(1.0, 0.7, 13)  # the ranges _grid's search tries, as fractions of the full one (first)
+
+def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float,
+                fp16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    maxq = (1 << bits) - 1
+    if symmetric:
+        idx = np.abs(group).argmax(0)
+        extreme = group[idx, np.arange(group.shape[1])] * shrink
+        scale = stored(extreme / -(1 << (bits - 1)), fp16)
+        scale[scale == 0] = 1.0
+        return scale, np.full_like(scale, 1 << (bits - 1))
+    lo, hi = np.minimum(group.min(0), 0) * shrink, np.maximum(group.max(0), 0) * shrink
+    scale = stored((hi - lo) / maxq, fp16)
+    scale[scale == 0] = 1.0
+    return scale, np.clip(np.round(-lo / scale), 0, maxq)
+
+def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
+                percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, grid_search: bool = False,
+                fp16_scales: bool = False):
+    """GPTQ (Frantar et al. 2022) of one (K, N) weight given the Hessian H = 2·XᵀX/n of its input X:
+    rows (input channels) are quantized in order and each one's error is pushed onto the rows not yet
+    quantized through the inverse Hessian's Cholesky factor. Written by hand: onnxruntime's gptq() does the
+    same solve, but returns fake-quantized floats that gptq_quantize then re-rounds onto a fresh grid (for
+    symmetric weights 16/15 of GPTQ's scale, undoing part of the gain); this returns the integer codes of
+    the grid it solved on. Returns codes (N, K padded to blocks) uint8, scales (N, K/group) float32 and
+    zero points (N, K/group) uint8.
+
+    act_order: rows in order of decreasing Hessian diagonal (the inputs with the most energy first, while the
+    most rows are left to absorb their error), GPTQ's "desc_act". A block's grid must still cover rows that
+    are contiguous in the file (MatMulNBits' layout), so each grid is set once, from the weights before any
+    update ("static groups").
+
+    grid_search: each block's grid by _grid's search, weighted by the Hessian diagonal of its rows.
+    fp16_scales: solve on the scales rounded as an fp16 file stores them (Recipe.scales)."""
+    K, N = W.shape
+    W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[dead] = 0
+    kb = -(-K // group)
+    maxq = (1 << bits) - 1
+    scales, zeros = np.ones((kb, N)), np.zeros((kb, N))
+    codes = np.zeros((kb * group, N), np.uint8)
+    order = np.arange(K)
+    energy = np.diag(H).copy() if grid_search else None  # _grid's weights, in the file's row order
+    if act_order:
+        for b in range(kb):
+            rows = slice(b * group, (b + 1) * group)
+            scales[b], zeros[b] = _grid(W[rows], bits, symmetric, None if energy is None else energy[rows],
+                                        fp16_scales)
+        order = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[order], H[order][:, order]
+    H[np.diag_indices(K)] += percdamp * np.mean(np.diag(H))
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor
+    blocksize = max(group, blocksize - blocksize % group)  # a group never straddles two blocks
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1, Err1, Hinv1 = W[i1:i2].copy(), np.zeros((i2 - i1, N)), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            r = order[i1 + i]  # the row's place in the file
+            if not act_order and r % group == 0:
+                scales[r // group], zeros[r // group] = _grid(W1[i:i + group], bits, symmetric,
+                                                              None if energy is None else energy[r:r + group],
+                                                              fp16_scales)
+            s, z = scales[r // group], zeros[r // group]
+            q = np.clip(np.round(W1[i] / s) + z, 0, maxq)
+            codes[r] = q
+            err = (W1[i] - s * (q - z)) / Hinv1[i, i]
+            W1[i:] -= np.outer(Hinv1[i, i:], err)  # row i of the upper factor
+            Err1[i] = err
+        W[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+    codes[K:] = zeros[-1].astype(np.uint8)  # padding rows of the last block: code = zero point, value 0
+    return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
+
+def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray, progress: bool,
+             batch: int = 4) -> dict[str, np.ndarray]:
+    """{activation: 2·XᵀX/n} over every token of `windows` (n, T), from one run of the fp32 graph per batch
+    with the activations as extra outputs. Written by hand: onnxruntime's gptq_quantize runs the whole
+    model once per activation and per window (121 activations in SmolLM2-135M: 121x the forwards)."""
+    import onnxruntime as ort
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    del aug.graph.output[:]
+    aug.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(aug.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    H = {a: None for a in activations}
+    n = 0
+    bar = tqdm(total=len(windows), desc="calibrating (GPTQ)", unit="window", disable=not progress)
+    for start in range(0, len(windows), batch):
+        ids = windows[start:start + batch].astype(np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+        feed.update({p.name: np.zeros((len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
+        outs = session.run(activations, feed)
+        for a, x in zip(activations, outs):
+            x = x.reshape(-1, x.shape[-1])
+            xx = (x.T @ x).astype(np.float64)  # fp32 products (BLAS), summed per batch into fp64
+            H[a] = xx if H[a] is None else H[a] + xx
+        n += ids.size
+        bar.update(len(ids))
+    bar.close()
+    return {a: 2 * h / n for a, h in H.items()}
+
+def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray, recipe: "Recipe",
+                  progress: bool, hessian_cache: dict | None = None, head: str | None = None) -> None:
+    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place); `head`, when
+    one of them, is solved symmetric at recipe.head_block_size (see Recipe.head).
+    hessian_cache: a dict kept by a caller that quantizes the same graph on the same windows again."""
+    import hashlib
+
+    g = model.graph
+    by_name = {n.name: n for n in g.node}
+    acts = sorted({by_name[n].input[0] for n in nodes})
+    key = (hashlib.sha256(windows.astype(np.int64).tobytes()).hexdigest(), tuple(acts))
+    if hessian_cache is not None and key in hessian_cache:
+        H = hessian_cache[key]
+    else:
+        H = hessians(model, acts, windows, progress)
+        if hessian_cache is not None:
+            hessian_cache.clear()
+            hessian_cache[key] = H
+    inits = {i.name: i for i in g.initializer}
+    bits = recipe.bits
+    for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):
+        node = by_name[name]
+        W = numpy_helper.to_array(inits[node.input[1]])
+        group, symmetric = (recipe.head_block_size, True) if name == head else (recipe.block_size, recipe.symmetric)
+        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order,
+                                           grid_search=recipe.grid_search, fp16_scales=recipe.scales == "fp16")
+        q_node, new = matmul_nbits(node, W.shape, codes, scales, None if symmetric else zeros,
+                                   bits, group, recipe.accuracy_level)
+        g.initializer.extend(new)
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(at, q_node)
+        if not any(node.input[1] in n.input for n in g.node):
+            g.initializer.remove(inits[node.input[1]])

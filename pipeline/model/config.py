@@ -1,0 +1,92 @@
+"""A decoder's shape and math as data (model/decoder.py builds the network from it). No torch here: a
+folder's config is read and refused before anything heavy is imported."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import UserError
+
+ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")  # model/decoder.py's ACTIVATIONS implement them
+# rope_scaling types we implement; anything else in a config is refused, not ignored
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    n_ctx: int                        # context length: the largest position id + 1
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None      # None: as many as n_head (MHA); fewer: GQA; 1: MQA
+    head_dim: int | None = None       # None: n_embd // n_head (Gemma's is its own)
+    n_inner: int | None = None        # the MLP's width; None: 4 * n_embd
+    # normalization
+    norm: str = "layernorm"           # "layernorm" or "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True            # LayerNorm's bias
+    norm_offset: float = 0.0          # RMSNorm scales by (offset + w): Gemma stores w - 1
+    sandwich_norm: bool = False       # Gemma 2/3: normalize each sublayer's output too
+    qk_norm: bool = False             # Qwen3, Gemma 3: RMSNorm of each head's q and k
+    # positions
+    positional: str = "learned"       # "learned", "sinusoidal" (a fixed table) or "rope"
+    position_offset: int = 0          # OPT: its learned table starts at row 2
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0        # partial rotary: only the first fraction of each head turns
+    rope_scaling: dict | None = None  # Hugging Face's rope_scaling, validated below
+    rope_original_ctx: int | None = None  # longrope: the pretraining context (short vs long factors)
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers' own base, unscaled
+    # attention
+    qkv_bias: bool = True
+    out_bias: bool = True
+    attn_scale: float | None = None   # None: head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
+    sliding_window: int | None = None  # a query sees itself and the window - 1 keys before it
+    layer_types: tuple[str, ...] | None = None  # per layer, LAYER_TYPES; None: all sliding if a window
+    # MLP
+    activation: str = "gelu_tanh"
+    gated: bool = False               # GLU: act(gate) * up (SwiGLU, GeGLU)
+    mlp_bias: bool = True
+    parallel_residual: bool = False   # GPT-NeoX: x + attn(ln_1(x)) + mlp(ln_2(x))
+    # embeddings and head
+    tied: bool = True                 # lm_head shares wte's weight
+    embed_scale: float | None = None  # Gemma: sqrt(n_embd)
+    final_softcap: float | None = None  # Gemma 2: on the logits
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)  # unused by the math: where the config came from
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.n_inner = self.n_inner or 4 * self.n_embd
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = (kind,) * self.n_layer
+        self.layer_types = tuple(self.layer_types)
+        rope_type = rope_kind(self.rope_scaling)
+        checks = [
+            (min(self.vocab_size, self.n_ctx, self.n_layer, self.n_head, self.n_embd) > 0,
+             "sizes must be positive"),
+            (self.n_head % self.n_kv_head == 0,
+             f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"),
+            (self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r}"),
+            (self.positional in ("learned", "sinusoidal", "rope"), f"unknown positional {self.positional!r}"),
+            (self.activation in ACTIVATION_NAMES,
+             f"activation {self.activation!r} is not implemented (known: {', '.join(ACTIVATION_NAMES)})"),
+            (rope_type in ROPE_TYPES,
+             f"rope_scaling type {rope_type!r} is not implemented (known: {', '.join(ROPE_TYPES)})"),
+            (len(self.layer_types) == self.n_layer and set(self.layer_types) <= set(LAYER_TYPES),
+             f"layer_types must be {self.n_layer} of {LAYER_TYPES}, got {self.layer_types}"),
+            (0 < self.rope_fraction <= 1, f"rope fraction must be in (0, 1], got {self.rope_fraction}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"model config: {message}")
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+
+def rope_kind(scaling: dict | None) -> str:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))

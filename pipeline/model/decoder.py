@@ -1,0 +1,388 @@
+"""One decoder for every family, read top-down: config, norms, positions, attention, MLP, block, model.
+
+Our own GPT (model/gpt.py) is one configuration of it; Llama, Mistral, Qwen, Phi-3, Gemma, GPT-NeoX,
+OPT and GPT-2 checkpoints are others (model/families.py maps their configs and tensor names onto it).
+Parameter names are GPT-2's (wte, wpe, h.N.attn.c_attn, ...), whatever the family: q, k and v are one
+Linear (c_attn), a gated MLP's gate and up are one Linear (c_fc), so each is one MatMul in the graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.model.config import ACTIVATION_NAMES, DecoderConfig, rope_kind  # noqa: F401 (rope_kind: re-exported)
+
+ACTIVATIONS = {
+    "gelu": F.gelu,                                          # exact (erf)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),    # GPT-2's and Gemma's approximation
+    "relu": F.relu,
+    "silu": F.silu,
+}
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
+# ----------------------------------------------------------------------------- normalization
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (offset + w), in float32. Gemma stores w - 1 (offset 1); Llama and the rest w (offset 0)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x):
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return (y * w).type_as(x)
+
+
+def make_norm(c: DecoderConfig, dim: int) -> nn.Module:
+    if c.norm == "rmsnorm":
+        return RMSNorm(dim, c.norm_eps, c.norm_offset)
+    return nn.LayerNorm(dim, eps=c.norm_eps, bias=c.norm_bias)
+
+
+# ----------------------------------------------------------------------------- positions
+
+def sinusoidal_table(n_ctx: int, n_embd: int) -> torch.Tensor:
+    """(n_ctx, n_embd) fixed position encodings of 'Attention Is All You Need', sin/cos interleaved."""
+    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float64) * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(n_ctx, n_embd, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)[:, : n_embd // 2]
+    return table.float()
+
+
+def _need(scaling: dict, *keys: str) -> list:
+    missing = [k for k in keys if scaling.get(k) is None]
+    if missing:
+        raise UserError(f"model config: rope_scaling {rope_kind(scaling)!r} needs {missing}")
+    return [scaling[k] for k in keys]
+
+
+def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, s: dict, n_ctx: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate the low frequencies, keep the high ones, ramp between (arXiv 2309.00071)."""
+    (factor,) = _need(s, "factor")
+    original = s.get("original_max_position_embeddings") or n_ctx
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / ((high + 0.001 if low == high else high) - low))
+    keep = 1 - ramp.clamp(0, 1)  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, attention_factor
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by factor, short ones kept, a smooth blend between."""
+    factor, low, high, original = _need(s, "factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """RoPE's cos and sin for given positions, (B, T, rot), rot = the rotated part of a head.
+
+    Scaling as transformers computes it. "dynamic" (NTK) and "longrope" depend on the sequence length,
+    here max(position_ids) + 1 of each call: computed in the graph, so one export serves any length
+    (transformers keeps the longest length seen so far; the two agree for lengths within n_ctx)."""
+
+    def __init__(self, head_dim: int, fraction: float, theta: float, scaling: dict | None, n_ctx: int,
+                 original_ctx: int | None = None):
+        super().__init__()
+        self.dim = dim = int(head_dim * fraction)
+        self.kind, s = rope_kind(scaling), scaling or {}
+        self.theta, self.n_ctx = theta, n_ctx
+        # explicit device: a model built on the meta device (to load weights into) still gets real tables
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        inv_freq = 1.0 / (theta ** exponents)
+        self.attention_factor = 1.0
+        if self.kind == "linear":
+            inv_freq = inv_freq / _need(s, "factor")[0]
+        elif self.kind == "llama3":
+            inv_freq = _llama3(inv_freq, s)
+        elif self.kind == "yarn":
+            inv_freq, self.attention_factor = _yarn(inv_freq, dim, theta, s, n_ctx)
+        elif self.kind == "dynamic":
+            self.factor = float(_need(s, "factor")[0])
+        elif self.kind == "longrope":
+            short, long = _need(s, "short_factor", "long_factor")
+            if len(short) != dim // 2 or len(long) != dim // 2:
+                raise UserError(f"model config: rope_scaling longrope factors must have {dim // 2} entries")
+            self.original = original_ctx or n_ctx
+            factor = n_ctx / self.original if original_ctx else s.get("factor", 1.0)
+            self.attention_factor = s.get("attention_factor") or (
+                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original)))
+            self.register_buffer("long_inv_freq", 1.0 / (torch.tensor(long, dtype=torch.float32, device="cpu")
+                                                         * theta ** exponents), persistent=False)
+            inv_freq = 1.0 / (torch.tensor(short, dtype=torch.float32, device="cpu") * theta ** exponents)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids):
+        # position_ids: (B, T) -> cos, sin: (B, T, dim)
+        inv_freq = self.inv_freq
+        if self.kind in ("dynamic", "longrope"):
+            seq_len = position_ids.max() + 1
+            if self.kind == "dynamic":  # a larger base beyond n_ctx; exactly theta up to it
+                seq_len = seq_len.clamp(min=self.n_ctx).float()
+                base = self.theta * ((self.factor * seq_len / self.n_ctx) - (self.factor - 1)) ** (
+                    self.dim / (self.dim - 2))
+                exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=position_ids.device).float()
+                inv_freq = 1.0 / (base ** (exponents / self.dim))
+            else:
+                inv_freq = torch.where(seq_len > self.original, self.long_inv_freq, self.inv_freq)
+        freqs = position_ids[:, :, None].float() * inv_freq        # (B, T, dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)                   # (B, T, dim)
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first cos.shape[-1] features of each head (GPT-NeoX's rotate_half layout); x: (B, H, T, D)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    cos, sin = cos[:, None], sin[:, None]                          # (B, 1, T, rot)
+    half = torch.cat([-x_rot[..., rot // 2:], x_rot[..., : rot // 2]], dim=-1)
+    y = x_rot * cos + half * sin
+    return y if x_pass is None else torch.cat([y, x_pass], dim=-1)
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        self.sizes = [q, kv, kv]
+        self.c_attn = nn.Linear(c.n_embd, q + 2 * kv, bias=c.qkv_bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(q, c.n_embd, bias=c.out_bias)
+        if c.qk_norm:
+            self.q_norm, self.k_norm = make_norm(c, c.head_dim), make_norm(c, c.head_dim)
+        self.scale, self.softcap = c.attn_scale, c.attn_softcap
+        self.dropout = c.dropout
+
+    def forward(self, x, bias=None, rope=None, past=None):
+        # x: (B, T, C); bias: additive mask (B, 1, T, P+T), or None for plain causal; rope: (cos, sin)
+        # or None; past: (key, value) each (B, KV, P, D) or None. Returns y (B, T, C) and (key, value).
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, KV, P+T, D)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head / n_kv_head queries
+            k, v = (self._repeat(t) for t in (k, v))
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is not None:  # SDPA cannot cap the scores: the attention written out
+            scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+            att = (q @ k.transpose(-2, -1)) * scale
+            att = torch.tanh(att / self.softcap) * self.softcap + bias
+            y = F.dropout(F.softmax(att.float(), dim=-1).type_as(q), dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
+                                               dropout_p=dropout, scale=self.scale)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        return self.c_proj(y), present
+
+    def _repeat(self, t):
+        B, KV, S, D = t.shape
+        return t[:, :, None].expand(B, KV, self.n_head // KV, S, D).reshape(B, self.n_head, S, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.gated, self.n_inner = c.gated, c.n_inner
+        self.c_fc = nn.Linear(c.n_embd, (2 if c.gated else 1) * c.n_inner, bias=c.mlp_bias)  # [gate, up]
+        self.c_proj = nn.Linear(c.n_inner, c.n_embd, bias=c.mlp_bias)
+        self.act = ACTIVATIONS[c.activation]
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.gated:
+            # split by a fixed width, not chunk(2): chunk exports as Shape/Gather/Add/Div/Mul/Slice arithmetic
+            # on the runtime shape, 8 small ops a layer (~1 ms a token for SmolLM2's 30 layers); this is one Split
+            gate, up = h.split(self.n_inner, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.parallel = c.parallel_residual
+        self.ln_1 = make_norm(c, c.n_embd)
+        self.attn = CausalSelfAttention(c)
+        self.ln_2 = make_norm(c, c.n_embd)
+        self.mlp = MLP(c)
+        if c.sandwich_norm:
+            self.post_ln_1, self.post_ln_2 = make_norm(c, c.n_embd), make_norm(c, c.n_embd)
+        self.resid_dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, bias=None, rope=None, past=None):
+        a, present = self.attn(self.ln_1(x), bias, rope, past)
+        if hasattr(self, "post_ln_1"):
+            a = self.post_ln_1(a)
+        if self.parallel:  # both sublayers read the block's input
+            return x + self.resid_dropout(a) + self.mlp(self.ln_2(x)), present
+        x = x + self.resid_dropout(a)
+        m = self.mlp(self.ln_2(x))
+        if hasattr(self, "post_ln_2"):
+            m = self.post_ln_2(m)
+        return x + m, present
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Decoder(nn.Module):
+    def __init__(self, arch: DecoderConfig):
+        super().__init__()
+        self.arch = self.config = arch  # GPT replaces .config with the GPTConfig it was made from
+        c = arch
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        if c.positional in ("learned", "sinusoidal"):
+            self.wpe = nn.Embedding(c.n_ctx + c.position_offset, c.n_embd)
+            if c.positional == "sinusoidal":
+                self.wpe.weight.data.copy_(sinusoidal_table(c.n_ctx, c.n_embd))
+                self.wpe.weight.requires_grad_(False)  # fixed, not learned
+        else:
+            self.rope = Rotary(c.head_dim, c.rope_fraction, c.rope_theta, c.rope_scaling, c.n_ctx,
+                               c.rope_original_ctx)
+            if c.rope_local_theta is not None:  # Gemma 3's sliding layers: their own base, no scaling
+                self.rope_local = Rotary(c.head_dim, c.rope_fraction, c.rope_local_theta, None, c.n_ctx)
+        self.drop = nn.Dropout(c.dropout)
+        self.h = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.ln_f = make_norm(c, c.n_embd)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tied:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections: keeps the residual stream's variance flat in depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and module.weight.requires_grad:
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def plain_causal(self) -> bool:
+        """Full causal attention everywhere and SDPA can do it: no mask tensor is needed to train."""
+        c = self.arch
+        return c.attn_softcap is None and all(c.window(i) is None for i in range(c.n_layer))
+
+    def forward(self, input_ids, targets=None):
+        """Training forward: input_ids (B, T) -> logits (B, T, V), and the mean cross-entropy if targets."""
+        B, T = input_ids.shape
+        assert T <= self.arch.n_ctx, f"sequence {T} longer than context {self.arch.n_ctx}"
+        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        masks = None if self.plain_causal else self.attention_biases(torch.ones_like(input_ids), 0, T)
+        x, _ = self.trunk(input_ids, pos, masks, None)
+        logits = self.head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def forward_with_cache(self, input_ids, attention_mask, position_ids, past_key_values):
+        """The ONNX graph contract (see docs/contract.md).
+
+        input_ids, position_ids: (B, T) int64; attention_mask: (B, P+T) int64, 0 at padding;
+        past_key_values: one (key, value) pair per layer, each (B, KV, P, D), P may be 0.
+        Returns logits (B, T, V) and the presents, each (B, KV, P+T, D).
+        """
+        T = input_ids.shape[1]
+        P = past_key_values[0][0].shape[2]
+        x, presents = self.trunk(input_ids, position_ids, self.attention_biases(attention_mask, P, T),
+                                 past_key_values)
+        return self.head(x), presents
+
+    def attention_biases(self, attention_mask, P: int, T: int) -> dict:
+        """Additive masks (B, 1, T, P+T) by layer type. Query i sits at absolute slot P+i and sees key
+        slots j <= P+i that are not padding (and, in a sliding layer, j > P+i - window).
+        A large finite negative rather than -inf: a padding query row, all masked, stays finite."""
+        device = attention_mask.device
+        q_slot = torch.arange(T, device=device)[:, None] + P
+        k_slot = torch.arange(P + T, device=device)[None, :]
+        causal = (k_slot <= q_slot)[None, None, :, :]                        # (1, 1, T, P+T)
+        visible = causal & attention_mask[:, None, None, :].bool()           # (B, 1, T, P+T)
+        dtype = self.wte.weight.dtype
+        biases = {}
+        for kind in set(self.arch.layer_types):
+            window = self.arch.sliding_window if kind == "sliding_attention" else None
+            seen = visible if window is None else visible & (k_slot > q_slot - window)[None, None]
+            bias = torch.zeros(seen.shape, dtype=dtype, device=device)
+            biases[kind] = bias.masked_fill(~seen, torch.finfo(dtype).min)
+        return biases
+
+    def trunk(self, input_ids, position_ids, masks, past_key_values):
+        """Embeddings and blocks: (B, T) ids -> (B, T, C) hidden states, and the presents."""
+        c = self.arch
+        x = self.wte(input_ids)
+        if c.embed_scale is not None:
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
+        ropes = {}
+        if c.positional == "rope":
+            ropes["full_attention"] = ropes["sliding_attention"] = self.rope(position_ids)
+            if hasattr(self, "rope_local"):
+                ropes["sliding_attention"] = self.rope_local(position_ids)
+        else:
+            x = x + self.wpe(position_ids + c.position_offset if c.position_offset else position_ids)
+        x = self.drop(x)
+        presents = []
+        for i, block in enumerate(self.h):
+            kind = c.layer_types[i]
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = block(x, None if masks is None else masks[kind], ropes.get(kind), past)
+            presents.append(present)
+        return x, presents
+
+    def head(self, x):
+        logits = self.lm_head(self.ln_f(x))
+        if self.arch.final_softcap is not None:
+            logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
+        return logits
+
+    def empty_cache(self, batch_size: int, dtype=torch.float32):
+        c = self.arch
+        shape = (batch_size, c.n_kv_head, 0, c.head_dim)
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.n_layer)]

@@ -1,0 +1,563 @@
+"""Model families as data: a Hugging Face model folder -> our Decoder (model/decoder.py) with its weights.
+
+As llama.cpp's convert_hf_to_gguf.py does, each model_type is one small class that names its config
+keys, the defaults transformers gives keys a config.json leaves out, the values we refuse (they would
+change the math in a way we do not implement), and how its safetensors tensors map onto ours:
+
+    tensors = {"h.{i}.attn.c_attn": ("model.layers.{i}.self_attn.q_proj", "...k_proj", "...v_proj")}
+
+maps our module to theirs ({i}: the layer), with .weight/.bias appended; several of theirs are
+concatenated along the output dimension (q, k, v into one matmul). Everything shared lives in Family.
+
+Weights load from safetensors only (never a pickle); every tensor of the folder must be used, with
+the shape the config implies, or the load is refused in one line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
+from pipeline.exports import read_json
+from pipeline.model.config import DecoderConfig, rope_kind
+
+if TYPE_CHECKING:  # torch only where weights load: a folder's config is read and refused without it
+    import torch
+
+    from pipeline.model.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+FAMILIES: dict[str, type["Family"]] = {}
+
+# Hugging Face activation names -> ours (gelu_new, gelu_fast and gelu_pytorch_tanh are one function)
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def family(*model_types: str):
+    def register(cls):
+        cls.model_types = model_types
+        for t in model_types:
+            FAMILIES[t] = cls
+        return cls
+    return register
+
+
+class Family:
+    """What every family shares: config reading, refusals, the tensor mapping and loading."""
+    model_types: tuple[str, ...] = ()
+    title = ""
+    prefix = "model."          # the base model's prefix: checkpoints of the bare base model omit it
+    defaults: dict = {}        # transformers' defaults for keys a config.json may leave out
+    refuse: dict = {}          # key -> the only value we implement
+    tensors: dict = {}         # our module -> theirs, or several of theirs concatenated
+    ignore = ()                # regexes: tensors of theirs that are buffers, not weights
+
+    theta_key = "rope_theta"                   # where transformers 4 kept the RoPE base
+    fraction_key = "partial_rotary_factor"     # ... and the rotated fraction of each head
+
+    def __init__(self, config: dict, where: str):
+        self.where = where  # before legacy_rope, whose refusals name it
+        self.config = self.legacy_rope(config)
+        for key, allowed in self.refuse.items():
+            if self.get(key, allowed) != allowed:
+                self.fail(f"{key} = {self.config[key]!r} changes the model in a way onnxgen does not implement "
+                          f"(supported: {allowed!r})")
+
+    def legacy_rope(self, config: dict) -> dict:
+        """transformers 5 writes RoPE as one `rope_parameters` object (base, rotated fraction and scaling
+        together; per layer type for Gemma 3) where transformers 4 wrote rope_theta, partial_rotary_factor
+        and rope_scaling. The families read the 4.x keys, so a 5.x config is mapped onto them here, with
+        transformers 5's precedence: a non-empty legacy rope_scaling replaces rope_parameters altogether, and
+        otherwise rope_parameters' values override the top-level ones (but Phi-3's top-level
+        original_max_position_embeddings)."""
+        params = config.get("rope_parameters")
+        if params is None or config.get("rope_scaling"):
+            return config
+        if not isinstance(params, dict):
+            self.fail(f"rope_parameters must be an object, got {params!r}")
+        config = dict(config)
+        if params and set(params) <= {"full_attention", "sliding_attention"}:  # per layer type (Gemma 3)
+            local = params.get("sliding_attention") or {}
+            if rope_kind(local) != "default":
+                self.fail(f"rope_parameters.sliding_attention: {rope_kind(local)!r} scaling on sliding layers "
+                          "is not implemented (supported: 'default')")
+            if "rope_theta" in local:
+                config["rope_local_base_freq"] = local["rope_theta"]
+            params = params.get("full_attention") or {}
+        if "rope_theta" in params:
+            config[self.theta_key] = params["rope_theta"]
+        if "partial_rotary_factor" in params:
+            config[self.fraction_key] = params["partial_rotary_factor"]
+        if "original_max_position_embeddings" in params:
+            config.setdefault("original_max_position_embeddings", params["original_max_position_embeddings"])
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        config["rope_scaling"] = scaling if rope_kind(scaling) != "default" else None
+        return config
+
+    def fail(self, message: str):
+        raise UserError(f"config {self.where}: {message}")
+
+    def get(self, key: str, *fallback):
+        """config[key] (null included: a null window means none), else the family's default, else fallback."""
+        if key in self.config:
+            return self.config[key]
+        if key in self.defaults:
+            return self.defaults[key]
+        if fallback:
+            return fallback[0]
+        self.fail(f"has no {key!r} (model_type {self.config.get('model_type')!r} needs it)")
+
+    def activation(self, key: str) -> str:
+        name = self.get(key)
+        if name not in ACTIVATIONS:
+            self.fail(f"{key} {name!r} is not implemented (known: {', '.join(ACTIVATIONS)})")
+        return ACTIVATIONS[name]
+
+    def rope_scaling(self, key: str = "rope_scaling") -> dict | None:
+        s = self.get(key, None)
+        if s is not None and not isinstance(s, dict):
+            self.fail(f"{key} must be an object, got {s!r}")
+        return s
+
+    def layer_types(self, window: int | None) -> tuple[str, ...] | None:
+        """config's layer_types when it has them; sliding layers without a window are full ones."""
+        types = self.config.get("layer_types") or self.derived_layer_types()
+        if types is not None and window is None:
+            types = ["full_attention"] * len(types)
+        return None if types is None else tuple(types)
+
+    def derived_layer_types(self) -> list[str] | None:
+        return None  # every layer alike: sliding if there is a window
+
+    def arch(self) -> DecoderConfig:
+        return DecoderConfig(**self.fields(), extra={"model_type": self.config.get("model_type")})
+
+    def fields(self) -> dict:
+        raise NotImplementedError
+
+    def convert(self, ours: str, theirs: list[torch.Tensor]) -> torch.Tensor:
+        """Their tensor(s) as our parameter `ours` (a name with {i}); by default concatenated."""
+        import torch
+
+        return theirs[0] if len(theirs) == 1 else torch.cat(theirs, dim=0)
+
+    # ------------------------------------------------------------------------- weights
+
+    def state_dict(self, model: Decoder, weights: "SafetensorsFolder") -> dict[str, torch.Tensor]:
+        """Our state dict from their tensors, each checked against the shape the config implies."""
+        names = weights.names(self.prefix)
+        used, missing, wrong, state = set(), [], [], {}
+        for ours, param in model.state_dict(keep_vars=True).items():
+            if ours == "lm_head.weight" and model.arch.tied:
+                continue
+            module, suffix = ours.rsplit(".", 1)
+            layer = re.match(r"h\.(\d+)\.", module)
+            pattern = re.sub(r"^h\.\d+\.", "h.{i}.", module)
+            theirs = self.tensors.get(pattern)
+            assert theirs is not None, f"{type(self).__name__} maps no tensor to {pattern}"
+            theirs = (theirs,) if isinstance(theirs, str) else theirs
+            theirs = [t.format(i=layer.group(1) if layer else "") + "." + suffix for t in theirs]
+            absent = [t for t in theirs if t not in names]
+            if absent:
+                missing.extend(absent)
+                continue
+            used.update(theirs)
+            tensor = self.convert(f"{pattern}.{suffix}", [weights.get(names[t]).float() for t in theirs])
+            if tuple(tensor.shape) != tuple(param.shape):
+                wrong.append(f"{'+'.join(theirs)} {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                continue
+            state[ours] = tensor
+        unexpected = [n for n in names if n not in used and not any(re.search(p, n) for p in self.ignore)
+                      and not (n == "lm_head.weight" and model.arch.tied)]
+        if missing or wrong or unexpected:
+            parts = [f"{what} {items[:4]}{' ...' if len(items) > 4 else ''}" for what, items in
+                     [("missing", missing), ("wrong shapes", wrong), ("tensors onnxgen does not implement",
+                                                                      unexpected)] if items]
+            raise UserError(f"checkpoint {weights.folder}: does not match its config.json ({'; '.join(parts)})")
+        if model.arch.tied:
+            state["lm_head.weight"] = state["wte.weight"]
+        return state
+
+
+class SafetensorsFolder:
+    """Every *.safetensors file of a folder (sharded or not), read lazily; never a pickle."""
+
+    def __init__(self, folder: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.folder, self.files = folder, {}
+        paths = sorted(folder.glob("*.safetensors"))
+        if not paths:
+            raise UserError(f"--hf {folder}: no *.safetensors weights (onnxgen loads safetensors only, never pickles)")
+        for path in paths:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = list(f.keys())
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
+            for k in keys:
+                if k in self.files:
+                    raise UserError(f"checkpoint {folder}: tensor {k} is in both {self.files[k].name} and {path.name}")
+                self.files[k] = path
+
+    def names(self, prefix: str) -> dict[str, str]:
+        """Their canonical names (with the base model's prefix) -> the names in the files."""
+        if any(k.startswith(prefix) for k in self.files):
+            return {k: k for k in self.files}
+        return {(k if k.startswith("lm_head.") else prefix + k): k for k in self.files}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+# ----------------------------------------------------------------------------- the families
+
+def _layers(*modules: str) -> tuple[str, ...]:
+    return tuple(f"model.layers.{{i}}.{m}" for m in modules)
+
+
+@family("llama")
+class Llama(Family):
+    title = "Llama"
+    defaults = dict(tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
+                    mlp_bias=False, hidden_act="silu", max_position_embeddings=2048, intermediate_size=11008)
+    tensors = {
+        "wte": "model.embed_tokens",
+        "h.{i}.ln_1": _layers("input_layernorm")[0],
+        "h.{i}.attn.c_attn": _layers("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "h.{i}.attn.c_proj": _layers("self_attn.o_proj")[0],
+        "h.{i}.attn.q_norm": _layers("self_attn.q_norm")[0],
+        "h.{i}.attn.k_norm": _layers("self_attn.k_norm")[0],
+        "h.{i}.ln_2": _layers("post_attention_layernorm")[0],
+        "h.{i}.mlp.c_fc": _layers("mlp.gate_proj", "mlp.up_proj"),
+        "h.{i}.mlp.c_proj": _layers("mlp.down_proj")[0],
+        "ln_f": "model.norm",
+        "lm_head": "lm_head",
+    }
+    ignore = (r"rotary_emb\.inv_freq$",)
+
+    def fields(self) -> dict:
+        bias = self.get("attention_bias")
+        window = self.get("sliding_window", None)
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("max_position_embeddings"),
+            n_layer=self.get("num_hidden_layers"), n_head=self.get("num_attention_heads"),
+            n_kv_head=self.get("num_key_value_heads", None), n_embd=self.get("hidden_size"),
+            head_dim=self.get("head_dim", None), n_inner=self.get("intermediate_size"),
+            norm="rmsnorm", norm_eps=self.get("rms_norm_eps"), positional="rope",
+            rope_theta=self.get("rope_theta"), rope_scaling=self.rope_scaling(),
+            rope_fraction=self.get("partial_rotary_factor", 1.0),
+            qkv_bias=bias, out_bias=bias, activation=self.activation("hidden_act"), gated=True,
+            mlp_bias=self.get("mlp_bias", False), tied=self.get("tie_word_embeddings"),
+            sliding_window=window, layer_types=self.layer_types(window))
+
+
+@family("mistral")
+class Mistral(Llama):
+    title = "Mistral"
+    defaults = {**Llama.defaults, "sliding_window": 4096, "max_position_embeddings": 131072,
+                "intermediate_size": 14336}
+    refuse = {"attention_bias": False, "mlp_bias": False}
+
+
+@family("qwen2")
+class Qwen2(Llama):
+    """Qwen2: biases on q, k and v only; sliding windows only with use_sliding_window, from max_window_layers."""
+    title = "Qwen2"
+    defaults = {**Llama.defaults, "max_position_embeddings": 32768, "intermediate_size": 22016,
+                "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}
+    refuse = {"attention_bias": False, "mlp_bias": False}
+
+    def fields(self) -> dict:
+        window = self.get("sliding_window", None) if self.get("use_sliding_window") else None
+        return {**super().fields(), "qkv_bias": True, "out_bias": False, "sliding_window": window,
+                "layer_types": self.layer_types(window)}
+
+    def derived_layer_types(self):
+        first = self.get("max_window_layers")
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(self.get("num_hidden_layers"))]
+
+
+@family("qwen3")
+class Qwen3(Qwen2):
+    """Qwen3: Qwen2 with RMSNorm on each head's q and k, and attention_bias instead of fixed biases."""
+    title = "Qwen3"
+    defaults = {**Qwen2.defaults, "head_dim": 128}
+    refuse = {"mlp_bias": False}
+
+    def fields(self) -> dict:
+        bias = self.get("attention_bias")
+        return {**super().fields(), "qk_norm": True, "qkv_bias": bias, "out_bias": bias}
+
+
+@family("phi3")
+class Phi3(Llama):
+    """Phi-3: q, k, v in one tensor and gate, up in another (our layout already); longrope scaling."""
+    title = "Phi-3"
+    defaults = {**Llama.defaults, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                "intermediate_size": 8192, "sliding_window": None}
+    refuse = {"attention_bias": False, "mlp_bias": False}
+    tensors = {**Llama.tensors, "h.{i}.attn.c_attn": _layers("self_attn.qkv_proj")[0],
+               "h.{i}.mlp.c_fc": _layers("mlp.gate_up_proj")[0]}
+
+    def rope_scaling(self, key: str = "rope_scaling") -> dict | None:
+        s = super().rope_scaling(key)
+        if s is not None and s.get("type") in ("su", "yarn") and "rope_type" not in s:
+            s = {**s, "rope_type": "longrope"}  # what transformers' Phi3Config makes of the legacy names
+        return s
+
+    def fields(self) -> dict:
+        original = self.get("original_max_position_embeddings", None)
+        return {**super().fields(), "rope_original_ctx": original}
+
+
+@family("gemma")
+class Gemma(Llama):
+    """Gemma: RMSNorm scales by (1 + w), embeddings scaled by sqrt(hidden), GeGLU, a head tied to them."""
+    title = "Gemma"
+    defaults = {**Llama.defaults, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+                "head_dim": 256, "max_position_embeddings": 8192, "intermediate_size": 24576}
+    refuse = {"mlp_bias": False}
+    act_key = "hidden_act"
+
+    def fields(self) -> dict:
+        return {**super().fields(), "norm_offset": 1.0, "embed_scale": math.sqrt(self.get("hidden_size")),
+                "activation": self.activation(self.act_key)}
+
+
+@family("gemma2")
+class Gemma2(Gemma):
+    """Gemma 2: sandwich norms, soft-capped attention scores and logits, alternating sliding layers."""
+    title = "Gemma 2"
+    defaults = {**Gemma.defaults, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+                "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                "intermediate_size": 9216}
+    act_key = "hidden_activation"
+    tensors = {**Llama.tensors,
+               "h.{i}.post_ln_1": _layers("post_attention_layernorm")[0],
+               "h.{i}.ln_2": _layers("pre_feedforward_layernorm")[0],
+               "h.{i}.post_ln_2": _layers("post_feedforward_layernorm")[0]}
+
+    def fields(self) -> dict:
+        return {**super().fields(), "sandwich_norm": True, "attn_scale": self.get("query_pre_attn_scalar") ** -0.5,
+                "attn_softcap": self.get("attn_logit_softcapping", None),
+                "final_softcap": self.get("final_logit_softcapping", None)}
+
+    def derived_layer_types(self):
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(self.get("num_hidden_layers"))]
+
+
+@family("gemma3_text")
+class Gemma3(Gemma2):
+    """Gemma 3 (text): Gemma 2 plus q/k norms, and sliding layers with their own unscaled RoPE base."""
+    title = "Gemma 3 (text)"
+    defaults = {**Gemma2.defaults, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                "attn_logit_softcapping": None, "final_logit_softcapping": None, "max_position_embeddings": 131072,
+                "sliding_window_pattern": 6}
+    refuse = {"mlp_bias": False, "use_bidirectional_attention": False}
+
+    def fields(self) -> dict:
+        return {**super().fields(), "qk_norm": True, "rope_local_theta": self.get("rope_local_base_freq")}
+
+    def derived_layer_types(self):
+        pattern = self.config.get("sliding_window_pattern") or self.config.get("_sliding_window_pattern") or 6
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                for i in range(self.get("num_hidden_layers"))]
+
+
+@family("gpt_neox")
+class GPTNeoX(Family):
+    """GPT-NeoX (Pythia): parallel residual, partial rotary, q/k/v interleaved per head in one tensor."""
+    title = "GPT-NeoX (Pythia)"
+    prefix = "gpt_neox."
+    defaults = dict(tie_word_embeddings=False, layer_norm_eps=1e-5, rotary_emb_base=10000, rotary_pct=0.25,
+                    attention_bias=True, use_parallel_residual=True, hidden_act="gelu",
+                    max_position_embeddings=2048, intermediate_size=24576)
+    tensors = {
+        "wte": "gpt_neox.embed_in",
+        "h.{i}.ln_1": "gpt_neox.layers.{i}.input_layernorm",
+        "h.{i}.attn.c_attn": "gpt_neox.layers.{i}.attention.query_key_value",
+        "h.{i}.attn.c_proj": "gpt_neox.layers.{i}.attention.dense",
+        "h.{i}.ln_2": "gpt_neox.layers.{i}.post_attention_layernorm",
+        "h.{i}.mlp.c_fc": "gpt_neox.layers.{i}.mlp.dense_h_to_4h",
+        "h.{i}.mlp.c_proj": "gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+        "ln_f": "gpt_neox.final_layer_norm",
+        "lm_head": "embed_out",
+    }
+    ignore = (r"attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$")
+    theta_key, fraction_key = "rotary_emb_base", "rotary_pct"
+
+    def fields(self) -> dict:
+        bias = self.get("attention_bias")
+        # transformers' GPTNeoXConfig sets rope_theta and partial_rotary_factor from these two keys
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("max_position_embeddings"),
+            n_layer=self.get("num_hidden_layers"), n_head=self.get("num_attention_heads"),
+            n_embd=self.get("hidden_size"), n_inner=self.get("intermediate_size"),
+            norm="layernorm", norm_eps=self.get("layer_norm_eps"), positional="rope",
+            rope_theta=self.get("rotary_emb_base"), rope_fraction=self.get("rotary_pct"),
+            rope_scaling=self.rope_scaling(), qkv_bias=bias, out_bias=bias, activation=self.activation("hidden_act"),
+            mlp_bias=True, parallel_residual=self.get("use_parallel_residual"), tied=self.get("tie_word_embeddings"))
+
+    def convert(self, ours, theirs):
+        t = theirs[0]
+        if ours.startswith("h.{i}.attn.c_attn."):  # (heads, 3, head_dim, ...) -> (3, heads, head_dim, ...)
+            H = self.get("num_attention_heads")
+            t = t.reshape(H, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        return t
+
+
+@family("gpt2")
+class GPT2(Family):
+    """GPT-2: our own GPT's architecture; its Conv1D weights are stored (in, out)."""
+    title = "GPT-2"
+    prefix = "transformer."
+    defaults = dict(tie_word_embeddings=True, layer_norm_epsilon=1e-5, activation_function="gelu_new",
+                    n_inner=None, n_positions=1024)
+    refuse = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+    tensors = {"wte": "transformer.wte", "wpe": "transformer.wpe", "ln_f": "transformer.ln_f", "lm_head": "lm_head",
+               **{f"h.{{i}}.{m}": f"transformer.h.{{i}}.{m}"
+                  for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")}}
+    ignore = (r"attn\.(masked_)?bias$",)
+
+    def fields(self) -> dict:
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("n_positions"), n_layer=self.get("n_layer"),
+            n_head=self.get("n_head"), n_embd=self.get("n_embd"), n_inner=self.get("n_inner"),
+            norm="layernorm", norm_eps=self.get("layer_norm_epsilon"), positional="learned",
+            activation=self.activation("activation_function"), tied=self.get("tie_word_embeddings"))
+
+    def convert(self, ours, theirs):
+        t = theirs[0]
+        conv1d = ours.endswith(".weight") and (".attn." in ours or ".mlp." in ours)
+        return t.t().contiguous() if conv1d else t
+
+
+@family("opt")
+class OPT(Family):
+    """OPT: learned positions from row 2, ReLU, pre-LayerNorm (opt-350m's post-LayerNorm is refused)."""
+    title = "OPT"
+    defaults = dict(tie_word_embeddings=True, activation_function="relu", enable_bias=True,
+                    max_position_embeddings=2048, ffn_dim=3072)
+    refuse = {"do_layer_norm_before": True, "_remove_final_layer_norm": False,
+              "layer_norm_elementwise_affine": True}
+    tensors = {
+        "wte": "model.decoder.embed_tokens",
+        "wpe": "model.decoder.embed_positions",
+        "h.{i}.ln_1": "model.decoder.layers.{i}.self_attn_layer_norm",
+        "h.{i}.attn.c_attn": tuple(f"model.decoder.layers.{{i}}.self_attn.{p}_proj" for p in "qkv"),
+        "h.{i}.attn.c_proj": "model.decoder.layers.{i}.self_attn.out_proj",
+        "h.{i}.ln_2": "model.decoder.layers.{i}.final_layer_norm",
+        "h.{i}.mlp.c_fc": "model.decoder.layers.{i}.fc1",
+        "h.{i}.mlp.c_proj": "model.decoder.layers.{i}.fc2",
+        "ln_f": "model.decoder.final_layer_norm",
+        "lm_head": "lm_head",
+    }
+
+    def fields(self) -> dict:
+        hidden = self.get("hidden_size")
+        if self.get("word_embed_proj_dim", hidden) != hidden:
+            self.fail(f"word_embed_proj_dim {self.config['word_embed_proj_dim']} != hidden_size {hidden} "
+                      "(project_in/project_out) is not implemented")
+        bias = self.get("enable_bias")
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("max_position_embeddings"),
+            n_layer=self.get("num_hidden_layers"), n_head=self.get("num_attention_heads"), n_embd=hidden,
+            n_inner=self.get("ffn_dim"), norm="layernorm", norm_eps=1e-5, positional="learned", position_offset=2,
+            qkv_bias=bias, out_bias=bias, mlp_bias=bias, activation=self.activation("activation_function"),
+            tied=self.get("tie_word_embeddings"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def supported() -> str:
+    return ", ".join(f"{t} ({cls.title})" for t, cls in FAMILIES.items())
+
+
+def check_hf_folder(src: Path) -> dict:
+    """A transformers model folder's config.json, after checking what an export needs of the folder: a
+    model_type onnxgen (or its Optimum fallback) exports, safetensors weights, a fast tokenizer. No torch, no
+    transformers: an unsupported folder is refused before anything heavy is imported."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"--hf {src}: folder does not exist")
+    if not (src / "config.json").is_file():
+        raise UserError(f"--hf {src}: has no config.json (expected a transformers model folder)")
+    config = read_json(src / "config.json", "config")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        why = optimum_exports(model_type)
+        if why is not None:
+            raise UserError(f"--hf {src}: model_type {model_type!r} is not supported; supported: {supported()} "
+                            f"(and {why})")
+        log.warning("%s: model_type %r is not one of onnxgen's families (%s); exporting it with optimum instead",
+                    src, model_type, ", ".join(FAMILIES))
+    if not any(src.glob("*.safetensors")):
+        raise UserError(f"--hf {src}: no *.safetensors weights (onnxgen loads safetensors only, never pickles)")
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"--hf {src}: no tokenizer.json (a fast tokenizer is needed: onnxruntime-genai, "
+                        "transformers.js and onnxgen all read that file)")
+    return config
+
+
+def optimum_exports(model_type) -> str | None:
+    """None if optimum can export this model_type with a KV cache, else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("optimum") is None:  # no import at all: refusing stays instant
+        return "optimum, the fallback for other types, is not installed: pip install -e '.[hf]'"
+    try:
+        import optimum.exporters.onnx.model_configs  # noqa: F401 (registers the ONNX configs with TasksManager)
+        from optimum.exporters.tasks import TasksManager
+    except ImportError:
+        return "optimum, the fallback for other types, is not installed: pip install -e '.[hf]'"
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, exporter="onnx", library_name="transformers")
+    except (KeyError, ValueError):
+        return "optimum does not export it either"
+    return None if "text-generation-with-past" in tasks else "optimum does not export it with a KV cache"
+
+
+def family_of(folder: Path) -> Family:
+    """The family of a transformers model folder, from its config.json; unknown types are refused."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, "config")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"--hf {folder}: model_type {model_type!r} is not supported; supported: {supported()}")
+    return FAMILIES[model_type](config, str(path))
+
+
+def arch_of(folder: str | Path) -> DecoderConfig | None:
+    """The decoder configuration of an export or model folder's config.json, None for a model_type
+    outside the families (an Optimum fallback export)."""
+    path = Path(folder) / "config.json"
+    config = read_json(path, "config")
+    family = FAMILIES.get(config.get("model_type"))
+    return None if family is None else family(config, str(path)).arch()
+
+
+def load_decoder(folder: str | Path) -> Decoder:
+    """Our decoder with the folder's weights (safetensors only), fp32, in eval mode."""
+    import torch
+
+    from pipeline.model.decoder import Decoder
+
+    folder = Path(folder)
+    fam = family_of(folder)
+    arch = fam.arch()
+    weights = SafetensorsFolder(folder)
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = Decoder(arch)
+    model.load_state_dict(fam.state_dict(model, weights), strict=True, assign=True)
+    if arch.tied:
+        model.lm_head.weight = model.wte.weight
+    return model.eval()
