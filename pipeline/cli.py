@@ -285,10 +285,14 @@ def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, h
               help="The fused attention graph (onnxgen fuse) or the plain one [fused when the export has it].")
 @threads_option
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
+@click.option("--special-tokens/--no-special-tokens", default=True, show_default=True,
+              help="Encode text prompts as transformers does, with the special tokens the export's tokenizer adds "
+                   "(a BOS where it declares one); --no-special-tokens feeds the bare text (raw continuations). "
+                   "--chat templates write their own.")
 @click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr.")
 @unsafe_skip_verify_option
 def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, stop, seed, variant, device, fused, threads, echo, stats, unsafe_skip_verify):
+        repetition_penalty, stop, seed, variant, device, fused, threads, echo, special_tokens, stats, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
     import time
@@ -330,7 +334,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     variant = variant or ("fp16" if device == "cuda" else "fp32")
     started = time.perf_counter()
     lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
-                fused="auto" if fused is None else fused)
+                fused="auto" if fused is None else fused, special_tokens=special_tokens)
     loaded = time.perf_counter()
     what = f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms"  # --stats
     sampling = SamplingConfig.from_defaults(lm.sampling_defaults, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -46,6 +46,27 @@ def load_tokenizer(path: str | Path, require_eot: bool = True) -> Tokenizer:
     return tok
 
 
+def prompt_tokenizer(folder: str | Path) -> Tokenizer:
+    """An export's tokenizer for prompts: `prompt_tokenizer(folder).encode(text).ids` is what transformers'
+    AutoTokenizer(folder)(text) gives, special tokens included; add_special_tokens=False gives the bare text.
+
+    The one rule, transformers 5's and transformers.js's tokenizer call's: tokenizer.json's post-processor
+    declares the special tokens a text gets (SmolLM2's puts <|im_start|> first, Llama 3's <|begin_of_text|>,
+    Gemma's <bos>; one that also appends an EOS gets it at the end of the prompt, as transformers gives it;
+    onnxgen's own GPT has none). tokenizer_config.json's add_bos_token/add_eos_token are not read: transformers 5
+    drops them when a tokenizer.json exists (transformers 4's Llama and Gemma classes rebuilt the template from
+    them; real folders declare the same in both places). Chat templates write their own special tokens and are
+    encoded with add_special_tokens=False."""
+    return load_tokenizer(Path(folder) / "tokenizer.json", require_eot=False)
+
+
+def prompt_prefix(tok: Tokenizer) -> list[int]:
+    """The ids a text prompt starts with before its text under `tok`'s post-processor (a BOS, or none)."""
+    full, bare = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare]
+    return full[:starts[0]] if starts else []
+
+
 def check_text(text: str, what: str = "prompt") -> str:
     """`text` if the tokenizer can take it. Bad bytes on stdin or in argv arrive as lone surrogates
     (Python's surrogateescape), which are not Unicode text and which `tokenizers` rejects with a TypeError."""

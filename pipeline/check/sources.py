@@ -19,22 +19,26 @@ from pipeline import manifest
 from pipeline.errors import UserError
 from pipeline.exports import VARIANTS, generation_ids
 from pipeline.model.reference import checkpoint_kind, gpt_reference, hf_reference, load_gguf_model, load_hf_model
-from pipeline.tokenizer import EOT, load_tokenizer
+from pipeline.tokenizer import EOT, load_tokenizer, prompt_prefix, prompt_tokenizer
 from pipeline.train.corpus import load_corpus
 from pipeline.train.runs import load_model, read_tokens
 
 
 def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, length: int) -> np.ndarray:
-    """Held-out windows of `corpus` (None: the standard library), tokenized with the export's tokenizer.
+    """Held-out windows of `corpus` (None: the standard library), tokenized with the export's tokenizer, each
+    starting as `onnxgen run` starts a text prompt: with the ids the tokenizer puts first (a BOS, where the
+    model's tokenizer adds one; tokenizer.prompt_tokenizer), so parity judges the graphs on what they are fed.
 
     The same split onnxgen's own training holds out, so an imported model is judged on text it
     (most likely) did not see in our pipeline either."""
-    tok = load_tokenizer(folder / "tokenizer.json", require_eot=False)
+    tok = prompt_tokenizer(folder)
+    prefix = prompt_prefix(tok)
     ids: list[int] = []
     for enc in tok.encode_batch(load_corpus(corpus).valid, add_special_tokens=False):
         ids.extend(enc.ids)
         ids.append(eos_id)
-    return held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, length)
+    windows = held_out_windows(np.asarray(ids, dtype=np.int64), n_windows, length - len(prefix))
+    return np.concatenate([np.tile(np.asarray(prefix, np.int64), (len(windows), 1)), windows], axis=1)
 
 
 def hf_empty_past(folder: Path):

@@ -32,7 +32,7 @@ from pipeline.exports import INPUTS, MAX_LEN, fused_path, generation_ids, read_c
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
 from pipeline.run.text import CompletionText, cut_at_stop
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import prompt_tokenizer
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -262,10 +262,13 @@ class SharedBufferDecode:
 
 class OnnxLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
-                 verify: bool = False, fused: bool | str = False, spin: bool | None = None):
+                 verify: bool = False, fused: bool | str = False, spin: bool | None = None,
+                 special_tokens: bool = True):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
-        (faster only on cores nothing else wants); None: ONNX Runtime's default, spinning."""
+        (faster only on cores nothing else wants); None: ONNX Runtime's default, spinning.
+        special_tokens: text prompts get the special tokens transformers' tokenizer adds (a BOS where the
+        folder declares one: tokenizer.prompt_tokenizer); False encodes the bare text (raw continuations)."""
         self.folder = Path(folder)
         self.verify = verify  # the chat template's files are checked when a chat reads them (run/chat.py)
         if not self.folder.is_dir():
@@ -284,7 +287,8 @@ class OnnxLM:
         preflight(self.folder, variant, provider, verify, path=path)
         self.shape = read_config(self.folder)
         ids = generation_ids(self.folder)
-        self.tokenizer = load_tokenizer(self.folder / "tokenizer.json", require_eot=False)  # eos: generation_config
+        self.tokenizer = prompt_tokenizer(self.folder)  # eos ids: generation_config.json
+        self.special_tokens = special_tokens
         self.eos_ids = np.array(ids.eos, dtype=np.int64)
         self.eos_id, self.pad_id = ids.eos[0], ids.pad
         self.sampling_defaults = ids.sampling  # generation_config.json's do_sample, temperature, ...
@@ -332,7 +336,8 @@ class OnnxLM:
 
     # ------------------------------------------------------------------ the loop
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """A text prompt's ids, as transformers' tokenizer encodes it (unless special_tokens is off)."""
+        return self.tokenizer.encode(text, add_special_tokens=self.special_tokens).ids
 
     def check_prompt(self, ids: list[int], label: str = "prompt") -> None:
         if not ids:

@@ -120,3 +120,84 @@ def test_token_files_above_65536_tokens_read_back_as_written(tmp_path):
                                                       "n_embd": 8}))
     assert read_tokens(tmp_path, "valid").tolist() == ids.tolist()
     assert Split.load(tmp_path / "data", "valid", token_dtype(70000)).ids.tolist() == ids.tolist()
+
+
+# ----------------------------------------------------------------------------- prompts as transformers encodes them
+
+PROMPTS = ["The capital of France is", "def parse_args(", "", " leading space", "<|im_start|>user\nhi"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<bos>", "<eos>", "<|begin_of_text|>"]
+
+
+def _folder(root, name, template: str | None, config: dict):
+    """A tokenizer folder: a byte-level BPE with SPECIALS, its post-processor `template` ("<bos> $A": a
+    TemplateProcessing; None: none at all), and tokenizer_config.json `config`."""
+    import json
+
+    from tokenizers import processors
+
+    tok = train_tokenizer(["The capital of France is Paris. def parse_args(argv):\n    return argv\n" * 30], 400)
+    tok.add_special_tokens(SPECIALS)
+    if template is None:
+        tok.post_processor = None
+    else:
+        specials = [(t, tok.token_to_id(t)) for t in SPECIALS if t in template]
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                                  processors.TemplateProcessing(single=template, special_tokens=specials)])
+    folder = root / name
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "model_max_length": 128, **config}))
+    return folder
+
+
+# name -> (post-processor template, tokenizer_config.json, what transformers adds around the text)
+CASES = {
+    # SmolLM2 as transformers saves it: add_bos_token and a template that puts <|im_start|> first
+    "smollm2": ("<|im_start|> $A", {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": True},
+                ["<|im_start|>"], []),
+    # Llama 3: the template alone (no add_bos_token in the config)
+    "llama3": ("<|begin_of_text|> $A", {"bos_token": "<|begin_of_text|>", "eos_token": "<|endoftext|>"},
+               ["<|begin_of_text|>"], []),
+    # Gemma: add_bos_token and the template
+    "gemma": ("<bos> $A", {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True, "add_eos_token": False},
+              ["<bos>"], []),
+    # a template that appends the EOS too: transformers puts it at the end of the prompt, and so do we
+    "bos_eos": ("<bos> $A <eos>", {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True,
+                                   "add_eos_token": True}, ["<bos>"], ["<eos>"]),
+    # transformers 5 reads the template, not the flags: a flag without a template adds nothing, a false flag
+    # does not remove the template's BOS
+    "flags_only": (None, {"bos_token": "<bos>", "add_bos_token": True, "add_eos_token": True}, [], []),
+    "flag_off": ("<bos> $A", {"bos_token": "<bos>", "add_bos_token": False}, ["<bos>"], []),
+    # onnxgen's own GPT: no template, no flags
+    "plain": (None, {"bos_token": "<|endoftext|>"}, [], []),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prompts_get_the_special_tokens_transformers_adds(case, tmp_path):
+    """prompt_tokenizer's ids are AutoTokenizer's, special tokens included, for each way a folder declares them."""
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenizer import prompt_prefix, prompt_tokenizer
+
+    template, config, before, after = CASES[case]
+    folder = _folder(tmp_path, case, template, config)
+    ours, theirs = prompt_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    for text in PROMPTS:
+        want = theirs(text)["input_ids"]
+        assert ours.encode(text).ids == want, (case, text)
+        bare = ours.encode(text, add_special_tokens=False).ids
+        assert want == [ours.token_to_id(t) for t in before] + bare + [ours.token_to_id(t) for t in after]
+    assert prompt_prefix(ours) == [ours.token_to_id(t) for t in before]
+
+
+def test_trained_tokenizer_adds_nothing(tiny_export):
+    """The trained `small`'s folder (add_bos_token false): prompts are the bare text, as transformers has them."""
+    from transformers import AutoTokenizer
+
+    from pipeline.tokenizer import prompt_tokenizer
+
+    ours, theirs = prompt_tokenizer(tiny_export), AutoTokenizer.from_pretrained(str(tiny_export))
+    for text in PROMPTS:
+        assert ours.encode(text).ids == theirs(text)["input_ids"] == ours.encode(text, add_special_tokens=False).ids
