@@ -14,6 +14,11 @@ next token is known):
                          left-padded batch of 4 rows against each row run alone; as tol_ratio
     greedy_match         greedy tokens before the first disagreement (of `greedy_tokens`)
 
+Memory: the windows stream. The reference runs once per call of a few windows (CHUNK, fewer for a wide
+vocabulary: LOGITS_BUDGET), every graph is run on them and scored before the next call, and the scores are
+running sums (the KL per position, a fixed-stride sample of |Δlogit| for the p99), so parity holds at most a
+call's logits per graph, whatever the number of windows or the vocabulary.
+
 How a graph is run: a plain graph takes each window whole (past 0). A fused twin is run as `onnxgen run`
 runs it: row b prefills its first 1 + b % 8 tokens (a right-padded batch) and is then teacher-forced one
 token per step through the shared KV buffer, so its prefill, padding and decode paths are all scored.
@@ -44,7 +49,11 @@ MIN_SCORED = 8192        # scored positions per graph, at least
 MIN_WINDOWS = 32
 WINDOW_LENGTH = 144      # tokens per window (shorter when the context is)
 PREFILL_SPREAD = 8       # fused twins: row b prefills 1 + b % PREFILL_SPREAD tokens
-CHUNK = 8                # windows per forward call (bounds memory: a 49k vocabulary is 28 MB a window)
+CHUNK = 8                # windows per forward call, at most (SmolLM2's 49k vocabulary: 28 MB of logits a window)
+LOGITS_BUDGET = 256 << 20  # bytes of one graph's fp32 logits per forward call: fewer windows a call for a wider
+                         # vocabulary (Gemma 3's 262k: 151 MB a window, so one), never the whole run's logits
+BLOCK_BYTES = 32 << 20   # the float64 maths of scoring runs over blocks of positions of about this size
+CACHE_WINDOWS = CHUNK    # plain graphs: the two-step (past > 0) check runs on the first windows
 GREEDY_TOKENS = 64
 P99_SAMPLES = 1 << 20    # |Δlogit| values kept for the p99, spread evenly over every chunk
 Z95 = 1.959964           # two-sided 95%
@@ -456,13 +465,24 @@ class _Score:
         self.sample: list[np.ndarray] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray, scored: np.ndarray) -> None:
-        """ref, got (n, T, V) logits; targets (n, T) next tokens; scored (n, T) positions to count."""
-        ref, got, targets = ref[scored], got[scored].astype(np.float64), targets[scored]
+        """ref, got (n, T, V) logits of one call; targets (n, T) next tokens; scored (n, T) positions to count.
+        The float64 maths runs over blocks of positions (BLOCK_BYTES), so its temporaries stay small; the
+        p99 sample takes every stride-th |Δ| of the call's scored logits, as one flat array would."""
+        rows = np.flatnonzero(scored.ravel())
+        V = ref.shape[-1]
+        ref, got, targets = ref.reshape(-1, V), got.reshape(-1, V), targets.ravel()
+        block = max(1, BLOCK_BYTES // (8 * V))
+        for start in range(0, len(rows), block):
+            self._add_block(ref[rows[start:start + block]], got[rows[start:start + block]].astype(np.float64),
+                            targets[rows[start:start + block]], offset=start * V)
+
+    def _add_block(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray, offset: int) -> None:
         diff = np.abs(got - ref)
         self.max_abs = max(self.max_abs, float(diff.max()))
         if self.t.atol is not None:
             self.tol_ratio = max(self.tol_ratio, float((diff / _bound(ref, self.t)).max()))
-        self.sample.append(diff.ravel()[::self.stride].astype(np.float32))
+        self.sample.append(diff.ravel()[(-offset) % self.stride::self.stride].astype(np.float32))
+        del diff
         ref_lp, got_lp = _log_softmax(ref), _log_softmax(got)
         self.kl.append((np.exp(ref_lp) * (ref_lp - got_lp)).sum(-1))
         self.top1 += int((ref.argmax(-1) == got.argmax(-1)).sum())
@@ -497,7 +517,8 @@ class Graph:
 
 def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_TOKENS,
                thresholds: dict | None = None, progress: bool = False) -> ParityReport:
-    """Every graph against the reference, chunk by chunk: the reference runs once per chunk."""
+    """Every graph against the reference, a few windows at a time: the reference runs once per call, and each
+    graph is scored on its windows before the next (module docstring, "Memory")."""
     from tqdm import tqdm
 
     thresholds = thresholds or THRESHOLDS
@@ -510,13 +531,14 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
     targets = np.concatenate([windows[:, 1:], np.zeros((n, 1), np.int64)], 1)  # position t predicts t+1
     plain_scored = np.ones((n, T), bool)
     plain_scored[:, -1] = False
-    fused_scored = None
+    chunk = max(1, min(CHUNK, LOGITS_BUDGET // (T * V * 4)))
+    split = T // 2
+    cache = {g.name: (0.0, 0.0 if thresholds.get(g.variant, Thresholds()).atol is not None else math.nan)
+             for g in graphs if not g.fused}
     bar = tqdm(total=n, desc="parity", unit="window", disable=not progress, leave=False)
-    for start in range(0, n, CHUNK):
-        w = windows[start:start + CHUNK]
+    for start in range(0, n, chunk):
+        w = windows[start:start + chunk]
         want = _full(ref, w)
-        if start == 0:
-            cache_windows, cache_ref = w, want  # the structural checks below reuse the first chunk
         for g in graphs:
             if g.fused:
                 got, valid = _teacher_forced(g.lm, w)
@@ -524,24 +546,30 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
             else:
                 got, scored = _full(g.lm, w), plain_scored[start:start + len(w)]
             scores[g.name].add(want, got, targets[start:start + len(w)], scored)
+            del got
+            if not g.fused and start < CACHE_WINDOWS:  # the same windows in two steps, the second with past > 0
+                t = thresholds.get(g.variant, Thresholds())
+                mask = np.ones_like(w)
+                pos = _positions(mask)
+                first, past = g.lm.forward(w[:, :split], mask[:, :split], pos[:, :split], g.lm.empty_past(len(w)))
+                second, _ = g.lm.forward(w[:, split:], mask, pos[:, split:], past)
+                worst, ratio = cache[g.name]
+                for part, lo in ((first, 0), (second, split)):
+                    worst = max(worst, float(np.abs(part - want[:, lo:lo + part.shape[1]]).max()))
+                    ratio = max(ratio, _tol_ratio(want[:, lo:lo + part.shape[1]], part, t))
+                cache[g.name] = (worst, ratio)
+                del first, second, past
+        del want
         bar.update(len(w))
     bar.close()
     prompt = windows[0, :min(16, T // 2)]
     ref_greedy = _greedy(ref, prompt, greedy_tokens)
-    split = T // 2
     results = []
     for g in graphs:
         t = thresholds.get(g.variant, Thresholds())
         r = scores[g.name].result(g.name)
         if not g.fused:
-            mask = np.ones_like(cache_windows)
-            pos = _positions(mask)
-            first, past = g.lm.forward(cache_windows[:, :split], mask[:, :split], pos[:, :split],
-                                       g.lm.empty_past(len(cache_windows)))
-            second, _ = g.lm.forward(cache_windows[:, split:], mask, pos[:, split:], past)
-            two = np.concatenate([first, second], axis=1)
-            r.cache_max_abs = float(np.abs(two - cache_ref).max())
-            r.cache_ratio = _tol_ratio(cache_ref, two, t)
+            r.cache_max_abs, r.cache_ratio = cache[g.name]
             r.padded_max_abs, r.padded_ratio = _padded_vs_alone(g.lm, windows, source.pad_id, t)
         greedy = (_greedy_fused if g.fused else _greedy)(g.lm, prompt, greedy_tokens)
         r.greedy_match = next((i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), greedy_tokens)

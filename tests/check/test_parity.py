@@ -173,3 +173,64 @@ def test_a_failed_parity_stage_leaves_a_folder_that_runs(tiny_export, tmp_path, 
     listed = set(manifest.load(folder)["files"])
     assert listed == {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
     assert len(OnnxLM(folder, verify=True).complete(["import os"], 4)) == 1
+
+
+# ----------------------------------------------------------------------------- streaming
+
+def _whole(ref, got, targets, scored, t, stride):
+    """The figures from whole arrays, as parity computed them before it streamed (the definition)."""
+    ref, got, targets = ref[scored], got[scored].astype(np.float64), targets[scored]
+    diff = np.abs(got - ref)
+    lp = lambda x: (x := x.astype(np.float64) - x.max(-1, keepdims=True)) - np.log(np.exp(x).sum(-1, keepdims=True))  # noqa: E731
+    ref_lp, got_lp = lp(ref), lp(got)
+    kl = (np.exp(ref_lp) * (ref_lp - got_lp)).sum(-1)
+    rows = np.arange(len(targets))
+    nll_ref, nll_got = -ref_lp[rows, targets].sum(), -got_lp[rows, targets].sum()
+    return {"kl_mean": kl.mean(), "kl_p99": np.percentile(kl, 99), "top1": (ref.argmax(-1) == got.argmax(-1)).mean(),
+            "ppl_ratio": math.exp((nll_got - nll_ref) / len(rows)), "max_abs": diff.max(),
+            "p99_abs": np.percentile(diff.ravel()[::stride], 99),
+            "tol_ratio": (diff / (t.atol + t.rtol * np.abs(ref).max(-1, keepdims=True))).max(),
+            "rms_dp": math.sqrt(((np.exp(got_lp[rows, targets]) - np.exp(ref_lp[rows, targets])) ** 2).mean())}
+
+
+def test_scores_stream_in_blocks_to_the_whole_arrays_figures(monkeypatch):
+    """_Score's running sums over blocks of a few positions give the figures of the whole arrays: the same
+    KL (mean, p99), top-1, PPL ratio, RMS Δp, max |Δ| and tolerance ratio to rounding, and the same p99
+    sample (every stride-th |Δ| of the flat scored logits), so the p99 does not move."""
+    from pipeline.check import parity
+
+    rng = np.random.default_rng(0)
+    n, T, V, stride = 3, 37, 1000, 7
+    ref = rng.normal(0, 3, (n, T, V)).astype(np.float32)
+    got = (ref + rng.normal(0, 0.05, ref.shape)).astype(np.float32)
+    targets, scored = rng.integers(0, V, (n, T)), rng.random((n, T)) > 0.2
+    t = Thresholds(atol=1e-4, rtol=1e-5)
+    monkeypatch.setattr(parity, "BLOCK_BYTES", 8 * V * 5)  # blocks of 5 positions: many blocks, a ragged last
+    score = parity._Score(t, stride)
+    score.add(ref, got, targets, scored)
+    r, want = score.result("x"), _whole(ref, got, targets, scored, t, stride)
+    assert r.scored == scored.sum()
+    for key, value in want.items():
+        assert getattr(r, key) == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def test_parity_holds_a_few_windows_of_logits_whatever_the_vocabulary(tiny_export, monkeypatch):
+    """One window per call (as Gemma 3's 262k vocabulary gets) gives the report that eight per call give."""
+    from pipeline.check import parity
+
+    source = source_of(tiny_export)
+    default = parity_of(tiny_export, ["fp32"], source, kinds=("plain",)).result("fp32")
+    from pipeline.exports import read_config
+
+    V, T = read_config(tiny_export).vocab, source.windows.shape[1]
+    monkeypatch.setattr(parity, "LOGITS_BUDGET", T * V * 4)  # one window a call
+    calls = []
+    forward = parity.Reference.forward
+    monkeypatch.setattr(parity.Reference, "forward", lambda self, ids, *a: calls.append(len(ids)) or forward(self, ids, *a))
+    streamed = parity_of(tiny_export, ["fp32"], source, kinds=("plain",)).result("fp32")
+    assert max(calls) == 1 and len(calls) >= source.windows.shape[0]
+    for key in ("kl_mean", "kl_p99", "top1", "ppl_ratio", "rms_dp", "max_abs", "tol_ratio", "cache_max_abs",
+                "cache_ratio", "padded_max_abs"):
+        assert getattr(streamed, key) == pytest.approx(getattr(default, key), rel=1e-9, abs=1e-15), key
+    assert streamed.p99_abs == pytest.approx(default.p99_abs, rel=0.02)  # the stride's offsets restart per call
+    assert (streamed.scored, streamed.greedy_match, streamed.status) == (default.scored, default.greedy_match, "pass")
