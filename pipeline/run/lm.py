@@ -105,24 +105,34 @@ class Generation:
     stop_reason: list[str] = field(default_factory=list)    # "eos", "stop", "length" or "context", per row
 
 
+PREFILL_LOGITS = 64 << 20  # bytes of logits one plain prefill call may return: longer prompts go in chunks
+
+
 class PlainDecode:
     """Decode state of the plain contract graph: left-padded rows, the cache grows by Concat in the graph.
 
     Presents stay ONNX Runtime's OrtValues (on the device) and are bound back as the next pasts: no
-    NumPy round trip for the cache."""
+    NumPy round trip for the cache. The plain graph returns logits for every position it is fed (1 MB a
+    token for a 262k vocabulary), so a prompt whose logits would pass PREFILL_LOGITS is prefilled in chunks
+    through the cache, and only the last position's are kept."""
 
     def __init__(self, lm: "OnnxLM", prompts: list[list[int]]):
         self.lm, B, T = lm, len(prompts), max(len(p) for p in prompts)
-        self.ids = np.full((B, T), lm.pad_id, dtype=np.int64)
-        self.mask = np.zeros((B, T), dtype=np.int64)
+        ids = np.full((B, T), lm.pad_id, dtype=np.int64)
+        mask = np.zeros((B, T), dtype=np.int64)
         for b, p in enumerate(prompts):  # left padding: the contract graph masks it out
-            self.ids[b, T - len(p):] = p
-            self.mask[b, T - len(p):] = 1
-        self.positions = np.clip(self.mask.cumsum(-1) - 1, 0, None)
+            ids[b, T - len(p):] = p
+            mask[b, T - len(p):] = 1
+        positions = np.clip(mask.cumsum(-1) - 1, 0, None)
         self.device = "cuda" if lm.provider == "cuda" else "cpu"
         self.io = lm.session.io_binding()
         self.past: list = lm.empty_past(B)  # (B, H, 0, D): bound from NumPy once, ORT's own OrtValues after
-        self.logits = self._run()
+        chunk = max(16, PREFILL_LOGITS // (B * lm.vocab_size * 4))
+        for start in range(0, T, chunk):
+            self.ids = np.ascontiguousarray(ids[:, start:start + chunk])
+            self.positions = np.ascontiguousarray(positions[:, start:start + chunk])
+            self.mask = np.ascontiguousarray(mask[:, :start + chunk])
+            self.logits = self._run()
 
     def _run(self) -> np.ndarray:
         io, lm = self.io, self.lm
