@@ -157,6 +157,7 @@ class ChatSession:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int = 256
     reuse: bool = True
+    constraint: object = None  # a guidance.Constraint every answer must match (--json, --json-schema, ...)
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
@@ -200,6 +201,16 @@ class ChatSession:
         self.cached = list(ids)
         return state
 
+    def _guides(self):
+        """A fresh matcher for this answer (ending on the template's end of turn too), or None."""
+        if self.constraint is None:
+            return None
+        from pipeline.run.guidance import Guides, guidance_tokenizer
+
+        guides = Guides(guidance_tokenizer(self.lm.tokenizer, self.lm.vocab_size, self.eos_ids), 1, self.lm.vocab_size)
+        guides.add(0, self.constraint)
+        return guides
+
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's message and stream the answer; the answer joins the history even when the caller
         stops early (Ctrl-C closes this generator), so the session goes on from what was shown."""
@@ -209,10 +220,13 @@ class ChatSession:
         turn.prompt_tokens = len(ids)
         decoder, answer = StreamDecoder(self.lm.tokenizer), []
         budget = min(self.max_new_tokens, self.lm.n_ctx - len(ids))
+        guides = self._guides()
         try:
             state = self._prefill(ids, turn)
             logits = state.logits
             while True:
+                if guides is not None:
+                    logits = guides.apply(logits[:1])
                 nxt = int(self.sampler(logits[:1])[0])
                 if not answer:
                     turn.ttft_s = time.perf_counter() - t0
@@ -227,6 +241,9 @@ class ChatSession:
                     turn.stopped = "length" if budget == self.max_new_tokens else "context"
                     break
                 self.cached.append(nxt)  # before the step: if it is cut short, lengths says whether it went in
+                if guides is not None:
+                    guides.consume(0, nxt)
+                    guides.prefetch()
                 logits = state.step(np.array([nxt], np.int64), np.zeros(1, bool))
         finally:
             if self.state is not None and hasattr(self.state, "lengths"):

@@ -90,7 +90,12 @@ def _first_line(message: str) -> str:
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     # a regex's parse error puts the reason on a line of its own ("error: unclosed group")
     reason = next((line for line in lines if line.startswith("error:")), None)
-    return f"{lines[0]}: {reason}" if reason and lines else (lines[0] if lines else "invalid")
+    if not lines:
+        return "invalid"
+    if reason:
+        head = lines[0].removesuffix("regex parse error:").rstrip(": ")
+        return f"{head}: {reason.removeprefix('error:').strip()}"
+    return lines[0]
 
 
 def _llg():
@@ -130,9 +135,10 @@ class Guides:
         self.pending: Future | None = None
         self.ready = False  # the masks in self.bits are those of the matchers' current state
 
-    def add(self, row: int, constraint: Constraint) -> None:
+    def add(self, row: int, constraint: Constraint, tokenizer=None) -> None:
+        """A matcher for `row`; tokenizer: one whose end tokens are this row's (default: the batch's)."""
         llg = _llg()
-        matcher = llg.LLMatcher(self.tokenizer, constraint.grammar, log_level=0)
+        matcher = llg.LLMatcher(tokenizer or self.tokenizer, constraint.grammar, log_level=0)
         if matcher.is_error():
             raise UserError(f"{constraint.label}: llguidance rejects it ({_first_line(matcher.get_error())})")
         self.wait()
@@ -193,3 +199,19 @@ class Guides:
         if m.is_stopped():  # the grammar is complete: the pick was an end token
             return
         assert m.consume_token(int(token)), f"llguidance refused a token its own mask allowed: {m.get_error()}"
+
+
+def constraint_from_options(json_schema=None, json_object: bool = False, regex: str | None = None,
+                            grammar=None) -> Constraint | None:
+    """The CLI's --json-schema FILE, --json, --regex RE and --grammar FILE.lark (at most one), or None."""
+    given = [name for name, value in (("--json-schema", json_schema), ("--json", json_object), ("--regex", regex),
+                                      ("--grammar", grammar)) if value not in (None, False)]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)}: give one constraint, not several")
+    if json_schema is not None:
+        return Constraint.from_file("json-schema", json_schema)
+    if grammar is not None:
+        return Constraint.from_file("grammar", grammar)
+    if regex is not None:
+        return Constraint.regex(regex, f"--regex {regex!r}")
+    return Constraint.json_object() if json_object else None
