@@ -108,17 +108,20 @@ class ChatFormat:
                             "\"chat_template\" in tokenizer_config.json); use `onnxgen run` for plain text")
         return cls(template, lm.tokenizer)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """tools: OpenAI's tool definitions, handed to the template as transformers' apply_chat_template(tools=)
+        does (run/tools.py prepares them)."""
         import jinja2
 
+        extra = {"tools": tools} if tools is not None else {}
         try:
             return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.template.special_tokens)
+                                        **extra, **self.template.special_tokens)
         except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a sandbox refusal
             raise UserError(f"chat template: {e}") from None
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False).ids
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools), add_special_tokens=False).ids
 
     def stop_ids(self) -> list[int]:
         """The template's eos_token as an id, when it is one token: some models end a turn with a token that
