@@ -1,7 +1,7 @@
 """OpenAI's tools and structured outputs over a chat template: what /v1/chat/completions needs to take
 `response_format`, `tools`, `tool_choice` and `parallel_tool_calls`, and to give back `message.tool_calls`.
 
-    plan = ToolPlan.of(body, chat_format)          # None: no tools, or tool_choice "none"
+    plan = ToolPlan.of(body, chat_format, messages)  # None: no tools, no past calls
     ids = chat_format.encode(plan.messages(messages), tools=plan.template_tools)
     ...generate under plan.constraint...
     content, calls = plan.parse(raw_text)          # calls: OpenAI's tool_calls, [] when the model answered
@@ -122,6 +122,17 @@ def renders_tools(chat) -> bool:
         return False
 
 
+_FORMATS: dict = {}
+
+
+def chat_tool_format(chat) -> str:
+    """hermes, llama3, mistral or generic (a template that does not render tools), once per template."""
+    key = chat.template.source
+    if key not in _FORMATS:
+        _FORMATS[key] = tool_format(key) if renders_tools(chat) else "generic"
+    return _FORMATS[key]
+
+
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -129,7 +140,7 @@ def call_id() -> str:
 @dataclass
 class ToolPlan:
     tools: list[dict]
-    choice: str                      # "auto" or "required"
+    choice: str                      # "none", "auto" or "required"
     name: str | None                 # the named function of a named choice
     parallel: bool
     format: str                      # hermes, llama3, mistral or generic
@@ -137,26 +148,32 @@ class ToolPlan:
     constraint: Constraint | None = None
 
     @classmethod
-    def of(cls, body: dict, chat) -> "ToolPlan | None":
-        """The request's tools and choice, checked; None when it asks for no tool call."""
+    def of(cls, body: dict, chat, messages: list[dict] | None = None) -> "ToolPlan | None":
+        """The request's tools and choice, checked; None when it has no tools and its history no tool calls
+        or results (a plain chat: nothing changes)."""
         tools = body.get("tools")
-        tools = check_tools(tools) if tools not in (None, []) else None
+        tools = check_tools(tools) if tools not in (None, []) else []
         choice, name = check_tool_choice(body.get("tool_choice"), tools)
         parallel = body.get("parallel_tool_calls", True)
         if not isinstance(parallel, bool):
             raise UserError("parallel_tool_calls: expected true or false")
-        if choice == "none" or not tools:
+        history = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages or [])
+        if not tools and not history:
             return None
-        fmt = tool_format(chat.template.source) if renders_tools(chat) else "generic"
-        plan = cls(tools, choice, name, parallel, fmt, special=_special_markers(chat.tokenizer))
-        plan.constraint = plan._grammar()
+        plan = cls(tools, choice, name, parallel, chat_tool_format(chat), special=_special_markers(chat.tokenizer))
+        plan.constraint = plan._grammar() if choice != "none" else None
         return plan
+
+    @property
+    def calls(self) -> bool:
+        """Whether the answer may call a tool (and is parsed for calls)."""
+        return self.choice != "none"
 
     # ------------------------------------------------------------------ the prompt
     @property
     def template_tools(self) -> list[dict] | None:
         """What the template receives as `tools` (the generic format describes them itself)."""
-        return None if self.format == "generic" else self.tools
+        return None if self.format == "generic" or not self.tools else self.tools
 
     def messages(self, messages: list[dict]) -> list[dict]:
         """The history as the template takes it: past calls' arguments as objects (a template prints them with
@@ -181,7 +198,7 @@ class ToolPlan:
             if m.get("content") is None:
                 m["content"] = ""
             out.append(m)
-        if self.format == "generic":
+        if self.format == "generic" and self.calls:
             prompt = self._generic_prompt()
             if out and out[0]["role"] == "system":
                 out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
@@ -190,13 +207,13 @@ class ToolPlan:
         return out
 
     def _generic_prompt(self) -> str:
-        tools = json.dumps([t["function"] for t in self.tools if self.name in (None, t["function"]["name"])],
-                           ensure_ascii=False)
-        answer = ('{"tool_calls": [{"name": "<tool name>", "arguments": {<its arguments>}}]} to call '
-                  + ("tools" if self.parallel else "one tool"))
+        """Short: a small model's context is short too."""
+        tools = json.dumps([{k: f[k] for k in ("name", "description", "parameters") if f.get(k)}
+                            for f in self._allowed()], ensure_ascii=False)
+        answer = '{"tool_calls": [{"name": ..., "arguments": {...}}]}'
         if self.choice == "auto":
-            answer += ', or {"response": "<your answer>"} to answer directly'
-        return f"You can call these tools (JSON schemas of their arguments):\n{tools}\n\nAnswer in JSON: {answer}."
+            answer += ' or {"response": "..."}'
+        return f"Tools: {tools}\nAnswer in JSON: {answer}"
 
     # ------------------------------------------------------------------ the grammar
     def _allowed(self) -> list[dict]:
@@ -250,6 +267,8 @@ class ToolPlan:
     # ------------------------------------------------------------------ the answer
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool_calls) of an answer: the calls it makes, in OpenAI's shape, and the text around them."""
+        if not self.calls:
+            return text, []
         names = {f["name"] for f in self._allowed()}
         found: list[tuple[str, object]] = []
         content = text
