@@ -2,6 +2,7 @@
 decode tok/s with and without a JSON schema.
 
     python benchmarks/guidance.py EXPORT [--rounds 7] [--tokenizer tokenizer.json]
+    python benchmarks/guidance.py --random-smollm2 .cache/guidance/smollm2-random    # SmolLM2-135M's shape
         -> benchmarks/GUIDANCE.md, benchmarks/guidance.png
 
 1. Mask cost (no model): a 49,152-token byte-level BPE (SmolLM2's size; trained here on the standard
@@ -10,13 +11,14 @@ decode tok/s with and without a JSON schema.
    computing the mask (llguidance), applying it to (B, V) logits (unpackbits + where) and consuming the pick.
    Batch 16 is 16 rows, each its own matcher at its own position, masks filled one after another.
 2. Decode (EXPORT, fused graph, batch 1, greedy): tok/s free against under a JSON schema whose answer does not
-   end (an array of objects), the next mask computed while ONNX Runtime runs the step, as OnnxLM does it.
+   end within the budget (an array of at least 64 objects), the next mask computed while ONNX Runtime runs the step, as OnnxLM does it.
    Rate = (N - 1) / (t(N) - t(1)). Rounds interleave free and constrained; medians are reported.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -59,6 +61,31 @@ def big_tokenizer(path: Path | None):
     cached.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(cached))
     return tok
+
+
+def random_smollm2(out: Path, tok) -> Path:
+    """SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, 49,152 tokens, tied head) with random
+    weights and the 49k tokenizer, through `export --hf` and `fuse`: a step that costs what SmolLM2's does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.build.fuse import fuse_export
+    from pipeline.build.hf_import import export_hf
+
+    if (out / "export" / "onnx").is_dir():
+        return out / "export"
+    eot = "<|endoftext|>"
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=tok.get_vocab_size(), max_position_embeddings=2048,
+                         tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=tok.token_to_id(eot),
+                         eos_token_id=tok.token_to_id(eot))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out / "hf")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eot, eos_token=eot, unk_token=eot,
+                            pad_token=eot).save_pretrained(out / "hf")
+    export_hf(out / "hf", out / "export", force=True)
+    fuse_export(out / "export", ["fp32"])
+    return out / "export"
 
 
 def documents(n: int) -> list[str]:
@@ -115,7 +142,9 @@ def decode_rate(lm, constraint, tokens: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("export", type=Path)
+    p.add_argument("export", type=Path, nargs="?", help="The model for the decode rates [--random-smollm2's].")
+    p.add_argument("--random-smollm2", type=Path, default=None, metavar="DIR",
+                   help="Make (once, in DIR) a random-weight model of SmolLM2-135M's shape with the 49k tokenizer.")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--threads", type=int, default=0)
@@ -124,27 +153,35 @@ def main() -> None:
     args = p.parse_args()
 
     from pipeline.check.bench import machine, versions
-    from pipeline.run.guidance import Constraint
+    from pipeline.run.guidance import Constraint, Guides
     from pipeline.run.lm import OnnxLM
 
+    load = [os.getloadavg()[0]]  # the machine is shared: its load is part of the result
     tok = big_tokenizer(args.tokenizer)
+    command = f"--random-smollm2 {args.random_smollm2}" if args.random_smollm2 else str(args.export)
+    if args.random_smollm2 is not None:
+        args.export = random_smollm2(args.random_smollm2, tok)
     costs = {b: mask_cost(tok, b, args.rounds) for b in (1, 16)}
     lm = OnnxLM(args.export, fused="auto", threads=args.threads)
     tokens = min(args.tokens, lm.n_ctx - 2)
     c = Constraint.json_schema(ENDLESS)
     decode_rate(lm, None, 8), decode_rate(lm, c, 8)  # warm-up
-    rates = {"free": [], "schema": []}
+    rates = {"free": [], "schema": [], "schema, no overlap": []}
     for r in range(args.rounds):
-        order = ("free", "schema") if r % 2 == 0 else ("schema", "free")
-        for name in order:
-            rates[name].append(decode_rate(lm, c if name == "schema" else None, tokens))
+        names = list(rates) if r % 2 == 0 else list(reversed(rates))
+        for name in names:
+            Guides.overlap = name != "schema, no overlap"
+            rates[name].append(decode_rate(lm, c if name != "free" else None, tokens))
+    Guides.overlap = True
+    load.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in rates.items()}
 
     lines = [
         "# Constrained decoding: what a constrained token costs", "",
-        f"`python benchmarks/guidance.py {args.export} --rounds {args.rounds}`; {args.rounds} rounds, medians.", "",
+        f"`python benchmarks/guidance.py {command} --rounds {args.rounds}`; {args.rounds} rounds, medians.", "",
         f"Machine: {machine()}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in {**versions(), "llguidance": _version("llguidance")}.items()) + ".", "",
+        + ", ".join(f"{k} {v}" for k, v in {**versions(), "llguidance": _version("llguidance")}.items()) + ". "
+        f"Load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end ({os.cpu_count()} cores).", "",
         f"## Mask cost per step, {costs[1]['vocab']:,}-token vocabulary",
         "", "A JSON schema of a tool call, documents walked token by token (µs per step, all rows):", "",
         "| batch | mask (llguidance) | apply to logits | consume | total | per row |", "|---|---|---|---|---|---|"]
@@ -153,13 +190,17 @@ def main() -> None:
         lines.append(f"| {b} | {c_['mask']:.0f} | {c_['apply']:.0f} | {c_['consume']:.0f} | {total:.0f} | "
                      f"{total / b:.0f} |")
     slowdown = med["free"] / med["schema"] - 1
-    lines += ["", f"## Decode, {args.export.name} ({'fused' if lm.fused else 'plain'}, vocabulary {lm.vocab_size:,}, "
+    model = ("a random-weight model of SmolLM2-135M's shape" if args.random_smollm2 else args.export.name)
+    lines += ["", f"## Decode, {model} ({'fused' if lm.fused else 'plain'}, vocabulary {lm.vocab_size:,}, "
               f"batch 1, greedy, {tokens} tokens)", "",
               "| | tok/s (median) | rounds |", "|---|---|---|",
               f"| free | {med['free']:.0f} | {', '.join(f'{x:.0f}' for x in rates['free'])} |",
-              f"| JSON schema | {med['schema']:.0f} | {', '.join(f'{x:.0f}' for x in rates['schema'])} |", "",
+              f"| JSON schema | {med['schema']:.0f} | {', '.join(f'{x:.0f}' for x in rates['schema'])} |",
+              f"| JSON schema, mask computed after the step (no overlap) | {med['schema, no overlap']:.0f} | "
+              f"{', '.join(f'{x:.0f}' for x in rates['schema, no overlap'])} |", "",
               f"A constrained token costs {slowdown * 100:+.1f}% against a free one on this model (step "
-              f"{1e3 / med['free']:.2f} ms)."]
+              f"{1e3 / med['free']:.2f} ms; without the overlap "
+              f"{(med['free'] / med['schema, no overlap'] - 1) * 100:+.1f}%)."]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(costs, med, rates, args.out.with_name("guidance.png"))
@@ -187,8 +228,9 @@ def plot(costs: dict, med: dict, rates: dict, path: Path) -> None:
     a.set_ylabel("µs per step (all rows)")
     a.set_title("llguidance mask cost, 49k vocabulary")
     a.legend()
-    b.bar(["free", "JSON schema"], [med["free"], med["schema"]], color=["tab:gray", "tab:blue"])
-    for i, k in enumerate(("free", "schema")):
+    b.bar(["free", "JSON schema", "schema, no overlap"], [med[k] for k in rates],
+          color=["tab:gray", "tab:blue", "tab:orange"])
+    for i, k in enumerate(rates):
         b.scatter([i] * len(rates[k]), rates[k], color="black", s=8, zorder=3)
     b.set_ylabel("tok/s (median, dots: rounds)")
     b.set_title("decode, batch 1")
