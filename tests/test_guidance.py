@@ -294,6 +294,16 @@ def test_parse_returns_the_pydantic_object(served):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                        response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")  # text so far
+    fmt = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL, "strict": True}}
+    whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "n?"}], max_tokens=30,
+                                           temperature=0, response_format=fmt).choices[0].message.content
+    pieces = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "n?"}], max_tokens=30,
+                                            temperature=0, response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == whole
+    jsonschema.validate(json.loads(whole), SMALL)
+    text = client.completions.create(model="tiny", prompt="x = ", max_tokens=30,
+                                     extra_body={"response_format": fmt}).choices[0].text
+    jsonschema.validate(json.loads(text), SMALL)  # plain completions take a response_format too
 
 
 def test_structured_and_free_requests_batched_each_equal_alone(served):
