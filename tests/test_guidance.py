@@ -237,6 +237,15 @@ def test_parse_each_family(fmt, text, want):
         assert content == text
 
 
+def test_text_before_a_call_streams_as_it_comes():
+    from pipeline.run.tools import TextBeforeCall
+
+    t = TextBeforeCall("<tool_call>")
+    assert [t.push(p) for p in ["Let me", " check <", "to", "ol_call>\n{", '"name"']] == ["Let me", " check ", "", "", ""]
+    t = TextBeforeCall("<tool_call>")
+    assert [t.push(p) for p in ["a <", "b", " <tool"]] == ["a ", "<b", " "] and t.rest() == "<tool"
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -414,11 +423,14 @@ def test_tool_loop_hermes_whole_and_streamed(hermes_export):
         rendered = server.chat.render(server_messages(server, messages, [WEATHER, ADD]), tools=[WEATHER, ADD])
         assert f'<tool_call>\n{{"name": "add", "arguments": {call.function.arguments}}}\n</tool_call>' in rendered
         assert "\ntool: 5\n" in rendered
-        r = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, ADD], max_tokens=6,
-                                           temperature=0)
+        kw = dict(model="tiny", messages=messages, tools=[WEATHER, ADD], max_tokens=6, temperature=0)
+        r = client.chat.completions.create(**kw)
         assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
-        if r.choices[0].finish_reason != "tool_calls":
+        if r.choices[0].finish_reason != "tool_calls":  # auto, answered in text: streamed as it comes, the same
             assert isinstance(r.choices[0].message.content, str) and not r.choices[0].message.tool_calls
+            chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+            assert sum(bool(c.choices[0].delta.content) for c in chunks) > 1  # piece by piece, not held to the end
 
 
 def server_messages(server, messages, tools):

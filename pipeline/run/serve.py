@@ -332,6 +332,7 @@ class Server:
             return head + json.dumps(piece, ensure_ascii=False) + tail
 
         held: list[str] = []
+        shown = plan.text_stream() if plan is not None and plan.calls else None  # text before a call, streamed
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
@@ -344,6 +345,9 @@ class Server:
                 for kind, data in ready:
                     if kind == "text" and plan is not None and plan.calls:  # the answer is parsed once complete
                         held.append(data)
+                        piece = shown.push(data) if shown is not None else ""
+                        if piece:
+                            out.append(text_chunk(piece))
                     elif kind == "text":
                         out.append(text_chunk(data))
                     elif kind == "error":
@@ -354,6 +358,8 @@ class Server:
                         finish = r.finish_reason
                         if plan is not None and plan.calls:
                             message, finish = self._answer(r, "".join(held), plan)
+                            if shown is not None:  # its text went out as it came
+                                message = {**message, "content": None if message.get("tool_calls") else shown.rest()}
                             out.extend(chunk(delta) for delta in _tool_deltas(message))
                         out.append(chunk({} if chat else "", finish=finish))
                         if usage:

@@ -264,6 +264,13 @@ class ToolPlan:
             return Constraint.lark(f"start: {json_call(self._call_schema('parameters'))}\n", "tools")
         return None
 
+    def text_stream(self) -> "TextBeforeCall | None":
+        """For a streamed answer that may be text: its text up to a call's marker, shown as it comes (hermes
+        auto, the marker in plain text); None where the whole answer is held and parsed at its end."""
+        if self.choice == "auto" and self.format == "hermes" and "<tool_call>" not in self.special:
+            return TextBeforeCall("<tool_call>")
+        return None
+
     # ------------------------------------------------------------------ the answer
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content, tool_calls) of an answer: the calls it makes, in OpenAI's shape, and the text around them."""
@@ -306,6 +313,34 @@ class ToolPlan:
         if calls and not self.parallel:
             calls = calls[:1]
         return (content or None) if calls else content, calls
+
+
+class TextBeforeCall:
+    """An answer's text as it streams, up to a call marker: what cannot be the start of the marker is shown at
+    once, the rest waits; from the marker on nothing more is shown (the call is parsed at the end)."""
+
+    def __init__(self, marker: str):
+        self.marker, self.text, self.shown, self.stopped = marker, "", 0, False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        if self.stopped:
+            return ""
+        end = self.text.find(self.marker)
+        if end >= 0:
+            self.stopped = True
+        else:
+            end = len(self.text)
+            for k in range(min(len(self.marker) - 1, len(self.text)), 0, -1):  # a marker's start at the end waits
+                if self.text.endswith(self.marker[:k]):
+                    end -= k
+                    break
+        out, self.shown = self.text[self.shown:end], max(self.shown, end)
+        return out
+
+    def rest(self) -> str:
+        """What is left to show of an answer that made no call."""
+        return self.text[self.shown:]
 
 
 def _loads(text: str):
