@@ -11,7 +11,8 @@ decode tok/s with and without a JSON schema.
    computing the mask (llguidance), applying it to (B, V) logits (unpackbits + where) and consuming the pick.
    Batch 16 is 16 rows, each its own matcher at its own position, masks filled one after another.
 2. Decode (EXPORT, fused graph, batch 1, greedy): tok/s free against under a JSON schema whose answer does not
-   end within the budget (an array of at least 64 objects), the next mask computed while ONNX Runtime runs the step, as OnnxLM does it.
+   end within the budget (an array of at least 64 objects), the next mask computed while ONNX Runtime runs
+   the step, as OnnxLM does it.
    Rate = (N - 1) / (t(N) - t(1)). Rounds interleave free and constrained; medians are reported.
 """
 from __future__ import annotations

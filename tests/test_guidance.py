@@ -18,7 +18,7 @@ from conftest import assert_user_error, onnxgen
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
-from test_serve import _post, running  # noqa: E402: the server in this process, on a free loopback port
+from test_serve import _post, running  # noqa: E402 (the server in this process, on a free loopback port)
 
 # bounded: every value has a largest form, so even a random model reaches the end of the object
 SCHEMA = {"type": "object", "properties": {
@@ -27,7 +27,8 @@ SCHEMA = {"type": "object", "properties": {
     "colour": {"enum": ["red", "green", "blue"]},
     "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2}},
     "required": ["n", "ok", "colour", "tags"], "additionalProperties": False}
-SMALL = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}},
+SMALL = {"type": "object",
+         "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}},
          "required": ["n", "ok"], "additionalProperties": False}
 # the tiny model's context is 128 positions: a tool short enough for the generic format's system message
 PING = {"type": "function", "function": {"name": "ping", "parameters": {
@@ -37,9 +38,9 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                                     "unit": {"enum": ["c", "f"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
+DIGIT = {"type": "integer", "minimum": 0, "maximum": 9}
 ADD = {"type": "function", "function": {
-    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
-                                                                   "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "name": "add", "parameters": {"type": "object", "properties": {"a": DIGIT, "b": DIGIT},
                                   "required": ["a", "b"], "additionalProperties": False}}}
 # Hermes conventions (Qwen2.5's <tool_call> markers) in a template short enough for the tiny model's 128 positions
 # and its code tokenizer (which spends 10 tokens on <|im_start|>)
@@ -214,7 +215,8 @@ def test_hermes_auto_is_free_text_until_the_marker_then_a_call(hermes_export):
 
 
 @pytest.mark.parametrize("fmt, text, want", [
-    ("hermes", 'ok <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>', [("add", {"a": 1, "b": 2})]),
+    ("hermes", 'ok <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
+     [("add", {"a": 1, "b": 2})]),
     ("hermes", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>{"name": '
                '"get_weather", "arguments": {"city": "Oslo", "unit": "c"}}</tool_call>',
      [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "unit": "c"})]),
@@ -241,7 +243,8 @@ def test_text_before_a_call_streams_as_it_comes():
     from pipeline.run.tools import TextBeforeCall
 
     t = TextBeforeCall("<tool_call>")
-    assert [t.push(p) for p in ["Let me", " check <", "to", "ol_call>\n{", '"name"']] == ["Let me", " check ", "", "", ""]
+    pieces = ["Let me", " check <", "to", "ol_call>\n{", '"name"']
+    assert [t.push(p) for p in pieces] == ["Let me", " check ", "", "", ""]
     t = TextBeforeCall("<tool_call>")
     assert [t.push(p) for p in ["a <", "b", " <tool"]] == ["a ", "<b", " "] and t.rest() == "<tool"
 
@@ -252,7 +255,8 @@ def test_text_before_a_call_streams_as_it_comes():
 def test_cli_constraints(tiny_export, tmp_path):
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(SCHEMA))
-    out = onnxgen("run", tiny_export, "import os", "--json-schema", schema, "--no-echo", "--max-new-tokens", "100").stdout
+    out = onnxgen("run", tiny_export, "import os", "--json-schema", schema, "--no-echo",
+                  "--max-new-tokens", "100").stdout
     jsonschema.validate(json.loads(out), SCHEMA)
     out = onnxgen("run", tiny_export, "x =", "--regex", "[0-9]{3}-[a-z]{2}", "--no-echo", "--temperature", "1",
                   "--seed", "1").stdout.strip()

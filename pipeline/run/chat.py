@@ -120,7 +120,8 @@ class ChatFormat:
         except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a sandbox refusal
             raise UserError(f"chat template: {e}") from None
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools), add_special_tokens=False).ids
 
     def stop_ids(self) -> list[int]:

@@ -4,10 +4,10 @@
     curl localhost:8000/v1/chat/completions -d '{"model": "default", "messages": [{"role": "user", "content": "hi"}]}'
 
 /v1/chat/completions, /v1/completions and /v1/models, with `stream: true` as server-sent events;
-max_tokens, temperature, top_p, stop and seed; response_format (json_object, json_schema) and tools,
-tool_choice and parallel_tool_calls on chat (run/tools.py), decoded under llguidance (run/guidance.py). A request the batch and its queue cannot take gets 429;
-a bad one gets a 4xx with OpenAI's error shape ({"error": {"message", "type", "param", "code"}}); a
-failure inside one request is that request's 500, and the server goes on.
+max_tokens, temperature, top_p, stop and seed; response_format (json_object, json_schema), and on chat tools,
+tool_choice and parallel_tool_calls (run/tools.py), decoded under llguidance (run/guidance.py). A request the
+batch and its queue cannot take gets 429; a bad one gets a 4xx with OpenAI's error shape ({"error": {"message",
+"type", "param", "code"}}); a failure inside one request is that request's 500, and the server goes on.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -159,8 +160,8 @@ class Server:
         request = Request(prompt=list(ids), max_tokens=max_tokens, sampling=sampling, emit=None, stop=stop,
                           stop_ids=stop_ids, constraint=constraint)
         options = body.get("stream_options") or {}
-        return request, {"stream": stream, "usage_in_stream": isinstance(options, dict) and bool(options.get("include_usage")),
-                         "tools": plan}
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return request, {"stream": stream, "usage_in_stream": usage, "tools": plan}
 
     def _tool_plan(self, body: dict, constraint, messages: list[dict]) -> ToolPlan | None:
         """The request's tools (None when it has none, nor tool calls in its history); each mistake a 400 naming
@@ -168,7 +169,7 @@ class Server:
         try:
             plan = ToolPlan.of(body, self.chat, messages)
         except UserError as e:
-            param = str(e).split(":")[0].split("[")[0].split(".")[0]
+            param = re.match(r"\w+", str(e)).group(0)  # tools.py's messages start with the parameter's name
             raise ApiError(400, str(e), param, "invalid_value") from None
         if plan is not None and plan.constraint is not None and constraint is not None:
             raise ApiError(400, "response_format: not with tools (give tool_choice \"none\" for a structured answer)",
@@ -238,8 +239,8 @@ class Server:
                 meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                         "model": self.name}
                 if options["stream"]:
-                    return StreamingResponse(self._sse(r, events, meta, chat, options["usage_in_stream"], options["tools"]),
-                                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                    sse = self._sse(r, events, meta, chat, options["usage_in_stream"], options["tools"])
+                    return StreamingResponse(sse, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
                 return await self._whole(request, r, events, meta, chat, options["tools"])
             return handle
 

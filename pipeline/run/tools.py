@@ -371,7 +371,8 @@ def _check_history_calls(calls, i: int) -> list[dict]:
     for j, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise UserError(f"{where}[{j}]: expected {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+            raise UserError(f'{where}[{j}]: expected {{"id", "type": "function", '
+                            f'"function": {{"name", "arguments"}}}}')
         args = fn.get("arguments", "{}")
         parsed = _loads(args) if isinstance(args, str) else args
         out.append({**c, "type": "function", "function": {"name": fn["name"],
