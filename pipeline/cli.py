@@ -27,6 +27,21 @@ def variant_option(default: str | None = None, help: str = "fp32, fp16, int8 or 
 threads_option = click.option("--threads", type=click.IntRange(min=0), default=0,
                               help="ONNX Runtime intra-op threads [all cores].")
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+
+
+def constraint_options(command):
+    """--json-schema, --json, --regex, --grammar: what `run` and `chat` constrain an answer to."""
+    for option in reversed([
+            click.option("--json-schema", "json_schema", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                         help="Constrain the answer to this JSON schema (llguidance; compact JSON)."),
+            click.option("--json", "json_object", is_flag=True, help="Constrain the answer to a JSON object."),
+            click.option("--regex", default=None, metavar="RE", help="Constrain the answer to this regular expression."),
+            click.option("--grammar", type=click.Path(path_type=Path), default=None, metavar="FILE.lark",
+                         help="Constrain the answer to this Lark grammar (llguidance's syntax).")]):
+        command = option(command)
+    return command
+
+
 unsafe_skip_verify_option = click.option(
     "--unsafe-skip-verify", is_flag=True,
     help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
@@ -284,6 +299,7 @@ def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, h
 @click.option("--fused/--plain", "fused", default=None,
               help="The fused attention graph (onnxgen fuse) or the plain one [fused when the export has it].")
 @threads_option
+@constraint_options
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the completion.")
 @click.option("--special-tokens/--no-special-tokens", default=True, show_default=True,
               help="Encode text prompts as transformers does, with the special tokens the export's tokenizer adds "
@@ -292,7 +308,8 @@ def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, h
 @click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr.")
 @unsafe_skip_verify_option
 def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, stop, seed, variant, device, fused, threads, echo, special_tokens, stats, unsafe_skip_verify):
+        repetition_penalty, stop, seed, variant, device, fused, threads, json_schema, json_object, regex, grammar, echo,
+        special_tokens, stats, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
     import time
@@ -304,6 +321,11 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     from pipeline.run.text import read_prompts
     from pipeline.tokenizer import check_text
 
+    constraint = None
+    if json_schema is not None or json_object or regex is not None or grammar is not None:
+        from pipeline.run.guidance import constraint_from_options
+
+        constraint = constraint_from_options(json_schema, json_object, regex, grammar)  # checked before the load
     batch = messages = None
     if chat_file is not None:
         from pipeline.run.chat import read_messages
@@ -347,7 +369,8 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
         prompt = chat.encode(messages)
         lm.eos_ids = np.union1d(lm.eos_ids, chat.stop_ids()).astype(np.int64)  # the template's end of turn too
     if batch is not None:
-        texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result)
+        texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result,
+                            constraint=constraint)
         for p, text, reason in zip(batch, texts, result.stop_reason):
             click.echo(json.dumps({"prompt": p, "completion": text, "stop_reason": reason}, ensure_ascii=False))
         if stats:
@@ -360,7 +383,8 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     # the stream itself, not click.echo: echo asks the terminal (an ioctl) and scans for ANSI codes on every
     # call, ~15 us a token, 2-3% of a step of the small preset; what the model writes is passed on as it is
     out = sys.stdout
-    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop)):
+    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop),
+                           constraint=constraint):
         first = first or time.perf_counter()
         out.write(piece)
         out.flush()
@@ -386,10 +410,11 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
 @variant_option()
 @device_option
 @threads_option
+@constraint_options
 @click.option("--stats", is_flag=True, help="After each answer, print time to first token and tokens/s on stderr.")
 @unsafe_skip_verify_option
-def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, variant, device, threads, stats,
-         unsafe_skip_verify):
+def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, variant, device, threads, json_schema,
+         json_object, regex, grammar, stats, unsafe_skip_verify):
     """Chat in the terminal with the model's chat template: answers stream, the KV cache is kept across
     turns (fused graphs). /reset, /system TEXT, /exit; Ctrl-C stops an answer, Ctrl-D quits."""
     from pipeline.run.chat import ChatSession
@@ -398,9 +423,14 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
     from pipeline.tokenizer import check_text
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    constraint = None
+    if json_schema is not None or json_object or regex is not None or grammar is not None:
+        from pipeline.run.guidance import constraint_from_options
+
+        constraint = constraint_from_options(json_schema, json_object, regex, grammar)
     lm = OnnxLM(export_dir, variant=variant or ("fp16" if device == "cuda" else "fp32"), provider=device,
                 threads=threads, verify=not unsafe_skip_verify, fused="auto")
-    session = ChatSession(lm, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+    session = ChatSession(lm, system=system, sampling=sampling, max_new_tokens=max_new_tokens, constraint=constraint)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"chat with {export_dir} ({'fused, cache kept across turns' if lm.fused else 'plain graph'}): "

@@ -19,7 +19,9 @@ request 2.5-3.4 s (SmolLM2), each 2 MB waiting on the kernel's compaction.
   - a decode step runs rows [0, hi) as one batch, hi being one past the highest slot in use; a free
     slot inside that range takes a pad token into its own slot 0, which nothing reads;
   - each request samples with its own Sampler (its temperature, top_p and seed), so its tokens are
-    the ones it gets alone, whoever shares the batch (sample_rows: each row by its own Sampler).
+    the ones it gets alone, whoever shares the batch (sample_rows: each row by its own Sampler);
+  - a request with a constraint (guidance.Constraint) has its own matcher, keyed by its slot: its row's
+    logits are masked before the pick, and the masks of the next step are computed while it runs.
 Everything runs on one engine thread (ONNX Runtime releases the GIL while it computes). Results go out
 once per phase (after the newcomers' prefills, after a decode step) as one list to `deliver` (the server
 hands it to its event loop in one call), or to each request's `emit` callback on the engine thread. An
@@ -59,6 +61,7 @@ class Request:
     emit: Callable[[str, object], None]    # ("text", piece), ("done", finish_reason) or ("error", message)
     stop: list[str] = field(default_factory=list)
     stop_ids: tuple[int, ...] = ()         # ends the answer besides the export's eos ids (a template's eos)
+    constraint: object = None              # a guidance.Constraint the answer must match, or None
     # the engine's bookkeeping
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
@@ -95,6 +98,7 @@ class BatchEngine:
         self.outbox: list[tuple[Request, str, object]] = []
         self.thread = threading.Thread(target=self._loop, name="onnxgen-batch", daemon=True)
         self.steps = 0
+        self.guides = None  # guidance.Guides, made by the first request with a constraint
 
     # ------------------------------------------------------------------ the caller's side (any thread)
     def start(self) -> "BatchEngine":
@@ -195,7 +199,18 @@ class BatchEngine:
         r.length = T
         r.sampler, r.text = Sampler(r.sampling), CompletionText(self.lm.tokenizer, r.stop)
         r.eos = set(int(i) for i in self.lm.eos_ids) | set(r.stop_ids)
+        if r.constraint is not None:
+            self._guide(r)
         self._sample([r])
+
+    def _guide(self, r: Request) -> None:
+        """A matcher for the request's row; it ends on any of the request's end tokens."""
+        from pipeline.run.guidance import Guides, guidance_tokenizer
+
+        tokenizer = guidance_tokenizer(self.lm.tokenizer, self.lm.vocab_size, r.eos)
+        if self.guides is None:
+            self.guides = Guides(tokenizer, self.capacity, self.lm.vocab_size)
+        self.guides.add(r.slot, r.constraint, tokenizer)
 
     def _decode(self) -> None:
         """One step of every running row."""
@@ -216,6 +231,8 @@ class BatchEngine:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
+        if self.guides:
+            self.guides.prefetch()  # the constrained rows' next masks, while ONNX Runtime runs the step
         self.lm.session.run_with_iobinding(io)
         self.steps += 1
         for r in active:
@@ -230,6 +247,8 @@ class BatchEngine:
         slots = [r.slot for r in rows]
         # rows in slots 0..n-1 (a full batch): a view of the logits; else a copy of those rows
         logits = self.out[:len(slots), 0] if slots == list(range(len(slots))) else self.out[slots, 0]
+        if self.guides:
+            logits = self.guides.apply(logits, slots)
         try:
             ids = sample_rows(logits, [r.sampler for r in rows])
         except Exception:  # noqa: BLE001: find the row at fault, one at a time
@@ -239,7 +258,11 @@ class BatchEngine:
 
     def _advance(self, r: Request, nxt: int | None) -> None:
         """Take the row's next token; send its text; finish it when it is done."""
-        nxt = int(r.sampler(self.out[r.slot:r.slot + 1, 0])[0]) if nxt is None else int(nxt)
+        if nxt is None:
+            logits = self.out[r.slot:r.slot + 1, 0]
+            logits = self.guides.apply(logits, [r.slot]) if self.guides else logits
+            nxt = int(r.sampler(logits)[0])
+        nxt = int(nxt)
         if not r.tokens:
             r.first_token = time.perf_counter()
         r.tokens.append(nxt)
@@ -263,11 +286,15 @@ class BatchEngine:
             self._send(r, "done", reason)
         else:
             r.next_id = nxt
+            if r.constraint is not None:
+                self.guides.consume(r.slot, nxt)
 
     def _release(self, r: Request) -> None:
         with self.cond:
             if r.slot >= 0 and self.rows[r.slot] is r:
                 self.rows[r.slot] = None
+                if r.constraint is not None and self.guides is not None:
+                    self.guides.remove(r.slot)
 
     def _fail(self, r: Request, message: str) -> None:
         self._release(r)

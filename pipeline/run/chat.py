@@ -108,17 +108,21 @@ class ChatFormat:
                             "\"chat_template\" in tokenizer_config.json); use `onnxgen run` for plain text")
         return cls(template, lm.tokenizer)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """tools: OpenAI's tool definitions, handed to the template as transformers' apply_chat_template(tools=)
+        does (run/tools.py prepares them)."""
         import jinja2
 
+        extra = {"tools": tools} if tools is not None else {}
         try:
             return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.template.special_tokens)
+                                        **extra, **self.template.special_tokens)
         except jinja2.exceptions.TemplateError as e:  # raise_exception() in the template, or a sandbox refusal
             raise UserError(f"chat template: {e}") from None
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False).ids
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools), add_special_tokens=False).ids
 
     def stop_ids(self) -> list[int]:
         """The template's eos_token as an id, when it is one token: some models end a turn with a token that
@@ -157,6 +161,7 @@ class ChatSession:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_new_tokens: int = 256
     reuse: bool = True
+    constraint: object = None  # a guidance.Constraint every answer must match (--json, --json-schema, ...)
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
@@ -200,6 +205,16 @@ class ChatSession:
         self.cached = list(ids)
         return state
 
+    def _guides(self):
+        """A fresh matcher for this answer (ending on the template's end of turn too), or None."""
+        if self.constraint is None:
+            return None
+        from pipeline.run.guidance import Guides, guidance_tokenizer
+
+        guides = Guides(guidance_tokenizer(self.lm.tokenizer, self.lm.vocab_size, self.eos_ids), 1, self.lm.vocab_size)
+        guides.add(0, self.constraint)
+        return guides
+
     def reply(self, text: str) -> Iterator[str]:
         """Add the user's message and stream the answer; the answer joins the history even when the caller
         stops early (Ctrl-C closes this generator), so the session goes on from what was shown."""
@@ -209,10 +224,13 @@ class ChatSession:
         turn.prompt_tokens = len(ids)
         decoder, answer = StreamDecoder(self.lm.tokenizer), []
         budget = min(self.max_new_tokens, self.lm.n_ctx - len(ids))
+        guides = self._guides()
         try:
             state = self._prefill(ids, turn)
             logits = state.logits
             while True:
+                if guides is not None:
+                    logits = guides.apply(logits[:1])
                 nxt = int(self.sampler(logits[:1])[0])
                 if not answer:
                     turn.ttft_s = time.perf_counter() - t0
@@ -227,6 +245,9 @@ class ChatSession:
                     turn.stopped = "length" if budget == self.max_new_tokens else "context"
                     break
                 self.cached.append(nxt)  # before the step: if it is cut short, lengths says whether it went in
+                if guides is not None:
+                    guides.consume(0, nxt)
+                    guides.prefetch()
                 logits = state.step(np.array([nxt], np.int64), np.zeros(1, bool))
         finally:
             if self.state is not None and hasattr(self.state, "lengths"):

@@ -345,6 +345,21 @@ class OnnxLM:
         return SharedBufferDecode(self, prompts, budget) if self.fused else PlainDecode(self, prompts)
 
     # ------------------------------------------------------------------ the loop
+    def guides(self, constraint, batch: int):
+        """The matchers of a batch's constrained rows (run/guidance.py), or None when no row has a constraint."""
+        rows = constraint if isinstance(constraint, (list, tuple)) else [constraint] * batch
+        assert len(rows) == batch, "one constraint (or None) per prompt"
+        if all(c is None for c in rows):
+            return None
+        from pipeline.run.guidance import Guides, guidance_tokenizer
+
+        guides = Guides(guidance_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids.tolist()), batch,
+                        self.vocab_size)
+        for b, c in enumerate(rows):
+            if c is not None:
+                guides.add(b, c)
+        return guides
+
     def encode(self, text: str) -> list[int]:
         """A text prompt's ids, as transformers' tokenizer encodes it (unless special_tokens is off)."""
         return self.tokenizer.encode(text, add_special_tokens=self.special_tokens).ids
@@ -358,10 +373,13 @@ class OnnxLM:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
                  sampling: SamplingConfig | None = None, stop_at_eos: bool = True,
-                 result: Generation | None = None, stop: list[str] | None = None) -> Iterator[np.ndarray]:
+                 result: Generation | None = None, stop: list[str] | None = None,
+                 constraint=None) -> Iterator[np.ndarray]:
         """Yields the next ids (B,) at each step; rows stop on their own (eos, a stop string, the context).
 
-        A finished row keeps receiving the pad id so the batch stays rectangular.
+        A finished row keeps receiving the pad id so the batch stays rectangular. constraint: a
+        guidance.Constraint for every row, or a list of one (or None) per row: each such row's picks are
+        masked to its grammar (run/guidance.py).
         """
         for i, p in enumerate(prompts):
             self.check_prompt(p, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
@@ -384,12 +402,15 @@ class OnnxLM:
         # eos by table lookup: np.isin costs ~20 us a step, a step of the small preset's int4 graph ~200 us
         is_eos = np.zeros(max(self.vocab_size, self.pad_id + 1, int(self.eos_ids.max(initial=0)) + 1), dtype=bool)
         is_eos[self.eos_ids] = stop_at_eos
+        guides = self.guides(constraint, B)  # None without a constraint: the loop below is unchanged
         state = self.start(prompts, max_new_tokens)
         logits = state.logits
         # Python's work between two steps runs cold (a step streams the weights through the caches), so while
         # no row is done (always, for one row) the masks by `done` are skipped: the same results, fewer calls
         n_done, everyone = 0, np.arange(B)
         for step in range(max_new_tokens):
+            if guides is not None:
+                logits = guides.apply(logits)
             nxt = sampler(logits, seen)
             if n_done:
                 nxt = np.where(done, self.pad_id, nxt)
@@ -419,27 +440,35 @@ class OnnxLM:
             n_done = int(done.sum())
             if n_done == B or step == max_new_tokens - 1:
                 break
+            if guides is not None:  # the picks join their matchers; the next masks overlap the next step
+                for b in alive.tolist():
+                    if done[b]:
+                        guides.remove(b)
+                    else:
+                        guides.consume(b, ids[b])
+                guides.prefetch()
             logits = state.step(nxt, done)
         for b in range(B):
             result.stop_reason[b] = result.stop_reason[b] or "length"
 
     def complete(self, prompts: list[str], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-                 stop: list[str] | None = None, result: Generation | None = None) -> list[str]:
+                 stop: list[str] | None = None, result: Generation | None = None, constraint=None) -> list[str]:
         """Batch text in, one completion per prompt out (cut before a stop string, without the eos)."""
         result = result if result is not None else Generation()
-        for _ in self.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, result=result, stop=stop):
+        for _ in self.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, result=result, stop=stop,
+                               constraint=constraint):
             pass
         return [cut_at_stop(self.tokenizer.decode([t for t in toks if t not in self.eos_ids]), stop)
                 for toks in result.tokens]
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-               result: Generation | None = None, stop: list[str] | None = None) -> Iterator[str]:
+               result: Generation | None = None, stop: list[str] | None = None, constraint=None) -> Iterator[str]:
         """Text pieces as they are generated (whole UTF-8 characters only; never part of a stop string).
-        prompt: text, or token ids (a rendered chat)."""
+        prompt: text, or token ids (a rendered chat). constraint: a guidance.Constraint the text must match."""
         ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         text = CompletionText(self.tokenizer, stop)
         eos = set(self.eos_ids.tolist())
-        for nxt in self.generate([ids], max_new_tokens, sampling, result=result, stop=stop):
+        for nxt in self.generate([ids], max_new_tokens, sampling, result=result, stop=stop, constraint=constraint):
             token = int(nxt[0])
             if token in eos:
                 break

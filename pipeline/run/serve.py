@@ -4,9 +4,10 @@
     curl localhost:8000/v1/chat/completions -d '{"model": "default", "messages": [{"role": "user", "content": "hi"}]}'
 
 /v1/chat/completions, /v1/completions and /v1/models, with `stream: true` as server-sent events;
-max_tokens, temperature, top_p, stop and seed. A request the batch and its queue cannot take gets 429;
-a bad one gets a 4xx with OpenAI's error shape ({"error": {"message", "type", "param", "code"}}); a
-failure inside one request is that request's 500, and the server goes on.
+max_tokens, temperature, top_p, stop and seed; response_format (json_object, json_schema), and on chat tools,
+tool_choice and parallel_tool_calls (run/tools.py), decoded under llguidance (run/guidance.py). A request the
+batch and its queue cannot take gets 429; a bad one gets a 4xx with OpenAI's error shape ({"error": {"message",
+"type", "param", "code"}}); a failure inside one request is that request's 500, and the server goes on.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -22,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.run.batching import BatchEngine, Request
 from pipeline.run.chat import ChatFormat, check_messages
 from pipeline.run.sampling import SamplingConfig
+from pipeline.run.tools import ToolPlan, response_format_constraint
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,9 @@ UNIMPLEMENTED = {
     "n": ((1,), "only 1 is supported"),
     **{name: ((None, 0, 0.0), "not supported (only 0)") for name in ("frequency_penalty", "presence_penalty")},
     **{name: ((None, False, 0, [], {}), "not supported")
-       for name in ("logprobs", "echo", "top_logprobs", "tools", "functions", "suffix", "logit_bias")},
+       for name in ("logprobs", "echo", "top_logprobs", "functions", "suffix", "logit_bias")},
     "best_of": ((None, 1), "only 1 is supported"),
-    **{name: ((None, plain), f"only {json.dumps(plain)} is supported")
-       for name, plain in (("response_format", {"type": "text"}), ("tool_choice", "none"), ("function_call", "none"))},
+    "function_call": ((None, "none"), 'only "none" is supported (the deprecated functions API: use tools)'),
 }
 
 
@@ -113,17 +115,33 @@ class Server:
             raise ApiError(400, "stop: expected a string or a list of at most 4 strings", "stop", "invalid_value")
 
         stop_ids: tuple[int, ...] = ()
+        plan = None
+        try:
+            constraint = response_format_constraint(body.get("response_format"))
+        except UserError as e:
+            raise ApiError(400, str(e), "response_format", "invalid_value") from None
         if chat:
             if self.chat is None:
                 raise ApiError(400, f"model `{self.name}` has no chat template: use /v1/completions", "model",
                                "no_chat_template")
             try:
                 messages = check_messages(body.get("messages"))
-                ids = self.chat.encode(messages)
+            except UserError as e:
+                raise ApiError(400, str(e), "messages", "invalid_value") from None
+            plan = self._tool_plan(body, constraint, messages)
+            try:
+                if plan is None:
+                    ids = self.chat.encode(messages)
+                else:
+                    ids = self.chat.encode(plan.messages(messages), tools=plan.template_tools)
+                    constraint = plan.constraint or constraint
             except UserError as e:
                 raise ApiError(400, str(e), "messages", "invalid_value") from None
             stop_ids = tuple(self.chat.stop_ids())
         else:
+            for name in ("tools", "tool_choice", "parallel_tool_calls"):
+                if body.get(name) is not None:
+                    raise ApiError(400, f"{name}: only on /v1/chat/completions", name, "invalid_value")
             ids = self._prompt_ids(body.get("prompt"))
         n_ctx = self.engine.L  # the model's context, or what the KV cache's memory holds
         if not ids:
@@ -140,9 +158,35 @@ class Server:
         else:
             sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         request = Request(prompt=list(ids), max_tokens=max_tokens, sampling=sampling, emit=None, stop=stop,
-                          stop_ids=stop_ids)
+                          stop_ids=stop_ids, constraint=constraint)
         options = body.get("stream_options") or {}
-        return request, {"stream": stream, "usage_in_stream": isinstance(options, dict) and bool(options.get("include_usage"))}
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return request, {"stream": stream, "usage_in_stream": usage, "tools": plan}
+
+    def _tool_plan(self, body: dict, constraint, messages: list[dict]) -> ToolPlan | None:
+        """The request's tools (None when it has none, nor tool calls in its history); each mistake a 400 naming
+        its parameter."""
+        try:
+            plan = ToolPlan.of(body, self.chat, messages)
+        except UserError as e:
+            param = re.match(r"\w+", str(e)).group(0)  # tools.py's messages start with the parameter's name
+            raise ApiError(400, str(e), param, "invalid_value") from None
+        if plan is not None and plan.constraint is not None and constraint is not None:
+            raise ApiError(400, "response_format: not with tools (give tool_choice \"none\" for a structured answer)",
+                           "response_format", "invalid_value")
+        return plan
+
+    def _answer(self, r: Request, content: str, plan: ToolPlan | None) -> tuple[dict, str]:
+        """The chat message and finish_reason: the tool calls the answer makes, when tools were offered."""
+        if plan is None or not plan.calls:
+            return {"role": "assistant", "content": content}, r.finish_reason
+        eos = set(int(i) for i in self.lm.eos_ids) | set(r.stop_ids)
+        raw = self.lm.tokenizer.decode([t for t in r.tokens if t not in eos], skip_special_tokens=False)
+        text, calls = plan.parse(raw)
+        if not calls:
+            return {"role": "assistant", "content": content if plan.format != "generic" else text}, r.finish_reason
+        reason = "tool_calls" if r.finish_reason == "stop" else r.finish_reason
+        return {"role": "assistant", "content": text, "tool_calls": calls}, reason
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -195,9 +239,9 @@ class Server:
                 meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                         "model": self.name}
                 if options["stream"]:
-                    return StreamingResponse(self._sse(r, events, meta, chat, options["usage_in_stream"]),
-                                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-                return await self._whole(request, r, events, meta, chat)
+                    sse = self._sse(r, events, meta, chat, options["usage_in_stream"], options["tools"])
+                    return StreamingResponse(sse, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return await self._whole(request, r, events, meta, chat, options["tools"])
             return handle
 
         async def not_found(request, exc):
@@ -242,7 +286,7 @@ class Server:
         return {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.tokens),
                 "total_tokens": len(r.prompt) + len(r.tokens)}
 
-    async def _whole(self, http, r: Request, events: asyncio.Queue, meta: dict, chat: bool):
+    async def _whole(self, http, r: Request, events: asyncio.Queue, meta: dict, chat: bool, plan=None):
         from starlette.responses import JSONResponse
 
         text = []
@@ -265,14 +309,14 @@ class Server:
                 self.engine.cancel(r)  # the client went away (or this task was cancelled): free the row
         content = "".join(text)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                      "finish_reason": r.finish_reason}
+            message, reason = self._answer(r, content, plan)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": r.finish_reason}
         return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
                              "usage": self._usage(r)})
 
-    async def _sse(self, r: Request, events: asyncio.Queue, meta: dict, chat: bool, usage: bool):
+    async def _sse(self, r: Request, events: asyncio.Queue, meta: dict, chat: bool, usage: bool, plan=None):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta: dict | str, finish=None, **extra) -> str:
@@ -288,6 +332,8 @@ class Server:
         def text_chunk(piece: str) -> str:
             return head + json.dumps(piece, ensure_ascii=False) + tail
 
+        held: list[str] = []
+        shown = plan.text_stream() if plan is not None and plan.calls else None  # text before a call, streamed
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
@@ -298,14 +344,25 @@ class Server:
                     ready.append(events.get_nowait())
                 out = []
                 for kind, data in ready:
-                    if kind == "text":
+                    if kind == "text" and plan is not None and plan.calls:  # the answer is parsed once complete
+                        held.append(data)
+                        piece = shown.push(data) if shown is not None else ""
+                        if piece:
+                            out.append(text_chunk(piece))
+                    elif kind == "text":
                         out.append(text_chunk(data))
                     elif kind == "error":
                         out.append(f"data: {json.dumps(ApiError(500, data, type='server_error').body())}\n\n")
                         finished = True
                         break
                     else:
-                        out.append(chunk({} if chat else "", finish=r.finish_reason))
+                        finish = r.finish_reason
+                        if plan is not None and plan.calls:
+                            message, finish = self._answer(r, "".join(held), plan)
+                            if shown is not None:  # its text went out as it came
+                                message = {**message, "content": None if message.get("tool_calls") else shown.rest()}
+                            out.extend(chunk(delta) for delta in _tool_deltas(message))
+                        out.append(chunk({} if chat else "", finish=finish))
                         if usage:
                             out.append(f"data: {json.dumps({**meta, 'object': kind_name, 'choices': [], 'usage': self._usage(r)})}\n\n")
                         finished = True
@@ -315,6 +372,17 @@ class Server:
         finally:
             if not r.finish_reason:
                 self.engine.cancel(r)  # the client disconnected mid-stream: its row goes back
+
+
+def _tool_deltas(message: dict) -> list[dict]:
+    """A whole answer as stream deltas: its text, then each call (its index, id and name, then its arguments)."""
+    deltas = [{"content": message["content"]}] if message.get("content") else []
+    for i, call in enumerate(message.get("tool_calls") or []):
+        fn = call["function"]
+        deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                       "function": {"name": fn["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
+    return deltas
 
 
 def serve(lm, name: str, host: str = "127.0.0.1", port: int = 8000, capacity: int = 16, max_waiting: int = 64,

@@ -184,7 +184,7 @@ def test_bad_chat_requests_raise_in_the_client(served):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x = 1\n" * 200}])
     # what would change the answer is refused, not ignored; what restates the default is accepted
     hi = [{"role": "user", "content": "hi"}]
-    for extra, param in ((dict(response_format={"type": "json_object"}), "response_format"),
+    for extra, param in ((dict(response_format={"type": "xml"}), "response_format"),
                          (dict(logit_bias={"5": 100}), "logit_bias"),
                          (dict(tool_choice="required"), "tool_choice")):
         with pytest.raises(openai.BadRequestError) as e:
