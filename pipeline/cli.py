@@ -171,17 +171,29 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
 @click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None,
               help="Import a llama.cpp GGUF file (llama, qwen2; dequantized to fp32) instead.")
 @click.option("--corpus", default=None, help="With --hf/--gguf: text for the parity windows [Python's standard library].")
-def export(checkpoint, out, force, hf, gguf, corpus):
+@click.option("--no-memory-check", is_flag=True,
+              help="With --hf/--gguf: go on when the estimated peak memory is more than this machine has free.")
+def export(checkpoint, out, force, hf, gguf, corpus, no_memory_check):
     """Export a trained run folder (or, with --hf, a Hugging Face model; with --gguf, a GGUF file) to ONNX
     (fp32, KV cache) with configs, tokenizer, genai_config.json, parity and manifest."""
     if sum(x is not None for x in (checkpoint, hf, gguf)) != 1:
         raise UserError("export: give a CHECKPOINT run folder, --hf DIR or --gguf FILE (one of them)")
     if corpus is not None and hf is None and gguf is None:
         raise UserError("--corpus: only used with --hf or --gguf (an onnxgen run holds out its own data)")
-    if hf is not None:  # refused in a blink: the folder is read before torch and transformers are imported
-        from pipeline.model.families import check_hf_folder
+    if hf is not None or gguf is not None:  # refused in a blink: read before torch and transformers are imported
+        from pipeline.preflight import check_memory, export_peak
 
-        check_hf_folder(hf)
+        if hf is not None:
+            from pipeline.model.families import check_hf_folder, fp32_weight_bytes
+
+            check_hf_folder(hf)
+            weights = fp32_weight_bytes(hf)
+        else:
+            from pipeline.model.gguf import fp32_weight_bytes
+
+            weights = fp32_weight_bytes(gguf)
+        check_memory(export_peak(weights), f"export {hf or gguf} ({weights / 1e9:.2f} GB of fp32 weights)",
+                     skip=no_memory_check)
     from pipeline.convert.export import export as export_run
     from pipeline.convert.hf_import import export_gguf, export_hf
 

@@ -163,3 +163,23 @@ def external_data_files(folder: Path, path: Path, model) -> list[str]:
             raise UserError(f"external data {folder / rel}: {size} bytes, but the graph reads up to byte {end} "
                             "(truncated?)")
     return sorted(needed)
+
+
+# The peak of `onnxgen export --hf/--gguf` (export, then parity against the transformers reference), as a
+# multiple of the model's fp32 weights plus a fixed part: measured in benchmarks/MEMORY.md.
+EXPORT_PEAK = (3.0, 1.0e9)
+
+
+def export_peak(fp32_bytes: int) -> float:
+    return EXPORT_PEAK[0] * fp32_bytes + EXPORT_PEAK[1]
+
+
+def check_memory(need: float, what: str, skip: bool = False) -> None:
+    """Refuse, before any work, a stage whose estimated peak `need` (bytes) passes the memory this machine has
+    free now: one line naming both, rather than the kernel's OOM killer halfway (`skip`: go on anyway)."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    if need > free and not skip:
+        raise UserError(f"{what}: needs about {need / 1e9:.1f} GB of memory at its peak and {free / 1e9:.1f} GB is "
+                        f"free (pass --no-memory-check to try anyway)")

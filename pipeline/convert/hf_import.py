@@ -20,6 +20,7 @@ manifest names the GGUF as the source, so `onnxgen parity` stages it again.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -181,7 +182,8 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
     config = check_hf_folder(src)
     t0 = time.time()
     ours = load_decoder(src) if config["model_type"] in SUPPORTED else None  # refusals before the heavy load
-    model = load_hf_model(src)  # the reference
+    # the reference loads once ours is exported and freed: the two models are never held at once
+    model = None if ours is not None else load_hf_model(src)
     with staging(out, force) as tmp:
         if ours is not None:
             log.info("exporting %s (%s) through onnxgen's decoder", src, SUPPORTED[config["model_type"]])
@@ -189,6 +191,8 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
             graph_files = export_graph(ours, tmp / "onnx" / VARIANTS["fp32"])
             exporter = {"exporter": "onnxgen", "opset": OPSET}
             del ours
+            gc.collect()
+            model = load_hf_model(src)  # the reference
         else:
             graph_files = export_with_optimum(model, model.config.num_hidden_layers, tmp / "onnx", tmp / "optimum")
             shutil.rmtree(tmp / "optimum")

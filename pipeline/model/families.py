@@ -508,6 +508,19 @@ def check_hf_folder(src: Path) -> dict:
     return config
 
 
+def fp32_weight_bytes(folder: Path) -> int:
+    """The bytes the folder's weights take in fp32 (what the export, its graph and the reference each hold),
+    from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                count += math.prod(f.get_slice(name).get_shape())
+    return 4 * count
+
+
 def optimum_exports(model_type) -> str | None:
     """None if optimum can export this model_type with a KV cache, else why not."""
     import importlib.util

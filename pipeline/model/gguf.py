@@ -270,6 +270,12 @@ def stage_gguf(path: str | Path, folder: str | Path) -> dict:
             "gguf_name": g.get("general.name", None), "quant_types": g.quant_types()}
 
 
+def fp32_weight_bytes(path: str | Path) -> int:
+    """The bytes the file's tensors take dequantized to fp32 (as export --gguf stages them)."""
+    g = GGUFFile(path)
+    return 4 * sum(int(t.n_elements) for t in g.reader.tensors)
+
+
 def is_gguf(path: str | Path) -> bool:
     """A file that starts with GGUF's magic."""
     try:

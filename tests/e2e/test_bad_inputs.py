@@ -341,3 +341,15 @@ def test_preflight_takes_a_list_of_eos_ids_inside_the_vocabulary(tiny_export, tm
     edit_json(folder, "generation_config.json", eos_token_id=[7, 512])
     with pytest.raises(UserError, match=r"eos_token_id \[7, 512\]"):
         preflight(folder, "fp32", verify=True)
+
+
+def test_an_export_that_cannot_fit_in_memory_is_refused_before_it_starts(hf_models, tmp_path, monkeypatch):
+    """export --hf estimates its peak from the folder's fp32 weights (safetensors headers) and refuses, in one
+    line naming the estimate and what is free, a model that would not fit, before anything heavy runs."""
+    from pipeline import preflight
+
+    monkeypatch.setattr(preflight, "EXPORT_PEAK", (1e9, 0.0))  # as if the tiny model were a giant one
+    out = tmp_path / "out"
+    line = assert_user_error(onnxgen_in_process("export", "--hf", hf_models["llama"], "--out", out),
+                             "needs about", "GB of memory", "free", "--no-memory-check")
+    assert "fp32 weights" in line and not out.exists()
