@@ -47,7 +47,6 @@ unsafe_skip_verify_option = click.option(
     help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
 
 
-
 class _Group(click.Group):
     def invoke(self, ctx):
         try:

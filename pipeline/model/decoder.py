@@ -23,6 +23,8 @@ ACTIVATIONS = {
     "silu": F.silu,
 }
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
+
+
 # ----------------------------------------------------------------------------- normalization
 
 class RMSNorm(nn.Module):

@@ -18,6 +18,7 @@ CALIBRATION_LENGTH = 256   # tokens per window (shorter when the context is)
 
 CALIBRATION_SEED = 0
 
+
 def text_windows(folder: Path, text: str, n: int, length: int, seed: int = 0) -> np.ndarray:
     """(≤ n, length) calibration windows: `text` tokenized with the export's tokenizer, cut into consecutive
     windows, n of them picked with `seed` (all of them when the text holds fewer)."""
@@ -30,6 +31,7 @@ def text_windows(folder: Path, text: str, n: int, length: int, seed: int = 0) ->
         raise UserError(f"calibration text: {len(ids)} tokens, fewer than one window of {length}")
     pick = np.sort(np.random.default_rng(seed).permutation(count)[:n])
     return np.stack([ids[i * length:(i + 1) * length] for i in pick])
+
 
 def calibration_data(folder: Path, text_file: str | Path | None, n: int, length: int,
                      checkpoint: str | Path | None = None) -> tuple[np.ndarray, dict]:
@@ -77,6 +79,7 @@ def calibration_data(folder: Path, text_file: str | Path | None, n: int, length:
     return windows, {"source": what, "sha256": hashlib.sha256(data).hexdigest(), "windows": int(len(windows)),
                      "window_length": int(windows.shape[1]), "seed": CALIBRATION_SEED}
 
+
 class Windows:
     """CalibrationDataReader over (n, T) token windows, one window per call, empty past; shows progress."""
 
@@ -100,6 +103,7 @@ class Windows:
 
     def rewind(self):
         self.i = 0
+
 
 def calibration_windows(run: Path, n_ctx: int, n: int = 32) -> np.ndarray:
     """(n, T) held-out windows that do not overlap the parity windows (sources.run_windows): taken from

@@ -38,7 +38,9 @@ def _grid(group: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray 
         best, scale, zero = np.where(better, err, best), np.where(better, s, scale), np.where(better, z, zero)
     return scale, zero
 
+
 GRID_SHRINK = np.linspace(1.0, 0.7, 13)  # the ranges _grid's search tries, as fractions of the full one (first)
+
 
 def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float,
                 fp16: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +55,7 @@ def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float,
     scale = stored((hi - lo) / maxq, fp16)
     scale[scale == 0] = 1.0
     return scale, np.clip(np.round(-lo / scale), 0, maxq)
+
 
 def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
                 percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, grid_search: bool = False,
@@ -112,6 +115,7 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     codes[K:] = zeros[-1].astype(np.uint8)  # padding rows of the last block: code = zero point, value 0
     return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
 
+
 def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray, progress: bool,
              batch: int = 4) -> dict[str, np.ndarray]:
     """{activation: 2·XᵀX/n} over every token of `windows` (n, T), from one run of the fp32 graph per batch
@@ -144,6 +148,7 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
         bar.update(len(ids))
     bar.close()
     return {a: 2 * h / n for a, h in H.items()}
+
 
 def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray, recipe: "Recipe",
                   progress: bool, hessian_cache: dict | None = None, head: str | None = None) -> None:

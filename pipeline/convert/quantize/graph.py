@@ -26,9 +26,11 @@ def _layers(spec: str, known: list[int]) -> set[int]:
         out.update(range(lo if lo >= 0 else known[-1] + 1 + lo, (hi if hi >= 0 else known[-1] + 1 + hi) + 1))
     return out
 
+
 def _kind_of(node_name: str) -> str | None:
     m = re.search(r"/(attn|mlp)/(c_attn|c_proj|c_fc)/", node_name)
     return f"{m.group(1)}/{m.group(2)}" if m else None
+
 
 def select(model: onnx.ModelProto, selectors: tuple[str, ...]) -> set[str]:
     """The weight MatMuls that `selectors` name: "first_last" (first and last blocks, models of more than
@@ -56,6 +58,7 @@ def select(model: onnx.ModelProto, selectors: tuple[str, ...]) -> set[str]:
                             f"{', '.join(KINDS)} (optionally :LAYERS)")
     return out
 
+
 def plan_bits(model: onnx.ModelProto, recipe: Recipe) -> dict[str, int | None]:
     """{weight MatMul: bits, None for fp32} per the recipe; the head by recipe.head."""
     head = head_matmul(model)
@@ -64,10 +67,12 @@ def plan_bits(model: onnx.ModelProto, recipe: Recipe) -> dict[str, int | None]:
     plan[head] = {"int4": 4, "int8": 8, "fp32": None}[recipe.head]
     return plan
 
+
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMuls whose second input is a constant initializer: the ones to quantize (not Q·Kᵀ, P·V)."""
     inits = {i.name for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
 
 def head_matmul(model: onnx.ModelProto) -> str:
     """The MatMul whose output feeds the `logits` output (possibly through a Cast)."""
@@ -77,11 +82,13 @@ def head_matmul(model: onnx.ModelProto) -> str:
         node = produced[node.input[0]]
     return node.name
 
+
 def _embedding_gather(model: onnx.ModelProto):
     """The Gather of input_ids from a (V, C) initializer: the token embedding."""
     inits = {i.name for i in model.graph.initializer}
     return next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
                  and n.input[1] == "input_ids"), None)
+
 
 def is_tied(model: onnx.ModelProto) -> bool:
     """The LM head's weight is the embedding transposed (a tied head: GPT-2, SmolLM2, ...)."""
@@ -91,6 +98,7 @@ def is_tied(model: onnx.ModelProto) -> bool:
         return False
     table, weight = (numpy_helper.to_array(inits[n]) for n in (gather.input[0], head.input[1]))
     return table.shape[::-1] == weight.shape and np.array_equal(table.T, weight)
+
 
 def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size: int) -> dict:
     """The embedding lookup quantized with the weights: a com.microsoft GatherBlockQuantized (blocks of
@@ -149,6 +157,7 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"embedding": f"GatherBlockQuantized, {bits} bits, shared with the tied head"}
 
+
 def _pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
     """(N, blocks) uint8 -> MatMulNBits' zero_points layout: per row, 4-bit values two to a byte (low
     nibble first, a row padded to whole bytes). Written by hand: weight_only's packer pads across rows
@@ -158,6 +167,7 @@ def _pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
     if zeros.shape[1] % 2:
         zeros = np.concatenate([zeros, np.full((len(zeros), 1), 8, np.uint8)], 1)
     return (zeros[:, ::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+
 
 def matmul_nbits(node, shape: tuple[int, int], codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                  bits: int, group: int, accuracy_level: int):
@@ -176,6 +186,7 @@ def matmul_nbits(node, shape: tuple[int, int], codes: np.ndarray, scales: np.nda
         new.append(zp)
         q_node.input.append(zp.name)
     return q_node, new
+
 
 def store_scales_fp16(model: onnx.ModelProto) -> dict:
     """Every fp32 scale table of a MatMulNBits or GatherBlockQuantized stored as fp16, with a Cast back to
@@ -202,11 +213,13 @@ def store_scales_fp16(model: onnx.ModelProto) -> dict:
         converted += 1
     return {"tensors": converted, "kept_fp32": kept}
 
+
 def block_of(node_name: str) -> int | None:
     """The transformer block a weight MatMul belongs to, from the exporters' node names
     (/h.3/mlp/c_fc/MatMul ours and GPT-2's, /model/layers.3/... Llama-style), or None."""
     m = re.search(r"/(?:h|layers)\.(\d+)/", node_name)
     return int(m.group(1)) if m else None
+
 
 def drop_duplicate_casts(graph) -> None:
     """Written by hand for a converter bug: with an op_block_list, convert_float_to_float16 gives a
@@ -218,9 +231,11 @@ def drop_duplicate_casts(graph) -> None:
             graph.node.remove(node)
         seen.update(node.output)
 
+
 # onnxruntime's ops that it registers in the ONNX domain itself (onnxruntime.transformers' RMSNorm fusion
 # writes one; so does onnxruntime-genai's builder): onnx.checker has no schema for them
 ORT_OPS_IN_ONNX_DOMAIN = {"SimplifiedLayerNormalization"}
+
 
 def check_graph(path: Path) -> None:
     """onnx.checker on a variant, with the ops above taken as the contrib ops they are (a domain onnx does
@@ -233,12 +248,15 @@ def check_graph(path: Path) -> None:
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.checker.check_model(model)
 
+
 FP16_NORMAL = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))
+
 
 def _fits_fp16(scale: np.ndarray) -> np.ndarray:
     """Where a scale survives fp16 with its relative precision: 0, or a normal fp16 magnitude."""
     a = np.abs(scale)
     return (a == 0) | ((a >= FP16_NORMAL[0]) & (a <= FP16_NORMAL[1]))
+
 
 def stored(scale: np.ndarray, fp16: bool) -> np.ndarray:
     """`scale` as the file will hold it: rounded to fp16 where it fits (store_scales_fp16 keeps a tensor

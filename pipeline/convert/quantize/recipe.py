@@ -20,6 +20,7 @@ ACCURACY_LEVELS = (0, 1, 4)
 KINDS = {  # our decoder's weight MatMuls (model/decoder.py names them GPT-2's way, whatever the family)
     "qkv": "attn/c_attn", "o": "attn/c_proj", "gate_up": "mlp/c_fc", "up": "mlp/c_fc", "down": "mlp/c_proj"}
 
+
 @dataclass(frozen=True)
 class Recipe:
     """How the weight MatMuls of a variant are quantized (recorded in the manifest as .summary()).
@@ -66,7 +67,8 @@ class Recipe:
     def __post_init__(self):
         """Every recipe is checked here, once, however it was made (defaults, presets, the CLI's options)."""
         checks = [(self.method in METHODS, f"--method {self.method}: expected one of {', '.join(METHODS)}"),
-                  (self.block_size in BLOCKS, f"--block-size {self.block_size}: expected a power of two from 16 to 256"),
+                  (self.block_size in BLOCKS,
+                   f"--block-size {self.block_size}: expected a power of two from 16 to 256"),
                   (self.scales in SCALES, f"--scales {self.scales}: expected one of {', '.join(SCALES)}"),
                   (self.head_block in (0, *BLOCKS),
                    f"--head-block-size {self.head_block}: expected a power of two from 16 to 256"),
@@ -97,6 +99,7 @@ class Recipe:
                 "scales": self.scales,
                 **({"fp32_compute": list(self.fp32_compute)} if self.fp32_compute else {})}
 
+
 # The default recipe per variant: for models trained here ("trained", set on tiny and small, whose
 # thresholds they pass) and for imports ("import", set on SmolLM2-135M-Instruct by
 # benchmarks/quant_quality.py, see benchmarks/QUANT.md).
@@ -122,6 +125,7 @@ DEFAULT_RECIPES = {
                               head_block=16, eight_bit=("first_last", "qkv", "down:outer"))},
 }
 
+
 # The "fast" int4 recipe (`quantize --recipe fast`): the default's method, every tensor 4-bit at block 64, the head
 # (and the tied embedding that reads its table) included. For speed: a batch-1 decode step reads every weight
 # once, and MLAS's 4-bit kernel is faster per weight at block 64 than at 32 (fewer blocks to scale and sum)
@@ -133,6 +137,7 @@ DEFAULT_RECIPES = {
 FAST_INT4 = {"block_size": 64, "head": "int4", "head_block": 64, "eight_bit": ()}
 
 RECIPE_PRESETS = ("default", "fast")
+
 
 def recipe_for(folder: Path, variant: str, preset: str = "default", **overrides) -> Recipe:
     """The default recipe of `variant` for this export (an import's or a trained model's), made the fast one

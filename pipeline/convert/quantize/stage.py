@@ -59,7 +59,8 @@ def quantize(folder: str | Path, variant: str, overrides: dict | None = None, *,
     shape = read_config(folder)
     todo = QUANTIZED if variant == "all" else (variant,)
     windows, calibration_info = None, None
-    gptq = [v for v in todo if v in recipes and (v != "int8" or int8_mode == "blockwise") and recipes[v].method == "gptq"]
+    gptq = [v for v in todo
+            if v in recipes and (v != "int8" or int8_mode == "blockwise") and recipes[v].method == "gptq"]
     if calibration is not None and not gptq:  # given for nothing: say so rather than quantize as if it had counted
         raise UserError(f"--calibration {calibration}: only GPTQ calibrates, and no variant this command writes uses "
                         f"it ({', '.join(f'{v}: {recipes[v].method}' for v in todo if v in recipes) or variant}); "
