@@ -273,3 +273,23 @@ def smollm2(tmp_path_factory) -> tuple[Path, str]:
     onnxgen("quantize", out, "--variant", "int4", timeout=1200)
     onnxgen("fuse", out, "--variant", "int4", timeout=1200)
     return out, stdout
+
+
+@pytest.fixture(scope="session")
+def smollm2_bos(smollm2, tmp_path_factory) -> Path:
+    """The SmolLM2 export with the tokenizer transformers saves from the same GGUF: its tokenizer.json template
+    puts <|im_start|> (the BOS) before every prompt, as the transformers folder a user saves has it. The graphs
+    are the export's own (fp32 and int4, copied: `onnxgen web` serves no symlink), the manifest recorded anew."""
+    from transformers import AutoTokenizer
+
+    from pipeline import manifest
+
+    path, (src, _) = smollm2_gguf(), smollm2
+    folder = tmp_path_factory.mktemp("smollm2-bos") / "export"
+    (folder / "onnx").mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "onnx/model.onnx", "onnx/model_q4.onnx"):
+        shutil.copyfile(src / name, folder / name)
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(folder))
+    manifest.record(folder, "test: SmolLM2's transformers tokenizer",
+                    sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
+    return folder

@@ -356,3 +356,14 @@ def test_save_graph_chunks_weights_under_transformers_js_names(tiny_export, tmp_
     names_again = save_graph(onnx.load(str(graph)), graph, limit=0, chunk_bytes=size)
     assert names_again == ["model.onnx", "model.onnx_data"] and variant_files(folder, "fp32") == ["onnx/model.onnx",
                                                                                                  "onnx/model.onnx_data"]
+
+
+@pytest.mark.slow
+def test_browser_adds_the_bos_run_adds(browser, smollm2_bos, tmp_path):
+    """SmolLM2 with transformers' tokenizer (a BOS template): the page encodes the prompt as `onnxgen run`
+    does, <|im_start|> first, and every token it generates is the same graph's greedy choice."""
+    text, data = run_in_page(browser, smollm2_bos, "q4")
+    assert not data["errors"], data["errors"]
+    prompt = [int(i) for i in data["promptIds"].split(",")]
+    assert prompt[0] == OnnxLM(smollm2_bos, "int4").tokenizer.token_to_id("<|im_start|>")
+    browser_tokens_match_fp32_compute(smollm2_bos, "int4", data, tmp_path)  # also: prompt == run's ids
