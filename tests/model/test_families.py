@@ -63,9 +63,9 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
                                   pad_token_id=0, initializer_range=0.2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # norms off their init (ones or zeros) so every weight matters
+    with torch.no_grad():  # norms and biases off their init (ones or zeros) so every weight matters
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     if not safe:  # a pickled checkpoint, as older Hub folders have (transformers 5 only writes safetensors)
