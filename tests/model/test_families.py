@@ -34,6 +34,12 @@ CASES = {
     "llama-yarn": ("llama", {**SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                        "original_max_position_embeddings": 16}}),
     "mistral": ("mistral", {**SMALL, "sliding_window": 4}),
+    # every pairing of NoPE/RoPE and sliding/full
+    "smollm3": ("smollm3", {**SMALL, "num_hidden_layers": 4, "no_rope_layers": [1, 0, 1, 0], "use_sliding_window": True,
+                            "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention",
+                                                                 "full_attention", "sliding_attention"]}),
+    "granite": ("granite", {**SMALL, "embedding_multiplier": 12.0, "attention_multiplier": 0.05,
+                            "residual_multiplier": 0.22, "logits_scaling": 8.0}),
     "qwen2": ("qwen2", {**SMALL, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3": ("qwen3", {**SMALL, "head_dim": 16, "attention_bias": True}),
     "phi3": ("phi3", {**SMALL, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 64}),
@@ -45,6 +51,11 @@ CASES = {
                           "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     "gemma3": ("gemma3_text", {**SMALL, "head_dim": 16, "sliding_window": 4, "sliding_window_pattern": 2,
                                "query_pre_attn_scalar": 12, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    "olmo2": ("olmo2", SMALL),
+    # the full layers' RoPE scaled, the sliding ones' not
+    "olmo3": ("olmo3", {**SMALL, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    "phi": ("phi", {**SMALL, "partial_rotary_factor": 0.5}),
     "gpt_neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"} | {"rotary_pct": 0.25}),
     "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
                             | {"rotary_pct": 0.5, "use_parallel_residual": False}),
@@ -302,7 +313,7 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 # ----------------------------------------------------------------------------- export
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
-EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt"]
+EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi"]
 
 
 @pytest.mark.slow
@@ -357,7 +368,7 @@ def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
 # ONNX Runtime's rotary kernel takes head sizes that are multiples of 16 and rotated widths of 16 or more:
 # the fused cases widen the tiny models to that (every other size as in CASES)
 FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
-FUSED_WIDER = {"phi3": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
+FUSED_WIDER = {"phi3": {"hidden_size": 128}, "phi": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
                "llama-dynamic": {"max_position_embeddings": 64}}
 FUSED_REFUSED = {"phi3-longrope": "longrope"}
 
@@ -458,5 +469,30 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     for variant in ("fp32", "int8"):
         plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
         assert twin.fused and not plain.fused
+        assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
+               [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
+
+
+@pytest.mark.slow
+def test_quantize_and_fuse_take_a_head_with_a_bias(hf_models, tmp_path):
+    """Phi-2's logits are MatMul + bias: quantize finds the head's MatMul behind the Add, and fuse gathers
+    each row's last hidden state before the head (not the bias). Both twins pass parity against transformers
+    and the runtime on them gives the plain graphs' greedy tokens."""
+    from pipeline.convert.fuse import fuse_export
+    from pipeline.convert.hf_import import export_hf
+    from pipeline.convert.quantize import quantize
+    from pipeline.run.lm import OnnxLM
+
+    src = fused_case(tmp_path, "phi", vocab=512)
+    copy_tokenizer(hf_models["llama"], src)
+    out = tmp_path / "out"
+    assert export_hf(src, out, corpus=str(TEST_CORPUS)).passed
+    quantize(out, "int8", progress=False)
+    fuse_export(out, ["fp32", "int8"])
+    fused = manifest.load(out)["stages"][-1]["fused"]["variants"]
+    assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
+    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
+    for variant in ("fp32", "int8"):
+        plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
         assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
                [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
