@@ -229,6 +229,22 @@ def test_transformers_5_configs_mean_the_same_model(tiny, tmp_path, name):
         assert torch.equal(load_decoder(folder)(ids)[0], load_decoder(tiny[name][0])(ids)[0])
 
 
+def test_a_legacy_olmo3_config_means_what_transformers_5_reads(tiny, tmp_path):
+    """A transformers 4 config.json (top-level rope_theta and rope_scaling): transformers 5's Olmo3Config
+    scales the full layers only and gives the sliding ones its default base (500000), whatever rope_theta
+    says. So do we: the logits of the saved weights under that config are transformers' own."""
+    saved = json.loads((tiny["olmo3"][0] / "config.json").read_text())
+    legacy = {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | {
+        "rope_theta": 1234.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    folder = _edited(tiny, tmp_path, "olmo3")
+    (folder / "config.json").write_text(json.dumps(legacy))
+    ours = load_decoder(folder)
+    assert (ours.arch.rope_theta, ours.arch.rope_local_theta) == (1234.0, 500000.0)
+    ids = torch.arange(1, 13)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], fresh(folder)(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_transformers_5_scaling_on_sliding_layers_is_refused(tiny):
     v5 = as_v5(tiny, "gemma3")
     v5["rope_parameters"]["sliding_attention"] |= {"rope_type": "linear", "factor": 2.0}
@@ -287,6 +303,10 @@ def test_math_changing_keys_are_refused(tiny, tmp_path):
         load_decoder(_edited(tiny, tmp_path / "c", "gemma3", use_bidirectional_attention=True))
     with pytest.raises(UserError, match="hidden_act 'quick_gelu' is not implemented"):
         load_decoder(_edited(tiny, tmp_path / "d", "llama", hidden_act="quick_gelu"))
+    with pytest.raises(UserError, match="qk_layernorm = True"):
+        load_decoder(_edited(tiny, tmp_path / "e", "phi", qk_layernorm=True))
+    with pytest.raises(UserError, match=r"no_rope_layers must be 4 flags of 0 or 1, got \[1, 0\]"):
+        load_decoder(_edited(tiny, tmp_path / "f", "smollm3", no_rope_layers=[1, 0]))
 
 
 def test_pickled_only_folder_is_refused(tmp_path):
