@@ -389,13 +389,16 @@ def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
 # the fused cases widen the tiny models to that (every other size as in CASES)
 FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
 FUSED_WIDER = {"phi3": {"hidden_size": 128}, "phi": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
-               "llama-dynamic": {"max_position_embeddings": 64}}
-FUSED_REFUSED = {"phi3-longrope": "longrope"}
+               "llama-dynamic": {"max_position_embeddings": 64},
+               # a batch of 12 tokens at most takes the short factors, two decode steps later the long ones
+               "phi3-longrope": {"original_max_position_embeddings": 13, "rope_scaling": {
+                   "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0],
+                   "long_factor": [2.0, 3.0, 5.0, 8.0, 10.0, 13.0, 17.0, 21.0]}}}
 
 
 def fused_case(tmp_path, name, vocab: int = VOCAB):
     model_type, sizes = CASES[name]
-    if "hidden_size" in sizes and "head_dim" not in sizes and model_type != "opt" and name not in FUSED_REFUSED:
+    if "hidden_size" in sizes and "head_dim" not in sizes and model_type != "opt":
         sizes = {**sizes, **FUSED_SIZES}
     save_tiny(tmp_path / name, model_type, {**sizes, **FUSED_WIDER.get(name, {})}, vocab=vocab)
     return tmp_path / name
@@ -429,11 +432,37 @@ def run_fused(session, arch, rows: list[list[int]], steps: int):
             mask[b, :n + step + 1] = 1
 
 
+def plain_steps(ours, rows: list[list[int]], steps: int):
+    """run_fused's calls as the plain graph makes them: the same rows left-padded through our decoder's
+    cache; yields each call's last-position logits (B, V). Longrope takes its table by the batch's longest
+    row, in both graphs alike (a row alone could take the other)."""
+    B, lengths = len(rows), [len(r) - steps for r in rows]
+    S = max(lengths)
+    ids, mask = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, S - n:], mask[b, S - n:] = torch.tensor(rows[b][:n]), 1
+    with torch.no_grad():
+        logits, past = ours.forward_with_cache(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), ours.empty_cache(B))
+        yield logits[:, -1]
+        for step in range(steps):
+            ids = torch.tensor([[rows[b][n + step]] for b, n in enumerate(lengths)])
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            logits, past = ours.forward_with_cache(ids, mask, torch.tensor([[n + step] for n in lengths]), past)
+            yield logits[:, -1]
+
+
+def test_fuse_refuses_head_sizes_the_rotary_kernel_does_not_take(tiny):
+    from pipeline.convert.fuse import attention_of
+
+    with pytest.raises(UserError, match=r"RoPE with head size 8 \(not a multiple of 16\)"):
+        attention_of(tiny["llama"][0])
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
-    """onnxgen fuse's rewrite for every family: one GroupQueryAttention per layer (rotary, sliding windows,
-    soft-caps, q/k norms and scales as attributes and inputs) gives our decoder's logits, within 5e-5, on a
-    right-padded batch of three lengths and three decode steps after it."""
+    """onnxgen fuse's rewrite for every family: one GroupQueryAttention per layer (rotary, longrope's two
+    tables, sliding windows, soft-caps, q/k norms and scales as attributes and inputs) gives our decoder's
+    logits, within 5e-5, on a right-padded batch of three lengths and three decode steps after it."""
     import onnx
     import onnxruntime as ort
 
@@ -443,10 +472,6 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     folder = fused_case(tmp_path, name)
     ours = load_decoder(folder)
     export_graph(ours, tmp_path / "model.onnx")
-    if name in FUSED_REFUSED:
-        with pytest.raises(UserError, match=FUSED_REFUSED[name]):
-            attention_of(folder)
-        return
     graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
     assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == ours.arch.n_layer
     onnx.save(graph, str(tmp_path / "fused.onnx"))
@@ -454,10 +479,8 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     g = torch.Generator().manual_seed(1)
     steps = 3
     rows = [torch.randint(1, VOCAB, (n + steps,), generator=g).tolist() for n in LENGTHS]
-    for step, got in enumerate(run_fused(session, ours.arch, rows, steps)):
-        with torch.no_grad():
-            want = [ours(torch.tensor([r[:len(r) - steps + step]]))[0][0, -1] for r in rows]
-        torch.testing.assert_close(torch.from_numpy(got), torch.stack(want), atol=5e-5, rtol=1e-4)
+    for got, want in zip(run_fused(session, ours.arch, rows, steps), plain_steps(ours, rows, steps), strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
