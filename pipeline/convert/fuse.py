@@ -21,15 +21,17 @@ a Reshape, a Transpose and, in RoPE families, the rotation; the attention output
 downstream of present.{i}.value that reads a Transpose (a GQA model's key/value repetition is a Reshape
 of an Expand). What the attention does beyond softmax(q k^T / sqrt(d)) v comes from the model's config
 (the same DecoderConfig that built the graph), as GroupQueryAttention attributes:
-  - RoPE: do_rotary with cos/sin caches of the decoder's own Rotary for positions 0..n_ctx-1 (linear,
+  - RoPE: do_rotary (not on SmolLM3's NoPE layers) with cos/sin caches of the decoder's own Rotary for positions 0..n_ctx-1 (linear,
     llama3 and yarn scalings are tables; dynamic NTK equals the plain base within n_ctx); the rotated
     width (partial rotary) is the caches' width. GroupQueryAttention rotates position past + i, which is
-    what right-padded rows with positions 0..len-1 carry;
+    what right-padded rows with positions 0..len-1 carry. Longrope (Phi-3 128k, Phi-4-mini) has two tables,
+    short and long factors, and each call takes one by its longest row as the plain graph does
+    (max(position_ids) + 1 > the original context: long); a Where picks the caches GroupQueryAttention reads;
   - sliding-window layers: local_window_size; Gemma 2's score cap: softcap; a configured scale: scale.
-  - q/k norms (Qwen3, Gemma 3): q, k and v go in separately, q and k after their norms; Gemma 3's
-    sliding layers get caches of their own base.
-Refused with the reason (the plain graph still runs): longrope (its table switches with the sequence
-length) and head sizes ONNX Runtime's rotary kernel does not take.
+  - q/k norms (Qwen3, Gemma 3, OLMo 2 and 3): q, k and v go in separately, q and k after their norms;
+    Gemma 3's and OLMo 3's sliding layers get caches of their own base, unscaled.
+What is not attention (post-norms, residual multipliers, a head bias or divisor) stays as exported.
+Refused with the reason (the plain graph still runs): head sizes ONNX Runtime's rotary kernel does not take.
 onnxruntime.transformers' fusions do not cover this: they emit MultiHeadAttention/Attention, which
 on CPU cannot share the past and present buffer.
 """
@@ -99,6 +101,20 @@ def _downstream_reshape(name: str, consumers, producers) -> str:
     raise UserError(f"graph: no attention output downstream of {name} (not an onnxgen export?)")
 
 
+def _head_input(producers, initializers: set[str]) -> tuple[onnx.NodeProto, str]:
+    """The node reading the hidden states the LM head turns into logits, and that input: back from the
+    logits past position-wise ops with one non-constant input (Phi-2's head bias, Granite's divisor, Gemma 2's
+    soft-cap), to the head's MatMul. Where an op has two (an int8 head's dequantizing Mul), its first input."""
+    node = producers["logits"]
+    while True:
+        data = [x for x in node.input if x and x not in initializers
+                and not (x in producers and producers[x].op_type == "Constant")]
+        if node.op_type in ("Add", "Sub", "Mul", "Div", "Tanh") and len(data) == 1 and data[0] in producers:
+            node = producers[data[0]]
+            continue
+        return node, data[0] if len(data) == 1 else node.input[0]
+
+
 def attention_of(folder: Path) -> DecoderConfig:
     """The decoder configuration the export's graph was built from (its config.json, read by its family),
     refused in one line when GroupQueryAttention cannot do its attention (see the module docstring)."""
@@ -108,7 +124,6 @@ def attention_of(folder: Path) -> DecoderConfig:
         raise UserError(f"fuse {folder}: model_type {model_type!r} was exported by optimum, not onnxgen's decoder; "
                         "only the plain graph runs it")
     reasons = [why for bad, why in [
-        (rope_kind(arch.rope_scaling) == "longrope", "longrope scaling (its table switches with the length)"),
         # ONNX Runtime's rotary kernels: "head_size shall be a multiple of 16", "cos_cache dimension 1 must
         # be <= head_size / 2 and a multiple of 8"
         (arch.positional == "rope" and arch.head_dim % 16, f"RoPE with head size {arch.head_dim} (not a multiple "
@@ -121,17 +136,42 @@ def attention_of(folder: Path) -> DecoderConfig:
     return arch
 
 
-def rotary_caches(arch: DecoderConfig, local_theta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rotary_caches(arch: DecoderConfig, local_theta: float | None = None,
+                  long: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (n_ctx, rotated / 2) for GroupQueryAttention, from the decoder's own Rotary: the same
     frequencies and attention factor as the plain graph (whose rotate_half layout repeats each half).
-    local_theta: Gemma 3's sliding layers' own base, without the scaling."""
+    local_theta: Gemma 3's sliding layers' own base, without the scaling. long: longrope's long factors
+    (else its short ones; Rotary picks one per call by the sequence length, here every position gets it)."""
     rot = Rotary(arch.head_dim, arch.rope_fraction, arch.rope_theta, arch.rope_scaling, arch.n_ctx,
                  arch.rope_original_ctx) if local_theta is None else \
         Rotary(arch.head_dim, arch.rope_fraction, local_theta, None, arch.n_ctx)
+    positions = torch.arange(arch.n_ctx)[None]
     with torch.no_grad():
-        cos, sin = rot(torch.arange(arch.n_ctx)[None])
+        if rot.kind == "longrope":  # Rotary.forward's arithmetic with the table fixed
+            freqs = positions[:, :, None].float() * (rot.long_inv_freq if long else rot.inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos() * rot.attention_factor, emb.sin() * rot.attention_factor
+        else:
+            cos, sin = rot(positions)
     half = rot.dim // 2
     return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def _longrope_caches(g: onnx.GraphProto, arch: DecoderConfig, np_dtype, name: str) -> list[onnx.NodeProto]:
+    """Both longrope tables as initializers, and the nodes that make `name`_cos/_sin the one this call
+    uses: long when its longest row (max tokens of attention_mask, which is max(position_ids) + 1 for
+    rows at positions 0..len-1) is past the original context, as Rotary.forward decides."""
+    original = arch.rope_original_ctx or arch.n_ctx  # Rotary's rule
+    for long in (False, True):
+        cos, sin = rotary_caches(arch, long=long)
+        suffix = "_long" if long else "_short"
+        g.initializer.extend([numpy_helper.from_array(cos.astype(np_dtype), name + suffix + "_cos"),
+                              numpy_helper.from_array(sin.astype(np_dtype), name + suffix + "_sin")])
+    g.initializer.append(helper.make_tensor(name + "_original", TensorProto.INT64, [], [original]))
+    return [helper.make_node("ReduceMax", ["fuse/mask_sum"], [name + "_seq_len"], keepdims=0),
+            helper.make_node("Greater", [name + "_seq_len", name + "_original"], [name + "_is_long"]),
+            *[helper.make_node("Where", [name + "_is_long", f"{name}_long_{f}", f"{name}_short_{f}"],
+                               [f"{name}_{f}"]) for f in ("cos", "sin")]]
 
 
 def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = True) -> onnx.ModelProto:
@@ -162,16 +202,18 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     if arch.positional == "rope":
         dtype = inputs["past_key_values.0.key"].type.tensor_type.elem_type  # fp16 variants: fp16 caches
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-        bases = {"full_attention": arch.rope_theta, "sliding_attention": arch.rope_local_theta or arch.rope_theta}
         for kind in set(arch.layer_types):
-            local = bases[kind] != arch.rope_theta  # Gemma 3's sliding layers: their own base, unscaled
+            # Gemma 3's and OLMo 3's sliding layers: their own base, unscaled (OLMo 3's may equal the full one's)
+            local = kind == "sliding_attention" and arch.rope_local_theta is not None
             name = "fuse/local" if local else "fuse/rope"
             if not any(name + "_cos" in names for names in caches.values()):  # a table once, for its layers
-                cos, sin = rotary_caches(arch, bases[kind] if local else None)
-                g.initializer.extend([numpy_helper.from_array(cos.astype(np_dtype), name + "_cos"),
-                                      numpy_helper.from_array(sin.astype(np_dtype), name + "_sin")])
+                if not local and rope_kind(arch.rope_scaling) == "longrope":
+                    new.extend(_longrope_caches(g, arch, np_dtype, name))
+                else:
+                    cos, sin = rotary_caches(arch, arch.rope_local_theta if local else None)
+                    g.initializer.extend([numpy_helper.from_array(cos.astype(np_dtype), name + "_cos"),
+                                          numpy_helper.from_array(sin.astype(np_dtype), name + "_sin")])
             caches[kind] = [name + "_cos", name + "_sin"]
-        attrs = {"do_rotary": 1, "rotary_interleaved": 0}
     if arch.attn_scale is not None:
         attrs["scale"] = float(arch.attn_scale)
     if arch.attn_softcap is not None:
@@ -190,22 +232,22 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
             qkv = [split.input[0], "", ""]
         out = _downstream_reshape(f"present.{i}.value", consumers, producers)
         replaced.update([f"present.{i}.key", f"present.{i}.value", out])
-        window = arch.window(i)
+        window, rotary = arch.window(i), arch.rope_layers[i]  # SmolLM3's NoPE layers: no rotary
         new.append(helper.make_node(
             "GroupQueryAttention",
             [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "fuse/seqlens_k", "fuse/total",
-             *caches.get(arch.layer_types[i], [])],
+             *(caches[arch.layer_types[i]] if rotary else [])],
             [out, f"present.{i}.key", f"present.{i}.value"],
             name=f"/h.{i}/attn/GroupQueryAttention", domain="com.microsoft",
             num_heads=arch.n_head, kv_num_heads=kv_heads, **attrs,
+            **({"do_rotary": 1, "rotary_interleaved": 0} if rotary else {}),
             **({} if window is None else {"local_window_size": window})))
     keep = [n for n in g.node if not any(o in replaced for o in n.output)]
 
     if last_logits:
         # hidden (B, S, C) -> (B, 1, C) at each row's last real token: index = seqlens_k - past, where
         # past = total - S; clamped to [0, S-1] (a decode step has S = 1, index 0)
-        head = producers["logits"]
-        hidden = head.input[0]
+        head, hidden = _head_input(producers, {t.name for t in g.initializer})
         keep.extend([
             helper.make_node("Shape", ["input_ids"], ["fuse/ids_shape"]),
             helper.make_node("Gather", ["fuse/ids_shape", "fuse/one"], ["fuse/S"], axis=0),

@@ -3,8 +3,8 @@ onnxgen-trained model gets (graph contract, configs, tokenizer, genai_config.jso
 
     onnxgen export --hf path/to/hf_model --out exports/NAME
 
-The families onnxgen knows (model/families.py: gpt2, llama, mistral, qwen2, qwen3, phi3, gemma, gemma2,
-gemma3_text, gpt_neox, opt) are built as our own decoder from the folder's safetensors and exported by
+The families onnxgen knows (model/families.py: gpt2, llama, mistral, smollm3, granite, qwen2, qwen3, phi3,
+gemma, gemma2, gemma3_text, olmo2, olmo3, gpt_neox, phi, opt) are built as our own decoder from the folder's safetensors and exported by
 the exporter the trained model uses (convert/export.py): one decoder, one graph, whatever the family.
 Any other model_type falls back to Optimum's exporter when it is installed (the `hf` extra) and knows
 the type; we then conform what it leaves different from the contract: GPT-2's input order, and the

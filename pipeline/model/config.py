@@ -27,8 +27,10 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     norm_bias: bool = True            # LayerNorm's bias
     norm_offset: float = 0.0          # RMSNorm scales by (offset + w): Gemma stores w - 1
-    sandwich_norm: bool = False       # Gemma 2/3: normalize each sublayer's output too
+    pre_norm: bool = True             # normalize each sublayer's input (OLMo 2: no, its outputs only)
+    sandwich_norm: bool = False       # Gemma 2/3, OLMo 2: normalize each sublayer's output
     qk_norm: bool = False             # Qwen3, Gemma 3: RMSNorm of each head's q and k
+    qk_norm_full: bool = False        # OLMo 2: one RMSNorm over all heads' q (and k), not one per head
     # positions
     positional: str = "learned"       # "learned", "sinusoidal" (a fixed table) or "rope"
     position_offset: int = 0          # OPT: its learned table starts at row 2
@@ -37,6 +39,7 @@ class DecoderConfig:
     rope_scaling: dict | None = None  # Hugging Face's rope_scaling, validated below
     rope_original_ctx: int | None = None  # longrope: the pretraining context (short vs long factors)
     rope_local_theta: float | None = None  # Gemma 3: sliding layers' own base, unscaled
+    rope_layers: tuple[bool, ...] | None = None  # per layer, whether it rotates; None: all (SmolLM3: NoPE layers)
     # attention
     qkv_bias: bool = True
     out_bias: bool = True
@@ -49,10 +52,14 @@ class DecoderConfig:
     gated: bool = False               # GLU: act(gate) * up (SwiGLU, GeGLU)
     mlp_bias: bool = True
     parallel_residual: bool = False   # GPT-NeoX: x + attn(ln_1(x)) + mlp(ln_2(x))
+    shared_norm: bool = False         # Phi-2: parallel sublayers read one norm, x + attn(ln_1(x)) + mlp(ln_1(x))
+    residual_scale: float | None = None  # Granite: x + scale * sublayer(...)
     # embeddings and head
     tied: bool = True                 # lm_head shares wte's weight
     embed_scale: float | None = None  # Gemma: sqrt(n_embd)
     final_softcap: float | None = None  # Gemma 2: on the logits
+    logit_divisor: float | None = None  # Granite: logits divided by it
+    head_bias: bool = False           # Phi-2: lm_head has a bias
     dropout: float = 0.0
     extra: dict = field(default_factory=dict)  # unused by the math: where the config came from
 
@@ -64,6 +71,9 @@ class DecoderConfig:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = (kind,) * self.n_layer
         self.layer_types = tuple(self.layer_types)
+        if self.rope_layers is None:
+            self.rope_layers = (self.positional == "rope",) * self.n_layer
+        self.rope_layers = tuple(bool(r) for r in self.rope_layers)
         rope_type = rope_kind(self.rope_scaling)
         checks = [
             (min(self.vocab_size, self.n_ctx, self.n_layer, self.n_head, self.n_embd) > 0,
@@ -78,6 +88,11 @@ class DecoderConfig:
              f"rope_scaling type {rope_type!r} is not implemented (known: {', '.join(ROPE_TYPES)})"),
             (len(self.layer_types) == self.n_layer and set(self.layer_types) <= set(LAYER_TYPES),
              f"layer_types must be {self.n_layer} of {LAYER_TYPES}, got {self.layer_types}"),
+            (len(self.rope_layers) == self.n_layer and (self.positional == "rope" or not any(self.rope_layers)),
+             f"rope_layers must be {self.n_layer} flags (any true only with positional 'rope'), got {self.rope_layers}"),
+            (not self.shared_norm or self.parallel_residual, "shared_norm needs parallel_residual"),
+            (self.pre_norm or (self.sandwich_norm and not self.parallel_residual),
+             "without pre_norm a block needs sandwich_norm and a sequential residual"),
             (0 < self.rope_fraction <= 1, f"rope fraction must be in (0, 1], got {self.rope_fraction}"),
         ]
         for ok, message in checks:

@@ -1,7 +1,7 @@
 """One decoder for every family, read top-down: config, norms, positions, attention, MLP, block, model.
 
-Our own GPT (model/gpt.py) is one configuration of it; Llama, Mistral, Qwen, Phi-3, Gemma, GPT-NeoX,
-OPT and GPT-2 checkpoints are others (model/families.py maps their configs and tensor names onto it).
+Our own GPT (model/gpt.py) is one configuration of it; Llama, Mistral, SmolLM3, Granite, Qwen, Phi-3,
+Gemma, OLMo 2 and 3, GPT-NeoX, Phi-2, OPT and GPT-2 checkpoints are others (model/families.py maps their configs and tensor names onto it).
 Parameter names are GPT-2's (wte, wpe, h.N.attn.c_attn, ...), whatever the family: q, k and v are one
 Linear (c_attn), a gated MLP's gate and up are one Linear (c_fc), so each is one MatMul in the graph.
 """
@@ -178,8 +178,11 @@ class CausalSelfAttention(nn.Module):
         self.sizes = [q, kv, kv]
         self.c_attn = nn.Linear(c.n_embd, q + 2 * kv, bias=c.qkv_bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(q, c.n_embd, bias=c.out_bias)
-        if c.qk_norm:
+        if c.qk_norm_full:  # over the whole projection: (B, T, heads * D)
+            self.q_norm, self.k_norm = make_norm(c, q), make_norm(c, kv)
+        elif c.qk_norm:     # over each head: (B, T, heads, D)
             self.q_norm, self.k_norm = make_norm(c, c.head_dim), make_norm(c, c.head_dim)
+        self.norm_heads = c.qk_norm and not c.qk_norm_full
         self.scale, self.softcap = c.attn_scale, c.attn_softcap
         self.dropout = c.dropout
 
@@ -188,10 +191,12 @@ class CausalSelfAttention(nn.Module):
         # or None; past: (key, value) each (B, KV, P, D) or None. Returns y (B, T, C) and (key, value).
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        if hasattr(self, "q_norm") and not self.norm_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and self.norm_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if rope is not None:
@@ -244,25 +249,33 @@ class Block(nn.Module):
     def __init__(self, c: DecoderConfig):
         super().__init__()
         self.parallel = c.parallel_residual
-        self.ln_1 = make_norm(c, c.n_embd)
+        # OLMo 2 normalizes only the sublayers' outputs: no parameters, no op in the graph
+        self.ln_1 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
         self.attn = CausalSelfAttention(c)
-        self.ln_2 = make_norm(c, c.n_embd)
+        if not c.shared_norm:  # Phi-2's MLP reads ln_1's output too
+            self.ln_2 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
         self.mlp = MLP(c)
         if c.sandwich_norm:
             self.post_ln_1, self.post_ln_2 = make_norm(c, c.n_embd), make_norm(c, c.n_embd)
         self.resid_dropout = nn.Dropout(c.dropout)
+        self.residual_scale = c.residual_scale
 
     def forward(self, x, bias=None, rope=None, past=None):
-        a, present = self.attn(self.ln_1(x), bias, rope, past)
+        h = self.ln_1(x)
+        a, present = self.attn(h, bias, rope, past)
         if hasattr(self, "post_ln_1"):
             a = self.post_ln_1(a)
         if self.parallel:  # both sublayers read the block's input
-            return x + self.resid_dropout(a) + self.mlp(self.ln_2(x)), present
-        x = x + self.resid_dropout(a)
+            m = self.mlp(h if not hasattr(self, "ln_2") else self.ln_2(x))
+            return x + self._scaled(self.resid_dropout(a)) + self._scaled(m), present
+        x = x + self._scaled(self.resid_dropout(a))
         m = self.mlp(self.ln_2(x))
         if hasattr(self, "post_ln_2"):
             m = self.post_ln_2(m)
-        return x + m, present
+        return x + self._scaled(m), present
+
+    def _scaled(self, y):
+        return y if self.residual_scale is None else y * self.residual_scale
 
 
 # ----------------------------------------------------------------------------- the model
@@ -286,7 +299,7 @@ class Decoder(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.h = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
         self.ln_f = make_norm(c, c.n_embd)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.head_bias)
         if c.tied:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
@@ -374,12 +387,15 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.h):
             kind = c.layer_types[i]
             past = None if past_key_values is None else past_key_values[i]
-            x, present = block(x, None if masks is None else masks[kind], ropes.get(kind), past)
+            rope = ropes.get(kind) if c.rope_layers[i] else None  # SmolLM3's NoPE layers: no rotation
+            x, present = block(x, None if masks is None else masks[kind], rope, past)
             presents.append(present)
         return x, presents
 
     def head(self, x):
         logits = self.lm_head(self.ln_f(x))
+        if self.arch.logit_divisor is not None:
+            logits = logits / self.arch.logit_divisor
         if self.arch.final_softcap is not None:
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits

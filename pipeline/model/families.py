@@ -268,6 +268,51 @@ class Mistral(Llama):
     refuse = {"attention_bias": False, "mlp_bias": False}
 
 
+@family("smollm3")
+class SmolLM3(Llama):
+    """SmolLM3: Llama whose NoPE layers (no_rope_layers[i] = 0, by default every 4th) apply no rotary."""
+    title = "SmolLM3"
+    defaults = {**Llama.defaults, "tie_word_embeddings": True, "rope_theta": 2_000_000.0,
+                "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": None,
+                "no_rope_layer_interval": 4}
+
+    def rope_flags(self) -> list:
+        """transformers' no_rope_layers: 1 where a layer rotates, 0 where it does not (the name says the opposite)."""
+        n = self.get("num_hidden_layers")
+        flags = self.get("no_rope_layers", None)
+        if flags is None:
+            every = self.get("no_rope_layer_interval")
+            flags = [int((i + 1) % every != 0) for i in range(n)]
+        if not isinstance(flags, list) or len(flags) != n or set(flags) - {0, 1}:
+            self.fail(f"no_rope_layers must be {n} flags of 0 or 1, got {flags!r}")
+        return flags
+
+    def fields(self) -> dict:
+        return {**super().fields(), "rope_layers": tuple(bool(f) for f in self.rope_flags())}
+
+    def derived_layer_types(self):
+        # transformers' SmolLM3Config: the NoPE layers slide, when use_sliding_window
+        slide = self.get("use_sliding_window") and self.get("sliding_window", None) is not None
+        return ["sliding_attention" if slide and not f else "full_attention" for f in self.rope_flags()]
+
+
+@family("granite")
+class Granite(Llama):
+    """Granite: Llama with multipliers on the embeddings, the attention scores and each residual branch,
+    and the logits divided by logits_scaling."""
+    title = "Granite"
+    defaults = {**Llama.defaults, "embedding_multiplier": 1.0, "attention_multiplier": 1.0,
+                "residual_multiplier": 1.0, "logits_scaling": 1.0}
+
+    def fields(self) -> dict:
+        def unless_one(key):
+            value = float(self.get(key))
+            return None if value == 1.0 else value
+        return {**super().fields(), "embed_scale": unless_one("embedding_multiplier"),
+                "attn_scale": float(self.get("attention_multiplier")),  # the scale itself, not a factor on it
+                "residual_scale": unless_one("residual_multiplier"), "logit_divisor": unless_one("logits_scaling")}
+
+
 @family("qwen2")
 class Qwen2(Llama):
     """Qwen2: biases on q, k and v only; sliding windows only with use_sliding_window, from max_window_layers."""
@@ -373,6 +418,35 @@ class Gemma3(Gemma2):
                 for i in range(self.get("num_hidden_layers"))]
 
 
+@family("olmo2")
+class Olmo2(Llama):
+    """OLMo 2: RMSNorm on each sublayer's output (none on its input), q and k norms over all heads at once."""
+    title = "OLMo 2"
+    defaults = {**Llama.defaults, "rms_norm_eps": 1e-5}
+    refuse = {"mlp_bias": False}
+    tensors = {**Llama.tensors,
+               "h.{i}.post_ln_1": _layers("post_attention_layernorm")[0],
+               "h.{i}.post_ln_2": _layers("post_feedforward_layernorm")[0]}
+
+    def fields(self) -> dict:
+        return {**super().fields(), "pre_norm": False, "sandwich_norm": True, "qk_norm": True, "qk_norm_full": True}
+
+
+@family("olmo3")
+class Olmo3(Olmo2):
+    """OLMo 3: OLMo 2 with sliding-window layers (three in four by default), whose RoPE is never scaled."""
+    title = "OLMo 3"
+    # transformers 5's Olmo3Config gives the sliding layers default_theta when a legacy config names
+    # rope_theta (it pops the key for the full layers first)
+    defaults = {**Olmo2.defaults, "rope_theta": 500_000.0, "rope_local_base_freq": 500_000.0, "sliding_window": 4096}
+
+    def fields(self) -> dict:
+        return {**super().fields(), "rope_local_theta": float(self.get("rope_local_base_freq"))}
+
+    def derived_layer_types(self):
+        return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(self.get("num_hidden_layers"))]
+
+
 @family("gpt_neox")
 class GPTNeoX(Family):
     """GPT-NeoX (Pythia): parallel residual, partial rotary, q/k/v interleaved per head in one tensor."""
@@ -413,6 +487,36 @@ class GPTNeoX(Family):
             H = self.get("num_attention_heads")
             t = t.reshape(H, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
         return t
+
+
+@family("phi")
+class Phi(Family):
+    """Phi-2: one LayerNorm feeds attention and MLP in parallel, partial rotary, biases everywhere (the head's too)."""
+    title = "Phi-2"
+    defaults = dict(tie_word_embeddings=False, layer_norm_eps=1e-5, rope_theta=10000.0, partial_rotary_factor=0.5,
+                    hidden_act="gelu_new", max_position_embeddings=2048, intermediate_size=8192)
+    refuse = {"qk_layernorm": False}
+    tensors = {
+        "wte": "model.embed_tokens",
+        "h.{i}.ln_1": _layers("input_layernorm")[0],
+        "h.{i}.attn.c_attn": _layers("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "h.{i}.attn.c_proj": _layers("self_attn.dense")[0],
+        "h.{i}.mlp.c_fc": _layers("mlp.fc1")[0],
+        "h.{i}.mlp.c_proj": _layers("mlp.fc2")[0],
+        "ln_f": "model.final_layernorm",
+        "lm_head": "lm_head",
+    }
+    ignore = (r"rotary_emb\.inv_freq$",)
+
+    def fields(self) -> dict:
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("max_position_embeddings"),
+            n_layer=self.get("num_hidden_layers"), n_head=self.get("num_attention_heads"),
+            n_kv_head=self.get("num_key_value_heads", None), n_embd=self.get("hidden_size"),
+            n_inner=self.get("intermediate_size"), norm="layernorm", norm_eps=self.get("layer_norm_eps"),
+            positional="rope", rope_theta=self.get("rope_theta"), rope_fraction=self.get("partial_rotary_factor"),
+            rope_scaling=self.rope_scaling(), activation=self.activation("hidden_act"), parallel_residual=True,
+            shared_norm=True, tied=self.get("tie_word_embeddings"), head_bias=True)
 
 
 @family("gpt2")

@@ -34,6 +34,12 @@ CASES = {
     "llama-yarn": ("llama", {**SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                        "original_max_position_embeddings": 16}}),
     "mistral": ("mistral", {**SMALL, "sliding_window": 4}),
+    # every pairing of NoPE/RoPE and sliding/full
+    "smollm3": ("smollm3", {**SMALL, "num_hidden_layers": 4, "no_rope_layers": [1, 0, 1, 0], "use_sliding_window": True,
+                            "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention",
+                                                                 "full_attention", "sliding_attention"]}),
+    "granite": ("granite", {**SMALL, "embedding_multiplier": 12.0, "attention_multiplier": 0.05,
+                            "residual_multiplier": 0.22, "logits_scaling": 8.0}),
     "qwen2": ("qwen2", {**SMALL, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
     "qwen3": ("qwen3", {**SMALL, "head_dim": 16, "attention_bias": True}),
     "phi3": ("phi3", {**SMALL, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 64}),
@@ -45,6 +51,11 @@ CASES = {
                           "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     "gemma3": ("gemma3_text", {**SMALL, "head_dim": 16, "sliding_window": 4, "sliding_window_pattern": 2,
                                "query_pre_attn_scalar": 12, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    "olmo2": ("olmo2", SMALL),
+    # the full layers' RoPE scaled, the sliding ones' not
+    "olmo3": ("olmo3", {**SMALL, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+    "phi": ("phi", {**SMALL, "partial_rotary_factor": 0.5}),
     "gpt_neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"} | {"rotary_pct": 0.25}),
     "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
                             | {"rotary_pct": 0.5, "use_parallel_residual": False}),
@@ -63,9 +74,9 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
                                   pad_token_id=0, initializer_range=0.2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # norms off their init (ones or zeros) so every weight matters
+    with torch.no_grad():  # norms and biases off their init (ones or zeros) so every weight matters
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     if not safe:  # a pickled checkpoint, as older Hub folders have (transformers 5 only writes safetensors)
@@ -218,6 +229,22 @@ def test_transformers_5_configs_mean_the_same_model(tiny, tmp_path, name):
         assert torch.equal(load_decoder(folder)(ids)[0], load_decoder(tiny[name][0])(ids)[0])
 
 
+def test_a_legacy_olmo3_config_means_what_transformers_5_reads(tiny, tmp_path):
+    """A transformers 4 config.json (top-level rope_theta and rope_scaling): transformers 5's Olmo3Config
+    scales the full layers only and gives the sliding ones its default base (500000), whatever rope_theta
+    says. So do we: the logits of the saved weights under that config are transformers' own."""
+    saved = json.loads((tiny["olmo3"][0] / "config.json").read_text())
+    legacy = {k: v for k, v in saved.items() if k not in LEGACY_ROPE} | {
+        "rope_theta": 1234.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    folder = _edited(tiny, tmp_path, "olmo3")
+    (folder / "config.json").write_text(json.dumps(legacy))
+    ours = load_decoder(folder)
+    assert (ours.arch.rope_theta, ours.arch.rope_local_theta) == (1234.0, 500000.0)
+    ids = torch.arange(1, 13)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], fresh(folder)(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_transformers_5_scaling_on_sliding_layers_is_refused(tiny):
     v5 = as_v5(tiny, "gemma3")
     v5["rope_parameters"]["sliding_attention"] |= {"rope_type": "linear", "factor": 2.0}
@@ -276,6 +303,10 @@ def test_math_changing_keys_are_refused(tiny, tmp_path):
         load_decoder(_edited(tiny, tmp_path / "c", "gemma3", use_bidirectional_attention=True))
     with pytest.raises(UserError, match="hidden_act 'quick_gelu' is not implemented"):
         load_decoder(_edited(tiny, tmp_path / "d", "llama", hidden_act="quick_gelu"))
+    with pytest.raises(UserError, match="qk_layernorm = True"):
+        load_decoder(_edited(tiny, tmp_path / "e", "phi", qk_layernorm=True))
+    with pytest.raises(UserError, match=r"no_rope_layers must be 4 flags of 0 or 1, got \[1, 0\]"):
+        load_decoder(_edited(tiny, tmp_path / "f", "smollm3", no_rope_layers=[1, 0]))
 
 
 def test_pickled_only_folder_is_refused(tmp_path):
@@ -302,7 +333,7 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 # ----------------------------------------------------------------------------- export
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
-EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt"]
+EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi"]
 
 
 @pytest.mark.slow
@@ -357,14 +388,17 @@ def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
 # ONNX Runtime's rotary kernel takes head sizes that are multiples of 16 and rotated widths of 16 or more:
 # the fused cases widen the tiny models to that (every other size as in CASES)
 FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
-FUSED_WIDER = {"phi3": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
-               "llama-dynamic": {"max_position_embeddings": 64}}
-FUSED_REFUSED = {"phi3-longrope": "longrope"}
+FUSED_WIDER = {"phi3": {"hidden_size": 128}, "phi": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
+               "llama-dynamic": {"max_position_embeddings": 64},
+               # a batch of 12 tokens at most takes the short factors, two decode steps later the long ones
+               "phi3-longrope": {"original_max_position_embeddings": 13, "rope_scaling": {
+                   "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0],
+                   "long_factor": [2.0, 3.0, 5.0, 8.0, 10.0, 13.0, 17.0, 21.0]}}}
 
 
 def fused_case(tmp_path, name, vocab: int = VOCAB):
     model_type, sizes = CASES[name]
-    if "hidden_size" in sizes and "head_dim" not in sizes and model_type != "opt" and name not in FUSED_REFUSED:
+    if "hidden_size" in sizes and "head_dim" not in sizes and model_type != "opt":
         sizes = {**sizes, **FUSED_SIZES}
     save_tiny(tmp_path / name, model_type, {**sizes, **FUSED_WIDER.get(name, {})}, vocab=vocab)
     return tmp_path / name
@@ -398,11 +432,37 @@ def run_fused(session, arch, rows: list[list[int]], steps: int):
             mask[b, :n + step + 1] = 1
 
 
+def plain_steps(ours, rows: list[list[int]], steps: int):
+    """run_fused's calls as the plain graph makes them: the same rows left-padded through our decoder's
+    cache; yields each call's last-position logits (B, V). Longrope takes its table by the batch's longest
+    row, in both graphs alike (a row alone could take the other)."""
+    B, lengths = len(rows), [len(r) - steps for r in rows]
+    S = max(lengths)
+    ids, mask = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, S - n:], mask[b, S - n:] = torch.tensor(rows[b][:n]), 1
+    with torch.no_grad():
+        logits, past = ours.forward_with_cache(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), ours.empty_cache(B))
+        yield logits[:, -1]
+        for step in range(steps):
+            ids = torch.tensor([[rows[b][n + step]] for b, n in enumerate(lengths)])
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            logits, past = ours.forward_with_cache(ids, mask, torch.tensor([[n + step] for n in lengths]), past)
+            yield logits[:, -1]
+
+
+def test_fuse_refuses_head_sizes_the_rotary_kernel_does_not_take(tiny):
+    from pipeline.convert.fuse import attention_of
+
+    with pytest.raises(UserError, match=r"RoPE with head size 8 \(not a multiple of 16\)"):
+        attention_of(tiny["llama"][0])
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
-    """onnxgen fuse's rewrite for every family: one GroupQueryAttention per layer (rotary, sliding windows,
-    soft-caps, q/k norms and scales as attributes and inputs) gives our decoder's logits, within 5e-5, on a
-    right-padded batch of three lengths and three decode steps after it."""
+    """onnxgen fuse's rewrite for every family: one GroupQueryAttention per layer (rotary, longrope's two
+    tables, sliding windows, soft-caps, q/k norms and scales as attributes and inputs) gives our decoder's
+    logits, within 5e-5, on a right-padded batch of three lengths and three decode steps after it."""
     import onnx
     import onnxruntime as ort
 
@@ -412,10 +472,6 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     folder = fused_case(tmp_path, name)
     ours = load_decoder(folder)
     export_graph(ours, tmp_path / "model.onnx")
-    if name in FUSED_REFUSED:
-        with pytest.raises(UserError, match=FUSED_REFUSED[name]):
-            attention_of(folder)
-        return
     graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
     assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == ours.arch.n_layer
     onnx.save(graph, str(tmp_path / "fused.onnx"))
@@ -423,10 +479,8 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     g = torch.Generator().manual_seed(1)
     steps = 3
     rows = [torch.randint(1, VOCAB, (n + steps,), generator=g).tolist() for n in LENGTHS]
-    for step, got in enumerate(run_fused(session, ours.arch, rows, steps)):
-        with torch.no_grad():
-            want = [ours(torch.tensor([r[:len(r) - steps + step]]))[0][0, -1] for r in rows]
-        torch.testing.assert_close(torch.from_numpy(got), torch.stack(want), atol=5e-5, rtol=1e-4)
+    for got, want in zip(run_fused(session, ours.arch, rows, steps), plain_steps(ours, rows, steps), strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -458,5 +512,30 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     for variant in ("fp32", "int8"):
         plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
         assert twin.fused and not plain.fused
+        assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
+               [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
+
+
+@pytest.mark.slow
+def test_quantize_and_fuse_take_a_head_with_a_bias(hf_models, tmp_path):
+    """Phi-2's logits are MatMul + bias: quantize finds the head's MatMul behind the Add, and fuse gathers
+    each row's last hidden state before the head (not the bias). Both twins pass parity against transformers
+    and the runtime on them gives the plain graphs' greedy tokens."""
+    from pipeline.convert.fuse import fuse_export
+    from pipeline.convert.hf_import import export_hf
+    from pipeline.convert.quantize import quantize
+    from pipeline.run.lm import OnnxLM
+
+    src = fused_case(tmp_path, "phi", vocab=512)
+    copy_tokenizer(hf_models["llama"], src)
+    out = tmp_path / "out"
+    assert export_hf(src, out, corpus=str(TEST_CORPUS)).passed
+    quantize(out, "int8", progress=False)
+    fuse_export(out, ["fp32", "int8"])
+    fused = manifest.load(out)["stages"][-1]["fused"]["variants"]
+    assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
+    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
+    for variant in ("fp32", "int8"):
+        plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
         assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
                [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]

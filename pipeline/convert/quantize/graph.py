@@ -75,11 +75,12 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def head_matmul(model: onnx.ModelProto) -> str:
-    """The MatMul whose output feeds the `logits` output (possibly through a Cast)."""
+    """The MatMul whose output feeds the `logits` output (possibly through a Cast, a bias, a divisor or a
+    soft-cap: each step back follows the input a node computes, not a constant)."""
     produced = {o: n for n in model.graph.node for o in n.output}
     node = produced["logits"]
     while node.op_type != "MatMul":
-        node = produced[node.input[0]]
+        node = produced[next(x for x in node.input if x in produced and produced[x].op_type != "Constant")]
     return node.name
 
 
