@@ -26,12 +26,6 @@ FOLDER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "toke
 PROMPT = "def parse_header(line):\n    return"
 
 
-def test_supported_list_is_what_the_tests_cover():
-    from test_families import CASES
-
-    assert set(HF_FAMILIES) <= set(SUPPORTED) == {model_type for model_type, _ in CASES.values()}
-
-
 @pytest.mark.slow
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     """A type that neither our families nor optimum (the fallback) export: one line naming ours."""

@@ -539,3 +539,11 @@ def test_quantize_and_fuse_take_a_head_with_a_bias(hf_models, tmp_path):
         plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
         assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
                [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
+
+
+def test_supported_list_is_what_the_tests_cover():
+    """Every family export --hf takes has a case here, and the import tests' fixtures are among them."""
+    from conftest import HF_FAMILIES
+    from pipeline.convert.hf_import import SUPPORTED
+
+    assert set(HF_FAMILIES) <= set(SUPPORTED) == {model_type for model_type, _ in CASES.values()}
