@@ -504,14 +504,22 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
 @click.option("--kv-cache-gb", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Memory for the KV cache, committed at start; a request's prompt + max_tokens may use what "
                    "--max-batch rows of it hold, up to the model's context.")
+# 1 GB by default: unlike the KV cache it is taken only as prompts fill it, and it holds 21k tokens of SmolLM2-135M's
+# K/V (46 KB a token): 40 different 512-token system prompts, at half the default --kv-cache-gb
+@click.option("--prefix-cache-gb", type=float, default=1.0, show_default=True,
+              help="Memory for the K/V of prompt prefixes already computed (a shared system prompt is prefilled "
+                   "once, then copied), in 64-token blocks, least recently used first out; taken as it fills. 0: off.")
 @unsafe_skip_verify_option
-def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, threads, kv_cache_gb, unsafe_skip_verify):
+def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, threads, kv_cache_gb, prefix_cache_gb,
+          unsafe_skip_verify):
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with continuous
     batching over the fused graph (onnxgen fuse)."""
     from pipeline.run.lm import OnnxLM
     from pipeline.run.batching import kv_context
     from pipeline.run.serve import serve as run_server
 
+    if not prefix_cache_gb >= 0:  # also NaN
+        raise UserError(f"--prefix-cache-gb {prefix_cache_gb}: expected 0 (off) or more")
     # no spinning: the server's HTTP side and its clients need the cores between steps
     lm = OnnxLM(export_dir, variant=variant, threads=threads, verify=not unsafe_skip_verify, fused=True, spin=False)
     context = kv_context(lm, max_batch, kv_cache_gb * 1e9)
@@ -523,8 +531,10 @@ def serve(export_dir, host, port, model_name, max_batch, max_queue, variant, thr
     name = model_name or Path(os.path.abspath(export_dir)).name
     limit = "the model's" if context == lm.n_ctx else f"of {lm.n_ctx}, as {kv_cache_gb:g} GB of KV cache holds"
     click.echo(f"serving {export_dir} as `{name}` on http://{host}:{port}/v1 (batch {max_batch}, queue {max_queue}, "
-               f"context {context} tokens: {limit})", err=True)
-    run_server(lm, name, host=host, port=port, capacity=max_batch, max_waiting=max_queue, context=context)
+               f"context {context} tokens: {limit}; prefix cache "
+               f"{f'{prefix_cache_gb:g} GB' if prefix_cache_gb else 'off'})", err=True)
+    run_server(lm, name, host=host, port=port, capacity=max_batch, max_waiting=max_queue, context=context,
+               prefix_cache_bytes=prefix_cache_gb * 1e9)
 
 
 @main.command()

@@ -16,6 +16,20 @@ request 2.5-3.4 s (SmolLM2), each 2 MB waiting on the kernel's compaction.
     GroupQueryAttention's first-prompt path writes its keys straight into the shared array, no copy.
     Alone, because onnxruntime's GroupQueryAttention continues a prompt only at batch 1, and because a
     request must get exactly what it gets run by itself (a padded batch prefill is not bit-identical);
+  - with prefix caching on (prefix_cache_bytes > 0, run/prefix_cache.py), a newcomer's prompt is first looked up
+    in blocks of prefix_block tokens: the K/V of its longest cached prefix are copied into its row, and only the
+    rest is prefilled, as a continued prompt at batch 1 (SharedBufferDecode.append's feed: positions past..T-1,
+    the mask over all T). The last token is always prefilled, even when the whole prompt is cached: its logits
+    pick the first new token. After the prefill, the prompt's whole blocks that the cache lacks are copied out
+    of the row. Copies, not shared pages: a row is one contiguous (H, L, D) slice that GroupQueryAttention
+    writes in place, so a block cannot be mapped into several rows; a 64-token block of SmolLM2-135M is 2.9 MB,
+    copied either way in about 0.3 ms here (warm pages), against the tens of milliseconds its prefill costs.
+    The decode step never looks at the prefix cache. Only attention K/V are cached: a recurrent state (a future
+    hybrid family's Mamba or linear-attention layers) summarises the whole prefix in one tensor that the next
+    token overwrites, so it cannot be cut out of a row after the fact; caching it would mean a snapshot of the
+    state taken during the prefill at each block boundary (the prompt prefilled block by block, each block's
+    end state stored with that block's K/V), and restoring the deepest snapshot found. The fused graphs have
+    no such state today;
   - a decode step runs rows [0, hi) as one batch, hi being one past the highest slot in use; a free
     slot inside that range takes a pad token into its own slot 0, which nothing reads;
   - each request samples with its own Sampler (its temperature, top_p and seed), so its tokens are
@@ -40,6 +54,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.run.lm import bind_prefill, bind_shared_cache, os_zeros
+from pipeline.run.prefix_cache import PrefixCache
 from pipeline.run.sampling import Sampler, SamplingConfig, sample_rows
 from pipeline.run.text import CompletionText
 
@@ -66,6 +81,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     slot: int = -1
     length: int = 0                        # tokens in this row's cache
+    cached: int = 0                        # prompt tokens copied from the prefix cache, not prefilled
     next_id: int = 0                       # sampled, to be fed at the next step
     finish_reason: str = ""
     cancelled: bool = False
@@ -76,7 +92,9 @@ class Request:
 class BatchEngine:
     def __init__(self, lm, capacity: int = 16, max_waiting: int = 64,
                  deliver: Callable[[list[tuple[Request, str, object]]], None] | None = None,
-                 context: int | None = None):
+                 context: int | None = None, prefix_cache_bytes: float = 0, prefix_block: int = 64):
+        """prefix_cache_bytes: memory for the K/V of prompt prefixes already computed (PrefixCache, in blocks
+        of prefix_block tokens); 0 turns prefix caching off."""
         import onnxruntime as ort
 
         assert lm.fused, "continuous batching needs the fused graph (onnxgen fuse)"
@@ -99,6 +117,7 @@ class BatchEngine:
         self.thread = threading.Thread(target=self._loop, name="onnxgen-batch", daemon=True)
         self.steps = 0
         self.guides = None  # guidance.Guides, made by the first request with a constraint
+        self.prefix = PrefixCache(lm, prefix_cache_bytes, min(prefix_block, self.L)) if prefix_cache_bytes else None
 
     # ------------------------------------------------------------------ the caller's side (any thread)
     def start(self) -> "BatchEngine":
@@ -132,7 +151,10 @@ class BatchEngine:
 
     def load(self) -> dict:
         with self.cond:
-            return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting)}
+            load = {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting)}
+        if self.prefix is not None:
+            load["prefix_cache"] = self.prefix.stats()
+        return load
 
     # ------------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
@@ -186,7 +208,8 @@ class BatchEngine:
         bind_shared_cache(io, self.lm, views, self.out[lo:hi])
 
     def _admit(self, r: Request) -> None:
-        """Prefill the newcomer alone into its row, then sample its first token."""
+        """Prefill the newcomer alone into its row (after the prefix the prefix cache holds of it, if any),
+        then sample its first token."""
         if r.cancelled:
             self._release(r)
             return
@@ -194,9 +217,19 @@ class BatchEngine:
         if io is None:
             io = self._row_io[r.slot] = self.lm.session.io_binding()
             self._bind_rows(io, r.slot, r.slot + 1)
-        bind_prefill(io, np.asarray([r.prompt], dtype=np.int64), np.array([T]))
+        rows = [a[r.slot] for a in self.cache] if self.prefix is not None else None  # (H, L, D) views
+        # the last token is always prefilled: its logits pick the first new token
+        past = self.prefix.copy_into(r.prompt, rows, T - 1) if rows is not None else 0
+        if past:  # a continued prompt, as SharedBufferDecode.append: positions past..T-1 after the copied K/V
+            io.bind_cpu_input("input_ids", np.asarray([r.prompt[past:]], dtype=np.int64))
+            io.bind_cpu_input("attention_mask", np.ones((1, T), dtype=np.int64))
+            io.bind_cpu_input("position_ids", np.arange(past, T, dtype=np.int64)[None, :])
+        else:
+            bind_prefill(io, np.asarray([r.prompt], dtype=np.int64), np.array([T]))
         self.lm.session.run_with_iobinding(io)
-        r.length = T
+        r.length, r.cached = T, past
+        if rows is not None:
+            self.prefix.store(r.prompt, rows)
         r.sampler, r.text = Sampler(r.sampling), CompletionText(self.lm.tokenizer, r.stop)
         r.eos = set(int(i) for i in self.lm.eos_ids) | set(r.stop_ids)
         if r.constraint is not None:

@@ -74,14 +74,15 @@ UNIMPLEMENTED = {
 class Server:
     """What the routes share: the model, its name, its chat format and the engine."""
 
-    def __init__(self, lm, name: str, capacity: int = 16, max_waiting: int = 64, context: int | None = None):
+    def __init__(self, lm, name: str, capacity: int = 16, max_waiting: int = 64, context: int | None = None,
+                 prefix_cache_bytes: float = 0):
         self.lm, self.name = lm, name
         try:
             self.chat = ChatFormat.of(lm)
         except UserError:
             self.chat = None  # /v1/chat/completions says so; /v1/completions still works
         self.engine = BatchEngine(lm, capacity=capacity, max_waiting=max_waiting, deliver=self._deliver,
-                                  context=context)
+                                  context=context, prefix_cache_bytes=prefix_cache_bytes)
         self.loop = None
         self.created = int(time.time())
 
@@ -386,8 +387,9 @@ def _tool_deltas(message: dict) -> list[dict]:
 
 
 def serve(lm, name: str, host: str = "127.0.0.1", port: int = 8000, capacity: int = 16, max_waiting: int = 64,
-          context: int | None = None, log_level: str = "warning") -> None:
+          context: int | None = None, prefix_cache_bytes: float = 0, log_level: str = "warning") -> None:
     import uvicorn
 
-    server = Server(lm, name, capacity=capacity, max_waiting=max_waiting, context=context)
+    server = Server(lm, name, capacity=capacity, max_waiting=max_waiting, context=context,
+                    prefix_cache_bytes=prefix_cache_bytes)
     uvicorn.run(server.app(), host=host, port=port, log_level=log_level)

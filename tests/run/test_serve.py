@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -32,7 +33,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def running(folder, capacity=4, max_waiting=16, context=None):
+def running(folder, capacity=4, max_waiting=16, context=None, prefix_cache_bytes=0):
     """The server in this process, on a free loopback port: yields (client, server, base url)."""
     import uvicorn
 
@@ -40,7 +41,7 @@ def running(folder, capacity=4, max_waiting=16, context=None):
     from pipeline.run.serve import Server
 
     server = Server(OnnxLM(folder, fused=True, verify=True), "tiny", capacity=capacity, max_waiting=max_waiting,
-                    context=context)
+                    context=context, prefix_cache_bytes=prefix_cache_bytes)
     port = _free_port()
     http = uvicorn.Server(uvicorn.Config(server.app(), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=http.run, daemon=True)
@@ -311,3 +312,155 @@ def test_the_serve_command(tiny_chat_export, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0, proc.stderr.read()
+
+
+# ----------------------------------------------------------------------------- prefix caching
+
+def _engine_answers(engine, jobs: list[dict]) -> list:
+    """Submit every job at once to a running engine; each job's finished Request, in order."""
+    from pipeline.run.batching import Request
+    from pipeline.run.sampling import SamplingConfig
+
+    done = threading.Semaphore(0)
+    requests = []
+    for job in jobs:
+        sampling = SamplingConfig(temperature=job.get("temperature", 0.0), top_p=job.get("top_p", 1.0),
+                                  seed=job.get("seed"))
+        requests.append(Request(prompt=job["ids"], max_tokens=job["max_tokens"], sampling=sampling,
+                                emit=lambda kind, data: kind != "text" and done.release()))
+    for r in requests:
+        assert engine.submit(r)
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    assert all(r.finish_reason in ("stop", "length") for r in requests), [r.finish_reason for r in requests]
+    return requests
+
+
+def _alone_tokens(lm, ids, max_tokens, temperature=0.0, top_p=1.0, seed=None):
+    from pipeline.run.lm import Generation
+    from pipeline.run.sampling import SamplingConfig
+
+    result = Generation()
+    for _ in lm.generate([ids], max_tokens, SamplingConfig(temperature=temperature, top_p=top_p, seed=seed),
+                         result=result):
+        pass
+    return result.tokens[0]
+
+
+SYSTEM = "You are a careful assistant. Answer in Python.\nimport os\nimport sys\nimport json\n\n"
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.95)])
+def test_prefix_cache_answers_equal_their_runs_alone(tiny_chat_export, sampling):
+    """Requests sharing a prefix with one already prefilled copy its K/V and prefill only the rest; one whose
+    whole prompt is cached still prefills its last token; they decode beside rows that copied nothing, and every
+    answer is the tokens of its run alone."""
+    from pipeline.run.batching import BatchEngine
+    from pipeline.run.lm import OnnxLM
+
+    lm = OnnxLM(tiny_chat_export, fused=True)
+    system = lm.encode(SYSTEM)
+    assert len(system) >= 32, len(system)
+    head = system[:32]  # two 16-token blocks
+    engine = BatchEngine(lm, capacity=4, prefix_cache_bytes=1e9, prefix_block=16).start()
+    try:
+        first = [dict(ids=head + lm.encode("def main(argv):"), max_tokens=12, seed=1, **sampling)]
+        [r] = _engine_answers(engine, first)
+        assert r.cached == 0 and engine.load()["prefix_cache"]["blocks"] == 2
+        jobs = [dict(ids=head + lm.encode(tail), max_tokens=10 + 3 * i, seed=10 + i, **sampling)
+                for i, tail in enumerate(["class Foo(object):\n    ", "x = [", "try:"])]
+        jobs.append(dict(ids=list(head), max_tokens=9, seed=20, **sampling))         # all of it cached
+        jobs.append(dict(ids=lm.encode("from email import message\n"), max_tokens=14, seed=21, **sampling))  # none
+        jobs.append(dict(ids=head[:16] + lm.encode(" = 1\n"), max_tokens=8, seed=22, **sampling))  # one block
+        got = _engine_answers(engine, jobs)
+        assert [r.cached for r in got] == [32, 32, 32, 31, 0, 16]
+        for job, r in zip(first + jobs, [*_engine_answers(engine, first), *got]):
+            job = dict(job)
+            assert r.tokens == _alone_tokens(lm, job.pop("ids"), **job), job
+        stats = engine.load()["prefix_cache"]
+        assert stats["hits"] == 6 and stats["hit_tokens"] == 32 * 4 + 31 + 16 and stats["evictions"] == 0
+    finally:
+        engine.stop()
+
+
+def test_prefix_cache_continued_prefill_gives_the_logits_of_a_whole_one(tiny_chat_export):
+    """The logits after a prompt whose prefix was copied (its last token alone, or several) are those of the
+    whole prompt prefilled at once, to float32 rounding: the copied K/V are the ones the prompt would make."""
+    from pipeline.run.batching import BatchEngine, Request
+    from pipeline.run.lm import OnnxLM
+    from pipeline.run.sampling import SamplingConfig
+
+    lm = OnnxLM(tiny_chat_export, fused=True)
+    head = lm.encode(SYSTEM)[:32]
+    engine = BatchEngine(lm, capacity=3, prefix_cache_bytes=1e9, prefix_block=16)  # not started: driven here
+    for slot, (prompt, cached) in enumerate(((head + lm.encode("x = ["), 0), (head + lm.encode("try:"), 32),
+                                             (head, 31))):
+        r = Request(prompt=prompt, max_tokens=4, sampling=SamplingConfig(temperature=0.0), emit=None)
+        r.slot, engine.rows[slot] = slot, r
+        engine._admit(r)
+        assert r.cached == cached
+        np.testing.assert_allclose(engine.out[slot, 0], lm.start([prompt], 1).logits[0], rtol=0, atol=1e-5)
+
+
+def test_prefix_cache_off_adds_nothing(tiny_chat_export):
+    """--prefix-cache-gb 0: no cache, nothing copied, nothing reported, the same answers."""
+    from pipeline.run.batching import BatchEngine
+    from pipeline.run.lm import OnnxLM
+
+    lm = OnnxLM(tiny_chat_export, fused=True)
+    engine = BatchEngine(lm, capacity=2, prefix_cache_bytes=0, prefix_block=16).start()
+    try:
+        ids = lm.encode(SYSTEM)[:32] + lm.encode("x = [")
+        jobs = [dict(ids=ids, max_tokens=10, temperature=0.8, seed=5)] * 2
+        got = _engine_answers(engine, jobs[:1]) + _engine_answers(engine, jobs[1:])
+        assert engine.prefix is None and "prefix_cache" not in engine.load()
+        assert [r.cached for r in got] == [0, 0]
+        want = _alone_tokens(lm, ids, 10, temperature=0.8, seed=5)
+        assert all(r.tokens == want for r in got)
+    finally:
+        engine.stop()
+
+
+def test_prefix_cache_evicts_least_recently_used_under_its_bound(tiny_chat_export):
+    """Room for 3 blocks: a third 2-block prompt evicts the least recently used prompt's blocks, deepest first,
+    the memory never passes the bound, and answers after eviction still equal their runs alone."""
+    from pipeline.run.batching import BatchEngine
+    from pipeline.run.lm import OnnxLM
+    from pipeline.run.prefix_cache import PrefixCache
+
+    lm = OnnxLM(tiny_chat_export, fused=True)
+    bound = 3 * PrefixCache(lm, 0, block=16).block_bytes + 1
+    engine = BatchEngine(lm, capacity=2, prefix_cache_bytes=bound, prefix_block=16).start()
+    try:
+        base = lm.encode(SYSTEM)
+        a, b = base[:32], base[1:33]
+        c = lm.encode("def parse_args(argv=None):\n    " * 3)[:32]
+        tail = lm.encode("x = [")
+        ask = lambda p: _engine_answers(engine, [dict(ids=p + tail, max_tokens=6)])[0]  # noqa: E731
+        assert ask(a).cached == 0 and ask(b).cached == 0     # 4 blocks for 3: a's second block goes
+        stats = engine.load()["prefix_cache"]
+        assert stats["blocks"] == 3 and stats["evictions"] == 1 and stats["bytes"] < bound
+        assert ask(a).cached == 16                           # its first block stayed; its second evicts b's
+        ask(c)                                               # 2 more: b's last block, then a's leaf go
+        stats = engine.load()["prefix_cache"]
+        assert stats["evictions"] == 4 and stats["blocks"] == 3
+        for p, cached in ((c, 32), (a, 16), (b, 0)):
+            r = ask(p)
+            assert r.cached == cached and r.tokens == _alone_tokens(lm, p + tail, 6)
+        assert engine.load()["prefix_cache"]["bytes"] < bound
+    finally:
+        engine.stop()
+
+
+def test_prefix_cache_on_health_and_the_command_line(tiny_chat_export):
+    with running(tiny_chat_export, prefix_cache_bytes=1e8) as (client, server, url):
+        prompt = SYSTEM * 2
+        for _ in range(2):
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=3)
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30) as r:
+            stats = json.loads(r.read())["prefix_cache"]
+        assert stats["hits"] == 1 and stats["blocks"] == len(server.lm.encode(prompt)) // 64
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", str(tiny_chat_export), "--prefix-cache-gb",
+                           "-1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--prefix-cache-gb -1.0: expected 0 (off) or more" in proc.stderr
