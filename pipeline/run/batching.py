@@ -54,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.run.lm import bind_prefill, bind_shared_cache, os_zeros
+from pipeline.run.lm import bind_continued, bind_prefill, bind_shared_cache, os_zeros
 from pipeline.run.prefix_cache import PrefixCache
 from pipeline.run.sampling import Sampler, SamplingConfig, sample_rows
 from pipeline.run.text import CompletionText
@@ -222,9 +222,7 @@ class BatchEngine:
         # the last token is always prefilled: its logits pick the first new token
         past = self.prefix.copy_into(r.prompt, rows, T - 1) if rows is not None else 0
         if past:  # a continued prompt, as SharedBufferDecode.append: positions past..T-1 after the copied K/V
-            io.bind_cpu_input("input_ids", np.asarray([r.prompt[past:]], dtype=np.int64))
-            io.bind_cpu_input("attention_mask", np.ones((1, T), dtype=np.int64))
-            io.bind_cpu_input("position_ids", np.arange(past, T, dtype=np.int64)[None, :])
+            bind_continued(io, np.asarray([r.prompt[past:]], dtype=np.int64), np.array([past]))
         else:
             bind_prefill(io, np.asarray([r.prompt], dtype=np.int64), np.array([T]))
         self.lm.session.run_with_iobinding(io)

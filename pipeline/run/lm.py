@@ -181,6 +181,15 @@ def bind_prefill(io, ids: np.ndarray, lengths: np.ndarray) -> None:
     io.bind_cpu_input("position_ids", np.ascontiguousarray(np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))))
 
 
+def bind_continued(io, new: np.ndarray, lengths: np.ndarray) -> None:
+    """The fused graph's feed for more prompt tokens after what each row holds (a chat's next turn, a prompt
+    after a cached prefix): new (B, S) ids at positions lengths..lengths+S-1, the mask over all of them."""
+    total = lengths + new.shape[1]
+    io.bind_cpu_input("input_ids", new)
+    io.bind_cpu_input("attention_mask", (np.arange(total.max())[None, :] < total[:, None]).astype(np.int64))
+    io.bind_cpu_input("position_ids", lengths[:, None] + np.arange(new.shape[1], dtype=np.int64))
+
+
 class SharedBufferDecode:
     """Decode state of the fused graph: one (B, H, L, D) OrtValue per cache tensor, allocated once and
     bound as both past and present, so GroupQueryAttention appends in place. Prompts are right-padded;
@@ -240,12 +249,9 @@ class SharedBufferDecode:
         assert len(self.lengths) == 1 and len(new) == 1 and S >= 1, "append: one row, at least one token"
         if (self.lengths + S > self.L).any():
             raise UserError(f"append: {S} more tokens do not fit the {self.L}-token buffer")
-        total = self.lengths + S
-        self.io.bind_cpu_input("input_ids", np.asarray(new, dtype=np.int64))
-        self.io.bind_cpu_input("attention_mask", (np.arange(total.max())[None, :] < total[:, None]).astype(np.int64))
-        self.io.bind_cpu_input("position_ids", self.lengths[:, None] + np.arange(S, dtype=np.int64))
+        bind_continued(self.io, np.asarray(new, dtype=np.int64), self.lengths)
         self.lm.session.run_with_iobinding(self.io)
-        self.lengths = total
+        self.lengths = self.lengths + S
         self._bind_step_inputs()  # back to the (B, 1) OrtValues that step() updates in place
         return self.logits
 
