@@ -56,10 +56,17 @@ def peak_rss(cmd: list[str], timeout: float) -> tuple[float, float, int, str]:
     return peak, time.perf_counter() - t0, proc.returncode, err[-2000:]
 
 
-def fp32_weight_bytes(export: Path) -> int:
-    """The fp32 graph's weights: model.onnx and its external data, less the (small) graph structure."""
-    onnx_dir = export / "onnx"
-    return sum(p.stat().st_size for p in onnx_dir.glob("model.onnx*"))
+def fp32_weight_bytes(source: Path, export: Path) -> int:
+    """The model's weights in fp32, the budget's unit: from the source's safetensors headers or GGUF tensor
+    counts; for a run folder, the fp32 graph's size (model.onnx and its external data; a tied head counts
+    twice there, which for the trained presets is small)."""
+    from pipeline.model import families, gguf
+
+    if source.suffix == ".gguf":
+        return gguf.fp32_weight_bytes(source)
+    if any(source.glob("*.safetensors")):
+        return families.fp32_weight_bytes(source)
+    return sum(p.stat().st_size for p in (export / "onnx").glob("model.onnx*"))
 
 
 def commands(name: str, source: Path, export: Path) -> dict[str, list[str]]:
@@ -112,18 +119,19 @@ def write_report(rows: list[dict], out: Path, chart: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE",
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
                     help="a run folder, a transformers folder or a GGUF file (repeatable)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--keep", action="store_true", help="keep exports/bench-memory-NAME")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "MEMORY.md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite MEMORY.md and the chart from MEMORY.json")
     args = ap.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     state = args.out.with_suffix(".json")
     rows = json.loads(state.read_text()) if state.is_file() else []
     machine = f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores"
-    for spec in args.model:
+    for spec in [] if args.report_only else args.model:
         name, _, source = spec.partition("=")
         export = ROOT / "exports" / f"bench-memory-{name}"
         rows = [r for r in rows if r["model"] != name]
@@ -131,7 +139,7 @@ def main() -> None:
             if stage not in stages:
                 continue
             peak, seconds, code, err = peak_rss(cmd, args.timeout)
-            weights = fp32_weight_bytes(export) if (export / "onnx").is_dir() else 0
+            weights = fp32_weight_bytes(Path(source), export) if (export / "onnx").is_dir() else 0
             rows.append({"model": name, "stage": stage, "peak": peak, "seconds": seconds, "status": code,
                          "weights": weights, "when": time.strftime("%Y-%m-%d"), "machine": machine})
             print(f"{name} {stage}: peak {peak / GB:.2f} GB, {seconds:.0f} s, exit {code}", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -277,19 +278,27 @@ def smollm2(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def smollm2_bos(smollm2, tmp_path_factory) -> Path:
-    """The SmolLM2 export with the tokenizer transformers saves from the same GGUF: its tokenizer.json template
-    puts <|im_start|> (the BOS) before every prompt, as the transformers folder a user saves has it. The graphs
-    are the export's own (fp32 and int4, copied: `onnxgen web` serves no symlink), the manifest recorded anew."""
-    from transformers import AutoTokenizer
+    """The SmolLM2 export with the tokenizer of SmolLM2's transformers folder as issue 38 found it: tokenizer.json's
+    template puts <|im_start|> (the BOS, id 1) before every prompt and tokenizer_config.json says add_bos_token
+    (what transformers 4.57 writes when it converts the GGUF; 5.25 keeps the GGUF's add_bos_token false). The
+    graphs are the export's own (fp32 and int4, copied: `onnxgen web` serves no symlink), the manifest anew."""
+    from tokenizers import Tokenizer, processors
 
     from pipeline import manifest
 
-    path, (src, _) = smollm2_gguf(), smollm2
+    src, _ = smollm2
     folder = tmp_path_factory.mktemp("smollm2-bos") / "export"
     (folder / "onnx").mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "onnx/model.onnx", "onnx/model_q4.onnx"):
+    for name in ("config.json", "generation_config.json", "special_tokens_map.json", "onnx/model.onnx",
+                 "onnx/model_q4.onnx"):
         shutil.copyfile(src / name, folder / name)
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(folder))
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    bos = "<|im_start|>"
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tok.token_to_id(bos))])])
+    tok.save(str(folder / "tokenizer.json"))
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos, "add_bos_token": True}))
     manifest.record(folder, "test: SmolLM2's transformers tokenizer",
                     sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
     return folder

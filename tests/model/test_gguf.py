@@ -228,7 +228,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(sources, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_transformers_folder_runs_as_transformers_generates(smollm2_bos):
-    """SmolLM2 as transformers saves it from the GGUF: its tokenizer puts <|im_start|> (the BOS) before every
+    """SmolLM2's transformers folder as issue 38 found it: its tokenizer puts <|im_start|> (the BOS) before every
     prompt. `onnxgen run` encodes the prompt as transformers does, so its greedy text is transformers' own,
     token for token; --no-special-tokens gives the bare text's, again as transformers does from the bare ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
