@@ -304,9 +304,15 @@ def test_parse_returns_the_pydantic_object(served):
     r = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "A colour?"}],
                                       response_format=Answer, max_tokens=60, temperature=0)
     assert isinstance(r.choices[0].message.parsed, Answer) and r.choices[0].finish_reason == "stop"
+    # an answer that cannot end within max_tokens (a json_object may: "{}" is two tokens, and a sampled one did)
+    long = {"type": "json_schema", "json_schema": {"name": "long", "schema": {
+        "type": "object", "properties": {"text": {"type": "string", "minLength": 16}}, "required": ["text"]}}}
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                       response_format={"type": "json_object"})
+                                       response_format=long, seed=0)
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")  # text so far
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       response_format={"type": "json_object"}, temperature=0)
+    assert r.choices[0].message.content.startswith("{")  # json_object: an object, whole or cut
     fmt = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL, "strict": True}}
     whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "n?"}], max_tokens=30,
                                            temperature=0, response_format=fmt).choices[0].message.content
