@@ -41,7 +41,7 @@ test: install js chromium smollm2
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
-# The quick lane while working: no training beyond the shared tiny fixture, under a minute.
+# The quick lane while working: no training beyond the shared tiny fixture (about two minutes on 2 cores).
 test-fast: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow"
