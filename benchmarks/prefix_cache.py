@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,20 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import ROOT, free_port, machine, one_request  # noqa: E402
+from serve_load import ROOT, free_port, machine, one_request, wait_up  # noqa: E402
 
 SYSTEM_SOURCE = Path(json.__file__).with_name("decoder.py")  # any long text: Python's JSON decoder
-
-
-def wait_up(server: subprocess.Popen, port: int) -> None:
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert server.poll() is None, server.stderr.read().decode()
-            time.sleep(0.2)
-    raise RuntimeError("the server did not start")
 
 
 def run(args, name: str, gb: float, system: list[int], questions: list[list[int]]) -> dict:

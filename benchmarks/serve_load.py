@@ -34,6 +34,17 @@ PROMPTS = ["import os\nimport sys\n\n\ndef main(", "class Parser(object):\n    d
            "from email import message\n", "def parse_args(argv=None):\n    ", "    try:\n        return self."]
 
 
+def wait_up(server: subprocess.Popen, port: int) -> None:
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None, server.stderr.read().decode()
+            time.sleep(0.2)
+    raise RuntimeError("the server did not start")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,13 +161,7 @@ def main() -> None:
                                "--max-queue", "64", "--threads", str(args.threads),
                                "--variant", args.variant], cwd=ROOT, stderr=subprocess.PIPE)
     try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                time.sleep(0.2)
+        wait_up(server, port)
         asyncio.run(level(port, name, 2, 2.0, args.max_tokens))  # warm up
         rows = []
         for clients in [int(c) for c in args.clients.split(",")]:
