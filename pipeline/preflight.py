@@ -166,8 +166,10 @@ def external_data_files(folder: Path, path: Path, model) -> list[str]:
 
 
 # The peak of `onnxgen export --hf/--gguf` (export, then parity against the transformers reference), as a
-# multiple of the model's fp32 weights plus a fixed part: measured in benchmarks/MEMORY.md.
-EXPORT_PEAK = (3.0, 1.0e9)
+# multiple of the model's fp32 weights plus a fixed part, from two measured peaks (benchmarks/MEMORY.md): Gemma 3
+# 270M, 1.07 GB of weights, 6.83 GB (a tied head held twice by the graph, the TorchScript exporter's copies);
+# SmolLM2-135M, 0.54 GB, 3.9 GB sampled during its export. 5.5 x weights + 1 GB covers both.
+EXPORT_PEAK = (5.5, 1.0e9)
 
 
 def export_peak(fp32_bytes: int) -> float:
