@@ -101,6 +101,27 @@ def _downstream_reshape(name: str, consumers, producers) -> str:
     raise UserError(f"graph: no attention output downstream of {name} (not an onnxgen export?)")
 
 
+def _sinks(key: str, consumers, producers, initializers: dict) -> np.ndarray:
+    """gpt-oss's sink logits of one layer, (heads,): the plain graph concatenates them, expanded from a
+    (1, heads, 1, 1) constant, onto the scores before the first Softmax downstream of present.{i}.key."""
+    queue, seen = deque([key]), {key}
+    while queue:
+        for node in consumers.get(queue.popleft(), []):
+            if node.op_type == "Softmax":
+                concat = producers.get(node.input[0])
+                while concat is not None and concat.op_type == "Cast":
+                    concat = producers.get(concat.input[0])
+                expand = producers.get(concat.input[-1]) if concat is not None and concat.op_type == "Concat" else None
+                if expand is None or expand.op_type != "Expand" or expand.input[0] not in initializers:
+                    break
+                return numpy_helper.to_array(initializers[expand.input[0]]).reshape(-1)
+            for o in node.output:
+                if o not in seen:
+                    seen.add(o)
+                    queue.append(o)
+    raise UserError(f"graph: no attention sinks downstream of {key} (not an onnxgen export?)")
+
+
 def _head_input(producers, initializers: set[str]) -> tuple[onnx.NodeProto, str]:
     """The node reading the hidden states the LM head turns into logits, and that input: back from the
     logits past position-wise ops with one non-constant input (Phi-2's head bias, Granite's divisor, Gemma 2's
@@ -219,6 +240,7 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     if arch.attn_softcap is not None:
         attrs["softcap"] = float(arch.attn_softcap)
     replaced: set[str] = set()
+    initializers = {t.name: t for t in g.initializer}
     for i in range(n_layer):
         split = _upstream_split(producers[f"present.{i}.key"].input[1], producers)
         if arch.qk_norm:  # q and k after their norms, (B, T, heads, D) -> (B, T, heads * D); v as split
@@ -233,10 +255,15 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
         out = _downstream_reshape(f"present.{i}.value", consumers, producers)
         replaced.update([f"present.{i}.key", f"present.{i}.value", out])
         window, rotary = arch.window(i), arch.rope_layers[i]  # SmolLM3's NoPE layers: no rotary
+        optional = list(caches[arch.layer_types[i]]) if rotary else []
+        if arch.attn_sinks:  # inputs 7-10 (cos, sin, position_ids, attention_bias) before head_sink
+            sinks = _sinks(f"present.{i}.key", consumers, producers, initializers)
+            g.initializer.append(numpy_helper.from_array(sinks, f"fuse/{i}/sinks"))
+            optional = (optional or ["", ""]) + ["", "", f"fuse/{i}/sinks"]
         new.append(helper.make_node(
             "GroupQueryAttention",
             [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "fuse/seqlens_k", "fuse/total",
-             *(caches[arch.layer_types[i]] if rotary else [])],
+             *optional],
             [out, f"present.{i}.key", f"present.{i}.value"],
             name=f"/h.{i}/attn/GroupQueryAttention", domain="com.microsoft",
             num_heads=arch.n_head, kv_num_heads=kv_heads, **attrs,

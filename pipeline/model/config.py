@@ -54,6 +54,18 @@ class DecoderConfig:
     parallel_residual: bool = False   # GPT-NeoX: x + attn(ln_1(x)) + mlp(ln_2(x))
     shared_norm: bool = False         # Phi-2: parallel sublayers read one norm, x + attn(ln_1(x)) + mlp(ln_1(x))
     residual_scale: float | None = None  # Granite: x + scale * sublayer(...)
+    # routed experts (Mixtral, Qwen3-MoE, gpt-oss): a router picks n_experts_per_tok of n_experts gated MLPs
+    n_experts: int = 0                # 0: every layer has the dense MLP
+    n_experts_per_tok: int = 0
+    moe_inner: int | None = None      # an expert's width; None: n_inner
+    moe_layers: tuple[bool, ...] | None = None  # per layer, experts or the dense MLP; None: experts everywhere
+    moe_renormalize: bool = True      # the chosen experts' softmax weights rescaled to sum to 1
+    router_bias: bool = False         # gpt-oss
+    expert_bias: bool = False         # gpt-oss
+    swiglu_alpha: float = 1.0         # gpt-oss's experts: clamp(g, max=limit) * sigmoid(alpha g) * (clamp(u, +-limit) + beta)
+    swiglu_beta: float = 0.0
+    swiglu_limit: float | None = None
+    attn_sinks: bool = False          # gpt-oss: a learned logit per head in each softmax's denominator
     # embeddings and head
     tied: bool = True                 # lm_head shares wte's weight
     embed_scale: float | None = None  # Gemma: sqrt(n_embd)
@@ -74,6 +86,10 @@ class DecoderConfig:
         if self.rope_layers is None:
             self.rope_layers = (self.positional == "rope",) * self.n_layer
         self.rope_layers = tuple(bool(r) for r in self.rope_layers)
+        self.moe_inner = self.moe_inner or self.n_inner
+        if self.moe_layers is None:
+            self.moe_layers = (self.n_experts > 0,) * self.n_layer
+        self.moe_layers = tuple(bool(m) for m in self.moe_layers)
         rope_type = rope_kind(self.rope_scaling)
         checks = [
             (min(self.vocab_size, self.n_ctx, self.n_layer, self.n_head, self.n_embd) > 0,
@@ -94,6 +110,13 @@ class DecoderConfig:
             (self.pre_norm or (self.sandwich_norm and not self.parallel_residual),
              "without pre_norm a block needs sandwich_norm and a sequential residual"),
             (0 < self.rope_fraction <= 1, f"rope fraction must be in (0, 1], got {self.rope_fraction}"),
+            (len(self.moe_layers) == self.n_layer and (self.n_experts > 0 or not any(self.moe_layers)),
+             f"moe_layers must be {self.n_layer} flags (any true only with experts), got {self.moe_layers}"),
+            (self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
+             f"experts per token must be in 1..{self.n_experts}, got {self.n_experts_per_tok}"),
+            # ONNX Runtime's MoE op runs SwiGLU experts (its CPU kernel no other activation with gated experts)
+            (self.n_experts == 0 or (self.gated and self.activation == "silu"),
+             f"experts must be SwiGLU (gated silu), got gated={self.gated} {self.activation!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -184,6 +184,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm, self.k_norm = make_norm(c, c.head_dim), make_norm(c, c.head_dim)
         self.norm_heads = c.qk_norm and not c.qk_norm_full
         self.scale, self.softcap = c.attn_scale, c.attn_softcap
+        if c.attn_sinks:  # gpt-oss: one learned logit per head joins each softmax, then is dropped
+            self.sinks = nn.Parameter(torch.zeros(c.n_head))
         self.dropout = c.dropout
 
     def forward(self, x, bias=None, rope=None, past=None):
@@ -208,11 +210,18 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head / n_kv_head queries
             k, v = (self._repeat(t) for t in (k, v))
         dropout = self.dropout if self.training else 0.0
-        if self.softcap is not None:  # SDPA cannot cap the scores: the attention written out
+        if self.softcap is not None or hasattr(self, "sinks"):  # beyond SDPA: the attention written out
             scale = self.scale if self.scale is not None else self.head_dim ** -0.5
             att = (q @ k.transpose(-2, -1)) * scale
-            att = torch.tanh(att / self.softcap) * self.softcap + bias
-            y = F.dropout(F.softmax(att.float(), dim=-1).type_as(q), dropout, self.training) @ v
+            if self.softcap is not None:
+                att = torch.tanh(att / self.softcap) * self.softcap
+            att = att + bias
+            if hasattr(self, "sinks"):
+                sinks = self.sinks.to(att.dtype)[None, :, None, None].expand(*att.shape[:3], 1)
+                probs = F.softmax(torch.cat([att, sinks], dim=-1).float(), dim=-1)[..., :-1]
+            else:
+                probs = F.softmax(att.float(), dim=-1)
+            y = F.dropout(probs.type_as(q), dropout, self.training) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
                                                dropout_p=dropout, scale=self.scale)
@@ -245,8 +254,96 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
-class Block(nn.Module):
+class _MoEOp(torch.autograd.Function):
+    """The experts as one com.microsoft MoE node in the exported graph (ONNX Runtime's CPU and CUDA
+    kernels route each token to its top k experts and run only those); in PyTorch, Experts.routed."""
+
+    @staticmethod
+    def forward(ctx, x, router_logits, fc1, fc1_bias, fc2, fc2_bias, module):
+        return module.routed(x, router_logits)
+
+    @staticmethod
+    def symbolic(g, x, router_logits, fc1, fc1_bias, fc2, fc2_bias, module):
+        from torch.onnx.symbolic_helper import _is_none
+        attrs = dict(k_i=module.k, activation_type_s="swiglu", swiglu_fusion_i=1,
+                     normalize_routing_weights_i=int(module.renormalize),
+                     activation_alpha_f=module.alpha, activation_beta_f=module.beta)
+        if module.limit is not None:
+            attrs["swiglu_limit_f"] = module.limit
+        none = g.op("prim::Constant")  # an omitted optional input
+        none.setType(torch._C.OptionalType.ofTensor())
+        inputs = [x, router_logits, fc1, none if _is_none(fc1_bias) else fc1_bias, fc2,
+                  none if _is_none(fc2_bias) else fc2_bias]
+        return g.op("com.microsoft::MoE", *inputs, **attrs).setType(x.type())
+
+
+class Experts(nn.Module):
+    """Routed experts: a router scores n_experts SwiGLU MLPs per token and the top k run, their outputs
+    weighted by the router's softmax (over all experts, then renormalized over the k chosen, or not:
+    Qwen3-MoE's norm_topk_prob; gpt-oss's softmax over the k chosen logits is the renormalized form).
+
+    The weights are kept in ONNX Runtime's MoE layout so the exported node reads them as they are:
+    fc1 (E, 2 * inner, C) with each expert's gate and up rows interleaved (swiglu_fusion=1, the one its
+    CPU kernel takes), fc2 (E, C, inner). Expert h: g, u = fc1 x (+ bias) de-interleaved,
+    clamp(g, max=limit) * sigmoid(alpha g) * (clamp(u, -limit, limit) + beta) through fc2 (+ bias)."""
+
     def __init__(self, c: DecoderConfig):
+        super().__init__()
+        E, inner = c.n_experts, c.moe_inner
+        self.k, self.renormalize = c.n_experts_per_tok, c.moe_renormalize
+        self.alpha, self.beta, self.limit = c.swiglu_alpha, c.swiglu_beta, c.swiglu_limit
+        self.dense = False  # export every expert on every token in standard ops (benchmarks' baseline)
+        self.router = nn.Linear(c.n_embd, E, bias=c.router_bias)
+        self.fc1 = nn.Parameter(torch.randn(E, 2 * inner, c.n_embd) * 0.02)
+        self.fc2 = nn.Parameter(torch.randn(E, c.n_embd, inner) * 0.02)
+        self.fc1_bias = nn.Parameter(torch.zeros(E, 2 * inner)) if c.expert_bias else None
+        self.fc2_bias = nn.Parameter(torch.zeros(E, c.n_embd)) if c.expert_bias else None
+
+    def forward(self, x):
+        logits = self.router(x)
+        if torch.onnx.is_in_onnx_export() and not self.dense:
+            flat = logits.reshape(-1, logits.shape[-1])  # MoE takes (tokens, E) router logits beside (B, T, C)
+            return _MoEOp.apply(x, flat, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias, self)
+        return self.routed(x, logits) if not self.dense else self.every_expert(x, logits)
+
+    def weights(self, logits):
+        """(..., E) router logits -> the chosen experts' weights (..., k) and indices (..., k)."""
+        probs = F.softmax(logits.float(), dim=-1)
+        top, chosen = probs.topk(self.k, dim=-1)
+        if self.renormalize:
+            top = top / top.sum(-1, keepdim=True)
+        return top.to(logits.dtype), chosen
+
+    def expert(self, e: int, x):
+        h = x @ self.fc1[e].T
+        if self.fc1_bias is not None:
+            h = h + self.fc1_bias[e]
+        g, u = h[..., 0::2], h[..., 1::2]
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+        y = (g * torch.sigmoid(self.alpha * g) * (u + self.beta)) @ self.fc2[e].T
+        return y if self.fc2_bias is None else y + self.fc2_bias[e]
+
+    def routed(self, x, logits):
+        """Each expert on the tokens that chose it (PyTorch; the graph's MoE node does the same)."""
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        top, chosen = self.weights(logits.reshape(-1, logits.shape[-1]))
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.expert(e, x[token]) * top[token, slot, None])
+        return out.reshape(shape)
+
+    def every_expert(self, x, logits):
+        """Every expert on every token, weighted by a (tokens, E) scatter of the router's choice: standard
+        ONNX ops, E times the compute (the dense baseline benchmarks/moe.py measures the MoE node against)."""
+        top, chosen = self.weights(logits)
+        gates = torch.zeros_like(logits).scatter(-1, chosen, top)
+        return sum(self.expert(e, x) * gates[..., e:e + 1] for e in range(self.fc1.shape[0]))
+
+
+class Block(nn.Module):
+    def __init__(self, c: DecoderConfig, layer: int = 0):
         super().__init__()
         self.parallel = c.parallel_residual
         # OLMo 2 normalizes only the sublayers' outputs: no parameters, no op in the graph
@@ -254,7 +351,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(c)
         if not c.shared_norm:  # Phi-2's MLP reads ln_1's output too
             self.ln_2 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
-        self.mlp = MLP(c)
+        self.mlp = Experts(c) if c.moe_layers[layer] else MLP(c)
         if c.sandwich_norm:
             self.post_ln_1, self.post_ln_2 = make_norm(c, c.n_embd), make_norm(c, c.n_embd)
         self.resid_dropout = nn.Dropout(c.dropout)
@@ -297,7 +394,7 @@ class Decoder(nn.Module):
             if c.rope_local_theta is not None:  # Gemma 3's sliding layers: their own base, no scaling
                 self.rope_local = Rotary(c.head_dim, c.rope_fraction, c.rope_local_theta, None, c.n_ctx)
         self.drop = nn.Dropout(c.dropout)
-        self.h = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.h = nn.ModuleList([Block(c, i) for i in range(c.n_layer)])
         self.ln_f = make_norm(c, c.n_embd)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.head_bias)
         if c.tied:
@@ -323,7 +420,7 @@ class Decoder(nn.Module):
     def plain_causal(self) -> bool:
         """Full causal attention everywhere and SDPA can do it: no mask tensor is needed to train."""
         c = self.arch
-        return c.attn_softcap is None and all(c.window(i) is None for i in range(c.n_layer))
+        return c.attn_softcap is None and not c.attn_sinks and all(c.window(i) is None for i in range(c.n_layer))
 
     def forward(self, input_ids, targets=None):
         """Training forward: input_ids (B, T) -> logits (B, T, V), and the mean cross-entropy if targets."""

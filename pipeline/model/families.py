@@ -140,6 +140,12 @@ class Family:
     def fields(self) -> dict:
         raise NotImplementedError
 
+    def theirs_of(self, pattern: str, suffix: str) -> list[str]:
+        """Their tensor names (with {i}) for our parameter `pattern.suffix`: tensors[pattern] + suffix."""
+        theirs = self.tensors.get(pattern)
+        assert theirs is not None, f"{type(self).__name__} maps no tensor to {pattern}"
+        return [t + "." + suffix for t in ((theirs,) if isinstance(theirs, str) else theirs)]
+
     def convert(self, ours: str, theirs: list[torch.Tensor]) -> torch.Tensor:
         """Their tensor(s) as our parameter `ours` (a name with {i}); by default concatenated."""
         import torch
@@ -158,10 +164,7 @@ class Family:
             module, suffix = ours.rsplit(".", 1)
             layer = re.match(r"h\.(\d+)\.", module)
             pattern = re.sub(r"^h\.\d+\.", "h.{i}.", module)
-            theirs = self.tensors.get(pattern)
-            assert theirs is not None, f"{type(self).__name__} maps no tensor to {pattern}"
-            theirs = (theirs,) if isinstance(theirs, str) else theirs
-            theirs = [t.format(i=layer.group(1) if layer else "") + "." + suffix for t in theirs]
+            theirs = [t.format(i=layer.group(1) if layer else "") for t in self.theirs_of(pattern, suffix)]
             absent = [t for t in theirs if t not in names]
             if absent:
                 missing.extend(absent)
@@ -445,6 +448,125 @@ class Olmo3(Olmo2):
 
     def derived_layer_types(self):
         return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(self.get("num_hidden_layers"))]
+
+
+class RoutedExperts:
+    """What the mixture-of-experts families add to their base family: the router and experts fields, and
+    their expert tensors in our Experts layout (model/decoder.py): fc1 (E, 2 * inner, C), each expert's
+    gate and up rows interleaved, fc2 (E, C, inner). Checkpoints with one tensor per expert and projection
+    (Mixtral, Qwen3-MoE) name them by `expert` (with {i}, {e} and the projection), `projections`
+    their gate, up and down."""
+    experts_key = "num_local_experts"
+    expert = ""
+    projections = ("gate_proj", "up_proj", "down_proj")
+
+    def n_experts(self):
+        # transformers 5 maps Qwen3-MoE's num_experts onto num_local_experts, and saves that name
+        key = self.experts_key if self.experts_key in self.config else "num_local_experts"
+        return self.get(key if key in self.config else self.experts_key)
+
+    def moe_fields(self, inner_key: str) -> dict:
+        n, k = self.n_experts(), self.get("num_experts_per_tok")
+        if not isinstance(n, int) or not isinstance(k, int) or not 0 < k <= n:
+            self.fail(f"{self.experts_key} = {n!r} and num_experts_per_tok = {k!r}: need 0 < per token <= experts")
+        return dict(n_experts=n, n_experts_per_tok=k, moe_inner=self.get(inner_key))
+
+    def theirs_of(self, pattern: str, suffix: str) -> list[str]:
+        if pattern != "h.{i}.mlp" or suffix not in ("fc1", "fc2"):
+            return super().theirs_of(pattern, suffix)
+        gate, up, down = self.projections
+        names = [gate, up] if suffix == "fc1" else [down]
+        return [self.expert.format(i="{i}", e=e, p=p) + ".weight" for p in names
+                for e in range(self.n_experts())]
+
+    def convert(self, ours: str, theirs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        if ours == "h.{i}.mlp.fc1":  # [gate_0..gate_E-1, up_0..up_E-1] -> (E, 2 * inner, C), rows interleaved
+            E = len(theirs) // 2
+            gate, up = torch.stack(theirs[:E]), torch.stack(theirs[E:])
+            if gate.shape != up.shape:
+                self.fail(f"expert gate {tuple(gate.shape)} and up {tuple(up.shape)} projections differ in shape")
+            return torch.stack([gate, up], dim=2).reshape(E, -1, gate.shape[-1])
+        if ours == "h.{i}.mlp.fc2":
+            return torch.stack(theirs)
+        return super().convert(ours, theirs)
+
+
+@family("mixtral")
+class Mixtral(RoutedExperts, Mistral):
+    """Mixtral: Mistral whose MLP is num_local_experts SwiGLU experts, num_experts_per_tok of them per token."""
+    title = "Mixtral"
+    defaults = {**Mistral.defaults, "sliding_window": None, "rope_theta": 1e6, "max_position_embeddings": 4096 * 32,
+                "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5}
+    tensors = {**Mistral.tensors, "h.{i}.mlp.router": _layers("block_sparse_moe.gate")[0]}
+    expert = "model.layers.{i}.block_sparse_moe.experts.{e}.{p}"
+    projections = ("w1", "w3", "w2")
+
+    def fields(self) -> dict:
+        return {**super().fields(), **self.moe_fields("intermediate_size")}
+
+
+@family("qwen3_moe")
+class Qwen3Moe(RoutedExperts, Qwen3):
+    """Qwen3-MoE: Qwen3 whose MLPs are routed experts (moe_intermediate_size wide), but in mlp_only_layers
+    and off the decoder_sparse_step; the chosen weights renormalized only with norm_topk_prob."""
+    title = "Qwen3-MoE"
+    experts_key = "num_experts"
+    defaults = {**Qwen3.defaults, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "intermediate_size": 6144,
+                "max_position_embeddings": 32768, "rope_theta": 10000.0, "sliding_window": None}
+    tensors = {**Qwen3.tensors, "h.{i}.mlp.router": _layers("mlp.gate")[0]}
+    expert = "model.layers.{i}.mlp.experts.{e}.{p}"
+
+    def fields(self) -> dict:
+        n, step, dense = self.get("num_hidden_layers"), self.get("decoder_sparse_step"), self.get("mlp_only_layers")
+        if not isinstance(step, int) or step < 1 or not isinstance(dense, list):
+            self.fail(f"decoder_sparse_step = {step!r} and mlp_only_layers = {dense!r}: need a step >= 1 and a list")
+        moe = self.moe_fields("moe_intermediate_size")
+        layers = tuple(moe["n_experts"] > 0 and i not in dense and (i + 1) % step == 0 for i in range(n))
+        return {**super().fields(), **moe, "moe_layers": layers, "moe_renormalize": bool(self.get("norm_topk_prob"))}
+
+
+@family("gpt_oss")
+class GptOss(RoutedExperts, Llama):
+    """gpt-oss: attention with biases and a learned sink logit per head, sliding layers beside full ones,
+    YaRN; experts with biases whose SwiGLU clamps at swiglu_limit and adds 1 to the up half, routed by a
+    softmax over the chosen experts' logits (the renormalized form). Its gate_up_proj (E, C, 2 * inner)
+    is already interleaved, gate then up."""
+    title = "gpt-oss"
+    defaults = {**Llama.defaults, "num_local_experts": 128, "num_experts_per_tok": 4, "attention_bias": True,
+                "rms_norm_eps": 1e-5, "rope_theta": 150000.0, "sliding_window": 128, "swiglu_alpha": 1.702,
+                "swiglu_limit": 7.0, "max_position_embeddings": 131072, "intermediate_size": 2880, "head_dim": 64}
+    refuse = {"mlp_bias": False}
+    tensors = {**Llama.tensors, "h.{i}.attn": _layers("self_attn")[0], "h.{i}.mlp.router": _layers("mlp.router")[0]}
+    gpt_oss_experts = {"fc1": "gate_up_proj", "fc1_bias": "gate_up_proj_bias", "fc2": "down_proj",
+                       "fc2_bias": "down_proj_bias"}
+
+    def __init__(self, config: dict, where: str):
+        super().__init__(config, where)
+        if self.config.get("quantization_config"):
+            method = self.config["quantization_config"].get("quant_method", "?")
+            self.fail(f"quantization_config ({method}) is not implemented: give onnxgen the bf16/fp32 checkpoint "
+                      "(transformers' dequantize=True, saved with save_pretrained)")
+
+    def fields(self) -> dict:
+        return {**super().fields(), **self.moe_fields("intermediate_size"), "router_bias": True, "expert_bias": True,
+                "swiglu_alpha": float(self.get("swiglu_alpha")), "swiglu_beta": 1.0,
+                "swiglu_limit": float(self.get("swiglu_limit")), "attn_sinks": True}
+
+    def derived_layer_types(self):
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.get("num_hidden_layers"))]
+
+    def theirs_of(self, pattern: str, suffix: str) -> list[str]:
+        if pattern == "h.{i}.mlp" and suffix in self.gpt_oss_experts:
+            return [f"model.layers.{{i}}.mlp.experts.{self.gpt_oss_experts[suffix]}"]
+        return Llama.theirs_of(self, pattern, suffix)
+
+    def convert(self, ours: str, theirs: list[torch.Tensor]) -> torch.Tensor:
+        if ours in ("h.{i}.mlp.fc1", "h.{i}.mlp.fc2"):  # (E, in, out) -> (E, out, in)
+            return theirs[0].transpose(1, 2).contiguous()
+        return Family.convert(self, ours, theirs)
 
 
 @family("gpt_neox")

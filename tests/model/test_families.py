@@ -56,6 +56,14 @@ CASES = {
     "olmo3": ("olmo3", {**SMALL, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
                         "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
     "phi": ("phi", {**SMALL, "partial_rotary_factor": 0.5}),
+    # routed experts: 4, two a token; Qwen3-MoE's first layer dense (mlp_only_layers), its weights renormalized
+    "mixtral": ("mixtral", {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4}),
+    "qwen3_moe": ("qwen3_moe", {**SMALL, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 48, "mlp_only_layers": [0], "norm_topk_prob": True}),
+    # sinks, a sliding layer beside a full one, YaRN, experts with biases and a clamped SwiGLU (a limit the
+    # random weights cross)
+    "gpt_oss": ("gpt_oss", {**SMALL, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                            "sliding_window": 4, "swiglu_limit": 0.5}),
     "gpt_neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"} | {"rotary_pct": 0.25}),
     "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
                             | {"rotary_pct": 0.5, "use_parallel_residual": False}),
@@ -76,7 +84,7 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # norms and biases off their init (ones or zeros) so every weight matters
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith(".bias") or name.endswith("_bias") or name.endswith("sinks"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     if not safe:  # a pickled checkpoint, as older Hub folders have (transformers 5 only writes safetensors)
@@ -333,7 +341,8 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 # ----------------------------------------------------------------------------- export
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
-EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi"]
+EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
+            "mixtral", "qwen3_moe", "gpt_oss"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import onnx
 from onnx import helper
 
 from pipeline.convert.quantize.calibration import Windows, calibration_windows
+from pipeline.convert.quantize.experts import quantize_experts
 from pipeline.convert.quantize.gptq import gptq_quantize
 from pipeline.convert.quantize.graph import (
     block_of,
@@ -71,6 +72,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
             node.attribute.append(helper.make_attribute("accuracy_level", level))
     left = [n for n in weight_matmuls(model) if n != head]
     assert not left, f"quantize: MatMuls left unquantized: {left}"
+    experts = quantize_experts(model, recipe.bits, recipe.block_size)
     table = compact_embedding(model, plan[head] or 4, tied, recipe.head_block_size)
     stored = {"fp16_scales": store_scales_fp16(model)} if recipe.scales == "fp16" else {}
     onnx.save(model, str(dst))
@@ -83,7 +85,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
             blocks.setdefault(block_of(n), []).append(b)
     eight_bit_blocks = sorted(k for k, bs in blocks.items() if all(b == 8 for b in bs)) if recipe.bits == 4 else []
     return {**recipe.summary(), "matmuls_by_bits": counts, "eight_bit_blocks": eight_bit_blocks,
-            "bits_per_tensor": {n: b for n, b in plan.items()}, **table, **stored}
+            "bits_per_tensor": {n: b for n, b in plan.items()}, **table, **stored, **experts}
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
@@ -91,10 +93,12 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
 
     model = onnx.load(str(src))
     nodes = weight_matmuls(model)
+    experts = quantize_experts(model, 8, 0)
     quantize_dynamic(model, str(dst), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                      extra_options={"MatMulConstBOnly": True})
-    return {"method": "DynamicQuantizeMatMul", "int8_mode": "dynamic", "per_channel": True, "weight_type": "int8", "matmuls": len(nodes)}
+    return {"method": "DynamicQuantizeMatMul", "int8_mode": "dynamic", "per_channel": True, "weight_type": "int8",
+            "matmuls": len(nodes), **experts}
 
 
 def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dict:
@@ -104,6 +108,7 @@ def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dic
     windows = calibration_windows(run, c.n_ctx)
     model = onnx.load(str(src))
     nodes = weight_matmuls(model)
+    experts = quantize_experts(model, 8, 0)
     reader = Windows(windows, c.n_layer, c.n_head, c.head_dim, progress)
     # uint8 activations and int8 weights: the pairing ONNX Runtime recommends for CPU (VNNI/AVX2 kernels)
     quantize_static(model, str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
@@ -112,7 +117,7 @@ def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dic
                     extra_options={"MatMulConstBOnly": True})
     return {"method": "QDQ", "int8_mode": "static", "per_channel": True, "calibration": "MinMax",
             "calibration_windows": int(len(windows)), "window_length": int(windows.shape[1]),
-            "matmuls": len(nodes)}
+            "matmuls": len(nodes), **experts}
 
 
 def quantize_int4(src: Path, dst: Path, recipe: Recipe | None = None, calibration: np.ndarray | None = None,
