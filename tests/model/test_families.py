@@ -317,6 +317,20 @@ def test_math_changing_keys_are_refused(tiny, tmp_path):
         load_decoder(_edited(tiny, tmp_path / "f", "smollm3", no_rope_layers=[1, 0]))
 
 
+def test_expert_counts_the_weights_contradict_are_refused(tiny, tmp_path):
+    """An expert count the checkpoint does not have, more experts a token than there are, a bf16-only
+    quantized gpt-oss: one line each, before any export."""
+    with pytest.raises(UserError, match=r"does not match its config.json \(wrong shapes .*block_sparse_moe\.gate"
+                                        r"\.weight \(4, 32\), expected \(3, 32\).*; tensors onnxgen does not implement "
+                                        r"\[.*experts\.3\.") as e:
+        load_decoder(_edited(tiny, tmp_path, "mixtral", num_local_experts=3))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"num_experts_per_tok = 5: need 0 < per token <= experts"):
+        load_decoder(_edited(tiny, tmp_path / "b", "qwen3_moe", num_experts_per_tok=5))
+    with pytest.raises(UserError, match=r"quantization_config \(mxfp4\) is not implemented"):
+        load_decoder(_edited(tiny, tmp_path / "c", "gpt_oss", quantization_config={"quant_method": "mxfp4"}))
+
+
 def test_pickled_only_folder_is_refused(tmp_path):
     save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
     assert not list((tmp_path / "pickled").glob("*.safetensors"))

@@ -68,12 +68,12 @@ def plan_bits(model: onnx.ModelProto, recipe: Recipe) -> dict[str, int | None]:
     return plan
 
 
-def weight_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMuls whose second input is a constant initializer: the ones to quantize (not Q·Kᵀ, P·V), but an
-    experts router (stays fp32: quantize/experts.py)."""
+def weight_matmuls(model: onnx.ModelProto, routers: bool = False) -> list[str]:
+    """MatMuls whose second input is a constant initializer: the ones to quantize (not Q·Kᵀ, P·V), but the
+    experts' routers (fp32: quantize/experts.py), which routers=True lists as well."""
     inits = {i.name for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-            and "/mlp/router/" not in n.name]
+            and (routers or "/mlp/router/" not in n.name)]
 
 
 def head_matmul(model: onnx.ModelProto) -> str:

@@ -58,7 +58,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     if plan[head] and head not in solved:  # the head (and a tied embedding): symmetric RTN, its own block size
         groups.append(([head], plan[head], True, None, recipe.head_block_size))
     for nodes, bits, symmetric, algo, block in groups:
-        others = [n for n in weight_matmuls(model) if n not in nodes]
+        others = [n for n in weight_matmuls(model, routers=True) if n not in nodes]
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
                                  accuracy_level=recipe.accuracy_level, nodes_to_exclude=others, algo_config=algo)
         q.process()
