@@ -157,6 +157,11 @@ HF_FAMILIES = {
                  num_key_value_heads=2, max_position_embeddings=128, original_max_position_embeddings=128),
     "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=128, rotary_pct=0.25),
+    # routed experts (one MoE node a layer), attention sinks, a sliding layer: what genai and transformers.js
+    # must run as they are
+    "gpt_oss": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, max_position_embeddings=128, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=4),
 }
 
 
