@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -123,11 +124,12 @@ def main():
             del sessions
     result = {"shape": SHAPE, "rounds": args.rounds, "tokens": args.tokens, "bytes": sizes, "ops": ops,
               "tok_s": {str(t): r for t, r in rates.items()}, "machine": machine(), "versions": versions(),
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg()[0]}
     (out_dir / "moe.json").write_text(json.dumps(result, indent=1))
     lines = ["# Routed experts: one MoE node against every expert on every token", "",
              f"`python benchmarks/moe.py` ({result['when']}, {result['machine']}; {args.rounds} interleaved rounds, "
-             f"medians; {args.tokens} decode steps after a 32-token prompt, batch 1, greedy). A random-init "
+             f"medians; {args.tokens} decode steps after a 32-token prompt, batch 1, greedy; load average "
+             f"{result['load_average']:.1f} when it ended: the machine is shared, read the ratios). A random-init "
              "Mixtral-shaped decoder: 8 layers, hidden 512, 8 heads (4 KV), 8 SwiGLU experts 1024 wide, top-2, "
              "32k vocabulary.", "",
              "| graph | size | nodes | tok/s, 1 thread | tok/s, 2 threads | vs dense, 1 thread | vs dense, 2 threads |",

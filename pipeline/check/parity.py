@@ -14,10 +14,15 @@ next token is known):
                          left-padded batch of 4 rows against each row run alone; as tol_ratio
     greedy_match         greedy tokens before the first disagreement (of `greedy_tokens`)
 
-Memory: the windows stream. The reference runs once per call of a few windows (CHUNK, fewer for a wide
-vocabulary: LOGITS_BUDGET), every graph is run on them and scored before the next call, and the scores are
-running sums (the KL per position, a fixed-stride sample of |Δlogit| for the p99), so parity holds at most a
-call's logits per graph, whatever the number of windows or the vocabulary.
+Memory: the windows stream, and one graph is open at a time. The reference runs once per call of a few
+windows (CHUNK, fewer for a wide vocabulary: LOGITS_BUDGET) and its fp32 logits go to a temporary file on
+disk (n x T x V x 4 bytes: 1.7 GB for SmolLM2's 49k vocabulary, 8.8 GB for Gemma 3's 262k), never to memory
+whole. Then each graph is opened alone (its ONNX Runtime session, weights pre-packed, is the largest thing
+parity holds), run over the windows call by call against the reference's logits read back from the file, and
+closed before the next opens. The scores are running sums (the KL per position, a fixed-stride sample of
+|Δlogit| for the p99), so parity holds at most a call's logits, whatever the number of windows, the number of
+graphs or the vocabulary. Measured on SmolLM2 (four variants and four twins): 7.81 GB at the peak with every
+session open at once, see benchmarks/MEMORY.md for the figure now.
 
 How a graph is run: a plain graph takes each window whole (past 0). A fused twin is run as `onnxgen run`
 runs it: row b prefills its first 1 + b % 8 tokens (a right-padded batch) and is then teacher-forced one
@@ -31,7 +36,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -505,76 +513,112 @@ class _Score:
 
 @dataclass
 class Graph:
-    """One graph to judge: a variant's plain graph or its fused twin."""
+    """One graph to judge: a variant's plain graph or its fused twin, opened when its turn comes."""
     name: str
     variant: str
-    lm: OnnxLM
+    open: Callable[[], OnnxLM]
+    fused: bool = False
 
-    @property
-    def fused(self) -> bool:
-        return self.lm.fused
+
+class _ReferenceLogits:
+    """The reference's logits of every call, written once to an unnamed temporary file and read back call by
+    call for each graph (module docstring, "Memory")."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="onnxgen-parity-")
+        self.offsets: list[tuple[int, tuple]] = []
+
+    def append(self, logits: np.ndarray) -> None:
+        logits = np.ascontiguousarray(logits, np.float32)
+        self.offsets.append((self.file.tell(), logits.shape))
+        self.file.write(memoryview(logits).cast("B"))
+
+    def __getitem__(self, call: int) -> np.ndarray:
+        offset, shape = self.offsets[call]
+        out = np.empty(shape, np.float32)
+        self.file.seek(offset)
+        self.file.readinto(memoryview(out).cast("B"))
+        self.file.seek(0, 2)
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_TOKENS,
                thresholds: dict | None = None, progress: bool = False) -> ParityReport:
-    """Every graph against the reference, a few windows at a time: the reference runs once per call, and each
-    graph is scored on its windows before the next (module docstring, "Memory")."""
+    """Every graph against the reference: the reference once over the windows (its logits to disk), then one
+    graph at a time over the same calls, scored against them (module docstring, "Memory"). An fp16 graph this
+    ONNX Runtime cannot open is reported "not run", never passed."""
     from tqdm import tqdm
 
     thresholds = thresholds or THRESHOLDS
     ref = Reference(source)
     windows = source.windows
     n, T = windows.shape
-    V = graphs[0].lm.vocab_size if graphs else 1
-    stride = max(1, (n * T * V) // P99_SAMPLES)
-    scores = {g.name: _Score(thresholds.get(g.variant, Thresholds()), stride) for g in graphs}
     targets = np.concatenate([windows[:, 1:], np.zeros((n, 1), np.int64)], 1)  # position t predicts t+1
     plain_scored = np.ones((n, T), bool)
     plain_scored[:, -1] = False
-    chunk = max(1, min(CHUNK, LOGITS_BUDGET // (T * V * 4)))
     split = T // 2
-    cache = {g.name: (0.0, 0.0 if thresholds.get(g.variant, Thresholds()).atol is not None else math.nan)
-             for g in graphs if not g.fused}
-    bar = tqdm(total=n, desc="parity", unit="window", disable=not progress, leave=False)
-    for start in range(0, n, chunk):
-        w = windows[start:start + chunk]
-        want = _full(ref, w)
-        for g in graphs:
-            if g.fused:
-                got, valid = _teacher_forced(g.lm, w)
-                scored = valid & plain_scored[start:start + len(w)]
-            else:
-                got, scored = _full(g.lm, w), plain_scored[start:start + len(w)]
-            scores[g.name].add(want, got, targets[start:start + len(w)], scored)
-            del got
-            if not g.fused and start < CACHE_WINDOWS:  # the same windows in two steps, the second with past > 0
-                t = thresholds.get(g.variant, Thresholds())
-                mask = np.ones_like(w)
-                pos = _positions(mask)
-                first, past = g.lm.forward(w[:, :split], mask[:, :split], pos[:, :split], g.lm.empty_past(len(w)))
-                second, _ = g.lm.forward(w[:, split:], mask, pos[:, split:], past)
-                worst, ratio = cache[g.name]
-                for part, lo in ((first, 0), (second, split)):
-                    worst = max(worst, float(np.abs(part - want[:, lo:lo + part.shape[1]]).max()))
-                    ratio = max(ratio, _tol_ratio(want[:, lo:lo + part.shape[1]], part, t))
-                cache[g.name] = (worst, ratio)
-                del first, second, past
-        del want
-        bar.update(len(w))
-    bar.close()
     prompt = windows[0, :min(16, T // 2)]
-    ref_greedy = _greedy(ref, prompt, greedy_tokens)
-    results = []
-    for g in graphs:
-        t = thresholds.get(g.variant, Thresholds())
-        r = scores[g.name].result(g.name)
-        if not g.fused:
-            r.cache_max_abs, r.cache_ratio = cache[g.name]
-            r.padded_max_abs, r.padded_ratio = _padded_vs_alone(g.lm, windows, source.pad_id, t)
-        greedy = (_greedy_fused if g.fused else _greedy)(g.lm, prompt, greedy_tokens)
-        r.greedy_match = next((i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), greedy_tokens)
-        r.greedy_tokens = greedy_tokens
-        results.append(r.check(t))
+    V = _full(ref, windows[:1]).shape[-1]  # the vocabulary sets the windows a call takes
+    chunk = max(1, min(CHUNK, LOGITS_BUDGET // (T * V * 4)))
+    stride = max(1, (n * T * V) // P99_SAMPLES)
+    calls = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    bar = tqdm(total=n * (1 + len(graphs)), desc="parity", unit="window", disable=not progress, leave=False)
+    reference = _ReferenceLogits()
+    try:
+        for start, stop in calls:
+            reference.append(_full(ref, windows[start:stop]))
+            bar.update(stop - start)
+        ref_greedy = _greedy(ref, prompt, greedy_tokens)
+        results = []
+        for g in graphs:
+            t = thresholds.get(g.variant, Thresholds())
+            try:
+                lm = g.open()
+            except UserError as e:
+                if g.variant != "fp16":
+                    raise
+                # fp16 is built for CUDA; a CPU build of ONNX Runtime may lack its kernels. Not run, not passed.
+                results.append(VariantResult(variant=g.name, status="not run", thresholds=t.describe(),
+                                             note=f"ONNX Runtime could not run it here ({e})"))
+                bar.update(n)
+                continue
+            score = _Score(t, stride)
+            worst, ratio = 0.0, 0.0 if t.atol is not None else math.nan
+            for call, (start, stop) in enumerate(calls):
+                w, want = windows[start:stop], reference[call]
+                if g.fused:
+                    got, valid = _teacher_forced(lm, w)
+                    scored = valid & plain_scored[start:stop]
+                else:
+                    got, scored = _full(lm, w), plain_scored[start:stop]
+                score.add(want, got, targets[start:stop], scored)
+                del got
+                if not g.fused and start < CACHE_WINDOWS:  # the same windows in two steps, the second with past > 0
+                    mask = np.ones_like(w)
+                    pos = _positions(mask)
+                    first, past = lm.forward(w[:, :split], mask[:, :split], pos[:, :split], lm.empty_past(len(w)))
+                    second, _ = lm.forward(w[:, split:], mask, pos[:, split:], past)
+                    for part, lo in ((first, 0), (second, split)):
+                        worst = max(worst, float(np.abs(part - want[:, lo:lo + part.shape[1]]).max()))
+                        ratio = max(ratio, _tol_ratio(want[:, lo:lo + part.shape[1]], part, t))
+                    del first, second, past
+                del want
+                bar.update(stop - start)
+            r = score.result(g.name)
+            if not g.fused:
+                r.cache_max_abs, r.cache_ratio = worst, ratio
+                r.padded_max_abs, r.padded_ratio = _padded_vs_alone(lm, windows, source.pad_id, t)
+            greedy = (_greedy_fused if g.fused else _greedy)(lm, prompt, greedy_tokens)
+            r.greedy_match = next((i for i, (a, b) in enumerate(zip(greedy, ref_greedy)) if a != b), greedy_tokens)
+            r.greedy_tokens = greedy_tokens
+            results.append(r.check(t))
+            del lm  # its session's memory goes before the next graph's
+        bar.close()
+    finally:
+        reference.close()
     return ParityReport(windows=n, window_length=T, source=source.name, results=results)
 
 
@@ -587,22 +631,16 @@ def _provider(variant: str) -> str:
     return "cuda" if variant == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
-def open_graphs(folder: Path, variants: list[str], kinds=("plain", "fused")) -> tuple[list[Graph], dict[str, str]]:
-    """Each variant's plain graph and its fused twin when the export has one (of `kinds`). An fp16 graph
-    this ONNX Runtime cannot run is returned as a note: reported "not run", never passed."""
-    graphs, skipped = [], {}
+def open_graphs(folder: Path, variants: list[str], kinds=("plain", "fused")) -> list[Graph]:
+    """Each variant's plain graph and its fused twin when the export has one (of `kinds`), each opened only
+    when run_parity comes to it."""
+    graphs = []
     for v in variants:
         twins = [False] * ("plain" in kinds) + [True] * ("fused" in kinds and fused_path(folder, v).is_file())
         for twin in twins:
-            name = f"{v} fused" if twin else v
-            try:
-                graphs.append(Graph(name, v, OnnxLM(folder, variant=v, provider=_provider(v), fused=twin)))
-            except UserError as e:
-                if v != "fp16":
-                    raise
-                # fp16 is built for CUDA; a CPU build of ONNX Runtime may lack its kernels. Not run, not passed.
-                skipped[name] = f"ONNX Runtime could not run it here ({e})"
-    return graphs, skipped
+            graphs.append(Graph(f"{v} fused" if twin else v, v, partial(OnnxLM, folder, variant=v,
+                                                                       provider=_provider(v), fused=twin), twin))
+    return graphs
 
 
 def parity_of(folder: Path, variants: list[str], source: Source, kinds=("plain", "fused"),
@@ -611,12 +649,7 @@ def parity_of(folder: Path, variants: list[str], source: Source, kinds=("plain",
     sizes and devices filled in."""
     folder = Path(folder)
     thresholds = thresholds_for(folder)
-    graphs, skipped = open_graphs(folder, variants, kinds)
-    report = run_parity(graphs, source, thresholds=thresholds, progress=progress)
-    for name, note in skipped.items():
-        v = name.split()[0]
-        t = thresholds.get(v, Thresholds())
-        report.results.append(VariantResult(variant=name, status="not run", note=note, thresholds=t.describe()))
+    report = run_parity(open_graphs(folder, variants, kinds), source, thresholds=thresholds, progress=progress)
     order = {f"{v}{s}": i for i, (v, s) in enumerate((v, s) for v in variants for s in ("", " fused"))}
     report.results.sort(key=lambda r: order[r.variant])
     for r in report.results:

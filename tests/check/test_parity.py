@@ -234,3 +234,34 @@ def test_parity_holds_a_few_windows_of_logits_whatever_the_vocabulary(tiny_expor
         assert getattr(streamed, key) == pytest.approx(getattr(default, key), rel=1e-9, abs=1e-15), key
     assert streamed.p99_abs == pytest.approx(default.p99_abs, rel=0.02)  # the stride's offsets restart per call
     assert (streamed.scored, streamed.greedy_match, streamed.status) == (default.scored, default.greedy_match, "pass")
+
+
+@pytest.mark.slow
+def test_parity_opens_one_graph_at_a_time_and_runs_the_reference_once(tiny_quantized, monkeypatch):
+    """Memory: whatever the number of graphs, one ONNX Runtime session is open at a time, and the reference
+    runs over the windows once (its logits kept on disk, not in memory), not once per graph."""
+    from pipeline.check import parity
+
+    folder = tiny_quantized[0]
+    live, most = [0], [0]
+
+    class Counted(parity.OnnxLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+
+        def __del__(self):
+            live[0] -= 1
+
+    monkeypatch.setattr(parity, "OnnxLM", Counted)
+    source = source_of(folder)
+    n, T = source.windows.shape
+    whole = []
+    forward = parity.Reference.forward
+    monkeypatch.setattr(parity.Reference, "forward",
+                        lambda self, ids, *a: (ids.shape[1] == T and whole.append(len(ids)), forward(self, ids, *a))[1])
+    report = parity_of(folder, ["fp32", "int8", "int4"], source, kinds=("plain",))
+    assert [r.status for r in report.results] == ["pass"] * 3
+    assert most[0] == 1 and live[0] == 0
+    assert sum(whole) == n + 1  # every window once, and the one that tells the vocabulary
