@@ -123,13 +123,23 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
     model once per activation and per window (121 activations in SmolLM2-135M: 121x the forwards)."""
     import onnxruntime as ort
 
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    del aug.graph.output[:]
-    aug.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
+    # the graph with the activations as its outputs, serialized without a second in-memory copy of the model:
+    # the outputs are swapped on `model` itself for the time of SerializeToString, then put back
+    outputs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
+    try:
+        serialized = model.SerializeToString()
+    finally:
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(aug.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # no pre-packed second copy of the fp32 weights: calibration runs the graph a few dozen times, and on
+    # SmolLM2 that copy is 0.5 GB of the quantize stage's peak (benchmarks/MEMORY.md)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    del serialized
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     H = {a: None for a in activations}
     n = 0
@@ -147,6 +157,7 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
         n += ids.size
         bar.update(len(ids))
     bar.close()
+    del session
     return {a: 2 * h / n for a, h in H.items()}
 
 
