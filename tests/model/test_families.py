@@ -59,6 +59,11 @@ CASES = {
     "gpt_neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"} | {"rotary_pct": 0.25}),
     "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
                             | {"rotary_pct": 0.5, "use_parallel_residual": False}),
+    # conv and attention layers interleaved; conv_L_cache 4 and biases in the second
+    "lfm2": ("lfm2", {**SMALL, "num_hidden_layers": 4, "block_multiple_of": 16,
+                      "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
+    "lfm2-bias": ("lfm2", {**SMALL, "num_hidden_layers": 3, "block_multiple_of": 16, "conv_bias": True,
+                           "conv_L_cache": 4, "full_attn_idxs": [1]}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -153,7 +158,14 @@ def test_logits_equal_transformers(tiny, name):
             got, past = ours.forward_with_cache(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past)
             delta = max(delta, (got - step.logits).abs().max().item())
             torch.testing.assert_close(got, step.logits, atol=1e-5, rtol=1e-5)
-    assert past[0][0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
+    for i, entries in enumerate(past):  # K/V grown to the whole batch, a conv layer's state as transformers' own
+        if ours.arch.layer_types[i] == "conv":
+            (state,) = entries
+            assert state.shape == (len(ids), ours.arch.n_embd, ours.arch.conv_kernel - 1)
+            # transformers keeps conv_L_cache inputs; the oldest one is never read again
+            torch.testing.assert_close(state, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+        else:
+            assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
     MAX_DELTA[name] = delta
 
 
