@@ -435,6 +435,15 @@ class Decoder(nn.Module):
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits
 
+    def split_cache(self, flat) -> list[tuple]:
+        """A flat list of cache tensors in the graph's order (exports.cache_names) as each layer's entries."""
+        layers, k = [], 0
+        for i in range(self.arch.n_layer):
+            n = len(self.arch.cache_shapes(i))
+            layers.append(tuple(flat[k:k + n]))
+            k += n
+        return layers
+
     def empty_cache(self, batch_size: int, dtype=torch.float32):
         """Each layer's cache entries before the first step: K/V of length 0, states of zeros."""
         c = self.arch
