@@ -213,8 +213,11 @@ class SharedBufferDecode:
         ids = np.full((B, T), lm.pad_id, dtype=np.int64)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        bind_prefill(io, ids, self.lengths)
-        lm.session.run_with_iobinding(io)
+        if lm.has_state and B > 1:
+            self._prefill_rows(ids, zeros, device)
+        else:
+            bind_prefill(io, ids, self.lengths)
+            lm.session.run_with_iobinding(io)
         self.logits = self.out[:, 0, :]
 
         # decode: input_ids and position_ids are (B, 1) from here on, so they are OrtValues made once and
@@ -230,6 +233,23 @@ class SharedBufferDecode:
         # one row has no padding: its mask is all ones, a prefix of this row (B > 1 builds it per step)
         self.ones = np.ones((1, L), np.int64) if B == 1 else None
 
+    def _prefill_rows(self, ids: np.ndarray, zeros: list[np.ndarray], device: str) -> None:
+        """A model with state (LFM2's conv layers) takes a batch's prompts one row at a time: a state holds
+        the last inputs of its row, and in a right-padded prefill a shorter row's would be its padding.
+        Each row runs alone on its own rows of the batch's buffers (on the CPU an OrtValue of a NumPy view
+        is that memory), so the decode steps after go on from every row's own state."""
+        import onnxruntime as ort
+
+        if device != "cpu":
+            raise UserError("a fused graph with state (LFM2) on CUDA takes one prompt at a time here; "
+                            "pass one prompt, or run the plain graph")
+        for b, n in enumerate(self.lengths.tolist()):
+            io = self.lm.session.io_binding()
+            bind_shared_cache(io, self.lm, [ort.OrtValue.ortvalue_from_numpy(z[b:b + 1], device, 0) for z in zeros],
+                              self.out[b:b + 1])
+            bind_prefill(io, np.ascontiguousarray(ids[b:b + 1, :n]), self.lengths[b:b + 1])
+            self.lm.session.run_with_iobinding(io)
+
     def _bind_step_inputs(self) -> None:
         for name, value in self.values.items():
             self.io.bind_ortvalue_input(name, value)
@@ -239,6 +259,9 @@ class SharedBufferDecode:
         row's length are never read, so nothing is cleared)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         assert lengths.shape == self.lengths.shape and (lengths <= self.lengths).all() and (lengths >= 1).all()
+        # a state (LFM2's conv layers) holds what every token did to it: it cannot go back (run/chat.py
+        # prefills afresh instead)
+        assert not self.lm.has_state or (lengths == self.lengths).all(), "a model with state cannot rewind"
         self.lengths = lengths
 
     def append(self, new: list[list[int]]) -> np.ndarray:
