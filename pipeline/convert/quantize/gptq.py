@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from pipeline.convert.quantize.graph import matmul_nbits, stored
 from pipeline.convert.quantize.recipe import Recipe
+from pipeline.exports import is_state
 
 
 def _grid(group: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
@@ -130,7 +131,7 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(aug.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.") or is_state(i.name)]
     H = {a: None for a in activations}
     n = 0
     bar = tqdm(total=len(windows), desc="calibrating (GPTQ)", unit="window", disable=not progress)
@@ -138,7 +139,8 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
         ids = windows[start:start + batch].astype(np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                 "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-        feed.update({p.name: np.zeros((len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
+        feed.update({p.name: np.zeros((len(ids), *p.shape[1:]) if is_state(p.name) else
+                                      (len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
         outs = session.run(activations, feed)
         for a, x in zip(activations, outs):
             x = x.reshape(-1, x.shape[-1])
