@@ -346,7 +346,8 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 # ----------------------------------------------------------------------------- export
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
-EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi"]
+EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
+            "lfm2"]
 
 
 @pytest.mark.slow
@@ -369,8 +370,13 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
     arch = load_decoder(src).arch
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph
-    past = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input][3]
-    assert past == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    first = arch.layer_types.index("full_attention") if "full_attention" in arch.layer_types else 0
+    assert shapes[f"past_key_values.{first}.key"] == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
+    for i, kind in enumerate(arch.layer_types):  # LFM2's conv layers: their state, fixed but batch
+        assert (f"past_conv.{i}" in shapes) == (kind == "conv")
+        if kind == "conv":
+            assert shapes[f"past_conv.{i}"] == ["batch_size", arch.n_embd, arch.conv_kernel - 1]
 
 
 @pytest.mark.parametrize("name", ["llama-dynamic", "llama3", "llama-yarn", "llama-mqa-linear", "phi3-longrope",
@@ -500,13 +506,13 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     g = torch.Generator().manual_seed(1)
     steps = 3
     rows = [torch.randint(1, VOCAB, (n + steps,), generator=g).tolist() for n in LENGTHS]
-    want = plain_steps(ours, rows, steps)
+    expected = plain_steps(ours, rows, steps)
     if "conv" in ours.arch.layer_types:
         # the fused runtime prefills a model with state row by row; with conv biases a left-padded row's state
         # holds its padding's in-projection bias (transformers' math, which ours follows), so: each row alone
         alone = [list(plain_steps(ours, [r], steps)) for r in rows]  # each generator run out: its no_grad exits
-        want = [torch.cat(step) for step in zip(*alone)]
-    for got, want in zip(run_fused(session, ours.arch, rows, steps), want, strict=True):
+        expected = [torch.cat(step) for step in zip(*alone)]
+    for got, want in zip(run_fused(session, ours.arch, rows, steps), expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(got), want, atol=5e-5, rtol=1e-4)
 
 
