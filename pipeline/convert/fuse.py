@@ -30,6 +30,10 @@ of an Expand). What the attention does beyond softmax(q k^T / sqrt(d)) v comes f
   - sliding-window layers: local_window_size; Gemma 2's score cap: softcap; a configured scale: scale.
   - q/k norms (Qwen3, Gemma 3, OLMo 2 and 3): q, k and v go in separately, q and k after their norms;
     Gemma 3's and OLMo 3's sliding layers get caches of their own base, unscaled.
+LFM2's short-convolution layers: each Concat(past_conv.{i}, B*x) -> Conv, Slice -> present_conv.{i} becomes one
+com.microsoft CausalConvWithState node (ONNX Runtime's CPU kernel), whose state past_conv.{i} and present_conv.{i}
+a runtime binds to one fixed-size OrtValue as it binds the K/V buffer; the layer's padding mask goes (prompts are
+right-padded here, and the runtime prefills a batch with state row by row: run/lm.py).
 What is not attention (post-norms, residual multipliers, a head bias or divisor) stays as exported.
 Refused with the reason (the plain graph still runs): head sizes ONNX Runtime's rotary kernel does not take.
 onnxruntime.transformers' fusions do not cover this: they emit MultiHeadAttention/Attention, which
@@ -150,6 +154,22 @@ def _unmask_conv(i: int, producers, consumers) -> None:
     raise UserError(f"graph: no padding mask upstream of past_conv.{i}'s convolution (not an onnxgen export?)")
 
 
+def _conv_with_state(i: int, producers, consumers) -> tuple[onnx.NodeProto, set[str]]:
+    """Layer i's Concat(past_conv.{i}, B*x) -> Conv -> output and Slice -> present_conv.{i} as one com.microsoft
+    CausalConvWithState node (ONNX Runtime's CPU kernel: no concatenated copy, no slice). Returns the node and
+    the outputs it replaces."""
+    concat = next((n for n in consumers.get(f"past_conv.{i}", []) if n.op_type == "Concat"), None)
+    conv = next((n for n in consumers.get(concat.output[0], []) if n.op_type == "Conv"), None) if concat else None
+    state = producers.get(f"present_conv.{i}")
+    if conv is None or state is None or state.op_type != "Slice" or state.input[0] != concat.output[0]:
+        raise UserError(f"graph: past_conv.{i} does not feed a Concat, Conv and Slice (not an onnxgen export?)")
+    node = helper.make_node("CausalConvWithState",
+                            [concat.input[1], conv.input[1], conv.input[2] if len(conv.input) > 2 else "",
+                             f"past_conv.{i}"], [conv.output[0], f"present_conv.{i}"],
+                            name=f"/h.{i}/conv/CausalConvWithState", domain="com.microsoft", activation="none")
+    return node, {conv.output[0], f"present_conv.{i}", concat.output[0]}
+
+
 def attention_of(folder: Path) -> DecoderConfig:
     """The decoder configuration the export's graph was built from (its config.json, read by its family),
     refused in one line when GroupQueryAttention cannot do its attention (see the module docstring)."""
@@ -215,18 +235,23 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     graph = OnnxModel(model)  # onnxruntime.transformers' graph helpers: producers, consumers, sort, prune
     producers, consumers = graph.output_name_to_node(), graph.input_name_to_nodes()
     inputs = {i.name: i for i in g.input}
-    # the attention layers (LFM2's conv layers keep their state and ops: fixed size, nothing to share)
+    # the attention layers (LFM2's conv layers become CausalConvWithState below: their state is fixed-size)
     layers = [i for i in range(arch.n_layer) if arch.layer_types[i] != "conv"]
     first = f"past_key_values.{layers[0]}.key" if layers else ""
     if "attention_mask" not in inputs or first not in inputs:
         raise UserError(f"graph: not a decoder with KV cache (no attention_mask / {first or 'past_key_values.*'})")
     kv_heads = inputs[first].type.tensor_type.shape.dim[1].dim_value
+    replaced: set[str] = set()
+    new: list[onnx.NodeProto] = []
     for i in range(arch.n_layer):
         if arch.layer_types[i] == "conv":
             _unmask_conv(i, producers, consumers)
+            node, outputs = _conv_with_state(i, producers, consumers)
+            new.append(node)
+            replaced |= outputs
 
     # seqlens_k (B,) int32 = tokens per row - 1; total_sequence_length () int32 = mask width
-    new = [
+    new += [
         helper.make_node("ReduceSum", ["attention_mask", "fuse/one_axis"], ["fuse/mask_sum"], keepdims=0),
         helper.make_node("Sub", ["fuse/mask_sum", "fuse/one"], ["fuse/seqlens_k64"]),
         helper.make_node("Cast", ["fuse/seqlens_k64"], ["fuse/seqlens_k"], to=TensorProto.INT32),
@@ -258,7 +283,6 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
         attrs["scale"] = float(arch.attn_scale)
     if arch.attn_softcap is not None:
         attrs["softcap"] = float(arch.attn_softcap)
-    replaced: set[str] = set()
     for i in layers:
         split = _upstream_split(producers[f"present.{i}.key"].input[1], producers)
         if arch.qk_norm:  # q and k after their norms, (B, T, heads, D) -> (B, T, heads * D); v as split

@@ -499,8 +499,10 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     ours = load_decoder(folder)
     export_graph(ours, tmp_path / "model.onnx")
     graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
-    attention = sum(kind != "conv" for kind in ours.arch.layer_types)  # LFM2's conv layers stay as they are
-    assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == attention
+    ops = [n.op_type for n in graph.graph.node]
+    conv = ours.arch.layer_types.count("conv")  # LFM2's conv layers: one CausalConvWithState each
+    assert ops.count("GroupQueryAttention") == ours.arch.n_layer - conv
+    assert ops.count("CausalConvWithState") == conv and "Conv" not in ops
     onnx.save(graph, str(tmp_path / "fused.onnx"))
     session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)

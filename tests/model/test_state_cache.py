@@ -49,7 +49,8 @@ def test_export_follows_the_state_contract(lfm2_export):
     """Names and shapes as transformers.js and onnxruntime-genai read them: a conv layer's state is (batch,
     hidden, L_cache - 1), fixed but batch, in and out; attention layers keep K/V. Parity against transformers
     passes with the state carried (64 greedy tokens); int8 keeps the state fp32 and quantizes the conv
-    projections; the fused twins have GroupQueryAttention on the two attention layers only, and pass."""
+    projections; the fused twins have GroupQueryAttention on the two attention layers and ONNX Runtime's
+    CausalConvWithState on the two conv layers, and pass."""
     out, report = lfm2_export
     fp32 = report.to_dict()["variants"]["fp32"]
     assert report.passed and fp32["greedy_match"] == 64 and fp32["padded_max_abs"] < 1e-4, fp32
@@ -69,7 +70,8 @@ def test_export_follows_the_state_contract(lfm2_export):
     for twin in ("model_gqa.onnx", "model_quantized_gqa.onnx"):
         g = onnx.load(str(out / "onnx" / twin), load_external_data=False).graph
         ops = [n.op_type for n in g.node]
-        assert ops.count("GroupQueryAttention") == 2 and ops.count("Conv") == 2, twin
+        assert ops.count("GroupQueryAttention") == 2 and ops.count("CausalConvWithState") == 2, twin
+        assert "Conv" not in ops, twin  # the state is read and written in place, not concatenated
         assert {i.name: dims(i) for i in g.input}["past_conv.2"] == ["batch_size", 64, 2]
     fused = manifest.load(out)["stages"][-2]["fused"]["variants"]
     assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
