@@ -160,8 +160,10 @@ def test_chat_reuses_the_state_only_when_a_turn_extends_it(lfm2_export):
 
 def test_onnxruntime_genai_runs_the_export(lfm2_export):
     """genai's lfm2 type runs the plain graph from the genai_config.json export writes (conv state named
-    past_conv.%d, its width L_cache - 1): its greedy tokens are ours."""
+    past_conv.%d, its width L_cache - 1), and the fused twin `onnxgen genai --fused` points it at (K/V and
+    state in shared buffers): its greedy tokens are ours."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from pipeline.convert.genai import use_variant
     from pipeline.run.lm import OnnxLM
 
     out, _ = lfm2_export
@@ -169,13 +171,19 @@ def test_onnxruntime_genai_runs_the_export(lfm2_export):
     decoder = config["model"]["decoder"]
     assert config["model"]["type"] == "lfm2" and decoder["conv_cache_size"] == 2
     assert decoder["layer_types"] == ["conv", "full_attention", "conv", "full_attention"]
+    assert decoder["inputs"]["past_conv_names"] == "past_conv.%d"
     lm = OnnxLM(out)
-    model = og.Model(str(out))
-    for prompt in PROMPTS:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([prompt], dtype=np.int32))
-        while not gen.is_done():
-            gen.generate_next_token()
-        assert [int(t) for t in gen.get_sequence(0)[len(prompt):]] == _alone(lm, prompt, 12)
+    try:
+        for fused in (False, True):
+            use_variant(out, "fp32", fused=fused)
+            model = og.Model(str(out))
+            for prompt in PROMPTS:
+                params = og.GeneratorParams(model)
+                params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+                gen = og.Generator(model, params)
+                gen.append_tokens(np.array([prompt], dtype=np.int32))
+                while not gen.is_done():
+                    gen.generate_next_token()
+                assert [int(t) for t in gen.get_sequence(0)[len(prompt):]] == _alone(lm, prompt, 12), fused
+    finally:
+        use_variant(out, "fp32")
