@@ -322,6 +322,16 @@ def test_math_changing_keys_are_refused(tiny, tmp_path):
         load_decoder(_edited(tiny, tmp_path / "f", "smollm3", no_rope_layers=[1, 0]))
 
 
+def test_lfm2_layer_types_and_kernel_are_checked(tiny, tmp_path):
+    """LFM2: a layer type other than conv or full attention, or a kernel too short to carry state, is one line."""
+    with pytest.raises(UserError, match=r"layer_types must be 4 of 'full_attention' or 'conv', got \['conv', "
+                                        r"'sliding_attention'"):
+        load_decoder(_edited(tiny, tmp_path, "lfm2", layer_types=["conv", "sliding_attention", "conv", "conv"]))
+    with pytest.raises(UserError, match=r"conv_kernel \(conv_L_cache\) must be at least 2, got 1") as e:
+        load_decoder(_edited(tiny, tmp_path / "b", "lfm2", conv_L_cache=1))
+    assert "\n" not in str(e.value)
+
+
 def test_pickled_only_folder_is_refused(tmp_path):
     save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
     assert not list((tmp_path / "pickled").glob("*.safetensors"))
