@@ -4,6 +4,8 @@ Our own GPT (model/gpt.py) is one configuration of it; Llama, Mistral, SmolLM3, 
 Gemma, OLMo 2 and 3, GPT-NeoX, Phi-2, OPT and GPT-2 checkpoints are others (model/families.py maps their configs and tensor names onto it).
 Parameter names are GPT-2's (wte, wpe, h.N.attn.c_attn, ...), whatever the family: q, k and v are one
 Linear (c_attn), a gated MLP's gate and up are one Linear (c_fc), so each is one MatMul in the graph.
+LFM2's conv layers have a ShortConv (h.N.conv.c_in, .conv, .c_proj) where the others have attention; the cache
+is per layer: K/V for attention, a fixed-size state for a conv layer (DecoderConfig.cache_shapes).
 """
 from __future__ import annotations
 
