@@ -61,6 +61,48 @@ def present_names(n_layer: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
+# ----------------------------------------------------------------------------- the cache, layer by layer
+# docs/contract.md part 3. An attention layer carries K/V that grow along the sequence; any other layer type
+# carries fixed-size state (all dims but batch fixed integers), fed back as the K/V cache is. The names are
+# transformers.js's (its getPastKeyValues maps present_conv.* back onto past_conv.*, and so on): a new family
+# adds its layer type here ("mamba": past_ssm/past_conv, "linear_attention": past_recurrent, ...).
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+STATE_PREFIXES = ("past_conv.", "past_ssm.", "past_recurrent.")  # inputs of fixed-size state
+STATE_NAMES = {  # layer type -> the state it carries, "{i}" the layer: (input, output)
+    "conv": [("past_conv.{i}", "present_conv.{i}")],  # LFM2's short convolution: (batch, hidden, L_cache - 1)
+}
+
+
+def layer_cache_names(layer_type: str, i: int) -> list[tuple[str, str]]:
+    """One layer's cache entries as (graph input, graph output) names, in the graph's order."""
+    if layer_type in ATTENTION_TYPES:
+        return [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for kv in ("key", "value")]
+    if layer_type not in STATE_NAMES:
+        raise UserError(f"layer type {layer_type!r} has no cache names (known: {', '.join(ATTENTION_TYPES)}, "
+                        f"{', '.join(STATE_NAMES)})")
+    return [(p.format(i=i), q.format(i=i)) for p, q in STATE_NAMES[layer_type]]
+
+
+def cache_names(layer_types) -> tuple[list[str], list[str]]:
+    """Every layer's cache inputs and outputs, flat, in layer order: past_names/present_names of a model
+    whose layers are not all attention."""
+    pairs = [pair for i, kind in enumerate(layer_types) for pair in layer_cache_names(kind, i)]
+    return [p for p, _ in pairs], [q for _, q in pairs]
+
+
+def is_state(name: str) -> bool:
+    """A graph input (or output, present_*) of fixed-size state rather than K/V, which grows along the sequence."""
+    return name.startswith(STATE_PREFIXES) or name.startswith(tuple(p.replace("past", "present", 1)
+                                                                    for p in STATE_PREFIXES))
+
+
+def present_of(past: str) -> str:
+    """The output fed back into `past` (transformers.js's getPastKeyValues, the other way round)."""
+    if past.startswith("past_key_values."):
+        return "present." + past[len("past_key_values."):]
+    return "present_" + past[len("past_"):]
+
+
 def variant_path(folder: str | Path, variant: str) -> Path:
     if variant not in VARIANTS:
         raise UserError(f"--variant {variant}: unknown; expected one of {', '.join(VARIANTS)}")

@@ -17,7 +17,7 @@ import onnx
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, generation_ids
+from pipeline.exports import VARIANTS, generation_ids, is_state
 from pipeline.model.reference import checkpoint_kind, gpt_reference, hf_reference, load_gguf_model, load_hf_model
 from pipeline.tokenizer import EOT, load_tokenizer, prompt_prefix, prompt_tokenizer
 from pipeline.train.corpus import load_corpus
@@ -42,13 +42,14 @@ def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, le
 
 
 def hf_empty_past(folder: Path):
-    """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed)."""
+    """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed),
+    in the graph's order: K/V of length 0, a fixed-size state (LFM2's past_conv.*) of zeros."""
     graph = onnx.load(str(folder / "onnx" / VARIANTS["fp32"]), load_external_data=False).graph
-    shapes = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
-              if i.name.startswith("past_key_values.")]
+    shapes = [(is_state(i.name), [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input
+              if i.name.startswith("past")]
 
     def empty_past(batch: int):
-        return [np.zeros((batch, s[1], 0, s[3]), np.float32) for s in shapes]
+        return [np.zeros((batch, *s[1:]) if state else (batch, s[1], 0, s[3]), np.float32) for state, s in shapes]
     return empty_past
 
 

@@ -17,7 +17,7 @@ from pipeline import manifest
 from pipeline.convert.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, past_names, present_names, save_graph, staging,
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, is_state, save_graph, staging,
                               transformers_js_config, write_json)
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
 from pipeline.model.decoder import Decoder
@@ -36,9 +36,9 @@ class _CacheGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, presents = self.model.forward_with_cache(input_ids, attention_mask, position_ids, pairs)
-        return (logits, *[t for kv in presents for t in kv])
+        layers = self.model.split_cache(past)  # each layer's entries (K and V, or one state)
+        logits, presents = self.model.forward_with_cache(input_ids, attention_mask, position_ids, layers)
+        return (logits, *[t for entries in presents for t in entries])
 
 
 def export_graph(model: Decoder, path: Path) -> list[str]:
@@ -57,14 +57,19 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
     ids = torch.randint(0, c.vocab_size, (B, T))
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).repeat(B, 1)
-    past = [torch.zeros(B, c.n_kv_head, P, c.head_dim) for _ in range(2 * c.n_layer)]
-    ins, outs = list(INPUTS) + past_names(c.n_layer), ["logits"] + present_names(c.n_layer)
+    past = [torch.zeros(B, *(P if d is None else d for d in shape))
+            for i in range(c.n_layer) for shape in c.cache_shapes(i)]
+    pasts, presents = cache_names(c.layer_types)
+    ins, outs = list(INPUTS) + pasts, ["logits"] + presents
     axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
             "position_ids": {0: "batch_size", 1: "sequence_length"},
             "logits": {0: "batch_size", 1: "sequence_length"}}
-    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names(c.n_layer)})
-    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names(c.n_layer)})
+    # K/V grow along the sequence; any other state is fixed but for batch (docs/contract.md part 3)
+    axes.update({n: {0: "batch_size"} if is_state(n) else {0: "batch_size", 2: "past_sequence_length"}
+                 for n in pasts})
+    axes.update({n: {0: "batch_size"} if is_state(n) else {0: "batch_size", 2: "total_sequence_length"}
+                 for n in presents})
     with tempfile.TemporaryDirectory(prefix="onnxgen-export-", dir=path.parent) as work:
         traced = Path(work) / path.name
         with warnings.catch_warnings():
@@ -72,9 +77,21 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
             torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
                               output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
                               do_constant_folding=True)
-        names = save_graph(onnx.load(str(traced)), path)
+        names = save_graph(_fixed_states(onnx.load(str(traced)), past, pasts, presents), path)
     onnx.checker.check_model(str(path), full_check=True)
     return names
+
+
+def _fixed_states(graph: onnx.ModelProto, past: list, pasts: list[str], presents: list[str]) -> onnx.ModelProto:
+    """A state output's dims after batch as the fixed integers of its input: the exporter names the sizes
+    it cannot infer through a slice of a symbolic length (transformers.js would read those as 0)."""
+    shapes = {q: tuple(t.shape[1:]) for t, p, q in zip(past, pasts, presents) if is_state(p)}
+    for value in graph.graph.output:
+        if value.name in shapes:
+            for d, size in zip(value.type.tensor_type.shape.dim[1:], shapes[value.name], strict=True):
+                d.Clear()
+                d.dim_value = size
+    return graph
 
 
 def hf_config(model, eot: int) -> dict:

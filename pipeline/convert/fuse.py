@@ -30,6 +30,10 @@ of an Expand). What the attention does beyond softmax(q k^T / sqrt(d)) v comes f
   - sliding-window layers: local_window_size; Gemma 2's score cap: softcap; a configured scale: scale.
   - q/k norms (Qwen3, Gemma 3, OLMo 2 and 3): q, k and v go in separately, q and k after their norms;
     Gemma 3's and OLMo 3's sliding layers get caches of their own base, unscaled.
+LFM2's short-convolution layers: each Concat(past_conv.{i}, B*x) -> Conv, Slice -> present_conv.{i} becomes one
+com.microsoft CausalConvWithState node (ONNX Runtime's CPU kernel), whose state past_conv.{i} and present_conv.{i}
+a runtime binds to one fixed-size OrtValue as it binds the K/V buffer; the layer's padding mask goes (prompts are
+right-padded here, and the runtime prefills a batch with state row by row: run/lm.py).
 What is not attention (post-norms, residual multipliers, a head bias or divisor) stays as exported.
 Refused with the reason (the plain graph still runs): head sizes ONNX Runtime's rotary kernel does not take.
 onnxruntime.transformers' fusions do not cover this: they emit MultiHeadAttention/Attention, which
@@ -136,6 +140,57 @@ def _head_input(producers, initializers: set[str]) -> tuple[onnx.NodeProto, str]
         return node, data[0] if len(data) == 1 else node.input[0]
 
 
+def _from_mask(name: str, producers) -> bool:
+    """Whether `name` is the attention mask, sliced, unsqueezed or cast (a conv layer's padding mask)."""
+    for _ in range(6):
+        if name == "attention_mask":
+            return True
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Cast", "Unsqueeze", "Slice"):
+            return False
+        name = node.input[0]
+    return False
+
+
+def _unmask_conv(i: int, producers, consumers) -> None:
+    """Layer i's short convolution without its padding mask (a Mul of its input by attention_mask's last
+    columns): in the fused graph the mask counts each row's tokens, prompts are right-padded and a row's
+    decode step may sit left of the mask's last column, so that Mul would zero real inputs. The runtime
+    prefills a batch with state row by row instead (run/lm.py), so no padding ever reaches the state."""
+    concat = next((n for n in consumers.get(f"past_conv.{i}", []) if n.op_type == "Concat"), None)
+    name = concat.input[1] if concat is not None else ""
+    for _ in range(16):  # b * x, the split, its transpose, the in-projection (and its bias), the mask
+        node = producers.get(name)
+        if node is None:
+            break
+        masks = [x for x in node.input if _from_mask(x, producers)]
+        if node.op_type == "Mul" and len(masks) == 1:
+            data = next(x for x in node.input if x != masks[0])
+            for reader in consumers.get(node.output[0], []):
+                for j, x in enumerate(reader.input):
+                    if x == node.output[0]:
+                        reader.input[j] = data
+            return
+        name = next((x for x in node.input if x in producers), "")  # past a bias or a weight to the data
+    raise UserError(f"graph: no padding mask upstream of past_conv.{i}'s convolution (not an onnxgen export?)")
+
+
+def _conv_with_state(i: int, producers, consumers) -> tuple[onnx.NodeProto, set[str]]:
+    """Layer i's Concat(past_conv.{i}, B*x) -> Conv -> output and Slice -> present_conv.{i} as one com.microsoft
+    CausalConvWithState node (ONNX Runtime's CPU kernel: no concatenated copy, no slice). Returns the node and
+    the outputs it replaces."""
+    concat = next((n for n in consumers.get(f"past_conv.{i}", []) if n.op_type == "Concat"), None)
+    conv = next((n for n in consumers.get(concat.output[0], []) if n.op_type == "Conv"), None) if concat else None
+    state = producers.get(f"present_conv.{i}")
+    if conv is None or state is None or state.op_type != "Slice" or state.input[0] != concat.output[0]:
+        raise UserError(f"graph: past_conv.{i} does not feed a Concat, Conv and Slice (not an onnxgen export?)")
+    node = helper.make_node("CausalConvWithState",
+                            [concat.input[1], conv.input[1], conv.input[2] if len(conv.input) > 2 else "",
+                             f"past_conv.{i}"], [conv.output[0], f"present_conv.{i}"],
+                            name=f"/h.{i}/conv/CausalConvWithState", domain="com.microsoft", activation="none")
+    return node, {conv.output[0], f"present_conv.{i}", concat.output[0]}
+
+
 def attention_of(folder: Path) -> DecoderConfig:
     """The decoder configuration the export's graph was built from (its config.json, read by its family),
     refused in one line when GroupQueryAttention cannot do its attention (see the module docstring)."""
@@ -201,13 +256,23 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     graph = OnnxModel(model)  # onnxruntime.transformers' graph helpers: producers, consumers, sort, prune
     producers, consumers = graph.output_name_to_node(), graph.input_name_to_nodes()
     inputs = {i.name: i for i in g.input}
-    if "attention_mask" not in inputs or "past_key_values.0.key" not in inputs:
-        raise UserError("graph: not a decoder with KV cache (no attention_mask / past_key_values.0.key)")
-    n_layer = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-    kv_heads = inputs["past_key_values.0.key"].type.tensor_type.shape.dim[1].dim_value
+    # the attention layers (LFM2's conv layers become CausalConvWithState below: their state is fixed-size)
+    layers = [i for i in range(arch.n_layer) if arch.layer_types[i] != "conv"]
+    first = f"past_key_values.{layers[0]}.key" if layers else ""
+    if "attention_mask" not in inputs or first not in inputs:
+        raise UserError(f"graph: not a decoder with KV cache (no attention_mask / {first or 'past_key_values.*'})")
+    kv_heads = inputs[first].type.tensor_type.shape.dim[1].dim_value
+    replaced: set[str] = set()
+    new: list[onnx.NodeProto] = []
+    for i in range(arch.n_layer):
+        if arch.layer_types[i] == "conv":
+            _unmask_conv(i, producers, consumers)
+            node, outputs = _conv_with_state(i, producers, consumers)
+            new.append(node)
+            replaced |= outputs
 
     # seqlens_k (B,) int32 = tokens per row - 1; total_sequence_length () int32 = mask width
-    new = [
+    new += [
         helper.make_node("ReduceSum", ["attention_mask", "fuse/one_axis"], ["fuse/mask_sum"], keepdims=0),
         helper.make_node("Sub", ["fuse/mask_sum", "fuse/one"], ["fuse/seqlens_k64"]),
         helper.make_node("Cast", ["fuse/seqlens_k64"], ["fuse/seqlens_k"], to=TensorProto.INT32),
@@ -221,9 +286,9 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
                           helper.make_tensor("fuse/flat", TensorProto.INT64, [3], [0, 0, -1])])
     caches, attrs = {}, {}
     if arch.positional == "rope":
-        dtype = inputs["past_key_values.0.key"].type.tensor_type.elem_type  # fp16 variants: fp16 caches
+        dtype = inputs[first].type.tensor_type.elem_type  # fp16 variants: fp16 caches
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-        for kind in set(arch.layer_types):
+        for kind in set(arch.layer_types) - {"conv"}:
             # Gemma 3's and OLMo 3's sliding layers: their own base, unscaled (OLMo 3's may equal the full one's)
             local = kind == "sliding_attention" and arch.rope_local_theta is not None
             name = "fuse/local" if local else "fuse/rope"
@@ -239,9 +304,8 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
         attrs["scale"] = float(arch.attn_scale)
     if arch.attn_softcap is not None:
         attrs["softcap"] = float(arch.attn_softcap)
-    replaced: set[str] = set()
     initializers = {t.name: t for t in g.initializer}
-    for i in range(n_layer):
+    for i in layers:
         split = _upstream_split(producers[f"present.{i}.key"].input[1], producers)
         if arch.qk_norm:  # q and k after their norms, (B, T, heads, D) -> (B, T, heads * D); v as split
             qkv = []

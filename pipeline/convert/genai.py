@@ -27,6 +27,13 @@ from pipeline.exports import (GENAI_CONFIG, first_id, fused_path, generation_ids
 from pipeline.run.sampling import SamplingConfig
 
 
+def _conv_layers(model_path: Path) -> dict[int, int]:
+    """LFM2's conv layers in the graph: layer -> its state's width (past_conv.{i}: batch, hidden, width)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {int(i.name.split(".")[1]): i.type.tensor_type.shape.dim[2].dim_value for i in graph.input
+            if i.name.startswith("past_conv.")}
+
+
 def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
     """(layers, kv heads, head size, vocab) from the graph's declared inputs and outputs; weights not loaded."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -56,12 +63,13 @@ def genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False)
     rel = f"onnx/{graph.name}"
     layers, kv_heads, head_size, vocab = _cache_shape(graph)
     n_ctx = shape.context
+    conv = _conv_layers(graph)
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     if eos is None:
         raise UserError(f"generation config {folder / 'generation_config.json'}: has no eos_token_id")
     first_eos = first_id(eos)
     pad = gen.get("pad_token_id", config.get("pad_token_id"))
-    return {
+    result = {
         "model": {
             "type": "llama",
             "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id", first_eos)),
@@ -98,6 +106,16 @@ def genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False)
             "past_present_share_buffer": fused,
         },
     }
+    if conv:  # LFM2: genai's "lfm2" type carries the conv state (its builder's keys, our names)
+        decoder = result["model"]["decoder"]
+        layers = layers + len(conv)
+        result["model"]["type"] = "lfm2"
+        decoder["num_hidden_layers"] = layers
+        decoder["layer_types"] = ["conv" if i in conv else "full_attention" for i in range(layers)]
+        decoder["conv_cache_size"] = next(iter(conv.values()))
+        decoder["inputs"]["past_conv_names"] = "past_conv.%d"
+        decoder["outputs"]["present_conv_names"] = "present_conv.%d"
+    return result
 
 
 def _sampling(folder: Path) -> dict:

@@ -9,7 +9,7 @@ from pipeline.errors import UserError
 ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")  # model/decoder.py's ACTIVATIONS implement them
 # rope_scaling types we implement; anything else in a config is refused, not ignored
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "conv")  # conv: LFM2's gated short convolution
 
 
 @dataclass
@@ -47,6 +47,9 @@ class DecoderConfig:
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     sliding_window: int | None = None  # a query sees itself and the window - 1 keys before it
     layer_types: tuple[str, ...] | None = None  # per layer, LAYER_TYPES; None: all sliding if a window
+    # short convolution (LFM2's "conv" layers, in place of attention)
+    conv_kernel: int = 3              # transformers' conv_L_cache: the causal depthwise kernel's width
+    conv_bias: bool = False           # biases on in_proj, the convolution and out_proj
     # MLP
     activation: str = "gelu_tanh"
     gated: bool = False               # GLU: act(gate) * up (SwiGLU, GeGLU)
@@ -117,6 +120,8 @@ class DecoderConfig:
             # ONNX Runtime's MoE op runs SwiGLU experts (its CPU kernel no other activation with gated experts)
             (self.n_experts == 0 or (self.gated and self.activation == "silu"),
              f"experts must be SwiGLU (gated silu), got gated={self.gated} {self.activation!r}"),
+            (self.conv_kernel >= 2 or "conv" not in self.layer_types,
+             f"conv_kernel (conv_L_cache) must be at least 2, got {self.conv_kernel}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,6 +129,14 @@ class DecoderConfig:
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def cache_shapes(self, layer: int) -> list[tuple]:
+        """The shapes of one layer's cache entries after batch (exports.layer_cache_names names them): K and V
+        (kv heads, None: the sequence, head size), or a conv layer's state (hidden, conv_kernel - 1): the
+        last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it."""
+        if self.layer_types[layer] == "conv":
+            return [(self.n_embd, self.conv_kernel - 1)]
+        return [(self.n_kv_head, None, self.head_dim)] * 2
 
 
 def rope_kind(scaling: dict | None) -> str:

@@ -4,6 +4,8 @@ Our own GPT (model/gpt.py) is one configuration of it; Llama, Mistral, SmolLM3, 
 Gemma, OLMo 2 and 3, GPT-NeoX, Phi-2, OPT and GPT-2 checkpoints are others (model/families.py maps their configs and tensor names onto it).
 Parameter names are GPT-2's (wte, wpe, h.N.attn.c_attn, ...), whatever the family: q, k and v are one
 Linear (c_attn), a gated MLP's gate and up are one Linear (c_fc), so each is one MatMul in the graph.
+LFM2's conv layers have a ShortConv (h.N.conv.c_in, .conv, .c_proj) where the others have attention; the cache
+is per layer: K/V for attention, a fixed-size state for a conv layer (DecoderConfig.cache_shapes).
 """
 from __future__ import annotations
 
@@ -342,13 +344,43 @@ class Experts(nn.Module):
         return sum(self.expert(e, x) * gates[..., e:e + 1] for e in range(self.fc1.shape[0]))
 
 
+class ShortConv(nn.Module):
+    """LFM2's gated short convolution, in place of attention: c_in projects to gates B, C and values x;
+    a causal depthwise convolution (kernel conv_kernel) runs over B * x; the output is C * conv, projected.
+    Its cache is the convolution's last conv_kernel - 1 inputs, (B, C, conv_kernel - 1): fixed size."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.n_embd, self.kernel = c.n_embd, c.conv_kernel
+        self.c_in = nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.conv_bias)    # [B, C, x] in one matmul
+        self.conv = nn.Conv1d(c.n_embd, c.n_embd, c.conv_kernel, groups=c.n_embd, bias=c.conv_bias)
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd, bias=c.conv_bias)
+
+    def forward(self, x, mask=None, rope=None, past=None):
+        # x: (B, T, C); mask: (B, T, 1), 0 at padding, or None; past: (state,) with state (B, C, K-1), or None
+        # (zeros: nothing before). Padding's inputs are zeroed before the projection, as transformers does,
+        # so a left-padded row's state holds only zeros before its first token. Returns y and (state,).
+        if mask is not None:
+            x = x * mask
+        b, c, v = self.c_in(x).transpose(1, 2).split(self.n_embd, dim=1)  # each (B, C, T)
+        h = b * v
+        state = past[0] if past is not None else h.new_zeros(h.shape[0], self.n_embd, self.kernel - 1)
+        h = torch.cat([state, h], dim=2)                                   # (B, C, K-1+T)
+        conv = F.conv1d(h, self.conv.weight, self.conv.bias, groups=self.n_embd)  # (B, C, T)
+        y = (c * conv).transpose(1, 2)
+        return self.c_proj(y), (h[:, :, 1 - self.kernel:],)
+
+
 class Block(nn.Module):
     def __init__(self, c: DecoderConfig, layer: int = 0):
         super().__init__()
         self.parallel = c.parallel_residual
         # OLMo 2 normalizes only the sublayers' outputs: no parameters, no op in the graph
         self.ln_1 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
-        self.attn = CausalSelfAttention(c)
+        if c.layer_types[layer] == "conv":  # LFM2: a short convolution mixes the tokens
+            self.conv = ShortConv(c)
+        else:
+            self.attn = CausalSelfAttention(c)
         if not c.shared_norm:  # Phi-2's MLP reads ln_1's output too
             self.ln_2 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
         self.mlp = Experts(c) if c.moe_layers[layer] else MLP(c)
@@ -359,7 +391,7 @@ class Block(nn.Module):
 
     def forward(self, x, bias=None, rope=None, past=None):
         h = self.ln_1(x)
-        a, present = self.attn(h, bias, rope, past)
+        a, present = (self.conv if hasattr(self, "conv") else self.attn)(h, bias, rope, past)
         if hasattr(self, "post_ln_1"):
             a = self.post_ln_1(a)
         if self.parallel:  # both sublayers read the block's input
@@ -439,11 +471,14 @@ class Decoder(nn.Module):
         """The ONNX graph contract (see docs/contract.md).
 
         input_ids, position_ids: (B, T) int64; attention_mask: (B, P+T) int64, 0 at padding;
-        past_key_values: one (key, value) pair per layer, each (B, KV, P, D), P may be 0.
-        Returns logits (B, T, V) and the presents, each (B, KV, P+T, D).
+        past_key_values: one tuple per layer, its cache entries (config.cache_shapes): an attention layer's
+        (key, value), each (B, KV, P, D), P may be 0; a conv layer's (state,), (B, C, conv_kernel - 1).
+        Returns logits (B, T, V) and the presents as the past: keys and values (B, KV, P+T, D), states as they were.
         """
         T = input_ids.shape[1]
-        P = past_key_values[0][0].shape[2]
+        kinds = self.arch.layer_types
+        attention = [i for i, kind in enumerate(kinds) if kind != "conv"]
+        P = past_key_values[attention[0]][0].shape[2] if attention else attention_mask.shape[1] - T
         x, presents = self.trunk(input_ids, position_ids, self.attention_biases(attention_mask, P, T),
                                  past_key_values)
         return self.head(x), presents
@@ -459,11 +494,13 @@ class Decoder(nn.Module):
         visible = causal & attention_mask[:, None, None, :].bool()           # (B, 1, T, P+T)
         dtype = self.wte.weight.dtype
         biases = {}
-        for kind in set(self.arch.layer_types):
+        for kind in set(self.arch.layer_types) - {"conv"}:
             window = self.arch.sliding_window if kind == "sliding_attention" else None
             seen = visible if window is None else visible & (k_slot > q_slot - window)[None, None]
             bias = torch.zeros(seen.shape, dtype=dtype, device=device)
             biases[kind] = bias.masked_fill(~seen, torch.finfo(dtype).min)
+        if "conv" in self.arch.layer_types:  # a conv layer zeroes padding's inputs: (B, T, 1)
+            biases["conv"] = attention_mask[:, attention_mask.shape[1] - T:, None].to(dtype)
         return biases
 
     def trunk(self, input_ids, position_ids, masks, past_key_values):
@@ -497,7 +534,17 @@ class Decoder(nn.Module):
             logits = torch.tanh(logits / self.arch.final_softcap) * self.arch.final_softcap
         return logits
 
+    def split_cache(self, flat) -> list[tuple]:
+        """A flat list of cache tensors in the graph's order (exports.cache_names) as each layer's entries."""
+        layers, k = [], 0
+        for i in range(self.arch.n_layer):
+            n = len(self.arch.cache_shapes(i))
+            layers.append(tuple(flat[k:k + n]))
+            k += n
+        return layers
+
     def empty_cache(self, batch_size: int, dtype=torch.float32):
+        """Each layer's cache entries before the first step: K/V of length 0, states of zeros."""
         c = self.arch
-        shape = (batch_size, c.n_kv_head, 0, c.head_dim)
-        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.n_layer)]
+        return [tuple(torch.zeros(batch_size, *(0 if d is None else d for d in shape), dtype=dtype)
+                      for shape in c.cache_shapes(i)) for i in range(c.n_layer)]

@@ -569,6 +569,69 @@ class GptOss(RoutedExperts, Llama):
         return Family.convert(self, ours, theirs)
 
 
+@family("lfm2")
+class Lfm2(Family):
+    """LFM2: gated short-convolution layers beside GQA attention layers (q/k RMSNorm per head), pre-RMSNorm,
+    SwiGLU whose width transformers adjusts (block_auto_adjust_ff_dim); its final norm is `embedding_norm`."""
+    title = "LFM2"
+    defaults = dict(vocab_size=65536, hidden_size=2560, intermediate_size=12288, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=128_000, norm_eps=1e-5,
+                    tie_word_embeddings=True, rope_theta=1_000_000.0, conv_bias=False, conv_L_cache=3,
+                    block_multiple_of=256, block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=True)
+    tensors = {
+        "wte": "model.embed_tokens",
+        "h.{i}.ln_1": _layers("operator_norm")[0],
+        "h.{i}.attn.c_attn": _layers("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "h.{i}.attn.c_proj": _layers("self_attn.out_proj")[0],
+        "h.{i}.attn.q_norm": _layers("self_attn.q_layernorm")[0],
+        "h.{i}.attn.k_norm": _layers("self_attn.k_layernorm")[0],
+        "h.{i}.conv.c_in": _layers("conv.in_proj")[0],
+        "h.{i}.conv.conv": _layers("conv.conv")[0],
+        "h.{i}.conv.c_proj": _layers("conv.out_proj")[0],
+        "h.{i}.ln_2": _layers("ffn_norm")[0],
+        "h.{i}.mlp.c_fc": _layers("feed_forward.w1", "feed_forward.w3"),
+        "h.{i}.mlp.c_proj": _layers("feed_forward.w2")[0],
+        "ln_f": "model.embedding_norm",
+        "lm_head": "lm_head",
+    }
+    ignore = (r"rotary_emb\.inv_freq$",)
+
+    def ffn_width(self) -> int:
+        """transformers' Lfm2MLP: 2/3 of intermediate_size, times the multiplier, up to block_multiple_of."""
+        width = self.get("block_ff_dim", None) or self.get("intermediate_size")
+        if self.get("block_auto_adjust_ff_dim"):
+            width = int(2 * width / 3)
+            if self.get("block_ffn_dim_multiplier") is not None:
+                width = int(self.get("block_ffn_dim_multiplier") * width)
+                every = self.get("block_multiple_of")
+                width = every * ((width + every - 1) // every)
+        return width
+
+    def lfm2_layer_types(self) -> tuple[str, ...]:
+        n = self.get("num_hidden_layers")
+        types = self.config.get("layer_types")
+        if types is None:
+            full = self.config.get("full_attn_idxs")
+            full = list(range(n)) if full is None else full
+            types = ["full_attention" if i in full else "conv" for i in range(n)]
+        if not isinstance(types, list) or len(types) != n or set(types) - {"full_attention", "conv"}:
+            self.fail(f"layer_types must be {n} of 'full_attention' or 'conv', got {types!r}")
+        return tuple(types)
+
+    def fields(self) -> dict:
+        tied = self.config.get("tie_embedding", self.get("tie_word_embeddings"))
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("max_position_embeddings"),
+            n_layer=self.get("num_hidden_layers"), n_head=self.get("num_attention_heads"),
+            n_kv_head=self.get("num_key_value_heads"), n_embd=self.get("hidden_size"),
+            head_dim=self.get("head_dim", None), n_inner=self.ffn_width(),
+            norm="rmsnorm", norm_eps=self.get("norm_eps"), positional="rope", qk_norm=True,
+            rope_theta=self.get("rope_theta"), rope_scaling=self.rope_scaling(),
+            qkv_bias=False, out_bias=False, activation="silu", gated=True, mlp_bias=False, tied=tied,
+            layer_types=self.lfm2_layer_types(), conv_kernel=self.get("conv_L_cache"),
+            conv_bias=bool(self.get("conv_bias")))
+
+
 @family("gpt_neox")
 class GPTNeoX(Family):
     """GPT-NeoX (Pythia): parallel residual, partial rotary, q/k/v interleaved per head in one tensor."""

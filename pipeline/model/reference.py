@@ -72,6 +72,8 @@ def hf_reference(model):
     from transformers import DynamicCache
 
     cache_name = hf_cache_name(model)  # once, not on every call
+    if "conv" in (getattr(model.config, "layer_types", None) or ()):
+        return _hf_state_reference(model, cache_name)
 
     def reference(ids, mask, pos, past):
         cache = DynamicCache()
@@ -88,10 +90,46 @@ def hf_reference(model):
 def gpt_reference(model):
     """The PyTorch model through the graph contract, for parity."""
     def reference(ids, mask, pos, past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        decoder = getattr(model, "split_cache", None)  # a LoRA run's peft wrapper has our GPT beneath
+        pairs = decoder(past) if decoder else [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         logits, presents = model.forward_with_cache(ids, mask, pos, pairs)
         return logits, [t for kv in presents for t in kv]
 
     def empty_past(batch):
         return [t.numpy() for kv in model.empty_cache(batch) for t in kv]
     return reference, empty_past
+
+
+def _hf_state_reference(model, cache_name: str):
+    """hf_reference for LFM2, whose conv layers carry state: past and presents flat in the graph's order
+    (exports.cache_names), a conv layer's (B, C, conv_L_cache - 1) where transformers keeps conv_L_cache
+    inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own math."""
+    from transformers import DynamicCache
+
+    kinds = list(model.config.layer_types)
+
+    def reference(ids, mask, pos, past):
+        cache, k, layers = DynamicCache(config=model.config), 0, []
+        for kind in kinds:
+            n = 1 if kind == "conv" else 2
+            layers.append(past[k:k + n])
+            k += n
+        attention = [entries for kind, entries in zip(kinds, layers) if kind != "conv"]
+        P = attention[0][0].shape[2] if attention else mask.shape[1] - ids.shape[1]
+        if P > 0:  # the first step's state is zeros, as transformers starts
+            for i, (kind, entries) in enumerate(zip(kinds, layers)):
+                if kind == "conv":
+                    layer = cache.layers[i]
+                    state = torch.nn.functional.pad(entries[0], (1, 0))
+                    layer.update_conv_state(state, conv_kernel_size=state.shape[-1])
+                    layer.cumulative_length_linear.fill_(P)
+                else:
+                    cache.update(entries[0], entries[1], i)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache})
+        presents, flat = hf_cache_out(out), []
+        for i, kind in enumerate(kinds):
+            layer = presents.layers[i]
+            flat += [layer.conv_states[0][:, :, 1:]] if kind == "conv" else [layer.keys, layer.values]
+        return out.logits, flat
+
+    return reference

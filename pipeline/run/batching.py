@@ -29,8 +29,9 @@ request 2.5-3.4 s (SmolLM2), each 2 MB waiting on the kernel's compaction.
     hybrid family's Mamba or linear-attention layers) summarises the whole prefix in one tensor that the next
     token overwrites, so it cannot be cut out of a row after the fact; caching it would mean a snapshot of the
     state taken during the prefill at each block boundary (the prompt prefilled block by block, each block's
-    end state stored with that block's K/V), and restoring the deepest snapshot found. The fused graphs have
-    no such state today;
+    end state stored with that block's K/V), and restoring the deepest snapshot found. LFM2's conv state is
+    such a state: for it the engine turns prefix caching off (a newcomer always prefills its whole prompt),
+    and a newcomer's state row is zeroed before its prefill (the slot's last request left its own there);
   - a decode step runs rows [0, hi) as one batch, hi being one past the highest slot in use; a free
     slot inside that range takes a pad token into its own slot 0, which nothing reads;
   - each request samples with its own Sampler (its temperature, top_p and seed), so its tokens are
@@ -65,8 +66,11 @@ log = logging.getLogger(__name__)
 def kv_context(lm, capacity: int, budget_bytes: float) -> int:
     """The positions per row that `capacity` rows of the KV cache hold in `budget_bytes`, at most the
     model's context; 0 when not even one position fits."""
-    per_position = len(lm.past_names) * lm.n_kv_heads * lm.head_dim * np.dtype(lm.past_dtype).itemsize
-    return int(min(lm.n_ctx, budget_bytes // (capacity * per_position)))
+    kv = [n for n in lm.past_names if n not in lm.state_shapes]
+    per_position = len(kv) * lm.n_kv_heads * lm.head_dim * np.dtype(lm.past_dtype).itemsize
+    # a state (LFM2's conv layers) takes a fixed size per row, whatever the row's length
+    per_row = sum(int(np.prod(shape)) * np.dtype(lm.past_dtypes[n]).itemsize for n, shape in lm.state_shapes.items())
+    return int(max(0, min(lm.n_ctx, (budget_bytes - capacity * per_row) // (capacity * per_position))))
 
 
 @dataclass
@@ -101,8 +105,8 @@ class BatchEngine:
         assert lm.fused, "continuous batching needs the fused graph (onnxgen fuse)"
         self.lm, self.capacity, self.max_waiting = lm, capacity, max_waiting
         self.L = lm.n_ctx if context is None else min(context, lm.n_ctx)  # positions a request may use
-        shape = (capacity, lm.n_kv_heads, self.L, lm.head_dim)
-        self.cache = [os_zeros(shape, lm.past_dtype) for _ in lm.past_names]  # rows are slots
+        self.cache = lm.empty_past(capacity, self.L, os_zeros)  # rows are slots: K/V (H, L, D), states their own
+        self.states = [a for a, n in zip(self.cache, lm.past_names) if n in lm.state_shapes]
         for a in self.cache:
             a.fill(0)  # commit the pages now, not in some request's prefill
         self.out = os_zeros((capacity, 1, lm.vocab_size), np.float32)  # 12.6 MB for 64 rows of SmolLM2
@@ -118,6 +122,10 @@ class BatchEngine:
         self.thread = threading.Thread(target=self._loop, name="onnxgen-batch", daemon=True)
         self.steps = 0
         self.guides = None  # guidance.Guides, made by the first request with a constraint
+        if prefix_cache_bytes and lm.has_state:
+            log.warning("prefix caching is off: %s carries state (LFM2's conv layers) that cannot be cut at a "
+                        "prefix (module docstring)", lm.folder)
+            prefix_cache_bytes = 0
         self.prefix = PrefixCache(lm, prefix_cache_bytes, min(prefix_block, self.L)) if prefix_cache_bytes else None
 
     # ------------------------------------------------------------------ the caller's side (any thread)
@@ -218,6 +226,8 @@ class BatchEngine:
         if io is None:
             io = self._row_io[r.slot] = self.lm.session.io_binding()
             self._bind_rows(io, r.slot, r.slot + 1)
+        for a in self.states:  # the slot's last request left its state there: a prompt starts from zeros
+            a[r.slot] = 0
         rows = [a[r.slot] for a in self.cache] if self.prefix is not None else None  # (H, L, D) views
         # the last token is always prefilled: its logits pick the first new token
         past = self.prefix.copy_into(r.prompt, rows, T - 1) if rows is not None else 0

@@ -195,6 +195,12 @@ class ChatSession:
         lm, state = self.lm, self.state
         keep = common_prefix(self.cached, ids) if state is not None and self.reuse else 0
         keep = min(keep, len(ids) - 1)  # at least one token goes in: the logits come from it
+        if getattr(lm, "has_state", False) and keep < len(self.cached):
+            # LFM2's conv state holds every cached token's input and cannot be rewound: the turn reuses the
+            # cache only when it extends all of it (the usual case: history, answer, the next message), and
+            # otherwise prefills afresh. (Snapshots of the state at each turn's end would save that prefill
+            # where a template rewrites the last answer; a fresh prefill is the simple, exact choice.)
+            keep = 0
         if state is not None and keep > 0 and hasattr(state, "append") and len(ids) < state.L:
             state.rewind([keep])
             state.append([ids[keep:]])

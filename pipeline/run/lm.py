@@ -28,7 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.exports import INPUTS, MAX_LEN, fused_path, generation_ids, read_config, variant_path
+from pipeline.exports import (INPUTS, MAX_LEN, fused_path, generation_ids, is_state, present_of, read_config,
+                              variant_path)
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
 from pipeline.run.text import CompletionText, cut_at_stop
@@ -201,7 +202,7 @@ class SharedBufferDecode:
         self.lm, B, T = lm, len(prompts), max(len(p) for p in prompts)
         self.L = L = min(lm.n_ctx, T + budget)  # the buffer's length: every position this call can write
         device = "cuda" if lm.provider == "cuda" else "cpu"
-        zeros = [os_zeros((B, lm.n_kv_heads, L, lm.head_dim), lm.past_dtype) for _ in lm.past_names]
+        zeros = lm.empty_past(B, L, os_zeros)
         self.cache = [ort.OrtValue.ortvalue_from_numpy(z, device, 0) for z in zeros]
         self.out = np.empty((B, 1, lm.vocab_size), dtype=np.float32)
         io = self.io = lm.session.io_binding()
@@ -212,8 +213,11 @@ class SharedBufferDecode:
         ids = np.full((B, T), lm.pad_id, dtype=np.int64)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        bind_prefill(io, ids, self.lengths)
-        lm.session.run_with_iobinding(io)
+        if lm.has_state and B > 1:
+            self._prefill_rows(ids, zeros, device)
+        else:
+            bind_prefill(io, ids, self.lengths)
+            lm.session.run_with_iobinding(io)
         self.logits = self.out[:, 0, :]
 
         # decode: input_ids and position_ids are (B, 1) from here on, so they are OrtValues made once and
@@ -229,6 +233,23 @@ class SharedBufferDecode:
         # one row has no padding: its mask is all ones, a prefix of this row (B > 1 builds it per step)
         self.ones = np.ones((1, L), np.int64) if B == 1 else None
 
+    def _prefill_rows(self, ids: np.ndarray, zeros: list[np.ndarray], device: str) -> None:
+        """A model with state (LFM2's conv layers) takes a batch's prompts one row at a time: a state holds
+        the last inputs of its row, and in a right-padded prefill a shorter row's would be its padding.
+        Each row runs alone on its own rows of the batch's buffers (on the CPU an OrtValue of a NumPy view
+        is that memory), so the decode steps after go on from every row's own state."""
+        import onnxruntime as ort
+
+        if device != "cpu":
+            raise UserError("a fused graph with state (LFM2) on CUDA takes one prompt at a time here; "
+                            "pass one prompt, or run the plain graph")
+        for b, n in enumerate(self.lengths.tolist()):
+            io = self.lm.session.io_binding()
+            bind_shared_cache(io, self.lm, [ort.OrtValue.ortvalue_from_numpy(z[b:b + 1], device, 0) for z in zeros],
+                              self.out[b:b + 1])
+            bind_prefill(io, np.ascontiguousarray(ids[b:b + 1, :n]), self.lengths[b:b + 1])
+            self.lm.session.run_with_iobinding(io)
+
     def _bind_step_inputs(self) -> None:
         for name, value in self.values.items():
             self.io.bind_ortvalue_input(name, value)
@@ -238,6 +259,9 @@ class SharedBufferDecode:
         row's length are never read, so nothing is cleared)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         assert lengths.shape == self.lengths.shape and (lengths <= self.lengths).all() and (lengths >= 1).all()
+        # a state (LFM2's conv layers) holds what every token did to it: it cannot go back (run/chat.py
+        # prefills afresh instead)
+        assert not self.lm.has_state or (lengths == self.lengths).all(), "a model with state cannot rewind"
         self.lengths = lengths
 
     def append(self, new: list[list[int]]) -> np.ndarray:
@@ -314,17 +338,25 @@ class OnnxLM:
         self.provider = provider
         self.session = make_session(path, provider, threads, spin)
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-        missing = [n for n in INPUTS if n not in inputs]
-        if missing or not self.past_names:
-            raise UserError(f"model {path}: not a decoder with KV cache (missing inputs {missing or 'past_key_values.*'})")
-        first = inputs[self.past_names[0]]
+        # the cache in the graph's order: K/V (past_key_values.*) and, in a hybrid model, fixed-size state
+        # (LFM2's past_conv.*, docs/contract.md part 3), each fed back from its present
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.") or is_state(n)]
+        self.present_names = [present_of(n) for n in self.past_names]
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in INPUTS if n not in inputs] + [n for n in self.present_names if n not in outputs]
+        kv = [n for n in self.past_names if not is_state(n)]
+        if missing or not kv:
+            raise UserError(f"model {path}: not a decoder with KV cache (missing {missing or 'past_key_values.*'})")
+        # a state's dims but batch are fixed integers by contract; it is zeros before the first token
+        self.state_shapes = {n: tuple(inputs[n].shape[1:]) for n in self.past_names if is_state(n)}
+        self.has_state = bool(self.state_shapes)
+        first = inputs[kv[0]]
         _, self.n_kv_heads, past_len, self.head_dim = first.shape  # fixed integers by contract
         if self.fused and past_len != MAX_LEN:
             raise UserError(f"model {path}: not a fused graph of onnxgen fuse (its cache is not a "
                             f"{MAX_LEN} buffer); remake it with: onnxgen fuse {self.folder}")
         self.past_dtype = _ORT_TO_NUMPY[first.type]
+        self.past_dtypes = {n: _ORT_TO_NUMPY[inputs[n].type] for n in self.past_names}  # states stay fp32
         vocab_dim = self.session.get_outputs()[0].shape[-1]
         self.vocab_size = int(vocab_dim) if isinstance(vocab_dim, int) else self.shape.vocab
         vocab = self.tokenizer.get_vocab_size()
@@ -333,9 +365,11 @@ class OnnxLM:
                             f"model's vocab_size {self.shape.vocab}")
 
     # ------------------------------------------------------------------ the step API
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.n_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=self.past_dtype) for _ in self.past_names]
+    def empty_past(self, batch: int, length: int = 0, zeros=np.zeros) -> list[np.ndarray]:
+        """The cache before the first token, in past_names' order: K/V of `length` positions (0 for the plain
+        graph, the shared buffer's length for the fused one) and each state's zeros."""
+        return [zeros((batch, *self.state_shapes[n]) if n in self.state_shapes else
+                      (batch, self.n_kv_heads, length, self.head_dim), self.past_dtypes[n]) for n in self.past_names]
 
     def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
         """One call of the plain contract graph, NumPy in and out (parity drives it like the PyTorch model)."""

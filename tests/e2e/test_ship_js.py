@@ -81,10 +81,35 @@ def _trim(tokens: list[int], eos: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def js_run(node_modules, tiny_export, hf_exports, int8_exports, tiny_quantized, tmp_path_factory):
+def lfm2_export(hf_models, tmp_path_factory) -> Path:
+    """A tiny LFM2 import with its int8 variant: conv layers beside attention layers, the conv state fed back
+    as past_conv.{i} / present_conv.{i} (docs/contract.md part 3)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.convert.hf_import import export_hf
+    from pipeline.convert.quantize import quantize
+
+    root = tmp_path_factory.mktemp("lfm2-js")
+    config = AutoConfig.for_model("lfm2", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  block_multiple_of=16, layer_types=["conv", "full_attention", "conv", "full_attention"],
+                                  vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(hf_models["llama"] / name, root / "src" / name)
+    assert export_hf(root / "src", root / "lfm2", corpus=str(TEST_CORPUS)).passed
+    quantize(root / "lfm2", "int8", progress=False)
+    return root / "lfm2"
+
+
+@pytest.fixture(scope="module")
+def js_run(node_modules, tiny_export, hf_exports, int8_exports, tiny_quantized, lfm2_export, tmp_path_factory):
     """One node process for every folder (its start-up and imports are the slow part)."""
     folders = {"tiny": tiny_quantized[0], "llama+int8": int8_exports["llama"]}  # tiny: all four variants
     folders.update({f"hf-{family}": hf_exports[family] for family in HF_FAMILIES if family != "llama"})
+    folders["hf-lfm2"] = lfm2_export
     # every variant the folder has: fp16/int4 join in once the fixtures make them
     folders = {k: (f, [v for v in VARIANTS if variant_path(f, v).is_file()]) for k, f in folders.items()}
     assert folders["tiny"][1] == list(VARIANTS) and "int8" in folders["llama+int8"][1]
@@ -107,7 +132,7 @@ def js_run(node_modules, tiny_export, hf_exports, int8_exports, tiny_quantized, 
     return {key: (folders[key][0], jobs[i], cases[key], results[i]) for i, key in enumerate(folders)}
 
 
-KEYS = ["tiny", "llama+int8"] + [f"hf-{f}" for f in HF_FAMILIES if f != "llama"]
+KEYS = ["tiny", "llama+int8"] + [f"hf-{f}" for f in HF_FAMILIES if f != "llama"] + ["hf-lfm2"]
 
 
 def _logits(r: dict) -> np.ndarray:

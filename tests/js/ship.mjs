@@ -29,18 +29,26 @@ const plain = (t) => ({ dims: Array.from(t.dims), logits: Array.from(t.data) });
 const rows = (t) => t.tolist().map((r) => r.map(Number));
 
 // onnxruntime-node: the graph as is, the cache chained through the steps. The empty cache is sized
-// from the graph's metadata (heads and head size must be fixed integers there), as transformers.js does.
+// from the graph's metadata (heads and head size must be fixed integers there), as transformers.js does;
+// a state (LFM2's past_conv.*) is zeros of its fixed shape, fed back from present_conv.* as transformers.js
+// does (getPastKeyValues).
+const isState = (n) => /^past_(conv|ssm|recurrent)\./.test(n);
 async function runOrt(file, steps) {
   const session = await ort.InferenceSession.create(file);
-  const pastNames = session.inputNames.filter((n) => n.startsWith('past_key_values.'));
+  const pastNames = session.inputNames.filter((n) => n.startsWith('past_key_values.') || isState(n));
   const meta = Object.fromEntries(session.inputMetadata.map((m) => [m.name, m]));
   const batch = steps[0].input_ids.length;
   let past = Object.fromEntries(pastNames.map((n) => {
+    const type = meta[n].type;
+    const cls = type === 'float16' ? Uint16Array : Float32Array;
+    if (isState(n)) {
+      const dims = [batch, ...meta[n].shape.slice(1)];
+      if (!dims.every(Number.isInteger)) throw new Error(`${n}: symbolic state dims`);
+      return [n, new ort.Tensor(type, new cls(dims.reduce((a, b) => a * b, 1)), dims)];
+    }
     const [, heads, , headDim] = meta[n].shape;
     if (!Number.isInteger(heads) || !Number.isInteger(headDim)) throw new Error(`${n}: symbolic heads/head size`);
-    const type = meta[n].type;
-    const data = type === 'float16' ? new Uint16Array(0) : new Float32Array(0);
-    return [n, new ort.Tensor(type, data, [batch, heads, 0, headDim])];
+    return [n, new ort.Tensor(type, new cls(0), [batch, heads, 0, headDim])];
   }));
   const out = [];
   for (const step of steps) {
@@ -48,7 +56,8 @@ async function runOrt(file, steps) {
                     position_ids: int64(step.position_ids), ...past };
     const result = await session.run(feeds);
     out.push(plain(result.logits));
-    past = Object.fromEntries(pastNames.map((n) => [n, result[n.replace('past_key_values.', 'present.')]]));
+    past = Object.fromEntries(pastNames.map((n) => [n, result[isState(n) ? n.replace('past_', 'present_')
+                                                                           : n.replace('past_key_values.', 'present.')]]));
   }
   await session.release();
   return out;

@@ -14,6 +14,7 @@ from conftest import TEST_CORPUS
 from pipeline import manifest
 from pipeline.model.reference import hf_cache_name, hf_cache_out
 from pipeline.errors import UserError
+from pipeline.exports import is_state, present_of
 from pipeline.model.families import FAMILIES, load_decoder
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -67,6 +68,11 @@ CASES = {
     "gpt_neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"} | {"rotary_pct": 0.25}),
     "gpt_neox-sequential": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
                             | {"rotary_pct": 0.5, "use_parallel_residual": False}),
+    # conv and attention layers interleaved; conv_L_cache 4 and biases in the second
+    "lfm2": ("lfm2", {**SMALL, "num_hidden_layers": 4, "block_multiple_of": 16,
+                      "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
+    "lfm2-bias": ("lfm2", {**SMALL, "num_hidden_layers": 3, "block_multiple_of": 16, "conv_bias": True,
+                           "conv_L_cache": 4, "full_attn_idxs": [1]}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -161,7 +167,14 @@ def test_logits_equal_transformers(tiny, name):
             got, past = ours.forward_with_cache(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past)
             delta = max(delta, (got - step.logits).abs().max().item())
             torch.testing.assert_close(got, step.logits, atol=1e-5, rtol=1e-5)
-    assert past[0][0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
+    for i, entries in enumerate(past):  # K/V grown to the whole batch, a conv layer's state as transformers' own
+        if ours.arch.layer_types[i] == "conv":
+            (state,) = entries
+            assert state.shape == (len(ids), ours.arch.n_embd, ours.arch.conv_kernel - 1)
+            # transformers keeps conv_L_cache inputs; the oldest one is never read again
+            torch.testing.assert_close(state, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+        else:
+            assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
     MAX_DELTA[name] = delta
 
 
@@ -331,6 +344,16 @@ def test_expert_counts_the_weights_contradict_are_refused(tiny, tmp_path):
         load_decoder(_edited(tiny, tmp_path / "c", "gpt_oss", quantization_config={"quant_method": "mxfp4"}))
 
 
+def test_lfm2_layer_types_and_kernel_are_checked(tiny, tmp_path):
+    """LFM2: a layer type other than conv or full attention, or a kernel too short to carry state, is one line."""
+    with pytest.raises(UserError, match=r"layer_types must be 4 of 'full_attention' or 'conv', got \['conv', "
+                                        r"'sliding_attention'"):
+        load_decoder(_edited(tiny, tmp_path, "lfm2", layer_types=["conv", "sliding_attention", "conv", "conv"]))
+    with pytest.raises(UserError, match=r"conv_kernel \(conv_L_cache\) must be at least 2, got 1") as e:
+        load_decoder(_edited(tiny, tmp_path / "b", "lfm2", conv_L_cache=1))
+    assert "\n" not in str(e.value)
+
+
 def test_pickled_only_folder_is_refused(tmp_path):
     save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
     assert not list((tmp_path / "pickled").glob("*.safetensors"))
@@ -356,7 +379,7 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
 EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
-            "mixtral", "qwen3_moe", "gpt_oss"]
+            "mixtral", "qwen3_moe", "gpt_oss", "lfm2"]
 
 
 @pytest.mark.slow
@@ -379,8 +402,13 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
     arch = load_decoder(src).arch
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph
-    past = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input][3]
-    assert past == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    first = arch.layer_types.index("full_attention") if "full_attention" in arch.layer_types else 0
+    assert shapes[f"past_key_values.{first}.key"] == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
+    for i, kind in enumerate(arch.layer_types):  # LFM2's conv layers: their state, fixed but batch
+        assert (f"past_conv.{i}" in shapes) == (kind == "conv")
+        if kind == "conv":
+            assert shapes[f"past_conv.{i}"] == ["batch_size", arch.n_embd, arch.conv_kernel - 1]
 
 
 @pytest.mark.parametrize("name", ["llama-dynamic", "llama3", "llama-yarn", "llama-mqa-linear", "phi3-longrope",
@@ -438,16 +466,23 @@ def run_fused(session, arch, rows: list[list[int]], steps: int):
     for b, n in enumerate(lengths):
         ids[b, :n], mask[b, :n] = rows[b][:n], 1
     pos = np.tile(np.arange(S), (B, 1))
-    cache = {f"past_key_values.{i}.{kv}": np.zeros((B, arch.n_kv_head, room, arch.head_dim), np.float32)
-             for i in range(arch.n_layer) for kv in ("key", "value")}
+    # K/V in a buffer of `room` positions; a conv layer's state (LFM2) in its fixed shape, zeros at first
+    cache = {i.name: np.zeros((B, *i.shape[1:]) if is_state(i.name) else (B, arch.n_kv_head, room, arch.head_dim),
+                              np.float32) for i in session.get_inputs() if i.name.startswith("past")}
     names = [o.name for o in session.get_outputs()]
     for step in range(steps + 1):
-        out = dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-                                                 **cache})))
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        if step == 0 and any(map(is_state, cache)):  # with state, each row prefills alone (as run/lm.py does)
+            alone = [dict(zip(names, session.run(None, {k: v[b:b + 1, :n] for k, v in feed.items()}
+                                                  | {k: v[b:b + 1] for k, v in cache.items()})))
+                     for b, n in enumerate(lengths)]
+            out = {k: np.concatenate([r[k] for r in alone]) for k in names}
+        else:
+            out = dict(zip(names, session.run(None, feed | cache)))
         yield out["logits"][:, 0]
         if step == steps:
             return
-        cache = {k: out[k.replace("past_key_values", "present")] for k in cache}
+        cache = {k: out[present_of(k)] for k in cache}
         ids = np.array([[rows[b][n + step]] for b, n in enumerate(lengths)], np.int64)
         pos = np.array([[n + step] for n in lengths], np.int64)
         mask = np.zeros((B, max(lengths) + step + 1), np.int64)
@@ -496,13 +531,22 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     ours = load_decoder(folder)
     export_graph(ours, tmp_path / "model.onnx")
     graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
-    assert [n.op_type for n in graph.graph.node].count("GroupQueryAttention") == ours.arch.n_layer
+    ops = [n.op_type for n in graph.graph.node]
+    conv = ours.arch.layer_types.count("conv")  # LFM2's conv layers: one CausalConvWithState each
+    assert ops.count("GroupQueryAttention") == ours.arch.n_layer - conv
+    assert ops.count("CausalConvWithState") == conv and "Conv" not in ops
     onnx.save(graph, str(tmp_path / "fused.onnx"))
     session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)
     steps = 3
     rows = [torch.randint(1, VOCAB, (n + steps,), generator=g).tolist() for n in LENGTHS]
-    for got, want in zip(run_fused(session, ours.arch, rows, steps), plain_steps(ours, rows, steps), strict=True):
+    expected = plain_steps(ours, rows, steps)
+    if "conv" in ours.arch.layer_types:
+        # the fused runtime prefills a model with state row by row; with conv biases a left-padded row's state
+        # holds its padding's in-projection bias (transformers' math, which ours follows), so: each row alone
+        alone = [list(plain_steps(ours, [r], steps)) for r in rows]  # each generator run out: its no_grad exits
+        expected = [torch.cat(step) for step in zip(*alone)]
+    for got, want in zip(run_fused(session, ours.arch, rows, steps), expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(got), want, atol=5e-5, rtol=1e-4)
 
 

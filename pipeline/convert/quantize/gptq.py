@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from pipeline.convert.quantize.graph import matmul_nbits, stored
 from pipeline.convert.quantize.recipe import Recipe
+from pipeline.exports import is_state
 
 
 def _grid(group: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
@@ -140,7 +141,7 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
     options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     del serialized
-    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.") or is_state(i.name)]
     H = {a: None for a in activations}
     n = 0
     bar = tqdm(total=len(windows), desc="calibrating (GPTQ)", unit="window", disable=not progress)
@@ -148,7 +149,8 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
         ids = windows[start:start + batch].astype(np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                 "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-        feed.update({p.name: np.zeros((len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
+        feed.update({p.name: np.zeros((len(ids), *p.shape[1:]) if is_state(p.name) else
+                                      (len(ids), p.shape[1], 0, p.shape[3]), np.float32) for p in past})
         outs = session.run(activations, feed)
         for a, x in zip(activations, outs):
             x = x.reshape(-1, x.shape[-1])
