@@ -6,7 +6,7 @@ runtime (pipeline/run/lm.py) on the same folder.
         -> benchmarks/RUNTIMES.md, benchmarks/runtimes.json
 
 Needs onnxruntime-genai (pip install -e '.[dev]') and node with tests/js's npm packages (npm ci in tests/js,
-as `make test` does). About 30 s a case on 2 cores (15 minutes in all); nothing is downloaded.
+as `make test` does). About 25 s a case on 2 cores (12 minutes in all); nothing is downloaded.
 
 What it does, per case of tests/model/test_families.py's CASES (every one, so every model_type of
 pipeline/model/families.py and its variants; --per-type: the one case of each model_type named after it, or its
@@ -17,10 +17,13 @@ first):
   - onnxgen's greedy (OnnxLM.generate, temperature 0, no eos stop; the logits through OnnxLM.forward) on three
     prompts, 24 new tokens each, against onnxruntime-genai's greedy loop on the same folder (genai_config.json
     as the export writes it): tokens and max |Δlogit| step by step (tests/convert/test_genai.py's helpers);
+    genai's loop ends at eos, so a row it ends there is compared up to its eos;
   - the fused twin: the case widened as tests/model/test_families.py's fused_case does (ONNX Runtime's rotary
-    kernel takes head sizes that are multiples of 16), exported, `onnxgen fuse` (judged against transformers),
-    `onnxgen genai --fused` (pipeline.convert.genai.use_variant), then genai's greedy on the twin against
-    onnxgen's on the plain graph and on the twin;
+    kernel takes head sizes that are multiples of 16; 128 positions where they are learned), exported,
+    `onnxgen fuse` (judged against transformers), `onnxgen genai --fused` (pipeline.convert.genai.use_variant),
+    then genai's greedy on the twin against onnxgen's on the plain graph and on the twin. Where parity refuses
+    the widened export or its twin, the twin is still made unjudged (as fuse_export(check=False)) and genai is
+    measured on it: the "fused twin" cell says no and why, the "genai fused" cell says it ran on such a twin;
   - transformers.js 4.3 in one Node process for every plain folder (tests/js/ship.mjs, its job built as
     tests/e2e/test_ship_js.py builds it, keep_going so a model_type it does not know is recorded, not fatal):
     its tokenizer's ids, its greedy tokens (24 new, trimmed after eos, against onnxgen run's, which stops at eos)
