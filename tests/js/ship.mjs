@@ -6,7 +6,9 @@
 // job.json: {"exports": [{"folder", "variants": {name: {"file", "dtype"}},
 //             "steps": [{input_ids, attention_mask, position_ids}, ...],   // one chained cache
 //             "texts": [...], "prompts": [[ids]], "batch": {input_ids, attention_mask},
-//             "max_new_tokens"}]}
+//             "max_new_tokens"}], "keep_going": false}
+// keep_going (benchmarks/runtimes.py): an export that throws gets {"error": "<its message>"} and the next
+// one runs; without it the first error ends the process (the tests want that).
 // result.json, per export: {"tokenizer": [[ids] per text],
 //   "variants": {name: {"ort": [{dims, logits}] per step, "forward": {dims, logits},
 //                      "greedy": [[ids] per prompt], "batch": [[ids] per row]}}}
@@ -63,8 +65,7 @@ async function runOrt(file, steps) {
   return out;
 }
 
-const result = { exports: [] };
-for (const ex of job.exports) {
+async function runExport(ex) {
   const folder = path.resolve(ex.folder);
   env.localModelPath = path.dirname(folder) + path.sep;
   const id = path.basename(folder);
@@ -90,6 +91,19 @@ for (const ex of job.exports) {
     await model.dispose();
     one.variants[name] = r;
   }
-  result.exports.push(one);
+  return one;
+}
+
+const result = { exports: [] };
+for (const ex of job.exports) {
+  if (!job.keep_going) {
+    result.exports.push(await runExport(ex));
+    continue;
+  }
+  try {
+    result.exports.push(await runExport(ex));
+  } catch (e) {
+    result.exports.push({ error: String(e && e.message ? e.message : e).split('\n')[0] });
+  }
 }
 fs.writeFileSync(outPath, JSON.stringify(result));
