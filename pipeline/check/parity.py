@@ -546,7 +546,7 @@ class _ReferenceLogits:
 
 
 def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_TOKENS,
-               thresholds: dict | None = None, progress: bool = False) -> ParityReport:
+               thresholds: dict | None = None, progress: bool = False, context: int | None = None) -> ParityReport:
     """Every graph against the reference: the reference once over the windows (its logits to disk), then one
     graph at a time over the same calls, scored against them (module docstring, "Memory"). An fp16 graph this
     ONNX Runtime cannot open is reported "not run", never passed."""
@@ -561,6 +561,8 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
     plain_scored[:, -1] = False
     split = T // 2
     prompt = windows[0, :min(16, T // 2)]
+    if context is not None:  # the greedy tokens stay within the model's context (64 learned positions: 48)
+        greedy_tokens = min(greedy_tokens, context - len(prompt))
     V = _full(ref, windows[:1]).shape[-1]  # the vocabulary sets the windows a call takes
     chunk = max(1, min(CHUNK, LOGITS_BUDGET // (T * V * 4)))
     stride = max(1, (n * T * V) // P99_SAMPLES)
@@ -649,7 +651,8 @@ def parity_of(folder: Path, variants: list[str], source: Source, kinds=("plain",
     sizes and devices filled in."""
     folder = Path(folder)
     thresholds = thresholds_for(folder)
-    report = run_parity(open_graphs(folder, variants, kinds), source, thresholds=thresholds, progress=progress)
+    report = run_parity(open_graphs(folder, variants, kinds), source, thresholds=thresholds, progress=progress,
+                        context=read_config(folder).context)
     order = {f"{v}{s}": i for i, (v, s) in enumerate((v, s) for v in variants for s in ("", " fused"))}
     report.results.sort(key=lambda r: order[r.variant])
     for r in report.results:

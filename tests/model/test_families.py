@@ -411,6 +411,18 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
             assert shapes[f"past_conv.{i}"] == ["batch_size", arch.n_embd, arch.conv_kernel - 1]
 
 
+@pytest.mark.slow
+def test_parity_greedy_stays_within_a_short_context(hf_models, tmp_path):
+    """A model of 64 learned positions: parity's greedy check (a 16-token prompt) runs the 48 tokens the
+    context has room for, not 64 past its table (transformers' GPT-2 would fail with an IndexError)."""
+    from pipeline.convert.hf_import import export_hf
+
+    save_tiny(tmp_path / "src", "gpt2", CASES["gpt2"][1], vocab=512)  # n_positions 64
+    copy_tokenizer(hf_models["llama"], tmp_path / "src")
+    fp32 = export_hf(tmp_path / "src", tmp_path / "out", corpus=str(TEST_CORPUS)).to_dict()["variants"]["fp32"]
+    assert fp32["status"] == "pass" and fp32["greedy_tokens"] == fp32["greedy_match"] == 64 - 16
+
+
 @pytest.mark.parametrize("name", ["llama-dynamic", "llama3", "llama-yarn", "llama-mqa-linear", "phi3-longrope",
                                   "gpt_neox-sequential"])
 def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
