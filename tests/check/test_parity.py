@@ -255,13 +255,13 @@ def test_parity_opens_one_graph_at_a_time_and_runs_the_reference_once(tiny_quant
             live[0] -= 1
 
     monkeypatch.setattr(parity, "OnnxLM", Counted)
-    source = source_of(folder)
+    source = source_of(folder, min_scored=1024)  # what is counted does not need the full 8,192 positions
     n, T = source.windows.shape
     whole = []
     forward = parity.Reference.forward
     monkeypatch.setattr(parity.Reference, "forward",
                         lambda self, ids, *a: (ids.shape[1] == T and whole.append(len(ids)), forward(self, ids, *a))[1])
-    report = parity_of(folder, ["fp32", "int8", "int4"], source, kinds=("plain",))
-    assert [r.status for r in report.results] == ["pass"] * 3
+    report = parity_of(folder, ["fp32", "int8"], source, kinds=("plain",))
+    assert [r.status for r in report.results] == ["pass"] * 2
     assert most[0] == 1 and live[0] == 0
     assert sum(whole) == n + 1  # every window once, and the one that tells the vocabulary
