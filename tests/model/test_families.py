@@ -73,6 +73,16 @@ CASES = {
                       "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
     "lfm2-bias": ("lfm2", {**SMALL, "num_hidden_layers": 3, "block_multiple_of": 16, "conv_bias": True,
                            "conv_L_cache": 4, "full_attn_idxs": [1]}),
+    # Granite 4: mamba layers around an attention layer, 4 experts two a token beside a shared MLP, 2 groups of
+    # B and C for 4 mamba heads, Granite's multipliers, RoPE
+    "granitemoehybrid": ("granitemoehybrid", {**SMALL, "num_hidden_layers": 3, "intermediate_size": 24,
+                                              "shared_intermediate_size": 40, "num_local_experts": 4,
+                                              "num_experts_per_tok": 2, "mamba_n_heads": 4, "mamba_n_groups": 2,
+                                              "mamba_d_state": 8, "mamba_d_head": 16, "mamba_d_conv": 4,
+                                              "layers_block_type": ["mamba", "attention", "mamba"],
+                                              "position_embedding_type": "rope", "embedding_multiplier": 12.0,
+                                              "attention_multiplier": 0.05, "residual_multiplier": 0.22,
+                                              "logits_scaling": 8.0}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -90,7 +100,8 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # norms and biases off their init (ones or zeros) so every weight matters
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias") or name.endswith("_bias") or name.endswith("sinks"):
+            if "norm" in name or name.endswith(".bias") or name.endswith("_bias") or name.endswith("sinks") \
+                    or name.endswith((".A_log", ".D")):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     if not safe:  # a pickled checkpoint, as older Hub folders have (transformers 5 only writes safetensors)
@@ -173,6 +184,13 @@ def test_logits_equal_transformers(tiny, name):
             assert state.shape == (len(ids), ours.arch.n_embd, ours.arch.conv_kernel - 1)
             # transformers keeps conv_L_cache inputs; the oldest one is never read again
             torch.testing.assert_close(state, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+        elif ours.arch.layer_types[i] == "mamba":  # Granite 4: conv over x B C, then the SSM state, fp32
+            conv, ssm = entries
+            a = ours.arch
+            assert conv.shape == (len(ids), a.mamba_conv_dim, a.mamba_conv - 1)
+            assert ssm.shape == (len(ids), a.mamba_heads, a.mamba_head_dim, a.mamba_state) and ssm.dtype == torch.float32
+            torch.testing.assert_close(conv, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ssm, cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-5)
         else:
             assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
     MAX_DELTA[name] = delta
