@@ -397,7 +397,7 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
 EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
-            "mixtral", "qwen3_moe", "gpt_oss", "lfm2"]
+            "mixtral", "qwen3_moe", "gpt_oss", "lfm2", "granitemoehybrid"]
 
 
 @pytest.mark.slow
@@ -424,9 +424,14 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     first = arch.layer_types.index("full_attention") if "full_attention" in arch.layer_types else 0
     assert shapes[f"past_key_values.{first}.key"] == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
     for i, kind in enumerate(arch.layer_types):  # LFM2's conv layers: their state, fixed but batch
-        assert (f"past_conv.{i}" in shapes) == (kind == "conv")
+        assert (f"past_conv.{i}" in shapes) == (kind in ("conv", "mamba"))
         if kind == "conv":
             assert shapes[f"past_conv.{i}"] == ["batch_size", arch.n_embd, arch.conv_kernel - 1]
+    for i, kind in enumerate(arch.layer_types):  # Granite 4's mamba layers: conv and SSM state, fixed but batch
+        assert (f"past_ssm.{i}" in shapes) == (kind == "mamba")
+        if kind == "mamba":
+            assert shapes[f"past_conv.{i}"] == ["batch_size", arch.mamba_conv_dim, arch.mamba_conv - 1]
+            assert shapes[f"past_ssm.{i}"] == ["batch_size", arch.mamba_heads, arch.mamba_head_dim, arch.mamba_state]
 
 
 @pytest.mark.parametrize("name", ["llama-dynamic", "llama3", "llama-yarn", "llama-mqa-linear", "phi3-longrope",
