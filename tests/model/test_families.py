@@ -464,6 +464,7 @@ def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
 FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
 FUSED_WIDER = {"phi3": {"hidden_size": 128}, "phi": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
                "llama-dynamic": {"max_position_embeddings": 64},
+               "granitemoehybrid": {"mamba_d_head": 32},  # 4 heads of 32: mamba_expand (2) * 64
                # a batch of 12 tokens at most takes the short factors, two decode steps later the long ones
                "phi3-longrope": {"original_max_position_embeddings": 13, "rope_scaling": {
                    "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0],
@@ -556,8 +557,10 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
     ops = [n.op_type for n in graph.graph.node]
     conv = ours.arch.layer_types.count("conv")  # LFM2's conv layers: one CausalConvWithState each
-    assert ops.count("GroupQueryAttention") == ours.arch.n_layer - conv
-    assert ops.count("CausalConvWithState") == conv and "Conv" not in ops
+    mamba = ours.arch.layer_types.count("mamba")  # Granite 4's: a CausalConvWithState and a GatedDeltaNet each
+    assert ops.count("GroupQueryAttention") == ours.arch.n_layer - conv - mamba
+    assert ops.count("CausalConvWithState") == conv + mamba and "Conv" not in ops
+    assert ops.count("GatedDeltaNet") == mamba
     onnx.save(graph, str(tmp_path / "fused.onnx"))
     session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)
