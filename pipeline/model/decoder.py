@@ -483,7 +483,10 @@ class Mamba2(nn.Module):
         y = (y + xs * self.D[:, None].to(xs.dtype)).reshape(B, T, self.inner)
         # transformers' GraniteMoeHybridRMSNormGated: y * silu(z), normalized per group of inner / groups
         h = (y.float() * F.silu(z.float())).reshape(B, T, self.groups, self.inner // self.groups)
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).reshape(B, T, self.inner)
+        # a sum over the fixed group size, not mean(): ReduceMean's axes move from attribute to input at opset 18,
+        # which onnxruntime's quantizer moves the graph to; ReduceSum's are an input since 13
+        variance = h.pow(2).sum(-1, keepdim=True) / (self.inner // self.groups)
+        h = (h * torch.rsqrt(variance + self.eps)).reshape(B, T, self.inner)
         return self.out_proj((self.norm.weight * h.to(x.dtype))), (conv_state, ssm_state)
 
 
