@@ -372,6 +372,25 @@ def test_lfm2_layer_types_and_kernel_are_checked(tiny, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_granite4_what_we_do_not_implement_is_refused(tiny, tmp_path):
+    """Granite 4: a clamped time step (transformers clamps it in prefill only), a layer type other than mamba or
+    attention, heads that do not tile mamba_expand * hidden_size, another position embedding: one line each."""
+    with pytest.raises(UserError, match=r"time_step_limit = \[0.001, 0.1\] is not implemented") as e:
+        load_decoder(_edited(tiny, tmp_path, "granitemoehybrid", time_step_limit=[0.001, 0.1]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"layer_types must be 3 of 'mamba' or 'attention', got \['mamba', 'conv'"):
+        load_decoder(_edited(tiny, tmp_path / "b", "granitemoehybrid", layer_types=["mamba", "conv", "mamba"]))
+    with pytest.raises(UserError, match=r"mamba_n_heads \(4\) times mamba_d_head \(8\) must be mamba_expand \* "
+                                        r"hidden_size \(64\)"):
+        load_decoder(_edited(tiny, tmp_path / "c", "granitemoehybrid", mamba_d_head=8))
+    with pytest.raises(UserError, match=r"position_embedding_type 'alibi' is not implemented"):
+        load_decoder(_edited(tiny, tmp_path / "d", "granitemoehybrid", position_embedding_type="alibi"))
+    # transformers 4's names for the layer types (layers_block_type) mean the same model
+    legacy = _edited(tiny, tmp_path / "e", "granitemoehybrid", layer_types=None,
+                     layers_block_type=["mamba", "attention", "mamba"])
+    assert load_decoder(legacy).arch.layer_types == ("mamba", "full_attention", "mamba")
+
+
 def test_pickled_only_folder_is_refused(tmp_path):
     save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
     assert not list((tmp_path / "pickled").glob("*.safetensors"))

@@ -1,6 +1,6 @@
 """Granite 4 (granitemoehybrid) through every stage: Mamba-2 layers beside an attention layer, each mamba layer's
 conv state and SSM state fed back as past_conv.{i} / past_ssm.{i} (docs/contract.md part 3). One tiny import,
-exported, quantized (int8, int4) and fused once; then the runtime's paths (plain, fused, a batch, continuous
+exported, quantized (int8, int4, fp16) and fused once; then the runtime's paths (plain, fused, a batch, continuous
 batching, chat) each give the tokens of a row run alone."""
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def granite4_export(hf_models, tmp_path_factory):
     report = export_hf(src, out, corpus=str(TEST_CORPUS))
     quantize(out, "int8", progress=False)
     quantize(out, "int4", progress=False)
+    quantize(out, "fp16", progress=False)
     fuse_export(out, ["fp32", "int8"])
     manifest.record(out, "chat-template", write_chat_template(out, SHORT_CHATML))
     return out, report
@@ -47,7 +48,7 @@ def test_export_follows_the_state_contract(granite4_export):
     layer, K/V for an attention layer): conv (batch, conv_dim = inner + 2 groups state, d_conv - 1), SSM (batch,
     heads, head, d_state), fixed but batch, in and out. Parity against transformers passes with the state carried
     (64 greedy tokens, the padded batch as each row alone); int8 and int4 keep both states fp32 and quantize the
-    mamba projections; the fused twins have GroupQueryAttention on the attention layer and the mamba layers'
+    mamba projections; fp16 keeps the SSM state (and GatedDeltaNet) fp32, the rest fp16; the fused twins have GroupQueryAttention on the attention layer and the mamba layers'
     CausalConvWithState and GatedDeltaNet, and pass."""
     out, report = granite4_export
     fp32 = report.to_dict()["variants"]["fp32"]
@@ -70,6 +71,11 @@ def test_export_follows_the_state_contract(granite4_export):
         ops = [n.op_type for n in g.node]
         assert ops.count("GatedDeltaNet") == 2 and ops.count("CausalConvWithState") == 2, variant
 
+    fp16 = onnx.load(str(out / "onnx" / "model_fp16.onnx"), load_external_data=False).graph  # the SSM state fp32
+    types = {v.name: v.type.tensor_type.elem_type for v in list(fp16.input) + list(fp16.output)}
+    assert types["past_ssm.0"] == types["present_ssm.2"] == onnx.TensorProto.FLOAT
+    assert types["past_conv.0"] == types["past_key_values.1.key"] == onnx.TensorProto.FLOAT16
+
     for twin in ("model_gqa.onnx", "model_quantized_gqa.onnx"):
         g = onnx.load(str(out / "onnx" / twin), load_external_data=False).graph
         ops = [n.op_type for n in g.node]
@@ -80,7 +86,7 @@ def test_export_follows_the_state_contract(granite4_export):
     assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "fp16"])
 def test_a_batch_gives_each_rows_tokens_alone(granite4_export, variant):
     """The plain graph left-pads a batch (padding zeroed before in_proj and after the convolution, as transformers
     does); the fused twin prefills a batch with state row by row, then steps it as one: each row's greedy tokens
@@ -88,7 +94,7 @@ def test_a_batch_gives_each_rows_tokens_alone(granite4_export, variant):
     from pipeline.run.lm import OnnxLM
 
     out, _ = granite4_export
-    for fused in (False, True) if variant != "int4" else (False,):
+    for fused in (False, True) if variant in ("fp32", "int8") else (False,):
         lm = OnnxLM(out, variant, fused=fused)
         assert lm.has_state and lm.fused == fused
         batch = [list(map(int, r)) for r in zip(*lm.generate(PROMPTS, 10, stop_at_eos=False))]
