@@ -642,7 +642,7 @@ class GraniteMoeHybrid(Granite):
     defaults = {**Granite.defaults, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "vocab_size": 32000,
                 "intermediate_size": 11008, "num_local_experts": 8, "num_experts_per_tok": 2,
                 "shared_intermediate_size": 1024, "position_embedding_type": None, "mamba_n_heads": 128,
-                "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_head": "auto", "mamba_d_conv": 4,
+                "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_conv": 4,
                 "mamba_expand": 2, "mamba_conv_bias": True, "mamba_proj_bias": False}
     refuse = {"attention_bias": False}
     # transformers' names for the layer types, old ("mamba", "attention") and new
@@ -672,7 +672,7 @@ class GraniteMoeHybrid(Granite):
         fields = super().fields()
         hidden, heads = self.get("hidden_size"), self.get("mamba_n_heads")
         inner = self.get("mamba_expand") * hidden
-        head = self.get("mamba_d_head")
+        head = self.get("mamba_d_head", "auto")  # not a default: transformers resolves "auto" in the config
         head = inner // heads if head == "auto" else head
         if not isinstance(heads, int) or heads <= 0 or head * heads != inner:
             self.fail(f"mamba_n_heads ({heads}) times mamba_d_head ({head}) must be mamba_expand * hidden_size ({inner})")
