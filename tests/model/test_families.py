@@ -83,6 +83,13 @@ CASES = {
                                               "position_embedding_type": "rope", "embedding_multiplier": 12.0,
                                               "attention_multiplier": 0.05, "residual_multiplier": 0.22,
                                               "logits_scaling": 8.0}),
+    # Granite 4.0-H 350m/1b's shape: no experts (the shared MLP is the MLP), no position embedding (NoPE), one group,
+    # an attention layer first, no conv bias
+    "granitemoehybrid-dense": ("granitemoehybrid", {**SMALL, "num_hidden_layers": 3, "shared_intermediate_size": 40,
+                                                    "num_local_experts": 0, "mamba_n_heads": 4, "mamba_d_state": 16,
+                                                    "mamba_d_head": 16, "mamba_d_conv": 3, "mamba_conv_bias": False,
+                                                    "layers_block_type": ["attention", "mamba", "mamba"],
+                                                    "embedding_multiplier": 12.0, "residual_multiplier": 0.22}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -416,7 +423,7 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
 EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
-            "mixtral", "qwen3_moe", "gpt_oss", "lfm2", "granitemoehybrid"]
+            "mixtral", "qwen3_moe", "gpt_oss", "lfm2", "granitemoehybrid", "granitemoehybrid-dense"]
 
 
 @pytest.mark.slow
@@ -437,6 +444,9 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     assert report.passed and fp32["greedy_match"] == 64, fp32
     assert manifest.load(tmp_path / "out")["stages"][0]["exporter"] == "onnxgen"
     assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    # every graph keeps the contract's inputs, position_ids too where nothing reads it (Granite 4.0-H: NoPE)
+    names = [i.name for i in onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"], names[:3]
     arch = load_decoder(src).arch
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
@@ -484,6 +494,7 @@ FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
 FUSED_WIDER = {"phi3": {"hidden_size": 128}, "phi": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
                "llama-dynamic": {"max_position_embeddings": 64},
                "granitemoehybrid": {"mamba_d_head": 32},  # 4 heads of 32: mamba_expand (2) * 64
+               "granitemoehybrid-dense": {"mamba_d_head": 32},
                # a batch of 12 tokens at most takes the short factors, two decode steps later the long ones
                "phi3-longrope": {"original_max_position_embeddings": 13, "rope_scaling": {
                    "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0],
