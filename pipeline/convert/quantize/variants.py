@@ -145,7 +145,10 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     ssm = [v.name for v in (*model.model.graph.input, *model.model.graph.output)
            if v.name.startswith(("past_ssm.", "present_ssm."))]
     blocked = list(FP32_OPS) + (["GatedDeltaNet"] if ssm else [])
-    model.convert_float_to_float16(keep_io_types=["logits", *ssm], op_block_list=blocked)
+    # with state ops ORT's symbolic inference fails (it does not know them) and dumps its graph into the working
+    # directory; the optimized graph already carries every tensor's type (optimize._record_types), so onnx's is enough
+    model.convert_float_to_float16(keep_io_types=["logits", *ssm], op_block_list=blocked,
+                                   use_symbolic_shape_infer=not ssm)
     drop_duplicate_casts(model.model.graph)
     model.save_model_to_file(str(dst), use_external_data_format=False)
     return {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked,
