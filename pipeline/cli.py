@@ -166,7 +166,8 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
 @click.option("--force", is_flag=True, help="Replace an existing export folder.")
 @click.option("--hf", "hf", type=click.Path(path_type=Path), default=None,
               help="Import a local transformers causal-LM folder instead: gpt2, llama, mistral, smollm3, granite, qwen2, "
-                   "qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, gpt_neox, phi, opt, lfm2 (others fall back "
+                   "qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, gpt_neox, phi, opt, mixtral, qwen3_moe, gpt_oss, "
+                   "lfm2, granitemoehybrid (others fall back "
                    "to optimum, plain graph only).")
 @click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None,
               help="Import a llama.cpp GGUF file (llama, qwen2; dequantized to fp32) instead.")

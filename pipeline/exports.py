@@ -70,6 +70,8 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 STATE_PREFIXES = ("past_conv.", "past_ssm.", "past_recurrent.")  # inputs of fixed-size state
 STATE_NAMES = {  # layer type -> the state it carries, "{i}" the layer: (input, output)
     "conv": [("past_conv.{i}", "present_conv.{i}")],  # LFM2's short convolution: (batch, hidden, L_cache - 1)
+    # Granite 4's Mamba-2: the conv over x B C (batch, conv_dim, d_conv - 1), the SSM (batch, heads, head, d_state), fp32
+    "mamba": [("past_conv.{i}", "present_conv.{i}"), ("past_ssm.{i}", "present_ssm.{i}")],
 }
 
 

@@ -77,9 +77,19 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
             torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
                               output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
                               do_constant_folding=True)
-        names = save_graph(_fixed_states(onnx.load(str(traced)), past, pasts, presents), path)
+        names = save_graph(_fixed_states(_kept_inputs(onnx.load(str(traced))), past, pasts, presents), path)
     onnx.checker.check_model(str(path), full_check=True)
     return names
+
+
+def _kept_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """position_ids back among the inputs where no op reads it (Granite 4.0-H: no layer rotates, no learned
+    positions), at its place in the contract: the exporter drops unused inputs, and the runtimes feed it."""
+    names = [i.name for i in graph.graph.input]
+    if "position_ids" not in names:
+        value = onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, ["batch_size", "sequence_length"])
+        graph.graph.input.insert(names.index("attention_mask") + 1, value)
+    return graph
 
 
 def _fixed_states(graph: onnx.ModelProto, past: list, pasts: list[str], presents: list[str]) -> onnx.ModelProto:

@@ -34,6 +34,7 @@ LFM2's short-convolution layers: each Concat(past_conv.{i}, B*x) -> Conv, Slice 
 com.microsoft CausalConvWithState node (ONNX Runtime's CPU kernel), whose state past_conv.{i} and present_conv.{i}
 a runtime binds to one fixed-size OrtValue as it binds the K/V buffer; the layer's padding mask goes (prompts are
 right-padded here, and the runtime prefills a batch with state row by row: run/lm.py).
+Granite 4's mamba layers stay as exported (CausalConvWithState and GatedDeltaNet already), less their padding masks.
 What is not attention (post-norms, residual multipliers, a head bias or divisor) stays as exported.
 Refused with the reason (the plain graph still runs): head sizes ONNX Runtime's rotary kernel does not take.
 onnxruntime.transformers' fusions do not cover this: they emit MultiHeadAttention/Attention, which
@@ -191,6 +192,45 @@ def _conv_with_state(i: int, producers, consumers) -> tuple[onnx.NodeProto, set[
     return node, {conv.output[0], f"present_conv.{i}", concat.output[0]}
 
 
+def _unmask_mamba(i: int, producers, consumers) -> None:
+    """Layer i's Mamba-2 mixer without its two padding masks (Muls by attention_mask's last columns: one on the
+    in-projection's input, one on the convolution's output), for _unmask_conv's reason: the fused runtime
+    prefills a batch with state row by row, so no padding ever reaches the conv or SSM state."""
+    conv = next((n for n in consumers.get(f"past_conv.{i}", []) if n.op_type == "CausalConvWithState"), None)
+    if conv is None:
+        raise UserError(f"graph: past_conv.{i} does not feed a CausalConvWithState (not an onnxgen export?)")
+
+    def bypass(node, mask):
+        data = next(x for x in node.input if x != mask)
+        for reader in consumers.get(node.output[0], []):
+            for j, x in enumerate(reader.input):
+                if x == node.output[0]:
+                    reader.input[j] = data
+
+    name, found = conv.input[0], 0
+    for _ in range(16):  # upstream: the transpose, the split, the in-projection (and its bias), the mask
+        node = producers.get(name)
+        if node is None:
+            break
+        masks = [x for x in node.input if _from_mask(x, producers)]
+        if node.op_type == "Mul" and len(masks) == 1:
+            bypass(node, masks[0])
+            found += 1
+            break
+        name = next((x for x in node.input if x in producers), "")
+    frontier = [conv.output[0]]
+    for _ in range(4):  # downstream: the transpose, then the mask
+        nodes = [n for x in frontier for n in consumers.get(x, [])]
+        hit = [(n, m) for n in nodes if n.op_type == "Mul" for m in n.input if _from_mask(m, producers)]
+        if hit:
+            bypass(*hit[0])
+            found += 1
+            break
+        frontier = [o for n in nodes if n.op_type in ("Transpose", "Reshape", "Cast") for o in n.output]
+    if found != 2:
+        raise UserError(f"graph: no padding masks around layer {i}'s mamba convolution (not an onnxgen export?)")
+
+
 def attention_of(folder: Path) -> DecoderConfig:
     """The decoder configuration the export's graph was built from (its config.json, read by its family),
     refused in one line when GroupQueryAttention cannot do its attention (see the module docstring)."""
@@ -257,7 +297,7 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     producers, consumers = graph.output_name_to_node(), graph.input_name_to_nodes()
     inputs = {i.name: i for i in g.input}
     # the attention layers (LFM2's conv layers become CausalConvWithState below: their state is fixed-size)
-    layers = [i for i in range(arch.n_layer) if arch.layer_types[i] != "conv"]
+    layers = [i for i in range(arch.n_layer) if arch.layer_types[i] not in ("conv", "mamba")]
     first = f"past_key_values.{layers[0]}.key" if layers else ""
     if "attention_mask" not in inputs or first not in inputs:
         raise UserError(f"graph: not a decoder with KV cache (no attention_mask / {first or 'past_key_values.*'})")
@@ -270,6 +310,8 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
             node, outputs = _conv_with_state(i, producers, consumers)
             new.append(node)
             replaced |= outputs
+        elif arch.layer_types[i] == "mamba":  # Granite 4: its conv and SSD are one node each already
+            _unmask_mamba(i, producers, consumers)
 
     # seqlens_k (B,) int32 = tokens per row - 1; total_sequence_length () int32 = mask width
     new += [
@@ -288,7 +330,7 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     if arch.positional == "rope":
         dtype = inputs[first].type.tensor_type.elem_type  # fp16 variants: fp16 caches
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-        for kind in set(arch.layer_types) - {"conv"}:
+        for kind in set(arch.layer_types) - {"conv", "mamba"}:
             # Gemma 3's and OLMo 3's sliding layers: their own base, unscaled (OLMo 3's may equal the full one's)
             local = kind == "sliding_attention" and arch.rope_local_theta is not None
             name = "fuse/local" if local else "fuse/rope"

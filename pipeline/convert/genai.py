@@ -34,6 +34,16 @@ def _conv_layers(model_path: Path) -> dict[int, int]:
             if i.name.startswith("past_conv.")}
 
 
+def unsupported(model_path: Path) -> str | None:
+    """Why onnxruntime-genai cannot run this graph, or None: 0.18 carries LFM2's conv state but has no Mamba-2
+    SSM state (Granite 4's past_ssm.*: its granitemoehybrid builder knows only attention layers)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    if any(i.name.startswith("past_ssm.") for i in graph.input):
+        return ("onnxruntime-genai (0.18) has no Mamba-2 state (past_ssm.*): no genai_config.json for this export; "
+                "onnxgen run and transformers.js run it")
+    return None
+
+
 def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
     """(layers, kv heads, head size, vocab) from the graph's declared inputs and outputs; weights not loaded."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -61,6 +71,9 @@ def genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False)
     gen = read_json(folder / "generation_config.json", "generation config")
     graph = fused_path(folder, variant) if fused else variant_path(folder, variant)
     rel = f"onnx/{graph.name}"
+    why = unsupported(graph)
+    if why:
+        raise UserError(f"genai {folder}: {why}")
     layers, kv_heads, head_size, vocab = _cache_shape(graph)
     n_ctx = shape.context
     conv = _conv_layers(graph)

@@ -35,7 +35,7 @@ import onnx
 from pipeline import manifest
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.convert.export import OPSET, export_graph, publish_parity
-from pipeline.convert.genai import write_genai_config
+from pipeline.convert.genai import unsupported, write_genai_config
 from pipeline.errors import UserError
 from pipeline.exports import (
     CHUNK_BYTES,
@@ -215,13 +215,15 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
                                                   if tokenizer_config.get(k) is not None})
         template = chat_template(src)  # chat_template.jinja or tokenizer_config's: the export keeps both
         templated = write_chat_template(tmp, template.source) if template else []
-        write_genai_config(tmp)
+        genai = [] if unsupported(tmp / "onnx" / VARIANTS["fp32"]) else [GENAI_CONFIG]  # Granite 4: not in 0.18
+        if genai:
+            write_genai_config(tmp)
         weights = sorted(src.glob("*.safetensors"))
         source = {**(source or {"checkpoint": str(src.resolve()), "kind": "hf",
                                 "model_sha256": {p.name: manifest.sha256(p) for p in weights}}),
                   "model_type": config["model_type"], "corpus": corpus}
         files = ["config.json", "generation_config.json", *[n for n in TOKENIZER_FILES if (tmp / n).is_file()],
-                 *[n for n in templated if n not in TOKENIZER_FILES], GENAI_CONFIG, *[f"onnx/{n}" for n in graph_files]]
+                 *[n for n in templated if n not in TOKENIZER_FILES], *genai, *[f"onnx/{n}" for n in graph_files]]
         manifest.record(tmp, "export", files, source=source, **exporter)
         log.info("checking parity against the transformers model")
         report = publish_parity(tmp, out, parity_for_run(tmp, src, ["fp32"], model=model))

@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline import manifest
+from pipeline.errors import UserError
 from pipeline.exports import read_config
 from pipeline.model.families import arch_of
 
@@ -132,11 +133,40 @@ def _record_types(model: onnx.ModelProto) -> None:
     that trusts that value_info fails at run time ("Shape mismatch attempting to re-use buffer")."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    if not {"GatedDeltaNet", "CausalConvWithState"} & {n.op_type for n in model.graph.node}:
+        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    else:  # Granite 4's mamba layers: contrib ops ORT's inference does not know (it would fail the whole graph)
+        typed = _infer_with_state_ops(model)
     del model.graph.value_info[:]
     for vi in typed.graph.value_info:
         vi.type.tensor_type.ClearField("shape")
         model.graph.value_info.append(vi)
+
+
+def _infer_with_state_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """SymbolicShapeInference.infer_shapes, taught the state ops' shapes: each output as an input (GatedDeltaNet:
+    the output as its value, the final state as its initial state; CausalConvWithState: as its input and past
+    state)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    infer = SymbolicShapeInference(2**31 - 1, True, False, 0)
+
+    def like(*pairs):
+        def rule(node):
+            for out, inp in pairs:
+                if out < len(node.output) and node.output[out]:
+                    infer._propagate_shape_and_type(node, inp, out)
+        return rule
+    infer.dispatcher_["GatedDeltaNet"] = like((0, 2), (1, 6))
+    infer.dispatcher_["CausalConvWithState"] = like((0, 0), (1, 3))
+    infer._preprocess(model)
+    done = False
+    while infer.run_:
+        done = infer._infer_impl()
+    infer._update_output_from_vi()
+    if not done:
+        raise UserError("optimize: shape inference could not type every tensor of the graph")
+    return infer.out_mp_
 
 
 def _same_io(a: onnx.ModelProto, b: onnx.ModelProto) -> None:

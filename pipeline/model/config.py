@@ -9,7 +9,8 @@ from pipeline.errors import UserError
 ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")  # model/decoder.py's ACTIVATIONS implement them
 # rope_scaling types we implement; anything else in a config is refused, not ignored
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-LAYER_TYPES = ("full_attention", "sliding_attention", "conv")  # conv: LFM2's gated short convolution
+LAYER_TYPES = ("full_attention", "sliding_attention", "conv", "mamba")  # conv: LFM2's gated short convolution;
+# mamba: Granite 4's Mamba-2 mixer (a causal conv over x, B, C, then the SSD recurrence)
 
 
 @dataclass
@@ -50,6 +51,15 @@ class DecoderConfig:
     # short convolution (LFM2's "conv" layers, in place of attention)
     conv_kernel: int = 3              # transformers' conv_L_cache: the causal depthwise kernel's width
     conv_bias: bool = False           # biases on in_proj, the convolution and out_proj
+    # Mamba-2 (Granite 4's "mamba" layers, in place of attention): in_proj -> [z, x B C, dt], a causal depthwise
+    # conv (mamba_conv wide, silu) over x B C, the SSD recurrence per head, + D x, RMSNorm gated by z, out_proj
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_groups: int = 1             # B and C are shared by mamba_heads / mamba_groups heads each
+    mamba_state: int = 0              # d_state
+    mamba_conv: int = 4               # d_conv
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
     # MLP
     activation: str = "gelu_tanh"
     gated: bool = False               # GLU: act(gate) * up (SwiGLU, GeGLU)
@@ -62,6 +72,7 @@ class DecoderConfig:
     n_experts_per_tok: int = 0
     moe_inner: int | None = None      # an expert's width; None: n_inner
     moe_layers: tuple[bool, ...] | None = None  # per layer, experts or the dense MLP; None: experts everywhere
+    shared_inner: int = 0             # Granite 4: a dense SwiGLU MLP this wide beside the experts (0: none)
     moe_renormalize: bool = True      # the chosen experts' softmax weights rescaled to sum to 1
     router_bias: bool = False         # gpt-oss
     expert_bias: bool = False         # gpt-oss
@@ -122,10 +133,25 @@ class DecoderConfig:
              f"experts must be SwiGLU (gated silu), got gated={self.gated} {self.activation!r}"),
             (self.conv_kernel >= 2 or "conv" not in self.layer_types,
              f"conv_kernel (conv_L_cache) must be at least 2, got {self.conv_kernel}"),
+            ("mamba" not in self.layer_types or (min(self.mamba_heads, self.mamba_head_dim, self.mamba_state) > 0
+                                                 and self.mamba_conv >= 2 and self.mamba_groups > 0
+                                                 and self.mamba_heads % self.mamba_groups == 0),
+             f"mamba layers need heads, head size and state > 0, d_conv >= 2 and heads a multiple of groups, got "
+             f"{self.mamba_heads} heads of {self.mamba_head_dim}, state {self.mamba_state}, d_conv {self.mamba_conv}, "
+             f"{self.mamba_groups} groups"),
+            (self.shared_inner == 0 or self.n_experts > 0, "a shared MLP (shared_inner) goes beside routed experts"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"model config: {message}")
+
+    @property
+    def mamba_inner(self) -> int:
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        return self.mamba_inner + 2 * self.mamba_groups * self.mamba_state
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
@@ -136,6 +162,9 @@ class DecoderConfig:
         last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it."""
         if self.layer_types[layer] == "conv":
             return [(self.n_embd, self.conv_kernel - 1)]
+        if self.layer_types[layer] == "mamba":  # conv over x B C: (conv_dim, d_conv - 1); SSM: (heads, head, state)
+            return [(self.mamba_conv_dim, self.mamba_conv - 1),
+                    (self.mamba_heads, self.mamba_head_dim, self.mamba_state)]
         return [(self.n_kv_head, None, self.head_dim)] * 2
 
 

@@ -25,6 +25,7 @@ ACTIVATIONS = {
     "silu": F.silu,
 }
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
+STATE_LAYERS = ("conv", "mamba")  # layer types whose cache is fixed-size state, not K/V (no attention mask)
 
 
 # ----------------------------------------------------------------------------- normalization
@@ -236,11 +237,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: DecoderConfig):
+    def __init__(self, c: DecoderConfig, inner: int | None = None):
         super().__init__()
-        self.gated, self.n_inner = c.gated, c.n_inner
-        self.c_fc = nn.Linear(c.n_embd, (2 if c.gated else 1) * c.n_inner, bias=c.mlp_bias)  # [gate, up]
-        self.c_proj = nn.Linear(c.n_inner, c.n_embd, bias=c.mlp_bias)
+        self.gated, self.n_inner = c.gated, inner or c.n_inner
+        self.c_fc = nn.Linear(c.n_embd, (2 if c.gated else 1) * self.n_inner, bias=c.mlp_bias)  # [gate, up]
+        self.c_proj = nn.Linear(self.n_inner, c.n_embd, bias=c.mlp_bias)
         self.act = ACTIVATIONS[c.activation]
         self.dropout = nn.Dropout(c.dropout)
 
@@ -371,6 +372,124 @@ class ShortConv(nn.Module):
         return self.c_proj(y), (h[:, :, 1 - self.kernel:],)
 
 
+def _optional(g, value):
+    """An omitted optional input of a com.microsoft node where `value` is None."""
+    from torch.onnx.symbolic_helper import _is_none
+    if value is not None and not _is_none(value):
+        return value
+    none = g.op("prim::Constant")
+    none.setType(torch._C.OptionalType.ofTensor())
+    return none
+
+
+class _CausalConvOp(torch.autograd.Function):
+    """silu(causal depthwise conv) with its state as one com.microsoft CausalConvWithState node in the graph
+    (ONNX Runtime's CPU kernel); in PyTorch, Mamba2.conv_eager."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, state, module):
+        return module.conv_eager(x, state)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, state, module):
+        out, present = g.op("com.microsoft::CausalConvWithState", x, weight, _optional(g, bias), state,
+                            activation_s="silu", outputs=2)
+        out.setType(x.type())
+        present.setType(state.type())
+        return out, present
+
+
+class _SSDOp(torch.autograd.Function):
+    """Mamba-2's SSD recurrence as one com.microsoft GatedDeltaNet node, update_rule "gated" (ONNX Runtime's
+    CPU kernel): S_t = exp(g_t) S_{t-1} + v_t k_t^T per value head, o_t = S_t q_t, with q = C, k = B (n_groups
+    heads shared by the value heads: inverse GQA), v = dt x, g = dt A, scale 1; the state V-major
+    (B, heads, head, d_state), fp32. In PyTorch, Mamba2.ssd_eager."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, state, module):
+        return module.ssd_eager(q, k, v, g, state)
+
+    @staticmethod
+    def symbolic(g, q, k, v, decay, state, module):
+        out, final = g.op("com.microsoft::GatedDeltaNet", q, k, v, _optional(g, None), decay, _optional(g, None),
+                          state, update_rule_s="gated", scale_f=1.0, outputs=2)
+        out.setType(v.type())
+        final.setType(state.type())
+        return out, final
+
+
+class Mamba2(nn.Module):
+    """Granite 4's Mamba-2 mixer, in place of attention (transformers' GraniteMoeHybridMambaLayer, torch_forward):
+    in_proj -> gate z, x B C, dt; silu(causal depthwise conv) over x B C; per head h and step t
+    S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t + D_h x_t (B and C per group of heads);
+    RMSNorm of y * silu(z) per group, out_proj. Padding's inputs are zeroed before in_proj and after the conv,
+    as transformers does, so a left-padded row's states hold nothing of its padding. Cache: the conv's last
+    d_conv - 1 inputs (B, conv_dim, d_conv - 1) and the SSM state (B, heads, head, d_state), fp32.
+    Exported, the conv and the recurrence are one ONNX Runtime node each (_CausalConvOp, _SSDOp)."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.groups, self.d_state = c.mamba_heads, c.mamba_head_dim, c.mamba_groups, c.mamba_state
+        self.inner, self.conv_dim, self.kernel, self.eps = c.mamba_inner, c.mamba_conv_dim, c.mamba_conv, c.norm_eps
+        self.in_proj = nn.Linear(c.n_embd, self.inner + self.conv_dim + self.heads, bias=c.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=c.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.heads + 1, dtype=torch.float32, device="cpu")))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(self.inner))
+        self.out_proj = nn.Linear(self.inner, c.n_embd, bias=c.mamba_proj_bias)
+
+    def conv_eager(self, x, state):
+        h = torch.cat([state, x], dim=2)                                     # (B, conv_dim, K-1+T)
+        out = F.silu(F.conv1d(h, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        return out, h[:, :, 1 - self.kernel:]
+
+    def ssd_eager(self, q, k, v, g, state):
+        # q, k: (B, T, groups, N); v: (B, T, heads, P); g: (B, T, heads); state (B, heads, P, N), fp32
+        rep = self.heads // self.groups
+        q, k = q.repeat_interleave(rep, dim=2).float(), k.repeat_interleave(rep, dim=2).float()
+        v, g, S = v.float(), g.float(), state.float()
+        out = []
+        for t in range(v.shape[1]):
+            S = S * torch.exp(g[:, t])[:, :, None, None] + v[:, t, :, :, None] * k[:, t, :, None, :]
+            out.append((S @ q[:, t, :, :, None]).squeeze(-1))                # (B, heads, P)
+        y = torch.stack(out, dim=1) if out else v.new_zeros(v.shape)
+        return y.to(v.dtype), S
+
+    def forward(self, x, mask=None, rope=None, past=None):
+        # x: (B, T, C); mask: (B, T, 1), 0 at padding, or None; past: (conv state, ssm state) or None (zeros)
+        B, T, _ = x.shape
+        if mask is not None:
+            x = x * mask
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        if past is None:
+            past = (x.new_zeros(B, self.conv_dim, self.kernel - 1),
+                    torch.zeros(B, self.heads, self.head_dim, self.d_state, dtype=torch.float32, device=x.device))
+        exporting = torch.onnx.is_in_onnx_export()
+        conv = _CausalConvOp.apply if exporting else lambda x, w, b, s, m: m.conv_eager(x, s)
+        xbc, conv_state = conv(xbc.transpose(1, 2).contiguous(), self.conv1d.weight, self.conv1d.bias, past[0], self)
+        xbc = xbc.transpose(1, 2)
+        if mask is not None:
+            xbc = xbc * mask
+        xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], dim=-1)
+        dt = F.softplus((dt + self.dt_bias).float())                          # (B, T, heads)
+        g = dt * -torch.exp(self.A_log.float())
+        xs = xs.reshape(B, T, self.heads, self.head_dim)
+        v = xs * dt[..., None].to(xs.dtype)
+        b, c = b.reshape(B, T, self.groups, self.d_state), c.reshape(B, T, self.groups, self.d_state)
+        ssd = _SSDOp.apply if exporting else lambda q, k, v, g, s, m: m.ssd_eager(q, k, v, g, s)
+        y, ssm_state = ssd(c, b, v, g, past[1], self)
+        y = (y + xs * self.D[:, None].to(xs.dtype)).reshape(B, T, self.inner)
+        # transformers' GraniteMoeHybridRMSNormGated: y * silu(z), normalized per group of inner / groups
+        h = (y.float() * F.silu(z.float())).reshape(B, T, self.groups, self.inner // self.groups)
+        # a sum over the fixed group size, not mean(): ReduceMean's axes move from attribute to input at opset 18,
+        # which onnxruntime's quantizer moves the graph to; ReduceSum's are an input since 13
+        variance = h.pow(2).sum(-1, keepdim=True) / (self.inner // self.groups)
+        h = (h * torch.rsqrt(variance + self.eps)).reshape(B, T, self.inner)
+        return self.out_proj((self.norm.weight * h.to(x.dtype))), (conv_state, ssm_state)
+
+
 class Block(nn.Module):
     def __init__(self, c: DecoderConfig, layer: int = 0):
         super().__init__()
@@ -379,11 +498,15 @@ class Block(nn.Module):
         self.ln_1 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
         if c.layer_types[layer] == "conv":  # LFM2: a short convolution mixes the tokens
             self.conv = ShortConv(c)
+        elif c.layer_types[layer] == "mamba":  # Granite 4: a Mamba-2 mixer
+            self.mamba = Mamba2(c)
         else:
             self.attn = CausalSelfAttention(c)
         if not c.shared_norm:  # Phi-2's MLP reads ln_1's output too
             self.ln_2 = make_norm(c, c.n_embd) if c.pre_norm else nn.Identity()
         self.mlp = Experts(c) if c.moe_layers[layer] else MLP(c)
+        if c.shared_inner and c.moe_layers[layer]:  # Granite 4: a dense SwiGLU MLP beside the experts
+            self.shared_mlp = MLP(c, c.shared_inner)
         if c.sandwich_norm:
             self.post_ln_1, self.post_ln_2 = make_norm(c, c.n_embd), make_norm(c, c.n_embd)
         self.resid_dropout = nn.Dropout(c.dropout)
@@ -391,14 +514,16 @@ class Block(nn.Module):
 
     def forward(self, x, bias=None, rope=None, past=None):
         h = self.ln_1(x)
-        a, present = (self.conv if hasattr(self, "conv") else self.attn)(h, bias, rope, past)
+        mixer = self.conv if hasattr(self, "conv") else self.mamba if hasattr(self, "mamba") else self.attn
+        a, present = mixer(h, bias, rope, past)
         if hasattr(self, "post_ln_1"):
             a = self.post_ln_1(a)
         if self.parallel:  # both sublayers read the block's input
             m = self.mlp(h if not hasattr(self, "ln_2") else self.ln_2(x))
             return x + self._scaled(self.resid_dropout(a)) + self._scaled(m), present
         x = x + self._scaled(self.resid_dropout(a))
-        m = self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        m = self.mlp(h) if not hasattr(self, "shared_mlp") else self.mlp(h) + self.shared_mlp(h)
         if hasattr(self, "post_ln_2"):
             m = self.post_ln_2(m)
         return x + self._scaled(m), present
@@ -477,7 +602,7 @@ class Decoder(nn.Module):
         """
         T = input_ids.shape[1]
         kinds = self.arch.layer_types
-        attention = [i for i, kind in enumerate(kinds) if kind != "conv"]
+        attention = [i for i, kind in enumerate(kinds) if kind not in STATE_LAYERS]
         P = past_key_values[attention[0]][0].shape[2] if attention else attention_mask.shape[1] - T
         x, presents = self.trunk(input_ids, position_ids, self.attention_biases(attention_mask, P, T),
                                  past_key_values)
@@ -494,13 +619,13 @@ class Decoder(nn.Module):
         visible = causal & attention_mask[:, None, None, :].bool()           # (B, 1, T, P+T)
         dtype = self.wte.weight.dtype
         biases = {}
-        for kind in set(self.arch.layer_types) - {"conv"}:
+        for kind in set(self.arch.layer_types) - set(STATE_LAYERS):
             window = self.arch.sliding_window if kind == "sliding_attention" else None
             seen = visible if window is None else visible & (k_slot > q_slot - window)[None, None]
             bias = torch.zeros(seen.shape, dtype=dtype, device=device)
             biases[kind] = bias.masked_fill(~seen, torch.finfo(dtype).min)
-        if "conv" in self.arch.layer_types:  # a conv layer zeroes padding's inputs: (B, T, 1)
-            biases["conv"] = attention_mask[:, attention_mask.shape[1] - T:, None].to(dtype)
+        for kind in set(self.arch.layer_types) & set(STATE_LAYERS):  # conv, mamba: zero padding's inputs (B, T, 1)
+            biases[kind] = attention_mask[:, attention_mask.shape[1] - T:, None].to(dtype)
         return biases
 
     def trunk(self, input_ids, position_ids, masks, past_key_values):

@@ -632,6 +632,90 @@ class Lfm2(Family):
             conv_bias=bool(self.get("conv_bias")))
 
 
+@family("granitemoehybrid")
+class GraniteMoeHybrid(Granite):
+    """Granite 4: Mamba-2 layers ("mamba") beside GQA attention layers ("attention"; RoPE only with
+    position_embedding_type "rope"), routed SwiGLU experts (softmax over the top k logits: the renormalized
+    form) plus a shared SwiGLU MLP in every layer (the shared MLP alone without experts), Granite's
+    multipliers. Its experts' input_linear (E, 2 * inner, C) holds gate and up concatenated: interleaved on load."""
+    title = "Granite 4"
+    defaults = {**Granite.defaults, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "vocab_size": 32000,
+                "intermediate_size": 11008, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "shared_intermediate_size": 1024, "position_embedding_type": None, "mamba_n_heads": 128,
+                "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_conv": 4,
+                "mamba_expand": 2, "mamba_conv_bias": True, "mamba_proj_bias": False}
+    refuse = {"attention_bias": False}
+    # transformers' names for the layer types, old ("mamba", "attention") and new
+    block_types = {"mamba": "mamba", "linear_attention": "mamba", "attention": "full_attention",
+                   "full_attention": "full_attention"}
+    tensors = {
+        **{k: v for k, v in Llama.tensors.items() if ".mlp." not in k},
+        "h.{i}.mlp.router": _layers("block_sparse_moe.router.layer")[0],
+        "h.{i}.mlp": _layers("block_sparse_moe")[0],
+        "h.{i}.shared_mlp.c_fc": _layers("shared_mlp.input_linear")[0],
+        "h.{i}.shared_mlp.c_proj": _layers("shared_mlp.output_linear")[0],
+        "h.{i}.mamba": _layers("mamba")[0],
+        "h.{i}.mamba.in_proj": _layers("mamba.in_proj")[0],
+        "h.{i}.mamba.conv1d": _layers("mamba.conv1d")[0],
+        "h.{i}.mamba.norm": _layers("mamba.norm")[0],
+        "h.{i}.mamba.out_proj": _layers("mamba.out_proj")[0],
+    }
+
+    def granite4_layer_types(self) -> tuple[str, ...]:
+        n = self.get("num_hidden_layers")
+        types = self.config.get("layer_types") or self.config.get("layers_block_type") or ["mamba"] * n
+        if not isinstance(types, list) or len(types) != n or set(types) - set(self.block_types):
+            self.fail(f"layer_types must be {n} of 'mamba' or 'attention', got {types!r}")
+        return tuple(self.block_types[t] for t in types)
+
+    def fields(self) -> dict:
+        fields = super().fields()
+        hidden, heads = self.get("hidden_size"), self.get("mamba_n_heads")
+        inner = self.get("mamba_expand") * hidden
+        head = self.get("mamba_d_head", "auto")  # not a default: transformers resolves "auto" in the config
+        head = inner // heads if head == "auto" else head
+        if not isinstance(heads, int) or heads <= 0 or head * heads != inner:
+            self.fail(f"mamba_n_heads ({heads}) times mamba_d_head ({head}) must be mamba_expand * hidden_size ({inner})")
+        limit = self.get("time_step_limit", None)
+        if limit is not None and [float(v["__float__"]) if isinstance(v, dict) else float(v) for v in limit] \
+                != [0.0, float("inf")]:
+            self.fail(f"time_step_limit = {limit!r} is not implemented (supported: [0.0, inf])")
+        if self.get("position_embedding_type") not in (None, "rope", "nope"):
+            self.fail(f"position_embedding_type {self.get('position_embedding_type')!r} is not implemented "
+                      "(supported: 'rope' or none)")
+        n = fields["n_layer"]
+        experts = self.get("num_local_experts") or 0
+        shared = self.get("shared_intermediate_size")
+        fields.update(layer_types=self.granite4_layer_types(), sliding_window=None,
+                      rope_layers=(self.get("position_embedding_type") == "rope",) * n,
+                      mamba_heads=heads, mamba_head_dim=head, mamba_groups=self.get("mamba_n_groups"),
+                      mamba_state=self.get("mamba_d_state"), mamba_conv=self.get("mamba_d_conv"),
+                      mamba_conv_bias=bool(self.get("mamba_conv_bias")),
+                      mamba_proj_bias=bool(self.get("mamba_proj_bias")), mlp_bias=False)
+        if experts:  # the router picks k experts; the shared MLP runs beside them
+            k = self.get("num_experts_per_tok")
+            if not isinstance(k, int) or not 0 < k <= experts:
+                self.fail(f"num_local_experts = {experts!r} and num_experts_per_tok = {k!r}: need 0 < per token <= experts")
+            fields.update(n_experts=experts, n_experts_per_tok=k, moe_inner=self.get("intermediate_size"),
+                          shared_inner=shared, moe_renormalize=True)
+        else:  # no experts: the shared MLP is the layer's MLP
+            fields.update(n_inner=shared)
+        return fields
+
+    def theirs_of(self, pattern: str, suffix: str) -> list[str]:
+        if pattern == "h.{i}.mlp" and suffix in ("fc1", "fc2"):
+            return [_layers(f"block_sparse_moe.{'input_linear' if suffix == 'fc1' else 'output_linear'}")[0] + ".weight"]
+        if pattern in ("h.{i}.mlp.c_fc", "h.{i}.mlp.c_proj"):  # no experts: the shared MLP in the MLP's place
+            pattern = pattern.replace(".mlp.", ".shared_mlp.")
+        return super().theirs_of(pattern, suffix)
+
+    def convert(self, ours: str, theirs: list[torch.Tensor]) -> torch.Tensor:
+        if ours == "h.{i}.mlp.fc1":  # (E, [gate; up], C) -> (E, 2 * inner, C), gate and up rows interleaved
+            E, two_inner, C = theirs[0].shape
+            return theirs[0].reshape(E, 2, two_inner // 2, C).transpose(1, 2).reshape(E, two_inner, C)
+        return super().convert(ours, theirs)
+
+
 @family("gpt_neox")
 class GPTNeoX(Family):
     """GPT-NeoX (Pythia): parallel residual, partial rotary, q/k/v interleaved per head in one tensor."""

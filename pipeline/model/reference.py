@@ -72,7 +72,7 @@ def hf_reference(model):
     from transformers import DynamicCache
 
     cache_name = hf_cache_name(model)  # once, not on every call
-    if "conv" in (getattr(model.config, "layer_types", None) or ()):
+    if {"conv", "linear_attention"} & set(getattr(model.config, "layer_types", None) or ()):
         return _hf_state_reference(model, cache_name)
 
     def reference(ids, mask, pos, past):
@@ -103,7 +103,8 @@ def gpt_reference(model):
 def _hf_state_reference(model, cache_name: str):
     """hf_reference for LFM2, whose conv layers carry state: past and presents flat in the graph's order
     (exports.cache_names), a conv layer's (B, C, conv_L_cache - 1) where transformers keeps conv_L_cache
-    inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own math."""
+    inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own math.
+    Granite 4's mamba layers (transformers' "linear_attention"): the conv state so, then the SSM state as it is."""
     from transformers import DynamicCache
 
     kinds = list(model.config.layer_types)
@@ -114,22 +115,27 @@ def _hf_state_reference(model, cache_name: str):
             n = 1 if kind == "conv" else 2
             layers.append(past[k:k + n])
             k += n
-        attention = [entries for kind, entries in zip(kinds, layers) if kind != "conv"]
+        attention = [entries for kind, entries in zip(kinds, layers) if kind not in ("conv", "linear_attention")]
         P = attention[0][0].shape[2] if attention else mask.shape[1] - ids.shape[1]
         if P > 0:  # the first step's state is zeros, as transformers starts
             for i, (kind, entries) in enumerate(zip(kinds, layers)):
-                if kind == "conv":
+                if kind in ("conv", "linear_attention"):
                     layer = cache.layers[i]
                     state = torch.nn.functional.pad(entries[0], (1, 0))
                     layer.update_conv_state(state, conv_kernel_size=state.shape[-1])
                     layer.cumulative_length_linear.fill_(P)
+                    if kind == "linear_attention":
+                        layer.update_recurrent_state(entries[1])
                 else:
                     cache.update(entries[0], entries[1], i)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache})
         presents, flat = hf_cache_out(out), []
         for i, kind in enumerate(kinds):
             layer = presents.layers[i]
-            flat += [layer.conv_states[0][:, :, 1:]] if kind == "conv" else [layer.keys, layer.values]
+            if kind == "linear_attention":
+                flat += [layer.conv_states[0][:, :, 1:], layer.recurrent_states[0]]
+            else:
+                flat += [layer.conv_states[0][:, :, 1:]] if kind == "conv" else [layer.keys, layer.values]
         return out.logits, flat
 
     return reference

@@ -73,6 +73,23 @@ CASES = {
                       "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
     "lfm2-bias": ("lfm2", {**SMALL, "num_hidden_layers": 3, "block_multiple_of": 16, "conv_bias": True,
                            "conv_L_cache": 4, "full_attn_idxs": [1]}),
+    # Granite 4: mamba layers around an attention layer, 4 experts two a token beside a shared MLP, 2 groups of
+    # B and C for 4 mamba heads, Granite's multipliers, RoPE
+    "granitemoehybrid": ("granitemoehybrid", {**SMALL, "num_hidden_layers": 3, "intermediate_size": 24,
+                                              "shared_intermediate_size": 40, "num_local_experts": 4,
+                                              "num_experts_per_tok": 2, "mamba_n_heads": 4, "mamba_n_groups": 2,
+                                              "mamba_d_state": 8, "mamba_d_head": 16, "mamba_d_conv": 4,
+                                              "layers_block_type": ["mamba", "attention", "mamba"],
+                                              "position_embedding_type": "rope", "embedding_multiplier": 12.0,
+                                              "attention_multiplier": 0.05, "residual_multiplier": 0.22,
+                                              "logits_scaling": 8.0}),
+    # Granite 4.0-H 350m/1b's shape: no experts (the shared MLP is the MLP), no position embedding (NoPE), one group,
+    # an attention layer first, no conv bias
+    "granitemoehybrid-dense": ("granitemoehybrid", {**SMALL, "num_hidden_layers": 3, "shared_intermediate_size": 40,
+                                                    "num_local_experts": 0, "mamba_n_heads": 4, "mamba_d_state": 16,
+                                                    "mamba_d_head": 16, "mamba_d_conv": 3, "mamba_conv_bias": False,
+                                                    "layers_block_type": ["attention", "mamba", "mamba"],
+                                                    "embedding_multiplier": 12.0, "residual_multiplier": 0.22}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -90,7 +107,8 @@ def save_tiny(folder, model_type: str, sizes: dict, safe: bool = True, vocab: in
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # norms and biases off their init (ones or zeros) so every weight matters
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias") or name.endswith("_bias") or name.endswith("sinks"):
+            if "norm" in name or name.endswith(".bias") or name.endswith("_bias") or name.endswith("sinks") \
+                    or name.endswith((".A_log", ".D")):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     if not safe:  # a pickled checkpoint, as older Hub folders have (transformers 5 only writes safetensors)
@@ -173,6 +191,13 @@ def test_logits_equal_transformers(tiny, name):
             assert state.shape == (len(ids), ours.arch.n_embd, ours.arch.conv_kernel - 1)
             # transformers keeps conv_L_cache inputs; the oldest one is never read again
             torch.testing.assert_close(state, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+        elif ours.arch.layer_types[i] == "mamba":  # Granite 4: conv over x B C, then the SSM state, fp32
+            conv, ssm = entries
+            a = ours.arch
+            assert conv.shape == (len(ids), a.mamba_conv_dim, a.mamba_conv - 1)
+            assert ssm.shape == (len(ids), a.mamba_heads, a.mamba_head_dim, a.mamba_state) and ssm.dtype == torch.float32
+            torch.testing.assert_close(conv, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ssm, cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-5)
         else:
             assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
     MAX_DELTA[name] = delta
@@ -354,6 +379,25 @@ def test_lfm2_layer_types_and_kernel_are_checked(tiny, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_granite4_what_we_do_not_implement_is_refused(tiny, tmp_path):
+    """Granite 4: a clamped time step (transformers clamps it in prefill only), a layer type other than mamba or
+    attention, heads that do not tile mamba_expand * hidden_size, another position embedding: one line each."""
+    with pytest.raises(UserError, match=r"time_step_limit = \[0.001, 0.1\] is not implemented") as e:
+        load_decoder(_edited(tiny, tmp_path, "granitemoehybrid", time_step_limit=[0.001, 0.1]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"layer_types must be 3 of 'mamba' or 'attention', got \['mamba', 'conv'"):
+        load_decoder(_edited(tiny, tmp_path / "b", "granitemoehybrid", layer_types=["mamba", "conv", "mamba"]))
+    with pytest.raises(UserError, match=r"mamba_n_heads \(4\) times mamba_d_head \(8\) must be mamba_expand \* "
+                                        r"hidden_size \(64\)"):
+        load_decoder(_edited(tiny, tmp_path / "c", "granitemoehybrid", mamba_d_head=8))
+    with pytest.raises(UserError, match=r"position_embedding_type 'alibi' is not implemented"):
+        load_decoder(_edited(tiny, tmp_path / "d", "granitemoehybrid", position_embedding_type="alibi"))
+    # transformers 4's names for the layer types (layers_block_type) mean the same model
+    legacy = _edited(tiny, tmp_path / "e", "granitemoehybrid", layer_types=None,
+                     layers_block_type=["mamba", "attention", "mamba"])
+    assert load_decoder(legacy).arch.layer_types == ("mamba", "full_attention", "mamba")
+
+
 def test_pickled_only_folder_is_refused(tmp_path):
     save_tiny(tmp_path / "pickled", "llama", SMALL, safe=False)
     assert not list((tmp_path / "pickled").glob("*.safetensors"))
@@ -379,7 +423,7 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
 EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
-            "mixtral", "qwen3_moe", "gpt_oss", "lfm2"]
+            "mixtral", "qwen3_moe", "gpt_oss", "lfm2", "granitemoehybrid", "granitemoehybrid-dense"]
 
 
 @pytest.mark.slow
@@ -400,15 +444,23 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     assert report.passed and fp32["greedy_match"] == 64, fp32
     assert manifest.load(tmp_path / "out")["stages"][0]["exporter"] == "onnxgen"
     assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    # every graph keeps the contract's inputs, position_ids too where nothing reads it (Granite 4.0-H: NoPE)
+    names = [i.name for i in onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"], names[:3]
     arch = load_decoder(src).arch
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "model.onnx"), load_external_data=False).graph
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     first = arch.layer_types.index("full_attention") if "full_attention" in arch.layer_types else 0
     assert shapes[f"past_key_values.{first}.key"] == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
     for i, kind in enumerate(arch.layer_types):  # LFM2's conv layers: their state, fixed but batch
-        assert (f"past_conv.{i}" in shapes) == (kind == "conv")
+        assert (f"past_conv.{i}" in shapes) == (kind in ("conv", "mamba"))
         if kind == "conv":
             assert shapes[f"past_conv.{i}"] == ["batch_size", arch.n_embd, arch.conv_kernel - 1]
+    for i, kind in enumerate(arch.layer_types):  # Granite 4's mamba layers: conv and SSM state, fixed but batch
+        assert (f"past_ssm.{i}" in shapes) == (kind == "mamba")
+        if kind == "mamba":
+            assert shapes[f"past_conv.{i}"] == ["batch_size", arch.mamba_conv_dim, arch.mamba_conv - 1]
+            assert shapes[f"past_ssm.{i}"] == ["batch_size", arch.mamba_heads, arch.mamba_head_dim, arch.mamba_state]
 
 
 @pytest.mark.slow
@@ -453,6 +505,8 @@ def test_rope_variants_export_to_the_same_logits(tiny, tmp_path, name):
 FUSED_SIZES = {"hidden_size": 64, "max_position_embeddings": 64}
 FUSED_WIDER = {"phi3": {"hidden_size": 128}, "phi": {"hidden_size": 128}, "gpt_neox": {"hidden_size": 256}, "gpt_neox-sequential": {"hidden_size": 128},
                "llama-dynamic": {"max_position_embeddings": 64},
+               "granitemoehybrid": {"mamba_d_head": 32},  # 4 heads of 32: mamba_expand (2) * 64
+               "granitemoehybrid-dense": {"mamba_d_head": 32},
                # a batch of 12 tokens at most takes the short factors, two decode steps later the long ones
                "phi3-longrope": {"original_max_position_embeddings": 13, "rope_scaling": {
                    "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 4.0],
@@ -545,8 +599,10 @@ def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     graph = fuse_graph(onnx.load(str(tmp_path / "model.onnx")), attention_of(folder))
     ops = [n.op_type for n in graph.graph.node]
     conv = ours.arch.layer_types.count("conv")  # LFM2's conv layers: one CausalConvWithState each
-    assert ops.count("GroupQueryAttention") == ours.arch.n_layer - conv
-    assert ops.count("CausalConvWithState") == conv and "Conv" not in ops
+    mamba = ours.arch.layer_types.count("mamba")  # Granite 4's: a CausalConvWithState and a GatedDeltaNet each
+    assert ops.count("GroupQueryAttention") == ours.arch.n_layer - conv - mamba
+    assert ops.count("CausalConvWithState") == conv + mamba and "Conv" not in ops
+    assert ops.count("GatedDeltaNet") == mamba
     onnx.save(graph, str(tmp_path / "fused.onnx"))
     session = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)

@@ -140,7 +140,16 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     # LayerNorms stay fp32 (their mean and variance lose most in half precision; the weights are tiny):
     # measured on the fully trained `small`, all-fp16 max |Δlogit| 1.45e-2 (misses 1e-2), LayerNorms
     # fp32 7.8e-3 at the same size; the head in fp32 instead gave 1.27e-2 for 4 MB more.
-    model.convert_float_to_float16(keep_io_types=["logits"], op_block_list=list(FP32_OPS))
+    # Granite 4's SSM state stays fp32 (GatedDeltaNet takes only a float state; the recurrence is where half
+    # precision hurts most): its inputs and outputs, and the op itself, are kept fp32
+    ssm = [v.name for v in (*model.model.graph.input, *model.model.graph.output)
+           if v.name.startswith(("past_ssm.", "present_ssm."))]
+    blocked = list(FP32_OPS) + (["GatedDeltaNet"] if ssm else [])
+    # with state ops ORT's symbolic inference fails (it does not know them) and dumps its graph into the working
+    # directory; the optimized graph already carries every tensor's type (optimize._record_types), so onnx's is enough
+    model.convert_float_to_float16(keep_io_types=["logits", *ssm], op_block_list=blocked,
+                                   use_symbolic_shape_infer=not ssm)
     drop_duplicate_casts(model.model.graph)
     model.save_model_to_file(str(dst), use_external_data_format=False)
-    return {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": list(FP32_OPS)}
+    return {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked,
+            **({"ssm_state": "fp32"} if ssm else {})}
