@@ -33,6 +33,7 @@ over at least MIN_WINDOWS windows; the report says how many each figure stands o
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -546,7 +547,8 @@ class _ReferenceLogits:
 
 
 def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_TOKENS,
-               thresholds: dict | None = None, progress: bool = False, context: int | None = None) -> ParityReport:
+               thresholds: dict | None = None, progress: bool = False, context: int | None = None,
+               release: bool = False) -> ParityReport:
     """Every graph against the reference: the reference once over the windows (its logits to disk), then one
     graph at a time over the same calls, scored against them (module docstring, "Memory"). An fp16 graph this
     ONNX Runtime cannot open is reported "not run", never passed."""
@@ -574,6 +576,9 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
             reference.append(_full(ref, windows[start:stop]))
             bar.update(stop - start)
         ref_greedy = _greedy(ref, prompt, greedy_tokens)
+        if release:  # the reference has done its part: its model goes before the first graph opens
+            source.reference = ref = None
+            gc.collect()
         results = []
         for g in graphs:
             t = thresholds.get(g.variant, Thresholds())
@@ -640,19 +645,21 @@ def open_graphs(folder: Path, variants: list[str], kinds=("plain", "fused")) -> 
     for v in variants:
         twins = [False] * ("plain" in kinds) + [True] * ("fused" in kinds and fused_path(folder, v).is_file())
         for twin in twins:
-            graphs.append(Graph(f"{v} fused" if twin else v, v, partial(OnnxLM, folder, variant=v,
-                                                                       provider=_provider(v), fused=twin), twin))
+            # without pre-packed weights: ONNX Runtime's second copy of an fp32 graph's weights is the largest
+            # thing parity could do without (0.5 GB of SmolLM2's peak, benchmarks/MEMORY.md)
+            graphs.append(Graph(f"{v} fused" if twin else v, v, partial(OnnxLM, folder, variant=v, provider=_provider(v),
+                                                                       fused=twin, prepack=False), twin))
     return graphs
 
 
 def parity_of(folder: Path, variants: list[str], source: Source, kinds=("plain", "fused"),
-              progress: bool = False) -> ParityReport:
+              progress: bool = False, release: bool = False) -> ParityReport:
     """Judge the export's `variants` (their plain graphs and fused twins, of `kinds`) against `source`;
     sizes and devices filled in."""
     folder = Path(folder)
     thresholds = thresholds_for(folder)
     report = run_parity(open_graphs(folder, variants, kinds), source, thresholds=thresholds, progress=progress,
-                        context=read_config(folder).context)
+                        context=read_config(folder).context, release=release)
     order = {f"{v}{s}": i for i, (v, s) in enumerate((v, s) for v in variants for s in ("", " fused"))}
     report.results.sort(key=lambda r: order[r.variant])
     for r in report.results:
@@ -691,7 +698,7 @@ def check_export(folder: str | Path, checkpoint: str | Path | None = None, varia
         if not variant_path(folder, v).is_file():
             raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")
     source = source_of(folder, checkpoint, min_scored=min_scored)
-    report = parity_of(folder, variants or present_variants(folder), source, progress=progress)
+    report = parity_of(folder, variants or present_variants(folder), source, progress=progress, release=True)
     files = report.write(folder)
     manifest.record(folder, "parity", files, parity=report.to_dict())
     return report

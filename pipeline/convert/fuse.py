@@ -455,7 +455,7 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None, progress:
         if not check:
             manifest.record(tmp, "fuse", written, fused="not judged")
             return written
-        report = parity_of(tmp, variants, source, kinds=("fused",), progress=progress)
+        report = parity_of(tmp, variants, source, kinds=("fused",), progress=progress, release=True)
         for r in report.results:
             log.info("fused %s: KL %.2e, same top-1 %.2f%% over %d tokens, max |Δlogit| %.2e: %s", r.variant,
                      r.kl_mean, 100 * r.top1, r.scored, r.max_abs, r.status)

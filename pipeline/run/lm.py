@@ -64,7 +64,8 @@ def require_cuda() -> None:
                         "(install onnxruntime-gpu instead of onnxruntime: make install GPU=1)")
 
 
-def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool | None = None):
+def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool | None = None,
+                 prepack: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -80,6 +81,8 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool
     if spin is None:
         spin = True
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if not prepack:  # no second, pre-packed copy of the fp32 weights (parity: memory over speed)
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
@@ -303,7 +306,7 @@ class SharedBufferDecode:
 class OnnxLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
                  verify: bool = False, fused: bool | str = False, spin: bool | None = None,
-                 special_tokens: bool = True):
+                 special_tokens: bool = True, prepack: bool = True):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
         (faster only on cores nothing else wants); None: ONNX Runtime's default, spinning.
@@ -336,7 +339,7 @@ class OnnxLM:
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")
         self.provider = provider
-        self.session = make_session(path, provider, threads, spin)
+        self.session = make_session(path, provider, threads, spin, prepack)
         inputs = {i.name: i for i in self.session.get_inputs()}
         # the cache in the graph's order: K/V (past_key_values.*) and, in a hybrid model, fixed-size state
         # (LFM2's past_conv.*, docs/contract.md part 3), each fed back from its present

@@ -238,8 +238,9 @@ def test_parity_holds_a_few_windows_of_logits_whatever_the_vocabulary(tiny_expor
 
 @pytest.mark.slow
 def test_parity_opens_one_graph_at_a_time_and_runs_the_reference_once(tiny_quantized, monkeypatch):
-    """Memory: whatever the number of graphs, one ONNX Runtime session is open at a time, and the reference
-    runs over the windows once (its logits kept on disk, not in memory), not once per graph."""
+    """Memory: whatever the number of graphs, one ONNX Runtime session is open at a time (without pre-packed
+    weights), and the reference runs over the windows once (its logits kept on disk, not in memory), not once
+    per graph; released, its model goes before the first graph opens."""
     from pipeline.check import parity
 
     folder = tiny_quantized[0]
@@ -248,6 +249,7 @@ def test_parity_opens_one_graph_at_a_time_and_runs_the_reference_once(tiny_quant
     class Counted(parity.OnnxLM):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            assert kwargs["prepack"] is False
             live[0] += 1
             most[0] = max(most[0], live[0])
 
@@ -261,7 +263,8 @@ def test_parity_opens_one_graph_at_a_time_and_runs_the_reference_once(tiny_quant
     forward = parity.Reference.forward
     monkeypatch.setattr(parity.Reference, "forward",
                         lambda self, ids, *a: (ids.shape[1] == T and whole.append(len(ids)), forward(self, ids, *a))[1])
-    report = parity_of(folder, ["fp32", "int8"], source, kinds=("plain",))
+    report = parity_of(folder, ["fp32", "int8"], source, kinds=("plain",), release=True)
     assert [r.status for r in report.results] == ["pass"] * 2
     assert most[0] == 1 and live[0] == 0
+    assert source.reference is None  # released (the CLI's parity and fuse): its model freed before any graph
     assert sum(whole) == n + 1  # every window once, and the one that tells the vocabulary
