@@ -12,7 +12,7 @@ import pytest
 from conftest import SHORT_CHATML, TEST_CORPUS
 from pipeline import manifest
 from test_families import CASES, FUSED_WIDER, copy_tokenizer, save_tiny
-from test_state_cache import PROMPTS, _alone, dims
+from test_state_cache import PROMPTS, _alone, dims, slots_start_from_fresh_state
 
 pytestmark = pytest.mark.slow  # one export, two quantizations and a fuse for the module
 
@@ -104,31 +104,7 @@ def test_a_batch_gives_each_rows_tokens_alone(granite4_export, variant):
 def test_continuous_batching_reuses_slots_with_fresh_state(granite4_export):
     """Five requests through two slots: each newcomer's conv and SSM state start from zeros, prefix caching stays
     off; every answer is the request's tokens alone."""
-    import threading
-
-    from pipeline.run.batching import BatchEngine, Request
-    from pipeline.run.lm import OnnxLM
-    from pipeline.run.sampling import SamplingConfig
-
-    out, _ = granite4_export
-    lm = OnnxLM(out, fused=True)
-    engine = BatchEngine(lm, capacity=2, prefix_cache_bytes=1e8, prefix_block=4).start()
-    try:
-        assert engine.prefix is None
-        done = threading.Semaphore(0)
-        prompts = PROMPTS + [[300, 301, 302], [9, 8, 7, 6, 5, 4, 3]]
-        requests = [Request(prompt=p, max_tokens=8 + i, sampling=SamplingConfig(temperature=0.0),
-                            emit=lambda kind, data: kind != "text" and done.release()) for i, p in enumerate(prompts)]
-        for r in requests:
-            assert engine.submit(r)
-        for _ in requests:
-            assert done.acquire(timeout=60)
-    finally:
-        engine.stop()
-    for i, (p, r) in enumerate(zip(prompts, requests)):
-        assert r.finish_reason in ("stop", "length")
-        result = _alone(lm, p, 8 + i)
-        assert r.tokens == result[:len(r.tokens)] and (r.finish_reason == "stop" or len(r.tokens) == 8 + i)
+    slots_start_from_fresh_state(granite4_export[0])
 
 
 def test_chat_answers_as_a_fresh_prefill(granite4_export):

@@ -96,16 +96,16 @@ def test_a_batch_gives_each_rows_tokens_alone(lfm2_export, variant):
         assert batch == [_alone(lm, p) for p in PROMPTS], (variant, fused)
 
 
-def test_continuous_batching_reuses_slots_with_fresh_state(lfm2_export):
-    """Five requests through two slots: each newcomer's conv state starts from zeros, not from the slot's last
-    request, and prefix caching (asked for) stays off; every answer is the request's tokens alone."""
+def slots_start_from_fresh_state(out):
+    """Five requests through two slots of the fused twin of `out`: every answer is the request's tokens alone
+    (a newcomer's state starts from zeros, not from its slot's last request), and prefix caching, asked for,
+    stays off."""
     import threading
 
     from pipeline.run.batching import BatchEngine, Request
     from pipeline.run.lm import OnnxLM
     from pipeline.run.sampling import SamplingConfig
 
-    out, _ = lfm2_export
     lm = OnnxLM(out, fused=True)
     engine = BatchEngine(lm, capacity=2, prefix_cache_bytes=1e8, prefix_block=4).start()
     try:
@@ -124,6 +124,12 @@ def test_continuous_batching_reuses_slots_with_fresh_state(lfm2_export):
         assert r.finish_reason in ("stop", "length")
         result = _alone(lm, p, 8 + i)
         assert r.tokens == result[:len(r.tokens)] and (r.finish_reason == "stop" or len(r.tokens) == 8 + i)
+
+
+def test_continuous_batching_reuses_slots_with_fresh_state(lfm2_export):
+    """Five requests through two slots: each newcomer's conv state starts from zeros, not from the slot's last
+    request, and prefix caching (asked for) stays off; every answer is the request's tokens alone."""
+    slots_start_from_fresh_state(lfm2_export[0])
 
 
 def test_chat_reuses_the_state_only_when_a_turn_extends_it(lfm2_export):
