@@ -9,7 +9,9 @@ from pipeline.errors import UserError
 ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")  # model/decoder.py's ACTIVATIONS implement them
 # rope_scaling types we implement; anything else in a config is refused, not ignored
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-LAYER_TYPES = ("full_attention", "sliding_attention", "conv")  # conv: LFM2's gated short convolution
+# conv: LFM2's gated short convolution; linear_attention: Qwen3.5's Gated DeltaNet
+LAYER_TYPES = ("full_attention", "sliding_attention", "conv", "linear_attention")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")  # the layers whose cache is K/V
 
 
 @dataclass
@@ -50,6 +52,13 @@ class DecoderConfig:
     # short convolution (LFM2's "conv" layers, in place of attention)
     conv_kernel: int = 3              # transformers' conv_L_cache: the causal depthwise kernel's width
     conv_bias: bool = False           # biases on in_proj, the convolution and out_proj
+    attn_output_gate: bool = False    # Qwen3.5: attention's output times sigmoid(a gate projected with q)
+    # Gated DeltaNet (Qwen3.5's "linear_attention" layers, in place of attention)
+    linear_num_key_heads: int = 0     # q and k heads (each serves linear_num_value_heads / this v heads)
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4   # the causal depthwise convolution over q, k and v
     # MLP
     activation: str = "gelu_tanh"
     gated: bool = False               # GLU: act(gate) * up (SwiGLU, GeGLU)
@@ -122,10 +131,32 @@ class DecoderConfig:
              f"experts must be SwiGLU (gated silu), got gated={self.gated} {self.activation!r}"),
             (self.conv_kernel >= 2 or "conv" not in self.layer_types,
              f"conv_kernel (conv_L_cache) must be at least 2, got {self.conv_kernel}"),
+            (self.linear_checks() is None, self.linear_checks()),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"model config: {message}")
+
+    def linear_checks(self) -> str | None:
+        """What is wrong with the Gated DeltaNet sizes (None: nothing, or no linear_attention layer)."""
+        if "linear_attention" not in self.layer_types:
+            return None
+        sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                 self.linear_value_head_dim)
+        if min(sizes) <= 0:
+            return f"linear_attention layers need positive linear head counts and sizes, got {sizes}"
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            return (f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                    f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.linear_conv_kernel_dim < 2:
+            return f"linear_conv_kernel_dim must be at least 2, got {self.linear_conv_kernel_dim}"
+        return None
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """The Gated DeltaNet convolution's channels: q, k (key heads) and v (value heads)."""
+        return (2 * self.linear_num_key_heads * self.linear_key_head_dim
+                + self.linear_num_value_heads * self.linear_value_head_dim)
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
@@ -133,7 +164,12 @@ class DecoderConfig:
     def cache_shapes(self, layer: int) -> list[tuple]:
         """The shapes of one layer's cache entries after batch (exports.layer_cache_names names them): K and V
         (kv heads, None: the sequence, head size), or a conv layer's state (hidden, conv_kernel - 1): the
-        last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it."""
+        last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it; a Gated DeltaNet
+        layer's convolution state (conv channels, kernel - 1) and its recurrent state (value heads, value head
+        size, key head size): V-major, the layout of ONNX Runtime's GatedDeltaNet (docs/contract.md part 3)."""
+        if self.layer_types[layer] == "linear_attention":
+            return [(self.linear_conv_dim, self.linear_conv_kernel_dim - 1),
+                    (self.linear_num_value_heads, self.linear_value_head_dim, self.linear_key_head_dim)]
         if self.layer_types[layer] == "conv":
             return [(self.n_embd, self.conv_kernel - 1)]
         return [(self.n_kv_head, None, self.head_dim)] * 2

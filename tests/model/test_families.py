@@ -73,6 +73,11 @@ CASES = {
                       "layer_types": ["conv", "full_attention", "conv", "full_attention"]}),
     "lfm2-bias": ("lfm2", {**SMALL, "num_hidden_layers": 3, "block_multiple_of": 16, "conv_bias": True,
                            "conv_L_cache": 4, "full_attn_idxs": [1]}),
+    # Gated DeltaNet layers (two value heads per key head) before a gated full-attention layer, partial rotary
+    "qwen3_5": ("qwen3_5_text", {**SMALL, "num_hidden_layers": 4, "head_dim": 16, "linear_num_key_heads": 2,
+                                 "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+                                 "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                                 "linear_attention"]}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -173,6 +178,17 @@ def test_logits_equal_transformers(tiny, name):
             assert state.shape == (len(ids), ours.arch.n_embd, ours.arch.conv_kernel - 1)
             # transformers keeps conv_L_cache inputs; the oldest one is never read again
             torch.testing.assert_close(state, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+        elif ours.arch.layer_types[i] == "linear_attention":  # Qwen3.5: the convolution's and the recurrence's
+            conv, recurrent = entries
+            a = ours.arch
+            assert conv.shape == (len(ids), a.linear_conv_dim, a.linear_conv_kernel_dim - 1)
+            assert recurrent.shape == (len(ids), a.linear_num_value_heads, a.linear_value_head_dim,
+                                       a.linear_key_head_dim) and recurrent.dtype == torch.float32
+            torch.testing.assert_close(conv, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+            # transformers' recurrent state is K-major (B, Hv, dk, dv); ours V-major, as ONNX Runtime's op
+            torch.testing.assert_close(recurrent, cache.layers[i].recurrent_states[0].transpose(-1, -2),
+                                       atol=1e-5, rtol=1e-5)
+            assert recurrent.abs().max() > 0.1  # the state carries something
         else:
             assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
     MAX_DELTA[name] = delta
