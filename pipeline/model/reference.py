@@ -72,7 +72,7 @@ def hf_reference(model):
     from transformers import DynamicCache
 
     cache_name = hf_cache_name(model)  # once, not on every call
-    if "conv" in (getattr(model.config, "layer_types", None) or ()):
+    if {"conv", "linear_attention"} & set(getattr(model.config, "layer_types", None) or ()):
         return _hf_state_reference(model, cache_name)
 
     def reference(ids, mask, pos, past):
@@ -101,9 +101,10 @@ def gpt_reference(model):
 
 
 def _hf_state_reference(model, cache_name: str):
-    """hf_reference for LFM2, whose conv layers carry state: past and presents flat in the graph's order
-    (exports.cache_names), a conv layer's (B, C, conv_L_cache - 1) where transformers keeps conv_L_cache
-    inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own math."""
+    """hf_reference for LFM2 and Qwen3.5, whose conv and linear_attention layers carry state: past and presents
+    flat in the graph's order (exports.cache_names), a convolution's (B, C, kernel - 1) where transformers keeps
+    kernel inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own
+    math. Qwen3.5's recurrent state is V-major in the graph (B, Hv, dv, dk), K-major in transformers."""
     from transformers import DynamicCache
 
     kinds = list(model.config.layer_types)
@@ -111,25 +112,32 @@ def _hf_state_reference(model, cache_name: str):
     def reference(ids, mask, pos, past):
         cache, k, layers = DynamicCache(config=model.config), 0, []
         for kind in kinds:
-            n = 1 if kind == "conv" else 2
+            n = 1 if kind == "conv" else 2  # K and V, or a linear layer's conv and recurrent states
             layers.append(past[k:k + n])
             k += n
-        attention = [entries for kind, entries in zip(kinds, layers) if kind != "conv"]
+        attention = [entries for kind, entries in zip(kinds, layers) if kind not in ("conv", "linear_attention")]
         P = attention[0][0].shape[2] if attention else mask.shape[1] - ids.shape[1]
         if P > 0:  # the first step's state is zeros, as transformers starts
             for i, (kind, entries) in enumerate(zip(kinds, layers)):
-                if kind == "conv":
+                if kind in ("conv", "linear_attention"):
                     layer = cache.layers[i]
                     state = torch.nn.functional.pad(entries[0], (1, 0))
                     layer.update_conv_state(state, conv_kernel_size=state.shape[-1])
                     layer.cumulative_length_linear.fill_(P)
+                    if kind == "linear_attention":
+                        layer.update_recurrent_state(entries[1].transpose(-1, -2).contiguous())
                 else:
                     cache.update(entries[0], entries[1], i)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache})
         presents, flat = hf_cache_out(out), []
         for i, kind in enumerate(kinds):
             layer = presents.layers[i]
-            flat += [layer.conv_states[0][:, :, 1:]] if kind == "conv" else [layer.keys, layer.values]
+            if kind == "conv":
+                flat += [layer.conv_states[0][:, :, 1:]]
+            elif kind == "linear_attention":
+                flat += [layer.conv_states[0][:, :, 1:], layer.recurrent_states[0].transpose(-1, -2)]
+            else:
+                flat += [layer.keys, layer.values]
         return out.logits, flat
 
     return reference

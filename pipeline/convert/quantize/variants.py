@@ -26,6 +26,10 @@ from pipeline.train.runs import load_model
 
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization")  # kept fp32 in the fp16 variant
+# Qwen3.5's Gated DeltaNet: its recurrent state (past_recurrent.*, present_recurrent.*) is float32 in every
+# variant (the recurrence is where half precision hurts most; ONNX Runtime's op keeps its state float32
+# whatever q, k and v are), and so is the op itself, A_log and dt_bias with it
+FP32_STATE_OPS = ("GatedDeltaNet",)
 
 
 def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarray | None = None,
@@ -140,7 +144,11 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     # LayerNorms stay fp32 (their mean and variance lose most in half precision; the weights are tiny):
     # measured on the fully trained `small`, all-fp16 max |Δlogit| 1.45e-2 (misses 1e-2), LayerNorms
     # fp32 7.8e-3 at the same size; the head in fp32 instead gave 1.27e-2 for 4 MB more.
-    model.convert_float_to_float16(keep_io_types=["logits"], op_block_list=list(FP32_OPS))
+    graph = model.model.graph
+    recurrent = [v.name for v in [*graph.input, *graph.output] if "_recurrent." in v.name]
+    blocked = list(FP32_OPS) + [op for op in FP32_STATE_OPS if any(n.op_type == op for n in graph.node)]
+    model.convert_float_to_float16(keep_io_types=["logits", *recurrent], op_block_list=blocked)
     drop_duplicate_casts(model.model.graph)
     model.save_model_to_file(str(dst), use_external_data_format=False)
-    return {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": list(FP32_OPS)}
+    info = {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked}
+    return {**info, "recurrent_state": "fp32"} if recurrent else info
