@@ -147,7 +147,10 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     graph = model.model.graph
     recurrent = [v.name for v in [*graph.input, *graph.output] if "_recurrent." in v.name]
     blocked = list(FP32_OPS) + [op for op in FP32_STATE_OPS if any(n.op_type == op for n in graph.node)]
-    model.convert_float_to_float16(keep_io_types=["logits", *recurrent], op_block_list=blocked)
+    # the optimize stage typed every tensor (its shape inference knows the state ops, ORT's own does not and
+    # would leave sym_shape_infer_temp.onnx in the working directory): not again for a graph with state ops
+    model.convert_float_to_float16(keep_io_types=["logits", *recurrent], op_block_list=blocked,
+                                   use_symbolic_shape_infer=len(blocked) == len(FP32_OPS))
     drop_duplicate_casts(model.model.graph)
     model.save_model_to_file(str(dst), use_external_data_format=False)
     info = {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked}
