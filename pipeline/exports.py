@@ -71,7 +71,7 @@ STATE_PREFIXES = ("past_conv.", "past_ssm.", "past_recurrent.")  # inputs of fix
 STATE_NAMES = {  # layer type -> the state it carries, "{i}" the layer: (input, output)
     "conv": [("past_conv.{i}", "present_conv.{i}")],  # LFM2's short convolution: (batch, hidden, L_cache - 1)
     # Qwen3.5's Gated DeltaNet: its convolution's (batch, conv channels, kernel - 1) and its recurrent state
-    # (batch, value heads, value head size, key head size), always float32
+    # (batch, value heads, key head size, value head size), always float32
     "linear_attention": [("past_conv.{i}", "present_conv.{i}"), ("past_recurrent.{i}", "present_recurrent.{i}")],
 }
 

@@ -139,9 +139,9 @@ def _record_types(model: onnx.ModelProto) -> None:
 
 
 # Qwen3.5's state ops, which ORT's symbolic shape inference does not know: output -> the input whose type and
-# shape it has (GatedDeltaNet: output like value, final_state like initial_state; CausalConvWithState: output
-# like input, present_state like past_state)
-STATE_OP_SHAPES = {"GatedDeltaNet": ((0, 2), (1, 6)), "CausalConvWithState": ((0, 0), (1, 3))}
+# shape it has (LinearAttention: output like value, present_state like past_state; CausalConvWithState:
+# output like input, present_state like past_state)
+STATE_OP_SHAPES = {"LinearAttention": ((0, 2), (1, 3)), "CausalConvWithState": ((0, 0), (1, 3))}
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

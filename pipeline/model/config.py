@@ -165,11 +165,11 @@ class DecoderConfig:
         """The shapes of one layer's cache entries after batch (exports.layer_cache_names names them): K and V
         (kv heads, None: the sequence, head size), or a conv layer's state (hidden, conv_kernel - 1): the
         last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it; a Gated DeltaNet
-        layer's convolution state (conv channels, kernel - 1) and its recurrent state (value heads, value head
-        size, key head size): V-major, the layout of ONNX Runtime's GatedDeltaNet (docs/contract.md part 3)."""
+        layer's convolution state (conv channels, kernel - 1) and its recurrent state (value heads, key head
+        size, value head size): transformers' layout and ONNX Runtime's LinearAttention's (docs/contract.md part 3)."""
         if self.layer_types[layer] == "linear_attention":
             return [(self.linear_conv_dim, self.linear_conv_kernel_dim - 1),
-                    (self.linear_num_value_heads, self.linear_value_head_dim, self.linear_key_head_dim)]
+                    (self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim)]
         if self.layer_types[layer] == "conv":
             return [(self.n_embd, self.conv_kernel - 1)]
         return [(self.n_kv_head, None, self.head_dim)] * 2

@@ -402,22 +402,25 @@ class _CausalConvOp(torch.autograd.Function):
 
 
 class _GatedDeltaOp(torch.autograd.Function):
-    """The gated delta rule over a sequence, from the raw gate inputs: one com.microsoft GatedDeltaNet node in
-    the exported graph (ONNX Runtime's kernels: chunked prefill, its state float32 whatever q, k, v are); in
-    PyTorch, GatedDeltaNet.recurrence. q, k (B, T, Hk, dk), v (B, T, Hv, dv), a, b (B, T, Hv), state
-    (B, Hv, dv, dk) V-major -> out (B, T, Hv, dv), state."""
+    """The gated delta rule over a sequence: one com.microsoft LinearAttention node (update_rule gated_delta)
+    in the exported graph, which ONNX Runtime's CPU kernel runs in one call for the whole prefill (also the
+    onnxruntime-node 1.30 transformers.js 4.3 bundles, which has no GatedDeltaNet kernel); in PyTorch,
+    GatedDeltaNet.recurrence. q, k (B, T, H * dk) L2-normalized, one per value head; v (B, T, H * dv);
+    g (log decay), beta (B, T, H); state (B, H, dk, dv) -> out (B, T, H * dv), state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, a, b, state, a_log, dt_bias):
-        return GatedDeltaNet.recurrence(q, k, v, a, b, state, a_log, dt_bias)
+    def forward(ctx, q, k, v, g, beta, state, heads: int):
+        B, T = q.shape[:2]
+        out, state = GatedDeltaNet.recurrence(*(t.reshape(B, T, heads, -1) for t in (q, k, v)), g, beta, state)
+        return out.reshape(B, T, -1), state
 
     @staticmethod
-    def symbolic(g, q, k, v, a, b, state, a_log, dt_bias):
-        none = g.op("prim::Constant")
-        none.setType(torch._C.OptionalType.ofTensor())
-        out, present = g.op("com.microsoft::GatedDeltaNet", q, k, v, none, a, b, state, a_log, dt_bias,
-                            gate_activation_s="softplus", beta_activation_s="sigmoid", qk_l2_norm_i=1,
-                            update_rule_s="gated_delta", outputs=2)
+    def symbolic(g, q, k, v, decay, beta, state, heads: int):
+        dk = q.type().sizes()[-1] // heads if q.type().sizes() else None
+        attrs = dict(q_num_heads_i=heads, kv_num_heads_i=heads, update_rule_s="gated_delta")
+        if dk:
+            attrs["scale_f"] = dk ** -0.5
+        out, present = g.op("com.microsoft::LinearAttention", q, k, v, state, decay, beta, outputs=2, **attrs)
         out.setType(v.type())
         present.setType(state.type())
         return out, present
@@ -427,10 +430,10 @@ class GatedDeltaNet(nn.Module):
     """Qwen3.5's linear attention (transformers' Qwen3_5GatedDeltaNet), in place of attention. c_qkv, c_z, c_b,
     c_a project to q k v (conv channels), z (the output gate), b (beta) and a (decay): four matmuls, not one,
     because the recurrence amplifies the last-bit differences of a fused one past 1e-5 in the logits; a causal depthwise
-    convolution with SiLU runs over q k v; per value head a state S (dv x dk) decays by
+    convolution with SiLU runs over q k v; per value head a state S (dk x dv) decays by
     g = -exp(A_log) softplus(a + dt_bias) and takes the delta rule with rate sigmoid(b) on L2-normalized q, k;
     the output, RMS-normalized per head and gated by silu(z), is projected by c_proj.
-    Its cache: the convolution's last kernel - 1 inputs (B, conv channels, K-1) and S (B, Hv, dv, dk), float32."""
+    Its cache: the convolution's last kernel - 1 inputs (B, conv channels, K-1) and S (B, Hv, dk, dv), float32."""
 
     def __init__(self, c: DecoderConfig):
         super().__init__()
@@ -458,33 +461,34 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = self.c_qkv(x), self.c_z(x), self.c_b(x), self.c_a(x)
         if past is None:
             past = (x.new_zeros(B, qkv.shape[-1], self.kernel - 1),
-                    torch.zeros(B, self.hv, self.dv, self.dk, dtype=torch.float32, device=x.device))
+                    torch.zeros(B, self.hv, self.dk, self.dv, dtype=torch.float32, device=x.device))
         exporting = torch.onnx.is_in_onnx_export()  # the ONNX Runtime ops; in PyTorch, their math (autograd too)
         conv_op = _CausalConvOp.apply if exporting else partial(_CausalConvOp.forward, None)
         delta_op = _GatedDeltaOp.apply if exporting else partial(_GatedDeltaOp.forward, None)
         qkv, conv_state = conv_op(qkv.transpose(1, 2), self.conv.weight, past[0])
         q, k, v = qkv.transpose(1, 2).split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=2)
-        q, k = q.reshape(B, T, self.hk, self.dk), k.reshape(B, T, self.hk, self.dk)
-        v = v.reshape(B, T, self.hv, self.dv)
-        y, state = delta_op(q, k, v, a, b, past[1], self.A_log, self.dt_bias)
+        # each q/k head serves hv / hk consecutive value heads; L2-normalized in float32 as transformers does
+        q, k = (t.reshape(B, T, self.hk, self.dk).repeat_interleave(self.hv // self.hk, dim=2).float()
+                for t in (q, k))
+        q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)               # log decay (B, T, Hv)
+        beta = b.sigmoid()
+        y, state = delta_op(q.reshape(B, T, -1), k.reshape(B, T, -1), v.float(), g, beta.float(), past[1], self.hv)
+        y = y.reshape(B, T, self.hv, self.dv).to(v.dtype)
         y = self.norm(y) * F.silu(z.reshape(B, T, self.hv, self.dv).float()).to(y.dtype)
         return self.c_proj(y.reshape(B, T, self.hv * self.dv)), (conv_state, state)
 
     @staticmethod
-    def recurrence(q, k, v, a, b, state, a_log, dt_bias, chunk: int = 64):
-        """transformers' gated delta rule (use_qk_l2norm_in_kernel) in float32, its state V-major S (B, Hv, dv, dk):
-        a single token step by step (torch_recurrent_gated_delta_rule), a longer sequence in chunks of `chunk`
-        (torch_chunk_gated_delta_rule), each as transformers writes it so the two agree to rounding."""
-        dtype, (B, T, Hk, dk), Hv = v.dtype, k.shape, v.shape[2]
-        # (B, H, T, d) float32, each k head serving Hv / Hk consecutive v heads
-        q, k = (t.repeat_interleave(Hv // Hk, dim=2) for t in (q, k))
-        q, k, v = (t.transpose(1, 2).float().contiguous() for t in (q, k, v))
-        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
-        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    def recurrence(q, k, v, g, beta, state, chunk: int = 64):
+        """transformers' gated delta rule in float32 on L2-normalized q, k (B, T, H, dk), v (B, T, H, dv), log
+        decay g and rate beta (B, T, H), from state S (B, H, dk, dv): a single token step by step
+        (torch_recurrent_gated_delta_rule), a longer sequence in chunks of `chunk` (torch_chunk_gated_delta_rule),
+        each as transformers writes it, so the two agree to the last bit. Returns out (B, T, H, dv) and S."""
+        B, T, H, dk = k.shape
+        q, k, v = (t.transpose(1, 2).float().contiguous() for t in (q, k, v))               # (B, H, T, d)
         q = q * dk ** -0.5
-        g = (-a_log.float().exp() * F.softplus(a.float() + dt_bias)).transpose(1, 2).float()   # (B, Hv, T)
-        beta = torch.sigmoid(b).transpose(1, 2).float()
-        S = state.float().transpose(-1, -2)                                                   # (B, Hv, dk, dv)
+        g, beta = g.transpose(1, 2).float(), beta.transpose(1, 2).float()                   # (B, H, T)
+        S = state.float()
         if T == 1:
             S = S * g[:, :, 0].exp()[..., None, None]
             kv_mem = (S * k[:, :, 0].unsqueeze(-1)).sum(dim=-2)
@@ -496,8 +500,8 @@ class GatedDeltaNet(nn.Module):
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
             beta, g = (F.pad(t, (0, pad)) for t in (beta, g))
             v_beta, k_beta = v * beta.unsqueeze(-1), k * beta.unsqueeze(-1)
-            q, k, k_beta, v_beta = (t.reshape(B, Hv, -1, chunk, t.shape[-1]) for t in (q, k, k_beta, v_beta))
-            g = g.reshape(B, Hv, -1, chunk).cumsum(dim=3)
+            q, k, k_beta, v_beta = (t.reshape(B, H, -1, chunk, t.shape[-1]) for t in (q, k, k_beta, v_beta))
+            g = g.reshape(B, H, -1, chunk).cumsum(dim=3)
             upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
             pairwise = (g.unsqueeze(4) - g.unsqueeze(3)).masked_fill(upper, float("-inf")).exp()
             system = (k_beta @ k.transpose(-1, -2)) * pairwise
@@ -514,7 +518,7 @@ class GatedDeltaNet(nn.Module):
                 outs.append(q[:, :, i] @ S + intra[:, :, i] @ v_new)
                 S = S * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ v_new
             out = torch.cat(outs, dim=2)[:, :, :T]
-        return out.transpose(1, 2).to(dtype).contiguous(), S.transpose(-1, -2)
+        return out.transpose(1, 2).contiguous(), S
 
 class Block(nn.Module):
     def __init__(self, c: DecoderConfig, layer: int = 0):

@@ -104,7 +104,7 @@ def _hf_state_reference(model, cache_name: str):
     """hf_reference for LFM2 and Qwen3.5, whose conv and linear_attention layers carry state: past and presents
     flat in the graph's order (exports.cache_names), a convolution's (B, C, kernel - 1) where transformers keeps
     kernel inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own
-    math. Qwen3.5's recurrent state is V-major in the graph (B, Hv, dv, dk), K-major in transformers."""
+    math. Qwen3.5's recurrent state is transformers' own (B, Hv, dk, dv)."""
     from transformers import DynamicCache
 
     kinds = list(model.config.layer_types)
@@ -125,7 +125,7 @@ def _hf_state_reference(model, cache_name: str):
                     layer.update_conv_state(state, conv_kernel_size=state.shape[-1])
                     layer.cumulative_length_linear.fill_(P)
                     if kind == "linear_attention":
-                        layer.update_recurrent_state(entries[1].transpose(-1, -2).contiguous())
+                        layer.update_recurrent_state(entries[1])
                 else:
                     cache.update(entries[0], entries[1], i)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_name: cache})
@@ -135,7 +135,7 @@ def _hf_state_reference(model, cache_name: str):
             if kind == "conv":
                 flat += [layer.conv_states[0][:, :, 1:]]
             elif kind == "linear_attention":
-                flat += [layer.conv_states[0][:, :, 1:], layer.recurrent_states[0].transpose(-1, -2)]
+                flat += [layer.conv_states[0][:, :, 1:], layer.recurrent_states[0]]
             else:
                 flat += [layer.keys, layer.values]
         return out.logits, flat

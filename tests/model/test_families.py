@@ -182,12 +182,10 @@ def test_logits_equal_transformers(tiny, name):
             conv, recurrent = entries
             a = ours.arch
             assert conv.shape == (len(ids), a.linear_conv_dim, a.linear_conv_kernel_dim - 1)
-            assert recurrent.shape == (len(ids), a.linear_num_value_heads, a.linear_value_head_dim,
-                                       a.linear_key_head_dim) and recurrent.dtype == torch.float32
+            assert recurrent.shape == (len(ids), a.linear_num_value_heads, a.linear_key_head_dim,
+                                       a.linear_value_head_dim) and recurrent.dtype == torch.float32
             torch.testing.assert_close(conv, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
-            # transformers' recurrent state is K-major (B, Hv, dk, dv); ours V-major, as ONNX Runtime's op
-            torch.testing.assert_close(recurrent, cache.layers[i].recurrent_states[0].transpose(-1, -2),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(recurrent, cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-5)
             assert recurrent.abs().max() > 0.1  # the state carries something
         else:
             assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
@@ -431,10 +429,10 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
         if kind == "linear_attention":
             assert shapes[f"past_conv.{i}"] == ["batch_size", arch.linear_conv_dim, arch.linear_conv_kernel_dim - 1]
             assert shapes[f"past_recurrent.{i}"] == ["batch_size", arch.linear_num_value_heads,
-                                                     arch.linear_value_head_dim, arch.linear_key_head_dim]
+                                                     arch.linear_key_head_dim, arch.linear_value_head_dim]
     if "linear_attention" in arch.layer_types:  # prefill in two ONNX Runtime ops a layer, not a graph call a token
         ops = [n.op_type for n in graph.node]
-        assert ops.count("GatedDeltaNet") == ops.count("CausalConvWithState") == arch.layer_types.count(
+        assert ops.count("LinearAttention") == ops.count("CausalConvWithState") == arch.layer_types.count(
             "linear_attention")
 
 
@@ -554,7 +552,7 @@ TINY_QWEN3_5_FP32 = 5e-4  # see test_qwen3_5_graph_runs_onnx_runtime_ops
 
 
 def test_qwen3_5_graph_runs_onnx_runtime_ops(tiny, tmp_path):
-    """The exported Qwen3.5 graph: each linear_attention layer one CausalConvWithState and one GatedDeltaNet
+    """The exported Qwen3.5 graph: each linear_attention layer one CausalConvWithState and one LinearAttention
     (prefill is one call, not a call a token), its states fixed but batch and the recurrent one float32; on a
     left-padded batch, prefill then decode steps, ONNX Runtime's logits and states are our decoder's (which
     are transformers', test_logits_equal_transformers) within the fp32 parity bound, and each row's logits in
@@ -577,7 +575,7 @@ def test_qwen3_5_graph_runs_onnx_runtime_ops(tiny, tmp_path):
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     n_linear = a.layer_types.count("linear_attention")
-    assert ops.count("GatedDeltaNet") == ops.count("CausalConvWithState") == n_linear == 3
+    assert ops.count("LinearAttention") == ops.count("CausalConvWithState") == n_linear == 3
     assert "Conv" not in ops and "Loop" not in ops
     dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
             for v in [*graph.input, *graph.output]}
@@ -585,7 +583,7 @@ def test_qwen3_5_graph_runs_onnx_runtime_ops(tiny, tmp_path):
     for i in (0, 2, 3):
         for io in ("past", "present"):
             assert dims[f"{io}_conv.{i}"] == ["batch_size", a.linear_conv_dim, a.linear_conv_kernel_dim - 1]
-            assert dims[f"{io}_recurrent.{i}"] == ["batch_size", 4, 16, 8]  # (Hv, dv, dk): V-major
+            assert dims[f"{io}_recurrent.{i}"] == ["batch_size", 4, 8, 16]  # (Hv, dk, dv): transformers' own
             assert types[f"{io}_recurrent.{i}"] == onnx.TensorProto.FLOAT
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     pasts, presents = cache_names(a.layer_types)
@@ -762,7 +760,7 @@ def test_qwen3_5_export_runs_quantizes_and_keeps_its_state_fp32(hf_models, tmp_p
         types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
         assert {types[f"{io}_recurrent.{i}"] for io in ("past", "present") for i in (0, 2, 3)} == \
                {onnx.TensorProto.FLOAT}, variant
-        assert [n.op_type for n in graph.node].count("GatedDeltaNet") == 3
+        assert [n.op_type for n in graph.node].count("LinearAttention") == 3
         if ops:
             assert ops in {n.op_type for n in graph.node}
         steps = list(OnnxLM(out, variant).generate(prompts, 4, stop_at_eos=False))

@@ -27,9 +27,9 @@ from pipeline.train.runs import load_model
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization")  # kept fp32 in the fp16 variant
 # Qwen3.5's Gated DeltaNet: its recurrent state (past_recurrent.*, present_recurrent.*) is float32 in every
-# variant (the recurrence is where half precision hurts most; ONNX Runtime's op keeps its state float32
-# whatever q, k and v are), and so is the op itself, A_log and dt_bias with it
-FP32_STATE_OPS = ("GatedDeltaNet",)
+# variant (the recurrence is where half precision hurts most), and so is the LinearAttention node that
+# carries it, its q, k, v and gates with it
+FP32_STATE_OPS = ("LinearAttention",)
 
 
 def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarray | None = None,
