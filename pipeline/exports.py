@@ -72,6 +72,9 @@ STATE_NAMES = {  # layer type -> the state it carries, "{i}" the layer: (input, 
     "conv": [("past_conv.{i}", "present_conv.{i}")],  # LFM2's short convolution: (batch, hidden, L_cache - 1)
     # Granite 4's Mamba-2: the conv over x B C (batch, conv_dim, d_conv - 1), the SSM (batch, heads, head, d_state), fp32
     "mamba": [("past_conv.{i}", "present_conv.{i}"), ("past_ssm.{i}", "present_ssm.{i}")],
+    # Qwen3.5's Gated DeltaNet: its convolution's (batch, conv channels, kernel - 1) and its recurrent state
+    # (batch, value heads, key head size, value head size), always float32
+    "linear_attention": [("past_conv.{i}", "present_conv.{i}"), ("past_recurrent.{i}", "present_recurrent.{i}")],
 }
 
 

@@ -240,6 +240,8 @@ def attention_of(folder: Path) -> DecoderConfig:
         raise UserError(f"fuse {folder}: model_type {model_type!r} was exported by optimum, not onnxgen's decoder; "
                         "only the plain graph runs it")
     reasons = [why for bad, why in [
+        # Qwen3.5: GroupQueryAttention has no output gate, and its DeltaNet layers' ops are in the plain graph already
+        (arch.attn_output_gate, "a gated attention output (Qwen3.5's sigmoid gate between attention and o_proj)"),
         # ONNX Runtime's rotary kernels: "head_size shall be a multiple of 16", "cos_cache dimension 1 must
         # be <= head_size / 2 and a multiple of 8"
         (arch.positional == "rope" and arch.head_dim % 16, f"RoPE with head size {arch.head_dim} (not a multiple "

@@ -44,6 +44,12 @@ def unsupported(model_path: Path) -> str | None:
     return None
 
 
+def _recurrent_layers(model_path: Path) -> set[int]:
+    """Qwen3.5's linear_attention layers in the graph (past_recurrent.{i})."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return {int(i.name.split(".")[1]) for i in graph.input if i.name.startswith("past_recurrent.")}
+
+
 def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
     """(layers, kv heads, head size, vocab) from the graph's declared inputs and outputs; weights not loaded."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -119,7 +125,16 @@ def genai_config(folder: str | Path, variant: str = "fp32", fused: bool = False)
             "past_present_share_buffer": fused,
         },
     }
-    if conv:  # LFM2: genai's "lfm2" type carries the conv state (its builder's keys, our names)
+    recurrent = _recurrent_layers(graph)
+    if recurrent:  # Qwen3.5: genai's qwen3_5_text type (its builder's keys, our names; not run in genai yet)
+        decoder = result["model"]["decoder"]
+        layers = layers + len(recurrent)
+        result["model"]["type"] = "qwen3_5_text"
+        decoder["num_hidden_layers"] = layers
+        decoder["layer_types"] = ["linear_attention" if i in recurrent else "full_attention" for i in range(layers)]
+        decoder["inputs"].update(past_conv_names="past_conv.%d", past_recurrent_names="past_recurrent.%d")
+        decoder["outputs"].update(present_conv_names="present_conv.%d", present_recurrent_names="present_recurrent.%d")
+    elif conv:  # LFM2: genai's "lfm2" type carries the conv state (its builder's keys, our names)
         decoder = result["model"]["decoder"]
         layers = layers + len(conv)
         result["model"]["type"] = "lfm2"

@@ -131,41 +131,44 @@ def _record_types(model: onnx.ModelProto) -> None:
     com.microsoft ops; ORT's symbolic shape inference does. Its shapes are dropped: with auto_merge it
     merges the mask's broadcast head dim (B, 1, T, P+T) with the scores' (B, H, T, P+T), and a session
     that trusts that value_info fails at run time ("Shape mismatch attempting to re-use buffer")."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    if not {"GatedDeltaNet", "CausalConvWithState"} & {n.op_type for n in model.graph.node}:
-        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    else:  # Granite 4's mamba layers: contrib ops ORT's inference does not know (it would fail the whole graph)
-        typed = _infer_with_state_ops(model)
+    typed = _symbolic_shapes(model)
     del model.graph.value_info[:]
     for vi in typed.graph.value_info:
         vi.type.tensor_type.ClearField("shape")
         model.graph.value_info.append(vi)
 
 
-def _infer_with_state_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """SymbolicShapeInference.infer_shapes, taught the state ops' shapes: each output as an input (GatedDeltaNet:
-    the output as its value, the final state as its initial state; CausalConvWithState: as its input and past
-    state)."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+# the state ops (Qwen3.5, Granite 4, LFM2's fused twin), which ORT's symbolic shape inference does not know:
+# output -> the input whose type and shape it has (LinearAttention: output like value, present_state like
+# past_state; GatedDeltaNet: output like value, final_state like initial_state; CausalConvWithState: output
+# like input, present_state like past_state)
+STATE_OP_SHAPES = {"LinearAttention": ((0, 2), (1, 3)), "GatedDeltaNet": ((0, 2), (1, 6)),
+                   "CausalConvWithState": ((0, 0), (1, 3))}
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """SymbolicShapeInference.infer_shapes(model, auto_merge=True), taught the state ops above."""
+    from onnx import helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_elem_type_from_type_proto
 
     infer = SymbolicShapeInference(2**31 - 1, True, False, 0)
 
-    def like(*pairs):
-        def rule(node):
-            for out, inp in pairs:
-                if out < len(node.output) and node.output[out]:
-                    infer._propagate_shape_and_type(node, inp, out)
-        return rule
-    infer.dispatcher_["GatedDeltaNet"] = like((0, 2), (1, 6))
-    infer.dispatcher_["CausalConvWithState"] = like((0, 0), (1, 3))
-    infer._preprocess(model)
+    def passes(pairs, node):
+        for out, src in pairs:
+            if out < len(node.output) and node.output[out]:
+                infer.known_vi_[node.output[out]].CopyFrom(helper.make_tensor_value_info(
+                    node.output[out], get_elem_type_from_type_proto(infer.known_vi_[node.input[src]].type),
+                    infer._get_shape(node, src)))
+
+    for op, pairs in STATE_OP_SHAPES.items():
+        infer.dispatcher_.setdefault(op, lambda node, pairs=pairs: passes(pairs, node))
+    infer._preprocess(model)  # what infer_shapes does, with the dispatcher above
     done = False
     while infer.run_:
         done = infer._infer_impl()
     infer._update_output_from_vi()
     if not done:
-        raise UserError("optimize: shape inference could not type every tensor of the graph")
+        raise UserError("graph: ONNX Runtime's symbolic shape inference could not type every tensor")
     return infer.out_mp_
 
 

@@ -9,8 +9,10 @@ from pipeline.errors import UserError
 ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")  # model/decoder.py's ACTIVATIONS implement them
 # rope_scaling types we implement; anything else in a config is refused, not ignored
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
-LAYER_TYPES = ("full_attention", "sliding_attention", "conv", "mamba")  # conv: LFM2's gated short convolution;
-# mamba: Granite 4's Mamba-2 mixer (a causal conv over x, B, C, then the SSD recurrence)
+# conv: LFM2's gated short convolution; mamba: Granite 4's Mamba-2 mixer (a causal conv over x, B, C, then
+# the SSD recurrence); linear_attention: Qwen3.5's Gated DeltaNet
+LAYER_TYPES = ("full_attention", "sliding_attention", "conv", "mamba", "linear_attention")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")  # the layers whose cache is K/V
 
 
 @dataclass
@@ -60,6 +62,13 @@ class DecoderConfig:
     mamba_conv: int = 4               # d_conv
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    attn_output_gate: bool = False    # Qwen3.5: attention's output times sigmoid(a gate projected with q)
+    # Gated DeltaNet (Qwen3.5's "linear_attention" layers, in place of attention)
+    linear_num_key_heads: int = 0     # q and k heads (each serves linear_num_value_heads / this v heads)
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4   # the causal depthwise convolution over q, k and v
     # MLP
     activation: str = "gelu_tanh"
     gated: bool = False               # GLU: act(gate) * up (SwiGLU, GeGLU)
@@ -140,6 +149,7 @@ class DecoderConfig:
              f"{self.mamba_heads} heads of {self.mamba_head_dim}, state {self.mamba_state}, d_conv {self.mamba_conv}, "
              f"{self.mamba_groups} groups"),
             (self.shared_inner == 0 or self.n_experts > 0, "a shared MLP (shared_inner) goes beside routed experts"),
+            (self.linear_checks() is None, self.linear_checks()),
         ]
         for ok, message in checks:
             if not ok:
@@ -152,6 +162,26 @@ class DecoderConfig:
     @property
     def mamba_conv_dim(self) -> int:
         return self.mamba_inner + 2 * self.mamba_groups * self.mamba_state
+    def linear_checks(self) -> str | None:
+        """What is wrong with the Gated DeltaNet sizes (None: nothing, or no linear_attention layer)."""
+        if "linear_attention" not in self.layer_types:
+            return None
+        sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                 self.linear_value_head_dim)
+        if min(sizes) <= 0:
+            return f"linear_attention layers need positive linear head counts and sizes, got {sizes}"
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            return (f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                    f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.linear_conv_kernel_dim < 2:
+            return f"linear_conv_kernel_dim must be at least 2, got {self.linear_conv_kernel_dim}"
+        return None
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """The Gated DeltaNet convolution's channels: q, k (key heads) and v (value heads)."""
+        return (2 * self.linear_num_key_heads * self.linear_key_head_dim
+                + self.linear_num_value_heads * self.linear_value_head_dim)
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
@@ -159,7 +189,12 @@ class DecoderConfig:
     def cache_shapes(self, layer: int) -> list[tuple]:
         """The shapes of one layer's cache entries after batch (exports.layer_cache_names names them): K and V
         (kv heads, None: the sequence, head size), or a conv layer's state (hidden, conv_kernel - 1): the
-        last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it."""
+        last conv_kernel - 1 inputs of the convolution, as onnxruntime-genai's builder sizes it; a Gated DeltaNet
+        layer's convolution state (conv channels, kernel - 1) and its recurrent state (value heads, key head
+        size, value head size): transformers' layout and ONNX Runtime's LinearAttention's (docs/contract.md part 3)."""
+        if self.layer_types[layer] == "linear_attention":
+            return [(self.linear_conv_dim, self.linear_conv_kernel_dim - 1),
+                    (self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim)]
         if self.layer_types[layer] == "conv":
             return [(self.n_embd, self.conv_kernel - 1)]
         if self.layer_types[layer] == "mamba":  # conv over x B C: (conv_dim, d_conv - 1); SSM: (heads, head, state)

@@ -4,19 +4,21 @@ Our own GPT (model/gpt.py) is one configuration of it; Llama, Mistral, SmolLM3, 
 Gemma, OLMo 2 and 3, GPT-NeoX, Phi-2, OPT and GPT-2 checkpoints are others (model/families.py maps their configs and tensor names onto it).
 Parameter names are GPT-2's (wte, wpe, h.N.attn.c_attn, ...), whatever the family: q, k and v are one
 Linear (c_attn), a gated MLP's gate and up are one Linear (c_fc), so each is one MatMul in the graph.
-LFM2's conv layers have a ShortConv (h.N.conv.c_in, .conv, .c_proj) where the others have attention; the cache
-is per layer: K/V for attention, a fixed-size state for a conv layer (DecoderConfig.cache_shapes).
+LFM2's conv layers have a ShortConv (h.N.conv.c_in, .conv, .c_proj) where the others have attention, Qwen3.5's
+linear_attention layers a GatedDeltaNet (h.N.linear.c_qkv, .conv, .norm, .c_proj, ...); the cache is per layer: K/V for attention, a fixed-size state for a conv layer (DecoderConfig.cache_shapes).
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.model.config import ACTIVATION_NAMES, DecoderConfig, rope_kind  # noqa: F401 (rope_kind: re-exported)
+from pipeline.model.config import (ACTIVATION_NAMES, ATTENTION_LAYER_TYPES, DecoderConfig,  # noqa: F401
+                                   rope_kind)  # rope_kind: re-exported
 
 ACTIVATIONS = {
     "gelu": F.gelu,                                          # exact (erf)
@@ -25,7 +27,7 @@ ACTIVATIONS = {
     "silu": F.silu,
 }
 assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
-STATE_LAYERS = ("conv", "mamba")  # layer types whose cache is fixed-size state, not K/V (no attention mask)
+STATE_LAYERS = ("conv", "mamba", "linear_attention")  # layer types whose cache is fixed-size state, not K/V
 
 
 # ----------------------------------------------------------------------------- normalization
@@ -178,8 +180,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-        self.sizes = [q, kv, kv]
-        self.c_attn = nn.Linear(c.n_embd, q + 2 * kv, bias=c.qkv_bias)  # q, k, v in one matmul
+        self.sizes = [q, kv, kv] + ([q] if c.attn_output_gate else [])  # Qwen3.5: its output gate last
+        self.c_attn = nn.Linear(c.n_embd, sum(self.sizes), bias=c.qkv_bias)  # q, k, v (, gate) in one matmul
         self.c_proj = nn.Linear(q, c.n_embd, bias=c.out_bias)
         if c.qk_norm_full:  # over the whole projection: (B, T, heads * D)
             self.q_norm, self.k_norm = make_norm(c, q), make_norm(c, kv)
@@ -195,7 +197,7 @@ class CausalSelfAttention(nn.Module):
         # x: (B, T, C); bias: additive mask (B, 1, T, P+T), or None for plain causal; rope: (cos, sin)
         # or None; past: (key, value) each (B, KV, P, D) or None. Returns y (B, T, C) and (key, value).
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        q, k, v, *gate = self.c_attn(x).split(self.sizes, dim=2)
         if hasattr(self, "q_norm") and not self.norm_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -213,7 +215,9 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_head != self.n_head:  # grouped-query: each kv head serves n_head / n_kv_head queries
             k, v = (self._repeat(t) for t in (k, v))
         dropout = self.dropout if self.training else 0.0
-        if self.softcap is not None or hasattr(self, "sinks"):  # beyond SDPA: the attention written out
+        # beyond SDPA: the attention written out (Qwen3.5: as transformers eager writes it, to the last bit: its
+        # DeltaNet layers after a gated attention layer amplify SDPA's rounding past 1e-5 in the logits)
+        if self.softcap is not None or hasattr(self, "sinks") or gate:
             scale = self.scale if self.scale is not None else self.head_dim ** -0.5
             att = (q @ k.transpose(-2, -1)) * scale
             if self.softcap is not None:
@@ -229,6 +233,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
                                                dropout_p=dropout, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        if gate:  # Qwen3.5's output gate
+            y = y * torch.sigmoid(gate[0])
         return self.c_proj(y), present
 
     def _repeat(self, t):
@@ -399,6 +405,55 @@ class _CausalConvOp(torch.autograd.Function):
         return out, present
 
 
+class _ConvSiluOp(torch.autograd.Function):
+    """A causal depthwise convolution carrying its last kernel - 1 inputs, SiLU after: one com.microsoft
+    CausalConvWithState node in the exported graph; in PyTorch, the concatenation and convolution it fuses.
+    x (B, C, T), weight (C, 1, K), state (B, C, K-1) -> y (B, C, T), state (B, C, K-1)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, state):
+        # as transformers' causal_conv1d_forward with a cache: the state prepended, then its zero-padded
+        # convolution (the same arithmetic to the last bit, which a plain valid convolution is not)
+        h, K, T = torch.cat([state, x], dim=2), weight.shape[-1], x.shape[2]
+        y = F.conv1d(h, weight, padding=K - 1, groups=weight.shape[0])[:, :, :h.shape[2]][:, :, -T:]
+        return F.silu(y), h[:, :, 1 - K:]
+
+    @staticmethod
+    def symbolic(g, x, weight, state):
+        none = g.op("prim::Constant")
+        none.setType(torch._C.OptionalType.ofTensor())
+        y, present = g.op("com.microsoft::CausalConvWithState", x, weight, none, state, activation_s="silu",
+                          outputs=2)
+        y.setType(x.type())
+        present.setType(state.type())
+        return y, present
+
+
+class _GatedDeltaOp(torch.autograd.Function):
+    """The gated delta rule over a sequence: one com.microsoft LinearAttention node (update_rule gated_delta)
+    in the exported graph, which ONNX Runtime's CPU kernel runs in one call for the whole prefill (also the
+    onnxruntime-node 1.30 transformers.js 4.3 bundles, which has no GatedDeltaNet kernel); in PyTorch,
+    GatedDeltaNet.recurrence. q, k (B, T, H * dk) L2-normalized, one per value head; v (B, T, H * dv);
+    g (log decay), beta (B, T, H); state (B, H, dk, dv) -> out (B, T, H * dv), state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, state, heads: int):
+        B, T = q.shape[:2]
+        out, state = GatedDeltaNet.recurrence(*(t.reshape(B, T, heads, -1) for t in (q, k, v)), g, beta, state)
+        return out.reshape(B, T, -1), state
+
+    @staticmethod
+    def symbolic(g, q, k, v, decay, beta, state, heads: int):
+        dk = q.type().sizes()[-1] // heads if q.type().sizes() else None
+        attrs = dict(q_num_heads_i=heads, kv_num_heads_i=heads, update_rule_s="gated_delta")
+        if dk:
+            attrs["scale_f"] = dk ** -0.5
+        out, present = g.op("com.microsoft::LinearAttention", q, k, v, state, decay, beta, outputs=2, **attrs)
+        out.setType(v.type())
+        present.setType(state.type())
+        return out, present
+
+
 class _SSDOp(torch.autograd.Function):
     """Mamba-2's SSD recurrence as one com.microsoft GatedDeltaNet node, update_rule "gated" (ONNX Runtime's
     CPU kernel): S_t = exp(g_t) S_{t-1} + v_t k_t^T per value head, o_t = S_t q_t, with q = C, k = B (n_groups
@@ -490,6 +545,100 @@ class Mamba2(nn.Module):
         return self.out_proj((self.norm.weight * h.to(x.dtype))), (conv_state, ssm_state)
 
 
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5's linear attention (transformers' Qwen3_5GatedDeltaNet), in place of attention. c_qkv, c_z, c_b,
+    c_a project to q k v (conv channels), z (the output gate), b (beta) and a (decay): four matmuls, not one,
+    because the recurrence amplifies the last-bit differences of a fused one past 1e-5 in the logits; a causal depthwise
+    convolution with SiLU runs over q k v; per value head a state S (dk x dv) decays by
+    g = -exp(A_log) softplus(a + dt_bias) and takes the delta rule with rate sigmoid(b) on L2-normalized q, k;
+    the output, RMS-normalized per head and gated by silu(z), is projected by c_proj.
+    Its cache: the convolution's last kernel - 1 inputs (B, conv channels, K-1) and S (B, Hv, dk, dv), float32."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.hk, self.hv = c.linear_num_key_heads, c.linear_num_value_heads
+        self.dk, self.dv = c.linear_key_head_dim, c.linear_value_head_dim
+        self.kernel, conv = c.linear_conv_kernel_dim, c.linear_conv_dim
+        self.c_qkv = nn.Linear(c.n_embd, conv, bias=False)
+        self.c_z = nn.Linear(c.n_embd, self.hv * self.dv, bias=False)
+        self.c_b = nn.Linear(c.n_embd, self.hv, bias=False)
+        self.c_a = nn.Linear(c.n_embd, self.hv, bias=False)
+        self.conv = nn.Conv1d(conv, conv, self.kernel, groups=conv, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.hv))
+        self.A_log = nn.Parameter(torch.zeros(self.hv))
+        self.norm = RMSNorm(self.dv, c.norm_eps)  # transformers' RMSNormGated: w itself, not offset
+        self.c_proj = nn.Linear(self.hv * self.dv, c.n_embd, bias=False)
+
+    def forward(self, x, mask=None, rope=None, past=None):
+        # x: (B, T, C); mask: (B, T, 1), 0 at padding, or None; past: (conv state, recurrent state) or None.
+        # Padding's inputs are zeroed before the projections, as transformers' apply_mask_to_padding_states
+        # does: a left-padded row's states stay zero through its padding (no convolution bias, and a zero
+        # key and value leave a zero state zero whatever the decay and rate).
+        B, T, _ = x.shape
+        if mask is not None:
+            x = x * mask
+        qkv, z, b, a = self.c_qkv(x), self.c_z(x), self.c_b(x), self.c_a(x)
+        if past is None:
+            past = (x.new_zeros(B, qkv.shape[-1], self.kernel - 1),
+                    torch.zeros(B, self.hv, self.dk, self.dv, dtype=torch.float32, device=x.device))
+        exporting = torch.onnx.is_in_onnx_export()  # the ONNX Runtime ops; in PyTorch, their math (autograd too)
+        conv_op = _ConvSiluOp.apply if exporting else partial(_ConvSiluOp.forward, None)
+        delta_op = _GatedDeltaOp.apply if exporting else partial(_GatedDeltaOp.forward, None)
+        qkv, conv_state = conv_op(qkv.transpose(1, 2), self.conv.weight, past[0])
+        q, k, v = qkv.transpose(1, 2).split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=2)
+        # each q/k head serves hv / hk consecutive value heads; L2-normalized in float32 as transformers does
+        q, k = (t.reshape(B, T, self.hk, self.dk).repeat_interleave(self.hv // self.hk, dim=2).float()
+                for t in (q, k))
+        q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)               # log decay (B, T, Hv)
+        beta = b.sigmoid()
+        y, state = delta_op(q.reshape(B, T, -1), k.reshape(B, T, -1), v.float(), g, beta.float(), past[1], self.hv)
+        y = y.reshape(B, T, self.hv, self.dv).to(v.dtype)
+        y = self.norm(y) * F.silu(z.reshape(B, T, self.hv, self.dv).float()).to(y.dtype)
+        return self.c_proj(y.reshape(B, T, self.hv * self.dv)), (conv_state, state)
+
+    @staticmethod
+    def recurrence(q, k, v, g, beta, state, chunk: int = 64):
+        """transformers' gated delta rule in float32 on L2-normalized q, k (B, T, H, dk), v (B, T, H, dv), log
+        decay g and rate beta (B, T, H), from state S (B, H, dk, dv): a single token step by step
+        (torch_recurrent_gated_delta_rule), a longer sequence in chunks of `chunk` (torch_chunk_gated_delta_rule),
+        each as transformers writes it, so the two agree to the last bit. Returns out (B, T, H, dv) and S."""
+        B, T, H, dk = k.shape
+        q, k, v = (t.transpose(1, 2).float().contiguous() for t in (q, k, v))               # (B, H, T, d)
+        q = q * dk ** -0.5
+        g, beta = g.transpose(1, 2).float(), beta.transpose(1, 2).float()                   # (B, H, T)
+        S = state.float()
+        if T == 1:
+            S = S * g[:, :, 0].exp()[..., None, None]
+            kv_mem = (S * k[:, :, 0].unsqueeze(-1)).sum(dim=-2)
+            delta = (v[:, :, 0] - kv_mem) * beta[:, :, 0].unsqueeze(-1)
+            S = S + k[:, :, 0].unsqueeze(-1) * delta.unsqueeze(-2)
+            out = (S * q[:, :, 0].unsqueeze(-1)).sum(dim=-2)[:, :, None]
+        else:
+            pad = (chunk - T % chunk) % chunk
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+            beta, g = (F.pad(t, (0, pad)) for t in (beta, g))
+            v_beta, k_beta = v * beta.unsqueeze(-1), k * beta.unsqueeze(-1)
+            q, k, k_beta, v_beta = (t.reshape(B, H, -1, chunk, t.shape[-1]) for t in (q, k, k_beta, v_beta))
+            g = g.reshape(B, H, -1, chunk).cumsum(dim=3)
+            upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+            pairwise = (g.unsqueeze(4) - g.unsqueeze(3)).masked_fill(upper, float("-inf")).exp()
+            system = (k_beta @ k.transpose(-1, -2)) * pairwise
+            intra = (q @ k.transpose(-1, -2)) * pairwise
+            decayed_k_beta = k_beta * g.exp().unsqueeze(-1)
+            new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+            k_cumdecay = torch.linalg.solve_triangular(system, decayed_k_beta, upper=False, unitriangular=True)
+            q = q * g.exp().unsqueeze(-1)
+            k = k * (g[..., -1:] - g).exp().unsqueeze(-1)
+            chunk_decay = g[..., -1].exp()[..., None, None]
+            outs = []
+            for i in range(q.shape[2]):
+                v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ S
+                outs.append(q[:, :, i] @ S + intra[:, :, i] @ v_new)
+                S = S * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ v_new
+            out = torch.cat(outs, dim=2)[:, :, :T]
+        return out.transpose(1, 2).contiguous(), S
+
 class Block(nn.Module):
     def __init__(self, c: DecoderConfig, layer: int = 0):
         super().__init__()
@@ -500,6 +649,8 @@ class Block(nn.Module):
             self.conv = ShortConv(c)
         elif c.layer_types[layer] == "mamba":  # Granite 4: a Mamba-2 mixer
             self.mamba = Mamba2(c)
+        elif c.layer_types[layer] == "linear_attention":  # Qwen3.5: a Gated DeltaNet does
+            self.linear = GatedDeltaNet(c)
         else:
             self.attn = CausalSelfAttention(c)
         if not c.shared_norm:  # Phi-2's MLP reads ln_1's output too
@@ -514,7 +665,8 @@ class Block(nn.Module):
 
     def forward(self, x, bias=None, rope=None, past=None):
         h = self.ln_1(x)
-        mixer = self.conv if hasattr(self, "conv") else self.mamba if hasattr(self, "mamba") else self.attn
+        mixer = (self.conv if hasattr(self, "conv") else self.mamba if hasattr(self, "mamba")
+                 else self.linear if hasattr(self, "linear") else self.attn)
         a, present = mixer(h, bias, rope, past)
         if hasattr(self, "post_ln_1"):
             a = self.post_ln_1(a)
@@ -577,7 +729,8 @@ class Decoder(nn.Module):
     def plain_causal(self) -> bool:
         """Full causal attention everywhere and SDPA can do it: no mask tensor is needed to train."""
         c = self.arch
-        return c.attn_softcap is None and not c.attn_sinks and all(c.window(i) is None for i in range(c.n_layer))
+        return (c.attn_softcap is None and not c.attn_sinks and not c.attn_output_gate
+                and all(c.window(i) is None for i in range(c.n_layer)))
 
     def forward(self, input_ids, targets=None):
         """Training forward: input_ids (B, T) -> logits (B, T, V), and the mean cross-entropy if targets."""
@@ -602,7 +755,7 @@ class Decoder(nn.Module):
         """
         T = input_ids.shape[1]
         kinds = self.arch.layer_types
-        attention = [i for i, kind in enumerate(kinds) if kind not in STATE_LAYERS]
+        attention = [i for i, kind in enumerate(kinds) if kind in ATTENTION_LAYER_TYPES]
         P = past_key_values[attention[0]][0].shape[2] if attention else attention_mask.shape[1] - T
         x, presents = self.trunk(input_ids, position_ids, self.attention_biases(attention_mask, P, T),
                                  past_key_values)
@@ -619,13 +772,13 @@ class Decoder(nn.Module):
         visible = causal & attention_mask[:, None, None, :].bool()           # (B, 1, T, P+T)
         dtype = self.wte.weight.dtype
         biases = {}
-        for kind in set(self.arch.layer_types) - set(STATE_LAYERS):
+        for kind in set(self.arch.layer_types) & set(ATTENTION_LAYER_TYPES):
             window = self.arch.sliding_window if kind == "sliding_attention" else None
             seen = visible if window is None else visible & (k_slot > q_slot - window)[None, None]
             bias = torch.zeros(seen.shape, dtype=dtype, device=device)
             biases[kind] = bias.masked_fill(~seen, torch.finfo(dtype).min)
-        for kind in set(self.arch.layer_types) & set(STATE_LAYERS):  # conv, mamba: zero padding's inputs (B, T, 1)
-            biases[kind] = attention_mask[:, attention_mask.shape[1] - T:, None].to(dtype)
+        for kind in set(self.arch.layer_types) - set(ATTENTION_LAYER_TYPES):  # conv, linear: padding's inputs
+            biases[kind] = attention_mask[:, attention_mask.shape[1] - T:, None].to(dtype)  # zeroed: (B, T, 1)
         return biases
 
     def trunk(self, input_ids, position_ids, masks, past_key_values):
@@ -671,5 +824,7 @@ class Decoder(nn.Module):
     def empty_cache(self, batch_size: int, dtype=torch.float32):
         """Each layer's cache entries before the first step: K/V of length 0, states of zeros."""
         c = self.arch
-        return [tuple(torch.zeros(batch_size, *(0 if d is None else d for d in shape), dtype=dtype)
-                      for shape in c.cache_shapes(i)) for i in range(c.n_layer)]
+        return [tuple(torch.zeros(batch_size, *(0 if d is None else d for d in shape),
+                                  dtype=torch.float32 if j == 1 and c.layer_types[i] in ("linear_attention", "mamba")
+                                  else dtype)  # the recurrent and SSM states: float32 always
+                      for j, shape in enumerate(c.cache_shapes(i))) for i in range(c.n_layer)]

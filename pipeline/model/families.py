@@ -716,6 +716,82 @@ class GraniteMoeHybrid(Granite):
         return super().convert(ours, theirs)
 
 
+@family("qwen3_5_text")
+class Qwen3_5(Family):
+    """Qwen3.5 (text): Gated DeltaNet linear-attention layers (by default three in four) beside gated
+    full-attention layers (q/k RMSNorm per head, partial rotary, the output times sigmoid of a gate q_proj
+    projects beside each head's q), every RMSNorm but the DeltaNet's zero-centered (1 + w), SwiGLU.
+    For text the three mrope position streams are one, so its RoPE is the ordinary partial rotary."""
+    title = "Qwen3.5"
+    defaults = dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                    num_attention_heads=16, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
+                    rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0, partial_rotary_factor=0.25,
+                    attention_bias=False, head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                    linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                    full_attention_interval=4)
+    # the DeltaNet's convolution takes hidden_act too, and we implement it (and its gates) with SiLU
+    refuse = {"hidden_act": "silu", "attention_bias": False}
+    tensors = {
+        "wte": "model.embed_tokens",
+        "h.{i}.ln_1": _layers("input_layernorm")[0],
+        "h.{i}.attn.c_attn": _layers("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "h.{i}.attn.c_proj": _layers("self_attn.o_proj")[0],
+        "h.{i}.attn.q_norm": _layers("self_attn.q_norm")[0],
+        "h.{i}.attn.k_norm": _layers("self_attn.k_norm")[0],
+        "h.{i}.linear": _layers("linear_attn")[0],  # dt_bias, A_log
+        "h.{i}.linear.c_qkv": _layers("linear_attn.in_proj_qkv")[0],
+        "h.{i}.linear.c_z": _layers("linear_attn.in_proj_z")[0],
+        "h.{i}.linear.c_b": _layers("linear_attn.in_proj_b")[0],
+        "h.{i}.linear.c_a": _layers("linear_attn.in_proj_a")[0],
+        "h.{i}.linear.conv": _layers("linear_attn.conv1d")[0],
+        "h.{i}.linear.norm": _layers("linear_attn.norm")[0],
+        "h.{i}.linear.c_proj": _layers("linear_attn.out_proj")[0],
+        "h.{i}.ln_2": _layers("post_attention_layernorm")[0],
+        "h.{i}.mlp.c_fc": _layers("mlp.gate_proj", "mlp.up_proj"),
+        "h.{i}.mlp.c_proj": _layers("mlp.down_proj")[0],
+        "ln_f": "model.norm",
+        "lm_head": "lm_head",
+    }
+    ignore = (r"rotary_emb\.inv_freq$",)
+
+    def qwen3_5_layer_types(self) -> tuple[str, ...]:
+        n = self.get("num_hidden_layers")
+        types = self.config.get("layer_types")
+        if types is None:  # transformers' Qwen3_5TextConfig: every full_attention_interval-th layer is full
+            every = self.get("full_attention_interval")
+            types = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+        if not isinstance(types, list) or len(types) != n or set(types) - {"full_attention", "linear_attention"}:
+            self.fail(f"layer_types must be {n} of 'full_attention' or 'linear_attention', got {types!r}")
+        return tuple(types)
+
+    def fields(self) -> dict:
+        return dict(
+            vocab_size=self.get("vocab_size"), n_ctx=self.get("max_position_embeddings"),
+            n_layer=self.get("num_hidden_layers"), n_head=self.get("num_attention_heads"),
+            n_kv_head=self.get("num_key_value_heads"), n_embd=self.get("hidden_size"),
+            head_dim=self.get("head_dim"), n_inner=self.get("intermediate_size"),
+            norm="rmsnorm", norm_eps=self.get("rms_norm_eps"), norm_offset=1.0, positional="rope", qk_norm=True,
+            rope_theta=self.get("rope_theta"), rope_fraction=self.get("partial_rotary_factor"),
+            rope_scaling=self.rope_scaling(), qkv_bias=False, out_bias=False, attn_output_gate=True,
+            activation="silu", gated=True, mlp_bias=False, tied=self.get("tie_word_embeddings"),
+            layer_types=self.qwen3_5_layer_types(),
+            linear_num_key_heads=self.get("linear_num_key_heads"),
+            linear_num_value_heads=self.get("linear_num_value_heads"),
+            linear_key_head_dim=self.get("linear_key_head_dim"),
+            linear_value_head_dim=self.get("linear_value_head_dim"),
+            linear_conv_kernel_dim=self.get("linear_conv_kernel_dim"))
+
+    def convert(self, ours: str, theirs: list[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        if ours == "h.{i}.attn.c_attn.weight":  # q_proj holds each head's q then its gate: q, k, v, gate
+            q_gate, k, v = theirs
+            heads = q_gate.reshape(self.get("num_attention_heads"), 2, self.get("head_dim"), -1)
+            return torch.cat([heads[:, 0].reshape(-1, q_gate.shape[-1]), k, v,
+                              heads[:, 1].reshape(-1, q_gate.shape[-1])], dim=0)
+        return Family.convert(self, ours, theirs)
+
+
 @family("gpt_neox")
 class GPTNeoX(Family):
     """GPT-NeoX (Pythia): parallel residual, partial rotary, q/k/v interleaved per head in one tensor."""

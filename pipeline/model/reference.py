@@ -101,10 +101,11 @@ def gpt_reference(model):
 
 
 def _hf_state_reference(model, cache_name: str):
-    """hf_reference for LFM2, whose conv layers carry state: past and presents flat in the graph's order
-    (exports.cache_names), a conv layer's (B, C, conv_L_cache - 1) where transformers keeps conv_L_cache
-    inputs. Its oldest one is never read again, so a zero column in its place gives transformers' own math.
-    Granite 4's mamba layers (transformers' "linear_attention"): the conv state so, then the SSM state as it is."""
+    """hf_reference for LFM2, Granite 4 and Qwen3.5, whose conv, mamba and linear_attention layers carry state:
+    past and presents flat in the graph's order (exports.cache_names), a convolution's (B, C, kernel - 1) where
+    transformers keeps kernel inputs. Its oldest one is never read again, so a zero column in its place gives
+    transformers' own math. The SSM (Granite 4: transformers calls its mamba layers "linear_attention") and
+    recurrent (Qwen3.5) states are transformers' own."""
     from transformers import DynamicCache
 
     kinds = list(model.config.layer_types)
@@ -112,7 +113,7 @@ def _hf_state_reference(model, cache_name: str):
     def reference(ids, mask, pos, past):
         cache, k, layers = DynamicCache(config=model.config), 0, []
         for kind in kinds:
-            n = 1 if kind == "conv" else 2
+            n = 1 if kind == "conv" else 2  # K and V, or a linear layer's conv and recurrent states
             layers.append(past[k:k + n])
             k += n
         attention = [entries for kind, entries in zip(kinds, layers) if kind not in ("conv", "linear_attention")]
@@ -132,10 +133,12 @@ def _hf_state_reference(model, cache_name: str):
         presents, flat = hf_cache_out(out), []
         for i, kind in enumerate(kinds):
             layer = presents.layers[i]
-            if kind == "linear_attention":
+            if kind == "conv":
+                flat += [layer.conv_states[0][:, :, 1:]]
+            elif kind == "linear_attention":
                 flat += [layer.conv_states[0][:, :, 1:], layer.recurrent_states[0]]
             else:
-                flat += [layer.conv_states[0][:, :, 1:]] if kind == "conv" else [layer.keys, layer.values]
+                flat += [layer.keys, layer.values]
         return out.logits, flat
 
     return reference

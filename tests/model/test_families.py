@@ -90,6 +90,11 @@ CASES = {
                                                     "mamba_d_head": 16, "mamba_d_conv": 3, "mamba_conv_bias": False,
                                                     "layers_block_type": ["attention", "mamba", "mamba"],
                                                     "embedding_multiplier": 12.0, "residual_multiplier": 0.22}),
+    # Gated DeltaNet layers (two value heads per key head) before a gated full-attention layer, partial rotary
+    "qwen3_5": ("qwen3_5_text", {**SMALL, "num_hidden_layers": 4, "head_dim": 16, "linear_num_key_heads": 2,
+                                 "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+                                 "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                                                 "linear_attention"]}),
     "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                         word_embed_proj_dim=32, max_position_embeddings=64, init_std=0.2)),
 }
@@ -198,6 +203,15 @@ def test_logits_equal_transformers(tiny, name):
             assert ssm.shape == (len(ids), a.mamba_heads, a.mamba_head_dim, a.mamba_state) and ssm.dtype == torch.float32
             torch.testing.assert_close(conv, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ssm, cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-5)
+        elif ours.arch.layer_types[i] == "linear_attention":  # Qwen3.5: the convolution's and the recurrence's
+            conv, recurrent = entries
+            a = ours.arch
+            assert conv.shape == (len(ids), a.linear_conv_dim, a.linear_conv_kernel_dim - 1)
+            assert recurrent.shape == (len(ids), a.linear_num_value_heads, a.linear_key_head_dim,
+                                       a.linear_value_head_dim) and recurrent.dtype == torch.float32
+            torch.testing.assert_close(conv, cache.layers[i].conv_states[0][:, :, 1:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(recurrent, cache.layers[i].recurrent_states[0], atol=1e-5, rtol=1e-5)
+            assert recurrent.abs().max() > 0.1  # the state carries something
         else:
             assert entries[0].shape == (len(ids), ours.arch.n_kv_head, ids.shape[1], ours.arch.head_dim)
     MAX_DELTA[name] = delta
@@ -424,6 +438,8 @@ def test_a_base_model_checkpoint_without_its_prefix_loads(tiny, tmp_path):
 # the families tests/convert/test_hf_import.py does not already export (gpt2, llama, qwen2, phi3, gpt_neox)
 EXPORTED = ["mistral", "qwen3", "gemma", "gemma2", "gemma3", "opt", "smollm3", "granite", "olmo2", "olmo3", "phi",
             "mixtral", "qwen3_moe", "gpt_oss", "lfm2", "granitemoehybrid", "granitemoehybrid-dense"]
+# not qwen3_5: see test_qwen3_5_graph_runs_onnx_runtime_ops (a random tiny Qwen3.5 is too ill-conditioned for the
+# fp32 parity bounds: its own fp32 rounding moves its logits by ~1e-3)
 
 
 @pytest.mark.slow
@@ -452,10 +468,19 @@ def test_export_hf_goes_through_our_decoder(hf_models, tmp_path, name):
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     first = arch.layer_types.index("full_attention") if "full_attention" in arch.layer_types else 0
     assert shapes[f"past_key_values.{first}.key"] == ["batch_size", arch.n_kv_head, "past_sequence_length", arch.head_dim]
-    for i, kind in enumerate(arch.layer_types):  # LFM2's conv layers: their state, fixed but batch
-        assert (f"past_conv.{i}" in shapes) == (kind in ("conv", "mamba"))
+    for i, kind in enumerate(arch.layer_types):  # LFM2's conv and Qwen3.5's linear layers: state, fixed but batch
+        assert (f"past_conv.{i}" in shapes) == (kind in ("conv", "mamba", "linear_attention"))
+        assert (f"past_recurrent.{i}" in shapes) == (kind == "linear_attention")
         if kind == "conv":
             assert shapes[f"past_conv.{i}"] == ["batch_size", arch.n_embd, arch.conv_kernel - 1]
+        if kind == "linear_attention":
+            assert shapes[f"past_conv.{i}"] == ["batch_size", arch.linear_conv_dim, arch.linear_conv_kernel_dim - 1]
+            assert shapes[f"past_recurrent.{i}"] == ["batch_size", arch.linear_num_value_heads,
+                                                     arch.linear_key_head_dim, arch.linear_value_head_dim]
+    if "linear_attention" in arch.layer_types:  # prefill in two ONNX Runtime ops a layer, not a graph call a token
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("LinearAttention") == ops.count("CausalConvWithState") == arch.layer_types.count(
+            "linear_attention")
     for i, kind in enumerate(arch.layer_types):  # Granite 4's mamba layers: conv and SSM state, fixed but batch
         assert (f"past_ssm.{i}" in shapes) == (kind == "mamba")
         if kind == "mamba":
@@ -582,7 +607,83 @@ def test_fuse_refuses_head_sizes_the_rotary_kernel_does_not_take(tiny):
         attention_of(tiny["llama"][0])
 
 
-@pytest.mark.parametrize("name", CASES)
+def test_fuse_refuses_the_gated_attention_of_qwen3_5(tiny):
+    from pipeline.convert.fuse import attention_of
+
+    with pytest.raises(UserError, match=r"a gated attention output .*not fused yet, the plain graph runs it"):
+        attention_of(tiny["qwen3_5"][0])
+
+
+TINY_QWEN3_5_FP32 = 5e-4  # see test_qwen3_5_graph_runs_onnx_runtime_ops
+
+
+def test_qwen3_5_graph_runs_onnx_runtime_ops(tiny, tmp_path):
+    """The exported Qwen3.5 graph: each linear_attention layer one CausalConvWithState and one LinearAttention
+    (prefill is one call, not a call a token), its states fixed but batch and the recurrent one float32; on a
+    left-padded batch, prefill then decode steps, ONNX Runtime's logits and states are our decoder's (which
+    are transformers', test_logits_equal_transformers) within the fp32 parity bound, and each row's logits in
+    the batch are that row's alone: padding leaks into no state.
+
+    Within 5e-4, not the parity bound's 1e-4: this random tiny Qwen3.5 amplifies rounding ~500 times (1e-7
+    relative noise into its RMSNorms' inputs moves its logits by 5e-5; its fp32 logits differ from a float64
+    run by 1.2e-3 over 127 tokens), so two correct fp32 computations of it differ by ~1.5e-4 here. A wrong
+    state layout, gate or mask moves them by O(1)."""
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.convert.export import export_graph
+    from pipeline.exports import cache_names
+
+    folder, _ = tiny["qwen3_5"]
+    ours = load_decoder(folder)
+    a = ours.arch
+    export_graph(ours, tmp_path / "model.onnx")
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    n_linear = a.layer_types.count("linear_attention")
+    assert ops.count("LinearAttention") == ops.count("CausalConvWithState") == n_linear == 3
+    assert "Conv" not in ops and "Loop" not in ops
+    dims = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    for i in (0, 2, 3):
+        for io in ("past", "present"):
+            assert dims[f"{io}_conv.{i}"] == ["batch_size", a.linear_conv_dim, a.linear_conv_kernel_dim - 1]
+            assert dims[f"{io}_recurrent.{i}"] == ["batch_size", 4, 8, 16]  # (Hv, dk, dv): transformers' own
+            assert types[f"{io}_recurrent.{i}"] == onnx.TensorProto.FLOAT
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    pasts, presents = cache_names(a.layer_types)
+
+    def run(ids, mask, pos, past):
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+                **{n: t.numpy() for n, t in zip(pasts, [t for entries in past for t in entries])}}
+        out = session.run(["logits", *presents], feed)
+        return torch.from_numpy(out[0]), ours.split_cache([torch.from_numpy(t) for t in out[1:]])
+
+    ids, mask, pos = left_padded()
+    real, P = mask.bool(), 10
+    with torch.no_grad():
+        want, want_past = ours.forward_with_cache(ids[:, :P], mask[:, :P], pos[:, :P], ours.empty_cache(3))
+        got, past = run(ids[:, :P], mask[:, :P], pos[:, :P], ours.empty_cache(3))
+        torch.testing.assert_close(got[real[:, :P]], want[real[:, :P]], atol=TINY_QWEN3_5_FP32, rtol=1e-5)
+        batch = [got]
+        for t in range(P, ids.shape[1]):
+            want, want_past = ours.forward_with_cache(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], want_past)
+            got, past = run(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past)
+            torch.testing.assert_close(got, want, atol=TINY_QWEN3_5_FP32, rtol=1e-5)
+            batch.append(got)
+        for entries, expected in zip(past, want_past):
+            for t, w in zip(entries, expected):
+                torch.testing.assert_close(t, w, atol=TINY_QWEN3_5_FP32, rtol=1e-5)
+        batch = torch.cat(batch, dim=1)
+        for b, n in enumerate(LENGTHS):  # each row alone, unpadded: the same logits as in the padded batch
+            T = ids.shape[1]
+            row, m, p = ids[b:b + 1, T - n:], mask[b:b + 1, T - n:], pos[b:b + 1, T - n:]
+            alone, _ = run(row, m, p, ours.empty_cache(1))
+            torch.testing.assert_close(alone[0], batch[b, T - n:], atol=TINY_QWEN3_5_FP32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n, (model_type, _) in CASES.items() if model_type != "qwen3_5_text"])
 def test_fused_graph_gives_our_decoders_logits(tmp_path, name):
     """onnxgen fuse's rewrite for every family: one GroupQueryAttention per layer (rotary, longrope's two
     tables, sliding windows, soft-caps, q/k norms and scales as attributes and inputs) gives our decoder's
@@ -682,3 +783,53 @@ def test_supported_list_is_what_the_tests_cover():
     from pipeline.convert.hf_import import SUPPORTED
 
     assert set(HF_FAMILIES) <= set(SUPPORTED) == {model_type for model_type, _ in CASES.values()}
+
+
+@pytest.mark.slow
+def test_qwen3_5_export_runs_quantizes_and_keeps_its_state_fp32(hf_models, tmp_path, monkeypatch):
+    """`export --hf` of a tiny Qwen3.5, its parity miss let through (the tiny model's own fp32 rounding,
+    test_qwen3_5_graph_runs_onnx_runtime_ops): onnxgen run's OnnxLM, prefilling a batch row by row and stepping
+    the rows together, gives our decoder's greedy tokens; int8 and int4 quantize the projections (MatMulNBits)
+    and the fp16 variant converts, each keeping past/present_recurrent.* float32, and each runs."""
+    import onnx
+
+    import pipeline.convert.hf_import as hf_import
+    from pipeline.convert.quantize import quantize
+    from pipeline.run.lm import OnnxLM
+
+    reports = []
+    monkeypatch.setattr(hf_import, "publish_parity", lambda tmp, out, report: reports.append(report) or report)
+    model_type, sizes = CASES["qwen3_5"]
+    src = tmp_path / "src"
+    save_tiny(src, model_type, {**sizes, "max_position_embeddings": 128}, vocab=512)
+    copy_tokenizer(hf_models["llama"], src)
+    out = tmp_path / "out"
+    hf_import.export_hf(src, out, corpus=str(TEST_CORPUS))
+    fp32 = reports[0].to_dict()["variants"]["fp32"]
+    assert fp32["greedy_match"] == 64, fp32  # the parity check's 64 greedy tokens equal transformers'
+    ours = load_decoder(src)
+    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
+    want = []
+    with torch.no_grad():
+        for p in prompts:
+            x, past, got = torch.tensor([p]), ours.empty_cache(1), []
+            for _ in range(10):
+                n = len(p) + len(got)
+                logits, past = ours.forward_with_cache(x, torch.ones(1, n, dtype=torch.long),
+                                                       torch.arange(n - x.shape[1], n)[None], past)
+                got.append(int(logits[0, -1].argmax()))
+                x = torch.tensor([[got[-1]]])
+            want.append(got)
+    steps = list(OnnxLM(out, "fp32").generate(prompts, 10, stop_at_eos=False))  # each step: (B,) ids, greedy
+    assert [list(map(int, row)) for row in zip(*steps)] == want
+    quantize(out, "all", progress=False)
+    for variant, ops in (("int8", None), ("int4", "MatMulNBits"), ("fp16", None)):
+        graph = onnx.load(str(out / "onnx" / hf_import.VARIANTS[variant]), load_external_data=False).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+        assert {types[f"{io}_recurrent.{i}"] for io in ("past", "present") for i in (0, 2, 3)} == \
+               {onnx.TensorProto.FLOAT}, variant
+        assert [n.op_type for n in graph.node].count("LinearAttention") == 3
+        if ops:
+            assert ops in {n.op_type for n in graph.node}
+        steps = list(OnnxLM(out, variant).generate(prompts, 4, stop_at_eos=False))
+        assert [len(s) for s in steps] == [3] * 4

@@ -26,6 +26,11 @@ from pipeline.train.runs import load_model
 
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization")  # kept fp32 in the fp16 variant
+# Qwen3.5's Gated DeltaNet: its recurrent state (past_recurrent.*, present_recurrent.*) is float32 in every
+# variant (the recurrence is where half precision hurts most), and so is the LinearAttention node that
+# carries it, its q, k, v and gates with it
+FP32_STATE_OPS = ("LinearAttention", "GatedDeltaNet")  # their state is float only
+STATE_FP32 = ("past_recurrent.", "present_recurrent.", "past_ssm.", "present_ssm.")
 
 
 def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarray | None = None,
@@ -140,16 +145,16 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     # LayerNorms stay fp32 (their mean and variance lose most in half precision; the weights are tiny):
     # measured on the fully trained `small`, all-fp16 max |Δlogit| 1.45e-2 (misses 1e-2), LayerNorms
     # fp32 7.8e-3 at the same size; the head in fp32 instead gave 1.27e-2 for 4 MB more.
-    # Granite 4's SSM state stays fp32 (GatedDeltaNet takes only a float state; the recurrence is where half
-    # precision hurts most): its inputs and outputs, and the op itself, are kept fp32
-    ssm = [v.name for v in (*model.model.graph.input, *model.model.graph.output)
-           if v.name.startswith(("past_ssm.", "present_ssm."))]
-    blocked = list(FP32_OPS) + (["GatedDeltaNet"] if ssm else [])
-    # with state ops ORT's symbolic inference fails (it does not know them) and dumps its graph into the working
-    # directory; the optimized graph already carries every tensor's type (optimize._record_types), so onnx's is enough
-    model.convert_float_to_float16(keep_io_types=["logits", *ssm], op_block_list=blocked,
-                                   use_symbolic_shape_infer=not ssm)
+    # the recurrent states stay fp32 (Qwen3.5's past_recurrent, Granite 4's past_ssm: their ops take only a float
+    # state, and the recurrence is where half precision hurts most): the graph's inputs and outputs, and the ops
+    graph = model.model.graph
+    states = [v.name for v in [*graph.input, *graph.output] if v.name.startswith(STATE_FP32)]
+    blocked = list(FP32_OPS) + [op for op in FP32_STATE_OPS if any(n.op_type == op for n in graph.node)]
+    # the optimize stage typed every tensor (its shape inference knows the state ops, ORT's own does not and
+    # would leave sym_shape_infer_temp.onnx in the working directory): not again for a graph with state ops
+    model.convert_float_to_float16(keep_io_types=["logits", *states], op_block_list=blocked,
+                                   use_symbolic_shape_infer=len(blocked) == len(FP32_OPS))
     drop_duplicate_casts(model.model.graph)
     model.save_model_to_file(str(dst), use_external_data_format=False)
-    return {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked,
-            **({"ssm_state": "fp32"} if ssm else {})}
+    info = {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked}
+    return {**info, "state": "fp32", "fp32_state": states} if states else info
