@@ -97,9 +97,7 @@ def run(session, prompt: int, tokens: int) -> tuple[float, float]:
 
 
 def main():
-    import onnxruntime as ort
-
-    from pipeline.check.bench import machine, versions
+    from pipeline.check.bench import interleaved, machine, versions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -111,19 +109,10 @@ def main():
     with tempfile.TemporaryDirectory(prefix="onnxgen-hybrid-") as tmp:
         graphs = build(Path(tmp))
         for threads in (1, 2):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-            sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                        for k, p in graphs.items()}
-            for s in sessions.values():
-                run(s, 16, 2)  # warm-up
-            samples = {k: [] for k in sessions}
-            for _ in range(args.rounds):
-                for k, s in sessions.items():
-                    samples[k].append(run(s, args.prompt, args.tokens))
+            samples = interleaved(graphs, threads, args.rounds, lambda s: run(s, args.prompt, args.tokens),
+                                  lambda s: run(s, 16, 2))
             results[threads] = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v))
                                 for k, v in samples.items()}
-            del sessions
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()[0]
     (out_dir / "hybrid.json").write_text(json.dumps(

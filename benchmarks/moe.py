@@ -91,9 +91,7 @@ def decode_rate(session, tokens: int, prompt: int = 32) -> float:
 
 
 def main():
-    import onnxruntime as ort
-
-    from pipeline.check.bench import machine, versions
+    from pipeline.check.bench import interleaved, machine, versions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -110,18 +108,9 @@ def main():
             ops[k] = {t: types.count(t) for t in ("MoE", "QMoE", "MatMul", "MatMulNBits") if t in types}
         rates = {}
         for threads in (1, 2):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-            sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                        for k, p in graphs.items()}
-            for s in sessions.values():
-                decode_rate(s, 4)  # warm-up
-            samples = {k: [] for k in sessions}
-            for _ in range(args.rounds):
-                for k, s in sessions.items():
-                    samples[k].append(decode_rate(s, args.tokens))
+            samples = interleaved(graphs, threads, args.rounds, lambda s: decode_rate(s, args.tokens),
+                                  lambda s: decode_rate(s, 4))
             rates[threads] = {k: statistics.median(v) for k, v in samples.items()}
-            del sessions
     result = {"shape": SHAPE, "rounds": args.rounds, "tokens": args.tokens, "bytes": sizes, "ops": ops,
               "tok_s": {str(t): r for t, r in rates.items()}, "machine": machine(), "versions": versions(),
               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg()[0]}

@@ -358,6 +358,23 @@ def bench(folder: str | Path, out: str | Path = "benchmarks/RESULTS.md", rounds:
     return result
 
 
+def interleaved(graphs: dict, threads: int, rounds: int, measure, warm) -> dict[str, list]:
+    """Each graph's session at `threads` intra-op threads; `warm(session)` once each, then `rounds` rounds of
+    `measure(session)` taking every graph in turn (so a noisy neighbour slows them alike). {name: samples}."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in graphs.items()}
+    for s in sessions.values():
+        warm(s)
+    samples = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            samples[k].append(measure(s))
+    return samples
+
+
 def _median(values) -> float:
     return statistics.median(values) if values else float("nan")
 

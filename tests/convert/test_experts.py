@@ -66,7 +66,7 @@ def test_a_mixture_of_experts_import_goes_through_every_stage(hf_models, tmp_pat
     quantize int8 and int4 (QMoE, the routers left fp32 MatMuls), fuse (GroupQueryAttention with the sinks,
     judged against transformers), and onnxgen's runtime gives the same greedy tokens on each twin as on
     its plain graph."""
-    from model.test_families import copy_tokenizer, fused_case
+    from model.test_families import TWIN_PROMPTS, copy_tokenizer, fused_case, twins_generate_as_plain_graphs
 
     from pipeline.convert.fuse import fuse_export
     from pipeline.convert.hf_import import export_hf
@@ -93,10 +93,7 @@ def test_a_mixture_of_experts_import_goes_through_every_stage(hf_models, tmp_pat
     assert fuse_export(out, ["fp32", "int8"]) == ["onnx/model_gqa.onnx", "onnx/model_quantized_gqa.onnx"]
     fused = manifest.load(out)["stages"][-1]["fused"]["variants"]
     assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
-    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
-    for variant in ("fp32", "int8"):
-        plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
-        assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
-               [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
+    twins_generate_as_plain_graphs(out, ("fp32", "int8"))
+    prompts = TWIN_PROMPTS
     steps = [list(map(int, t)) for t in OnnxLM(out, "int4").generate(prompts, 4, stop_at_eos=False)]
     assert len(steps) == 4 and all(len(s) == len(prompts) for s in steps)

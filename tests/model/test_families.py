@@ -600,6 +600,20 @@ def plain_steps(ours, rows: list[list[int]], steps: int):
             yield logits[:, -1]
 
 
+TWIN_PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
+
+
+def twins_generate_as_plain_graphs(out, variants):
+    """onnxgen's runtime gives the same greedy tokens on each variant's fused twin as on its plain graph."""
+    from pipeline.run.lm import OnnxLM
+
+    for variant in variants:
+        plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
+        assert twin.fused and not plain.fused
+        assert [list(map(int, t)) for t in plain.generate(TWIN_PROMPTS, 10, stop_at_eos=False)] == \
+               [list(map(int, t)) for t in twin.generate(TWIN_PROMPTS, 10, stop_at_eos=False)], variant
+
+
 def test_fuse_refuses_head_sizes_the_rotary_kernel_does_not_take(tiny):
     from pipeline.convert.fuse import attention_of
 
@@ -730,7 +744,6 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     from pipeline.convert.fuse import fuse_export
     from pipeline.convert.hf_import import export_hf
     from pipeline.convert.quantize import quantize
-    from pipeline.run.lm import OnnxLM
 
     src = fused_case(tmp_path, "llama", vocab=512)  # the tokenizer's
     copy_tokenizer(hf_models["llama"], src)
@@ -744,12 +757,7 @@ def test_fuse_stage_on_an_import_runs_the_fast_path(hf_models, tmp_path):
     assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
     fp32_twin = [n.op_type for n in onnx.load(str(out / "onnx" / "model_gqa.onnx")).graph.node]
     assert fp32_twin.count("SkipSimplifiedLayerNormalization") == 2 * 2  # as the int8's graph
-    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
-    for variant in ("fp32", "int8"):
-        plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
-        assert twin.fused and not plain.fused
-        assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
-               [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
+    twins_generate_as_plain_graphs(out, ("fp32", "int8"))
 
 
 @pytest.mark.slow
@@ -760,7 +768,6 @@ def test_quantize_and_fuse_take_a_head_with_a_bias(hf_models, tmp_path):
     from pipeline.convert.fuse import fuse_export
     from pipeline.convert.hf_import import export_hf
     from pipeline.convert.quantize import quantize
-    from pipeline.run.lm import OnnxLM
 
     src = fused_case(tmp_path, "phi", vocab=512)
     copy_tokenizer(hf_models["llama"], src)
@@ -770,11 +777,7 @@ def test_quantize_and_fuse_take_a_head_with_a_bias(hf_models, tmp_path):
     fuse_export(out, ["fp32", "int8"])
     fused = manifest.load(out)["stages"][-1]["fused"]["variants"]
     assert {v: r["status"] for v, r in fused.items()} == {"fp32 fused": "pass", "int8 fused": "pass"}
-    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 7, 7, 100, 3, 250]]
-    for variant in ("fp32", "int8"):
-        plain, twin = OnnxLM(out, variant), OnnxLM(out, variant, fused=True)
-        assert [list(map(int, t)) for t in plain.generate(prompts, 10, stop_at_eos=False)] == \
-               [list(map(int, t)) for t in twin.generate(prompts, 10, stop_at_eos=False)]
+    twins_generate_as_plain_graphs(out, ("fp32", "int8"))
 
 
 def test_supported_list_is_what_the_tests_cover():
