@@ -167,7 +167,7 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
 @click.option("--hf", "hf", type=click.Path(path_type=Path), default=None,
               help="Import a local transformers causal-LM folder instead: gpt2, llama, mistral, smollm3, granite, qwen2, "
                    "qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, olmo3, gpt_neox, phi, opt, mixtral, qwen3_moe, gpt_oss, "
-                   "lfm2, granitemoehybrid (others fall back "
+                   "lfm2, granitemoehybrid, qwen3_5_text (others fall back "
                    "to optimum, plain graph only).")
 @click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None,
               help="Import a llama.cpp GGUF file (llama, qwen2; dequantized to fp32) instead.")
