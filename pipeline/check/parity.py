@@ -645,10 +645,12 @@ def open_graphs(folder: Path, variants: list[str], kinds=("plain", "fused")) -> 
     for v in variants:
         twins = [False] * ("plain" in kinds) + [True] * ("fused" in kinds and fused_path(folder, v).is_file())
         for twin in twins:
-            # without pre-packed weights: ONNX Runtime's second copy of an fp32 graph's weights is the largest
-            # thing parity could do without (0.5 GB of SmolLM2's peak, benchmarks/MEMORY.md)
+            # the fp32 and fp16 graphs without pre-packed weights: ONNX Runtime's second copy of their weights is
+            # the largest thing parity could do without (0.5 GB of SmolLM2's peak, benchmarks/MEMORY.md); the
+            # quantized ones keep it (MatMulNBits' packed blocks are its fast kernels' layout, and small)
             graphs.append(Graph(f"{v} fused" if twin else v, v, partial(OnnxLM, folder, variant=v, provider=_provider(v),
-                                                                       fused=twin, prepack=False), twin))
+                                                                       fused=twin, prepack=v not in ("fp32", "fp16")),
+                                twin))
     return graphs
 
 
