@@ -42,6 +42,11 @@ def constraint_options(command):
     return command
 
 
+speculate_option = click.option(
+    "--speculate/--no-speculate", default=None,
+    help="Prompt lookup: draft the next tokens from text that came before and check them in one call (exact: the "
+         "same greedy tokens; sampling keeps the model's distribution, not a seed's draws) [on when greedy].")
+
 unsafe_skip_verify_option = click.option(
     "--unsafe-skip-verify", is_flag=True,
     help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
@@ -318,11 +323,13 @@ def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, h
               help="Encode text prompts as transformers does, with the special tokens the export's tokenizer adds "
                    "(a BOS where it declares one); --no-special-tokens feeds the bare text (raw continuations). "
                    "--chat templates write their own.")
-@click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr.")
+@speculate_option
+@click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr "
+                                            "(and how many drafted tokens speculation kept).")
 @unsafe_skip_verify_option
 def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
         repetition_penalty, stop, seed, variant, device, fused, threads, json_schema, json_object, regex, grammar, echo,
-        special_tokens, stats, unsafe_skip_verify):
+        special_tokens, speculate, stats, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
     import time
@@ -383,12 +390,13 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
         lm.eos_ids = np.union1d(lm.eos_ids, chat.stop_ids()).astype(np.int64)  # the template's end of turn too
     if batch is not None:
         texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result,
-                            constraint=constraint)
+                            constraint=constraint, speculate=speculate)
         for p, text, reason in zip(batch, texts, result.stop_reason):
             click.echo(json.dumps({"prompt": p, "completion": text, "stop_reason": reason}, ensure_ascii=False))
         if stats:
             n = sum(len(t) for t in result.tokens)
-            click.echo(f"{what}; {len(batch)} prompts, {n} tokens in {time.perf_counter() - loaded:.2f} s", err=True)
+            click.echo(f"{what}; {len(batch)} prompts, {n} tokens in {time.perf_counter() - loaded:.2f} s"
+                       + speculation_stats(result), err=True)
         return
     if echo:
         click.echo(prompt, nl=False)
@@ -397,7 +405,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     # call, ~15 us a token, 2-3% of a step of the small preset; what the model writes is passed on as it is
     out = sys.stdout
     for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop),
-                           constraint=constraint):
+                           constraint=constraint, speculate=speculate):
         first = first or time.perf_counter()
         out.write(piece)
         out.flush()
@@ -409,7 +417,11 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
         n = len(result.tokens[0]) if result.tokens else 0
         rate = f", {(n - 1) / (end - first):.0f} tok/s after it" if first and n > 1 and end > first else ""
         ttft = f"first text after {(first - loaded) * 1e3:.1f} ms" if first else "no text"
-        click.echo(f"{what}; {ttft}; {n} tokens{rate}", err=True)
+        click.echo(f"{what}; {ttft}; {n} tokens{rate}" + speculation_stats(result), err=True)
+
+
+def speculation_stats(result) -> str:
+    return f"; {result.speculation.describe()}" if result.speculation is not None else ""
 
 
 @main.command()
@@ -424,10 +436,11 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
 @device_option
 @threads_option
 @constraint_options
+@speculate_option
 @click.option("--stats", is_flag=True, help="After each answer, print time to first token and tokens/s on stderr.")
 @unsafe_skip_verify_option
 def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, variant, device, threads, json_schema,
-         json_object, regex, grammar, stats, unsafe_skip_verify):
+         json_object, regex, grammar, speculate, stats, unsafe_skip_verify):
     """Chat in the terminal with the model's chat template: answers stream, the KV cache is kept across
     turns (fused graphs). /reset, /system TEXT, /exit; Ctrl-C stops an answer, Ctrl-D quits."""
     from pipeline.run.chat import ChatSession
@@ -443,7 +456,8 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
         constraint = constraint_from_options(json_schema, json_object, regex, grammar)
     lm = OnnxLM(export_dir, variant=variant or ("fp16" if device == "cuda" else "fp32"), provider=device,
                 threads=threads, verify=not unsafe_skip_verify, fused="auto")
-    session = ChatSession(lm, system=system, sampling=sampling, max_new_tokens=max_new_tokens, constraint=constraint)
+    session = ChatSession(lm, system=system, sampling=sampling, max_new_tokens=max_new_tokens, constraint=constraint,
+                          speculate=speculate)
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"chat with {export_dir} ({'fused, cache kept across turns' if lm.fused else 'plain graph'}): "
@@ -488,7 +502,8 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
             t = session.turns[-1]
             rate = t.generated / max(t.seconds - t.ttft_s, 1e-9) if t.generated > 1 else 0.0
             click.echo(f"turn {len(session.turns)}: time to first token {t.ttft_s * 1000:.1f} ms, prefilled "
-                       f"{t.prefilled}, reused {t.reused}, {t.generated} tokens, {rate:.0f} tok/s", err=True)
+                       f"{t.prefilled}, reused {t.reused}, {t.generated} tokens, {rate:.0f} tok/s"
+                       + (f"; {t.speculation.describe()}" if t.speculation is not None else ""), err=True)
 
 
 @main.command()

@@ -44,6 +44,9 @@ GENAI_CONFIG = "genai_config.json"
 # past/present share one buffer whose length is this symbolic dimension
 FUSED_SUFFIX = "_gqa"
 MAX_LEN = "max_sequence_length"
+# the fused twin's optional input (default 1): how many positions, ending at each row's last token, get logits
+# (transformers' name for the same choice); speculative decoding checks its drafts with n > 1
+LOGITS_TO_KEEP = "logits_to_keep"
 # the chat template lives in both places (docs/contract.md): transformers >= 4.47 writes the file and reads
 # it first; transformers.js and onnxruntime-genai read tokenizer_config.json's "chat_template"
 CHAT_TEMPLATE = "chat_template.jinja"

@@ -457,7 +457,8 @@ def _greedy(model, prompt: np.ndarray, n: int) -> list[int]:
 
 def _greedy_fused(lm: OnnxLM, prompt: np.ndarray, n: int) -> list[int]:
     """Greedy tokens the way `onnxgen run` makes them with the fused twin."""
-    return [int(t[0]) for t in lm.generate([list(prompt)], n, stop_at_eos=False)]
+    # the graph's own steps, one token a call: speculation is judged apart (tests/run/test_speculative.py)
+    return [int(t[0]) for t in lm.generate([list(prompt)], n, stop_at_eos=False, speculate=False)]
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -57,7 +57,7 @@ from pipeline import manifest
 from pipeline.convert.optimize import optimize_export
 from pipeline.check.parity import parity_of, source_of
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging, variant_path
+from pipeline.exports import LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging, variant_path
 from pipeline.model.decoder import DecoderConfig, Rotary, rope_kind
 from pipeline.model.families import arch_of
 
@@ -380,8 +380,11 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     keep = [n for n in g.node if not any(o in replaced for o in n.output)]
 
     if last_logits:
-        # hidden (B, S, C) -> (B, 1, C) at each row's last real token: index = seqlens_k - past, where
-        # past = total - S; clamped to [0, S-1] (a decode step has S = 1, index 0)
+        # hidden (B, S, C) -> (B, n, C): the n positions up to each row's last real token, n = logits_to_keep
+        # (an input with a default of 1, so a runtime that does not know it gets (B, 1, V)). The last index
+        # is seqlens_k - past, where past = total - S, clamped to [0, S-1] (a decode step has S = 1, index 0).
+        # n > 1 is speculative decoding's check of n tokens in one call (run/speculative.py): the LM head runs
+        # on those positions only, where the plain graph's runs on every position it is fed.
         head, hidden = _head_input(producers, {t.name for t in g.initializer})
         keep.extend([
             helper.make_node("Shape", ["input_ids"], ["fuse/ids_shape"]),
@@ -391,15 +394,26 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
             helper.make_node("Sub", ["fuse/S", "fuse/one"], ["fuse/S1"]),
             helper.make_node("Min", ["fuse/idx0", "fuse/S1"], ["fuse/idx1"]),
             helper.make_node("Max", ["fuse/idx1", "fuse/zero"], ["fuse/idx2"]),
-            helper.make_node("Unsqueeze", ["fuse/idx2", "fuse/one_axis"], ["fuse/idx"]),        # (B, 1)
-            helper.make_node("GatherND", [hidden, "fuse/idx"], ["fuse/last"], batch_dims=1),  # (B, C)
-            helper.make_node("Unsqueeze", ["fuse/last", "fuse/one_axis"], ["fuse/last3"]),    # (B, 1, C)
+            helper.make_node("Unsqueeze", ["fuse/idx2", "fuse/one_axis"], ["fuse/last_idx"]),   # (B, 1)
+            helper.make_node("Sub", ["fuse/one", LOGITS_TO_KEEP], ["fuse/first_offset"]),       # 1 - n
+            helper.make_node("Range", ["fuse/first_offset", "fuse/one", "fuse/one"], ["fuse/offsets"]),  # (n,)
+            helper.make_node("Add", ["fuse/last_idx", "fuse/offsets"], ["fuse/idx3"]),          # (B, n)
+            helper.make_node("Max", ["fuse/idx3", "fuse/zero"], ["fuse/idx4"]),
+            helper.make_node("Unsqueeze", ["fuse/idx4", "fuse/minus_one_axis"], ["fuse/idx"]),  # (B, n, 1)
+            helper.make_node("GatherND", [hidden, "fuse/idx"], ["fuse/kept"], batch_dims=1),  # (B, n, C)
         ])
         for j, name in enumerate(head.input):
             if name == hidden:
-                head.input[j] = "fuse/last3"
+                head.input[j] = "fuse/kept"
+        g.initializer.extend([helper.make_tensor(LOGITS_TO_KEEP, TensorProto.INT64, [], [1]),
+                              helper.make_tensor("fuse/minus_one_axis", TensorProto.INT64, [1], [-1])])
+        g.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
         logits = next(o for o in g.output if o.name == "logits")
-        logits.type.tensor_type.shape.dim[1].dim_param = "1"
+        # declared 1, the default's: onnxruntime-genai sizes its logits buffer (B, 1, V) only when the session
+        # reports a static 1 there ((B, S, V) otherwise, which the graph's (B, 1, V) does not fill); a runtime
+        # that asks for n > 1 binds its own (B, n, V) buffer (ONNX Runtime checks the declared shape only in a
+        # warning)
+        logits.type.tensor_type.shape.dim[1].dim_value = 1
     del g.node[:]
     g.node.extend(new + keep)
     # topological order: the new nodes read only graph inputs and each other, except the GQA nodes,

@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.exports import CHAT_TEMPLATE, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, ChatTemplate, chat_template
 from pipeline.run.sampling import Sampler, SamplingConfig
+from pipeline.run.speculative import PromptLookup, SpeculationStats, verify
 from pipeline.run.text import StreamDecoder
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -148,6 +149,7 @@ class Turn:
     ttft_s: float = 0.0
     seconds: float = 0.0
     stopped: str = ""     # "eos", "length", "context" or "interrupted"
+    speculation: SpeculationStats | None = None  # drafts checked and kept (run/speculative.py)
 
 
 @dataclass
@@ -162,6 +164,7 @@ class ChatSession:
     max_new_tokens: int = 256
     reuse: bool = True
     constraint: object = None  # a guidance.Constraint every answer must match (--json, --json-schema, ...)
+    speculate: bool | None = None  # prompt lookup (run/speculative.py); None: when greedy
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
@@ -234,10 +237,17 @@ class ChatSession:
         try:
             state = self._prefill(ids, turn)
             logits = state.logits
+            lookup, queue, one = None, [], np.zeros(1, np.int64)
+            if (self.sampling.greedy if self.speculate is None else self.speculate) and guides is None \
+                    and state.can_extend:
+                lookup, turn.speculation = PromptLookup([ids], len(ids) + budget + 1), SpeculationStats()
             while True:
-                if guides is not None:
-                    logits = guides.apply(logits[:1])
-                nxt = int(self.sampler(logits[:1])[0])
+                if queue:
+                    nxt = int(queue.pop(0)[0])
+                else:
+                    if guides is not None:
+                        logits = guides.apply(logits[:1])
+                    nxt = int(self.sampler(logits[:1])[0])
                 if not answer:
                     turn.ttft_s = time.perf_counter() - t0
                 if nxt in self.eos_ids:
@@ -254,6 +264,18 @@ class ChatSession:
                 if guides is not None:
                     guides.consume(0, nxt)
                     guides.prefetch()
+                if lookup is not None:
+                    lookup.push(np.array([nxt]))
+                    if queue:
+                        continue  # chosen by the check that computed its logits
+                    room = min(budget - len(answer) - 1, self.lm.n_ctx - 1 - len(self.cached))
+                    drafts = lookup.propose(one, room) if room > 0 else None
+                    if drafts is not None:
+                        emitted, accepted = verify(state, self.sampler, np.array([nxt]), drafts, None, one,
+                                                   turn.speculation)
+                        lookup.adapt(one, drafts.shape[1], accepted)
+                        queue = list(emitted.T)
+                        continue
                 logits = state.step(np.array([nxt], np.int64), np.zeros(1, bool))
         finally:
             if self.state is not None and hasattr(self.state, "lengths"):

@@ -28,10 +28,11 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.exports import (INPUTS, MAX_LEN, fused_path, generation_ids, is_state, present_of, read_config,
+from pipeline.exports import (INPUTS, LOGITS_TO_KEEP, MAX_LEN, fused_path, generation_ids, is_state, present_of, read_config,
                               variant_path)
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
+from pipeline.run.speculative import PromptLookup, SpeculationStats, verify
 from pipeline.run.text import CompletionText, cut_at_stop
 from pipeline.tokenizer import prompt_tokenizer
 
@@ -107,6 +108,7 @@ class Generation:
     """What one generate() call produced, filled in as it streams."""
     tokens: list[list[int]] = field(default_factory=list)   # new ids, per row
     stop_reason: list[str] = field(default_factory=list)    # "eos", "stop", "length" or "context", per row
+    speculation: SpeculationStats | None = None             # drafts checked and kept, when it speculated
 
 
 PREFILL_LOGITS = 64 << 20  # bytes of logits one plain prefill call may return: longer prompts go in chunks
@@ -156,6 +158,28 @@ class PlainDecode:
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         return self._logits.numpy()[:, -1, :]
+
+    @property
+    def can_extend(self) -> bool:
+        return not self.lm.has_state  # a state cannot be cut back to a length (run/speculative.py)
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Feed (B, n) more ids after each row's; returns the logits (B, n, V) at every one of them."""
+        n = ids.shape[1]
+        self.ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.positions = self.positions[:, -1:] + np.arange(1, n + 1)
+        self.mask = np.concatenate([self.mask, np.ones(ids.shape, dtype=np.int64)], axis=1)
+        self.logits = self._run()
+        return self._logits.numpy()
+
+    def keep(self, n_keep: int) -> None:
+        """Of the ids the last extend() fed, keep the first n_keep in the cache (the same for every row)."""
+        drop = self.ids.shape[1] - n_keep
+        if drop:
+            # presents are ONNX Runtime's OrtValues: cut (a copy) and bound from NumPy next call
+            self.past = [np.ascontiguousarray(p.numpy()[:, :, :-drop]) for p in self.past]
+            self.mask = self.mask[:, :-drop]
+            self.positions = self.positions[:, :n_keep]
 
     def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
         """Feed next ids (B,); returns the logits (B, V) that follow them."""
@@ -257,6 +281,39 @@ class SharedBufferDecode:
         for name, value in self.values.items():
             self.io.bind_ortvalue_input(name, value)
 
+    @property
+    def can_extend(self) -> bool:
+        """GroupQueryAttention takes several new tokens after a past for one row only, and a state cannot be cut
+        back to a length; a twin from before logits_to_keep returns one position's logits."""
+        return len(self.lengths) == 1 and not self.lm.has_state and self.lm.keeps_logits
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Feed (1, n) more ids after the row's; returns the logits (1, n, V) at every one of them (the
+        fused graph's logits_to_keep input: its LM head runs on those n positions only)."""
+        import onnxruntime as ort
+
+        n = ids.shape[1]
+        assert self.can_extend and (self.lengths + n <= self.L).all(), "extend: one row, within the buffer"
+        io = self.io
+        # ONNX Runtime allocates these logits: the twin declares (B, 1, V), the default's shape, which
+        # onnxruntime-genai sizes its buffer by, and a caller's (1, n, V) buffer would be refused against it
+        io.bind_output("logits", "cpu")
+        # an overridable initializer: ORT binds it as an OrtValue (bind_cpu_input looks among the inputs only)
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)))
+        bind_continued(io, np.ascontiguousarray(ids, dtype=np.int64), self.lengths)
+        self.lm.session.run_with_iobinding(io)
+        out = next(v for v in io.get_outputs() if len(v.shape()) == 3).numpy()  # (the presents are 4-D)
+        self.lengths = self.lengths + n
+        self.fed = n
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64)))
+        io.bind_output("logits", "cpu", 0, np.float32, list(self.out.shape), self.out.ctypes.data)
+        self._bind_step_inputs()  # back to the (B, 1) OrtValues that step() updates in place
+        return out
+
+    def keep(self, n_keep: int) -> None:
+        """Of the ids the last extend() fed, keep the first n_keep: slots past the length are never read."""
+        self.lengths = self.lengths - (self.fed - n_keep)
+
     def rewind(self, lengths) -> None:
         """Forget each row's tokens past lengths[b]: the next append or step writes from there (slots beyond a
         row's length are never read, so nothing is cleared)."""
@@ -353,6 +410,9 @@ class OnnxLM:
         # a state's dims but batch are fixed integers by contract; it is zeros before the first token
         self.state_shapes = {n: tuple(inputs[n].shape[1:]) for n in self.past_names if is_state(n)}
         self.has_state = bool(self.state_shapes)
+        # a fused twin made since speculative decoding came in returns the logits of n positions on request
+        self.keeps_logits = self.fused and any(i.name == LOGITS_TO_KEEP
+                                               for i in self.session.get_overridable_initializers())
         first = inputs[kv[0]]
         _, self.n_kv_heads, past_len, self.head_dim = first.shape  # fixed integers by contract
         if self.fused and past_len != MAX_LEN:
@@ -417,12 +477,15 @@ class OnnxLM:
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
                  sampling: SamplingConfig | None = None, stop_at_eos: bool = True,
                  result: Generation | None = None, stop: list[str] | None = None,
-                 constraint=None) -> Iterator[np.ndarray]:
+                 constraint=None, speculate: bool | None = None) -> Iterator[np.ndarray]:
         """Yields the next ids (B,) at each step; rows stop on their own (eos, a stop string, the context).
 
         A finished row keeps receiving the pad id so the batch stays rectangular. constraint: a
         guidance.Constraint for every row, or a list of one (or None) per row: each such row's picks are
-        masked to its grammar (run/guidance.py).
+        masked to its grammar (run/guidance.py). speculate: check prompt-lookup drafts several tokens a call
+        (run/speculative.py); None (the default) where it cannot change the output: greedy; True also when
+        sampling (the same distribution, other draws). Off with a constraint, and where the graph cannot
+        take several tokens after a cache (a state, a fused batch).
         """
         for i, p in enumerate(prompts):
             self.check_prompt(p, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
@@ -448,13 +511,21 @@ class OnnxLM:
         guides = self.guides(constraint, B)  # None without a constraint: the loop below is unchanged
         state = self.start(prompts, max_new_tokens)
         logits = state.logits
+        lookup = None
+        if (config.greedy if speculate is None else speculate) and guides is None and state.can_extend:
+            lookup = PromptLookup(prompts, int(lengths.max()) + max_new_tokens)
+            result.speculation = SpeculationStats()
+        queue: list[np.ndarray] = []  # tokens already chosen by a check of drafts, emitted one column a step
         # Python's work between two steps runs cold (a step streams the weights through the caches), so while
         # no row is done (always, for one row) the masks by `done` are skipped: the same results, fewer calls
         n_done, everyone = 0, np.arange(B)
         for step in range(max_new_tokens):
-            if guides is not None:
-                logits = guides.apply(logits)
-            nxt = sampler(logits, seen)
+            if queue:
+                nxt = queue.pop(0)
+            else:
+                if guides is not None:
+                    logits = guides.apply(logits)
+                nxt = sampler(logits, seen)
             if n_done:
                 nxt = np.where(done, self.pad_id, nxt)
             alive = np.flatnonzero(~done) if n_done else everyone
@@ -490,28 +561,44 @@ class OnnxLM:
                     else:
                         guides.consume(b, ids[b])
                 guides.prefetch()
+            if lookup is not None:
+                lookup.push(nxt)
+                if queue:
+                    continue  # its logits were computed by the check that chose it
+                # drafts: within the tokens still to come and the model's context
+                room = min(max_new_tokens - step - 2, self.n_ctx - 1 - int(lengths.max()))
+                live = np.flatnonzero(~done)
+                drafts = lookup.propose(live, room) if room > 0 else None
+                if drafts is not None:
+                    emitted, accepted = verify(state, sampler, nxt, drafts, seen, live, result.speculation)
+                    lookup.adapt(live, drafts.shape[1], accepted)
+                    queue = list(emitted.T)
+                    continue
             logits = state.step(nxt, done)
         for b in range(B):
             result.stop_reason[b] = result.stop_reason[b] or "length"
 
     def complete(self, prompts: list[str], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-                 stop: list[str] | None = None, result: Generation | None = None, constraint=None) -> list[str]:
+                 stop: list[str] | None = None, result: Generation | None = None, constraint=None,
+                 speculate: bool | None = None) -> list[str]:
         """Batch text in, one completion per prompt out (cut before a stop string, without the eos)."""
         result = result if result is not None else Generation()
         for _ in self.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, result=result, stop=stop,
-                               constraint=constraint):
+                               constraint=constraint, speculate=speculate):
             pass
         return [cut_at_stop(self.tokenizer.decode([t for t in toks if t not in self.eos_ids]), stop)
                 for toks in result.tokens]
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
-               result: Generation | None = None, stop: list[str] | None = None, constraint=None) -> Iterator[str]:
+               result: Generation | None = None, stop: list[str] | None = None, constraint=None,
+               speculate: bool | None = None) -> Iterator[str]:
         """Text pieces as they are generated (whole UTF-8 characters only; never part of a stop string).
         prompt: text, or token ids (a rendered chat). constraint: a guidance.Constraint the text must match."""
         ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         text = CompletionText(self.tokenizer, stop)
         eos = set(self.eos_ids.tolist())
-        for nxt in self.generate([ids], max_new_tokens, sampling, result=result, stop=stop, constraint=constraint):
+        for nxt in self.generate([ids], max_new_tokens, sampling, result=result, stop=stop, constraint=constraint,
+                                 speculate=speculate):
             token = int(nxt[0])
             if token in eos:
                 break

@@ -66,16 +66,63 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
         """logits (B, V) float -> next ids (B,) int64. seen (B, V) bool: tokens so far, for the penalty."""
         c = self.config
-        if c.repetition_penalty != 1.0 and seen is not None:
-            # as transformers' RepetitionPenaltyLogitsProcessor: shrink positive logits, grow negative ones
-            penalized = np.where(logits > 0, logits / c.repetition_penalty, logits * c.repetition_penalty)
-            logits = np.where(seen, penalized, logits)
+        logits = self.penalized(logits, seen)
         if c.greedy:
             return logits.argmax(-1).astype(np.int64)
         u = self.rng.random(logits.shape[0])  # one draw per row, in row order
         if self.whole_vocabulary(logits.shape[1]):
             return _pick_rows(logits, np.full(len(u), self.inv_temperature), u)
         return np.array([self.pick(row, x) for row, x in zip(logits, u)], dtype=np.int64)
+
+    def penalized(self, logits: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+        c = self.config
+        if c.repetition_penalty == 1.0 or seen is None:
+            return logits
+        # as transformers' RepetitionPenaltyLogitsProcessor: shrink positive logits, grow negative ones
+        penalized = np.where(logits > 0, logits / c.repetition_penalty, logits * c.repetition_penalty)
+        return np.where(seen, penalized, logits)
+
+    def distribution(self, row: np.ndarray) -> np.ndarray:
+        """The probabilities (V,) float64 that pick() samples one row of (penalized) logits from: temperature,
+        top-k, top-p, as pick() applies them (speculative sampling needs p itself: run/speculative.py)."""
+        c = self.config
+        row = row.astype(np.float32, copy=False)
+        top = row.max()
+        out = np.zeros(row.shape[0], dtype=np.float64)
+        ids = np.arange(row.shape[0])
+        if c.top_k and c.top_k < row.shape[0]:
+            ids = _top_k(row, c.top_k, scale=c.temperature, top=top)
+        with np.errstate(over="ignore"):
+            p = np.exp((row[ids] - top) * self.inv_temperature)
+        if c.top_p < 1.0:
+            keep = _nucleus(p, c.top_p)
+            ids, p = ids[keep], p[keep]
+        out[ids] = p
+        return out / out.sum()
+
+    def accepts(self, logits: np.ndarray, drafts: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+        """Speculative decoding's test of one draft id per row (B,) against logits (B, V): greedy keeps a draft
+        that is the argmax; sampling keeps it with probability p(draft) (min(1, p/q) for a draft that is
+        certain, q = 1), one draw per row in row order."""
+        logits = self.penalized(logits, seen)
+        if self.config.greedy:
+            return logits.argmax(-1) == drafts
+        u = self.rng.random(logits.shape[0])
+        return np.array([x < self.distribution(row)[d] for row, d, x in zip(logits, drafts, u)])
+
+    def residual(self, logits: np.ndarray, drafts: np.ndarray, seen: np.ndarray | None,
+                 rows: np.ndarray) -> np.ndarray:
+        """After a refused draft: the id drawn from max(0, p - q), i.e. p without the draft, renormalised
+        (greedy: the argmax, which the draft was not), for the rows marked in `rows`; others get -1."""
+        logits = self.penalized(logits, seen)
+        if self.config.greedy:
+            return np.where(rows, logits.argmax(-1), -1)
+        out = np.full(logits.shape[0], -1, dtype=np.int64)
+        for b in np.flatnonzero(rows):
+            p = self.distribution(logits[b])
+            p[drafts[b]] = 0.0
+            out[b] = _inverse_cdf(p, self.rng.random())
+        return out
 
     def whole_vocabulary(self, vocab: int) -> bool:
         """Sampling from every id at a temperature (no top-k, no top-p): what _pick_rows does for many rows."""

@@ -1,0 +1,162 @@
+"""Speculative decoding without a draft model: prompt lookup (n-gram drafts from the text itself).
+
+At batch 1 a decode step costs one pass over the weights (the MatMulNBits kernel's bandwidth wall,
+benchmarks/REAL_MODEL.md), and checking several tokens in one pass costs about what one token does. Text
+people generate locally repeats what the prompt holds (code being edited, a document being answered from),
+so the last few tokens often occurred before, followed by what comes next again:
+
+    lookup = PromptLookup(prompts)            # each row's tokens so far
+    drafts = lookup.propose(rows, room)       # (B, n): what followed the last match of each row's tail
+    emitted, accepted = verify(state, sampler, nxt, drafts, seen, done)
+
+verify() feeds the last picked token and the n drafts in one call (state.extend returns the logits at every
+one of them), keeps the longest run of drafts the model itself would have chosen, plus the model's own next
+token, and rolls the cache back past the rest (state.keep). Rollback is a length: the fused graph's shared
+buffer forgets slots past each row's length, the plain graph's cache is cut at the sequence axis. A model with
+a recurrent state (LFM2, Granite 4, Qwen3.5) cannot roll back by a length, so it does not speculate here (it
+would need a snapshot of the state at every draft position, which the graph does not return).
+
+Exactness:
+  - greedy: a draft is kept only where it equals the argmax of the model's logits at that position (with the
+    same repetition penalty), so the tokens are the model's greedy tokens. The logits of a multi-token call
+    are the same computation as one token's but for the order of some sums (float rounding, ~1e-6), so a
+    near-tie could in principle go the other way; tests/run/test_speculative.py holds greedy output equal
+    token for token, and benchmarks/SPECULATIVE.md counts any difference over its runs.
+  - sampling: speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a point-mass draft:
+    a draft token d is accepted with probability min(1, p(d)/q(d)) = p(d), and on rejection the token is drawn
+    from the residual max(0, p - q), i.e. p without d, renormalised. Each token is then distributed as the
+    model's own p (after temperature, top-k, top-p and the repetition penalty): the same distribution, not
+    the same draws as the plain loop for a seed.
+  - a batch keeps the drafts every live row accepted (rows advance together, one length for the batch's
+    cache): each row's tokens are still its own model's choices; a row that accepted more just gives them
+    again at the next step.
+
+Prompt lookup itself (n-gram matching over a token list) is ~30 lines that no library offers outside a
+PyTorch generate() (transformers' PromptLookupCandidateGenerator): written here, over NumPy arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.run.sampling import Sampler
+
+NGRAMS = (3, 2)      # tail lengths to match, longest first (a 1-token match drafts poorly: the next token differs)
+FIRST_DRAFT = 4      # tokens drafted on a row's first match
+MAX_DRAFT = 12       # at most this many (each adds a position to the verifying call)
+
+
+@dataclass
+class SpeculationStats:
+    calls: int = 0       # verifying calls
+    drafted: int = 0     # draft tokens fed, summed over live rows
+    accepted: int = 0    # of those, kept
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def describe(self) -> str:
+        return (f"speculation: {self.accepted} of {self.drafted} drafted tokens accepted ({100 * self.rate:.0f}%) "
+                f"in {self.calls} checks")
+
+
+class PromptLookup:
+    """Each row's tokens (prompt and output so far) and its draft length, adapted as transformers' assisted
+    generation adapts its own: +2 after a draft kept whole, -1 after one cut short (never below 1)."""
+
+    def __init__(self, prompts: list[list[int]], capacity: int):
+        B = len(prompts)
+        self.tokens = np.zeros((B, capacity), dtype=np.int64)
+        self.length = np.zeros(B, dtype=np.int64)
+        for b, p in enumerate(prompts):
+            self.tokens[b, :len(p)] = p
+            self.length[b] = len(p)
+        self.k = np.full(B, FIRST_DRAFT, dtype=np.int64)
+
+    def push(self, column: np.ndarray) -> None:
+        """One new token per row (B,)."""
+        rows = np.arange(len(column))
+        self.tokens[rows, self.length] = column
+        self.length += 1
+
+    def draft(self, b: int, limit: int) -> np.ndarray:
+        """What followed the latest earlier occurrence of row b's last NGRAMS tokens (at most min(k, limit)
+        tokens); empty where the tail never occurred before."""
+        n_tok = int(self.length[b])
+        h = self.tokens[b, :n_tok]
+        want = int(min(self.k[b], limit))
+        if want < 1:
+            return h[:0]
+        for n in NGRAMS:
+            if n_tok <= n:
+                continue
+            tail = h[n_tok - n:]
+            starts = np.flatnonzero(h[:n_tok - n] == tail[0])  # a match must end before the tail's last token
+            for j in range(1, n):
+                if not len(starts):
+                    break
+                starts = starts[h[starts + j] == tail[j]]
+            if len(starts):
+                # the latest occurrence followed by a whole draft (what came after it most recently), else the
+                # earliest (the longest continuation: a latest one may overlap the tail, leaving one token)
+                whole = starts[starts + n + want <= n_tok]
+                s = int(whole[-1] if len(whole) else starts[0]) + n
+                return h[s:s + want]
+        return h[:0]
+
+    def propose(self, alive: np.ndarray, limit: int) -> np.ndarray | None:
+        """(B, n) drafts, n the shortest of the live rows' (rows go together); None where a live row has none."""
+        drafts = {}
+        for b in alive.tolist():
+            d = self.draft(b, limit)
+            if not len(d):
+                return None
+            drafts[b] = d
+        if not drafts:
+            return None
+        n = min(len(d) for d in drafts.values())
+        out = np.zeros((len(self.length), n), dtype=np.int64)
+        for b, d in drafts.items():
+            out[b] = d[:n]
+        return out
+
+    def adapt(self, alive: np.ndarray, drafted: int, accepted: np.ndarray) -> None:
+        """accepted (B,): how many of the `drafted` tokens each row's model agreed with."""
+        whole = accepted[alive] >= drafted
+        self.k[alive] = np.where(whole, np.minimum(self.k[alive] + 2, MAX_DRAFT), np.maximum(self.k[alive] - 1, 1))
+
+
+def verify(state, sampler: Sampler, nxt: np.ndarray, drafts: np.ndarray, seen: np.ndarray | None,
+           alive: np.ndarray, stats: SpeculationStats) -> tuple[np.ndarray, np.ndarray]:
+    """Feed nxt (B,) and drafts (B, n) in one call; returns the tokens to emit after nxt, (B, a + 1): the a
+    drafts every live row accepted, then each row's own next token, and each row's own acceptance count (B,)
+    (for PromptLookup.adapt). The cache keeps nxt and the a drafts (state.keep); the last emitted token is not
+    in it yet (it is fed next, as a picked token is)."""
+    B, n = drafts.shape
+    logits = state.extend(np.concatenate([nxt[:, None], drafts], axis=1))  # (B, n + 1, V)
+    seen = None if seen is None else seen.copy()  # a row's accepted drafts count for the penalty further on
+    own = np.zeros(B, dtype=np.int64)             # per row: drafts its model accepted before its first refusal
+    refused = np.zeros(B, dtype=bool)
+    final = None
+    a = n
+    for j in range(n):
+        d = drafts[:, j]
+        take = sampler.accepts(logits[:, j], d, seen)  # (B,) bool
+        own = np.where(refused | ~take, own, own + 1)
+        refused |= ~take
+        if not take[alive].all():
+            # the batch stops at j: a refusing row draws from its residual, an accepting one gives its draft
+            final = np.where(take, d, sampler.residual(logits[:, j], d, seen, ~take))
+            a = j
+            break
+        if seen is not None:
+            seen[np.arange(B), d] = True
+    if final is None:  # every draft kept: the model's own token after the last one
+        final = sampler(logits[:, n], seen)
+    state.keep(a + 1)
+    stats.calls += 1
+    stats.drafted += n * len(alive)
+    stats.accepted += a * len(alive)
+    return np.concatenate([drafts[:, :a], final[:, None]], axis=1), own
