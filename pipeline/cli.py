@@ -44,8 +44,9 @@ def constraint_options(command):
 
 speculate_option = click.option(
     "--speculate/--no-speculate", default=None,
-    help="Prompt lookup: draft the next tokens from text that came before and check them in one call (exact: the "
-         "same greedy tokens; sampling keeps the model's distribution, not a seed's draws) [on when greedy].")
+    help="Prompt lookup: draft the next tokens from text that came before and check them in one call [on when "
+         "greedy on fp32, where the tokens are the same; when sampling it keeps the model's distribution, not a "
+         "seed's draws; int4/int8 kernels round a multi-token check differently, so near-ties can go another way].")
 
 unsafe_skip_verify_option = click.option(
     "--unsafe-skip-verify", is_flag=True,

@@ -164,7 +164,7 @@ class ChatSession:
     max_new_tokens: int = 256
     reuse: bool = True
     constraint: object = None  # a guidance.Constraint every answer must match (--json, --json-schema, ...)
-    speculate: bool | None = None  # prompt lookup (run/speculative.py); None: when greedy
+    speculate: bool | None = None  # prompt lookup (run/speculative.py); None: when greedy on fp32
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
@@ -238,7 +238,8 @@ class ChatSession:
             state = self._prefill(ids, turn)
             logits = state.logits
             lookup, queue, one = None, [], np.zeros(1, np.int64)
-            if (self.sampling.greedy if self.speculate is None else self.speculate) and guides is None \
+            exact = self.sampling.greedy and getattr(self.lm, "exact_checks", False)
+            if (exact if self.speculate is None else self.speculate) and guides is None \
                     and state.can_extend:
                 lookup, turn.speculation = PromptLookup([ids], len(ids) + budget + 1), SpeculationStats()
             while True:

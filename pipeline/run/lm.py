@@ -410,6 +410,11 @@ class OnnxLM:
         # a state's dims but batch are fixed integers by contract; it is zeros before the first token
         self.state_shapes = {n: tuple(inputs[n].shape[1:]) for n in self.past_names if is_state(n)}
         self.has_state = bool(self.state_shapes)
+        # a check of n tokens gives one token's logits only where the weights' kernels compute each row as alone:
+        # float MatMul does (fp32: ~5e-6 apart); int4's MatMulNBits does not (a 10-token check of SmolLM2 is
+        # 0.15 median |Δlogit| from 10 steps) nor int8's dynamic per-tensor quantization, so speculation is
+        # on by default for fp32 only (run/speculative.py)
+        self.exact_checks = variant == "fp32"
         # a fused twin made since speculative decoding came in returns the logits of n positions on request
         self.keeps_logits = self.fused and any(i.name == LOGITS_TO_KEEP
                                                for i in self.session.get_overridable_initializers())
@@ -483,8 +488,9 @@ class OnnxLM:
         A finished row keeps receiving the pad id so the batch stays rectangular. constraint: a
         guidance.Constraint for every row, or a list of one (or None) per row: each such row's picks are
         masked to its grammar (run/guidance.py). speculate: check prompt-lookup drafts several tokens a call
-        (run/speculative.py); None (the default) where it cannot change the output: greedy; True also when
-        sampling (the same distribution, other draws). Off with a constraint, and where the graph cannot
+        (run/speculative.py); None (the default) where it cannot change the output: greedy on fp32; True also
+        when sampling (the same distribution, other draws) and on quantized graphs (their kernels compute a
+        multi-token check with other rounding, so greedy tokens can differ where logits nearly tie). Off with a constraint, and where the graph cannot
         take several tokens after a cache (a state, a fused batch).
         """
         for i, p in enumerate(prompts):
@@ -512,7 +518,8 @@ class OnnxLM:
         state = self.start(prompts, max_new_tokens)
         logits = state.logits
         lookup = None
-        if (config.greedy if speculate is None else speculate) and guides is None and state.can_extend:
+        if (config.greedy and self.exact_checks if speculate is None else speculate) and guides is None \
+                and state.can_extend:
             lookup = PromptLookup(prompts, int(lengths.max()) + max_new_tokens)
             result.speculation = SpeculationStats()
         queue: list[np.ndarray] = []  # tokens already chosen by a check of drafts, emitted one column a step

@@ -277,3 +277,30 @@ def test_smollm2_from_its_gguf_to_the_fast_path(smollm2):
     proc = onnxgen("run", out, "--chat", "-", "--variant", "int4", "--fused", "--temperature", 0,
                    "--max-new-tokens", 16, input=messages)
     assert "Paris" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_speculation_gives_its_greedy_tokens(smollm2):
+    """Prompt lookup on the real model, on a rewrite whose answer repeats the prompt: fp32 (plain graph and
+    fused twin) gives token for token what one token a call gives; int4 (MatMulNBits rounds a multi-token
+    check otherwise) does not speculate unless asked, so its default tokens are its own too."""
+    from pipeline.run.chat import ChatFormat
+    from pipeline.run.lm import Generation
+
+    out, _ = smollm2
+    doc = ("The Lindqvist Bridge spans the Ume River at Norrfors. It was opened in 1962, is 412 metres long and "
+           "carries two lanes of road traffic and a footpath. In 2019 the footpath was widened to three metres.")
+    for variant, fused in (("fp32", False), ("fp32", True), ("int4", True)):
+        lm = OnnxLM(out, variant=variant, fused=fused)
+        ids = ChatFormat.of(lm).encode([{"role": "user", "content": "Repeat this text, replacing 'bridge' with "
+                                         f"'crossing':\n\n{doc}"}])
+        runs = {}
+        for speculate in (False, None, True):
+            runs[speculate] = Generation()
+            for _ in lm.generate([ids], 64, speculate=speculate, result=runs[speculate]):
+                pass
+        assert runs[None].tokens == runs[False].tokens, variant
+        if variant == "fp32":
+            assert runs[None].speculation.accepted >= 16, (variant, runs[None].speculation)
+        else:
+            assert runs[None].speculation is None and runs[True].speculation.accepted >= 16, runs[True].speculation
