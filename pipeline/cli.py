@@ -48,6 +48,27 @@ speculate_option = click.option(
          "greedy on fp32, where the tokens are the same; when sampling it keeps the model's distribution, not a "
          "seed's draws; int4/int8 kernels round a multi-token check differently, so near-ties can go another way].")
 
+def draft_options(command):
+    """--draft EXPORT and --draft-variant: a smaller export with the same tokenizer drafts for speculation."""
+    command = click.option("--draft-variant", default=None,
+                           help="The draft's variant [int4 when it has one, else fp32].")(command)
+    return click.option("--draft", "draft_dir", type=click.Path(path_type=Path), default=None, metavar="EXPORT",
+                        help="Speculate with this smaller export's greedy tokens as drafts (same tokenizer).")(command)
+
+
+def load_draft(lm, draft_dir, draft_variant, threads, verify):
+    if draft_dir is None:
+        return None
+    from pipeline.exports import variant_path
+    from pipeline.run.lm import OnnxLM
+    from pipeline.run.speculative import same_tokenizer
+
+    variant = draft_variant or ("int4" if variant_path(draft_dir, "int4").is_file() else "fp32")
+    draft = OnnxLM(draft_dir, variant=variant, threads=threads, verify=verify, fused="auto")
+    same_tokenizer(lm, draft)
+    return draft
+
+
 unsafe_skip_verify_option = click.option(
     "--unsafe-skip-verify", is_flag=True,
     help="Do not check the files' sha256 against manifest.json (unsafe: runs whatever is there).")
@@ -325,12 +346,13 @@ def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, h
                    "(a BOS where it declares one); --no-special-tokens feeds the bare text (raw continuations). "
                    "--chat templates write their own.")
 @speculate_option
+@draft_options
 @click.option("--stats", is_flag=True, help="At the end, print load time, time to first token and tokens/s on stderr "
                                             "(and how many drafted tokens speculation kept).")
 @unsafe_skip_verify_option
 def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens, temperature, top_k, top_p,
         repetition_penalty, stop, seed, variant, device, fused, threads, json_schema, json_object, regex, grammar, echo,
-        special_tokens, speculate, stats, unsafe_skip_verify):
+        special_tokens, speculate, draft_dir, draft_variant, stats, unsafe_skip_verify):
     """Generate from PROMPT ('-' reads stdin) with ONNX Runtime, streaming tokens as they come."""
     import json
     import time
@@ -378,6 +400,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     started = time.perf_counter()
     lm = OnnxLM(export_dir, variant=variant, provider=device, threads=threads, verify=not unsafe_skip_verify,
                 fused="auto" if fused is None else fused, special_tokens=special_tokens)
+    draft = load_draft(lm, draft_dir, draft_variant, threads, not unsafe_skip_verify)
     loaded = time.perf_counter()
     what = f"onnxgen: {lm.variant}{' fused' if lm.fused else ''} loaded in {(loaded - started) * 1e3:.0f} ms"  # --stats
     sampling = SamplingConfig.from_defaults(lm.sampling_defaults, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -391,7 +414,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
         lm.eos_ids = np.union1d(lm.eos_ids, chat.stop_ids()).astype(np.int64)  # the template's end of turn too
     if batch is not None:
         texts = lm.complete(batch, max_new_tokens=max_new_tokens, sampling=sampling, stop=list(stop), result=result,
-                            constraint=constraint, speculate=speculate)
+                            constraint=constraint, speculate=speculate, draft=draft)
         for p, text, reason in zip(batch, texts, result.stop_reason):
             click.echo(json.dumps({"prompt": p, "completion": text, "stop_reason": reason}, ensure_ascii=False))
         if stats:
@@ -406,7 +429,7 @@ def run(export_dir, prompt, prompt_file, prompts_file, chat_file, max_new_tokens
     # call, ~15 us a token, 2-3% of a step of the small preset; what the model writes is passed on as it is
     out = sys.stdout
     for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, result=result, stop=list(stop),
-                           constraint=constraint, speculate=speculate):
+                           constraint=constraint, speculate=speculate, draft=draft):
         first = first or time.perf_counter()
         out.write(piece)
         out.flush()
@@ -438,10 +461,11 @@ def speculation_stats(result) -> str:
 @threads_option
 @constraint_options
 @speculate_option
+@draft_options
 @click.option("--stats", is_flag=True, help="After each answer, print time to first token and tokens/s on stderr.")
 @unsafe_skip_verify_option
 def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, variant, device, threads, json_schema,
-         json_object, regex, grammar, speculate, stats, unsafe_skip_verify):
+         json_object, regex, grammar, speculate, draft_dir, draft_variant, stats, unsafe_skip_verify):
     """Chat in the terminal with the model's chat template: answers stream, the KV cache is kept across
     turns (fused graphs). /reset, /system TEXT, /exit; Ctrl-C stops an answer, Ctrl-D quits."""
     from pipeline.run.chat import ChatSession
@@ -458,7 +482,8 @@ def chat(export_dir, system, max_new_tokens, temperature, top_k, top_p, seed, va
     lm = OnnxLM(export_dir, variant=variant or ("fp16" if device == "cuda" else "fp32"), provider=device,
                 threads=threads, verify=not unsafe_skip_verify, fused="auto")
     session = ChatSession(lm, system=system, sampling=sampling, max_new_tokens=max_new_tokens, constraint=constraint,
-                          speculate=speculate)
+                          speculate=speculate, draft=load_draft(lm, draft_dir, draft_variant, threads,
+                                                                not unsafe_skip_verify))
     interactive = sys.stdin.isatty()
     if interactive:
         click.echo(f"chat with {export_dir} ({'fused, cache kept across turns' if lm.fused else 'plain graph'}): "

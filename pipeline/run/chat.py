@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.exports import CHAT_TEMPLATE, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, ChatTemplate, chat_template
 from pipeline.run.sampling import Sampler, SamplingConfig
-from pipeline.run.speculative import PromptLookup, SpeculationStats, verify
+from pipeline.run.speculative import DraftModel, PromptLookup, SpeculationStats, verify
 from pipeline.run.text import StreamDecoder
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -165,6 +165,7 @@ class ChatSession:
     reuse: bool = True
     constraint: object = None  # a guidance.Constraint every answer must match (--json, --json-schema, ...)
     speculate: bool | None = None  # prompt lookup (run/speculative.py); None: when greedy on fp32
+    draft: object = None  # an OnnxLM with the same tokenizer whose greedy tokens are the drafts (--draft)
     messages: list[dict] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
 
@@ -238,10 +239,12 @@ class ChatSession:
             state = self._prefill(ids, turn)
             logits = state.logits
             lookup, queue, one = None, [], np.zeros(1, np.int64)
-            exact = self.sampling.greedy and getattr(self.lm, "exact_checks", False)
+            exact = self.draft is not None or self.sampling.greedy and getattr(self.lm, "exact_checks", False)
             if (exact if self.speculate is None else self.speculate) and guides is None \
                     and state.can_extend:
-                lookup, turn.speculation = PromptLookup([ids], len(ids) + budget + 1), SpeculationStats()
+                lookup = (PromptLookup([ids], len(ids) + budget + 1) if self.draft is None else
+                          DraftModel(self.draft, [ids], budget))
+                turn.speculation = SpeculationStats()
             while True:
                 if queue:
                     nxt = int(queue.pop(0)[0])

@@ -32,7 +32,7 @@ from pipeline.exports import (INPUTS, LOGITS_TO_KEEP, MAX_LEN, fused_path, gener
                               variant_path)
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
-from pipeline.run.speculative import PromptLookup, SpeculationStats, verify
+from pipeline.run.speculative import DraftModel, PromptLookup, SpeculationStats, verify
 from pipeline.run.text import CompletionText, cut_at_stop
 from pipeline.tokenizer import prompt_tokenizer
 
@@ -174,12 +174,15 @@ class PlainDecode:
 
     def keep(self, n_keep: int) -> None:
         """Of the ids the last extend() fed, keep the first n_keep in the cache (the same for every row)."""
-        drop = self.ids.shape[1] - n_keep
-        if drop:
+        self.drop(self.ids.shape[1] - n_keep)
+
+    def drop(self, n: int) -> None:
+        """Forget the last n tokens of every row's cache."""
+        if n:
             # presents are ONNX Runtime's OrtValues: cut (a copy) and bound from NumPy next call
-            self.past = [np.ascontiguousarray(p.numpy()[:, :, :-drop]) for p in self.past]
-            self.mask = self.mask[:, :-drop]
-            self.positions = self.positions[:, :n_keep]
+            self.past = [np.ascontiguousarray(p.numpy()[:, :, :-n]) for p in self.past]
+            self.mask = self.mask[:, :-n]
+            self.positions = self.positions[:, -1:] - n
 
     def step(self, nxt: np.ndarray, done: np.ndarray) -> np.ndarray:
         """Feed next ids (B,); returns the logits (B, V) that follow them."""
@@ -312,7 +315,11 @@ class SharedBufferDecode:
 
     def keep(self, n_keep: int) -> None:
         """Of the ids the last extend() fed, keep the first n_keep: slots past the length are never read."""
-        self.lengths = self.lengths - (self.fed - n_keep)
+        self.drop(self.fed - n_keep)
+
+    def drop(self, n: int) -> None:
+        """Forget the last n tokens of the row's cache."""
+        self.lengths = self.lengths - n
 
     def rewind(self, lengths) -> None:
         """Forget each row's tokens past lengths[b]: the next append or step writes from there (slots beyond a
@@ -482,7 +489,7 @@ class OnnxLM:
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
                  sampling: SamplingConfig | None = None, stop_at_eos: bool = True,
                  result: Generation | None = None, stop: list[str] | None = None,
-                 constraint=None, speculate: bool | None = None) -> Iterator[np.ndarray]:
+                 constraint=None, speculate: bool | None = None, draft: "OnnxLM | None" = None) -> Iterator[np.ndarray]:
         """Yields the next ids (B,) at each step; rows stop on their own (eos, a stop string, the context).
 
         A finished row keeps receiving the pad id so the batch stays rectangular. constraint: a
@@ -491,7 +498,8 @@ class OnnxLM:
         (run/speculative.py); None (the default) where it cannot change the output: greedy on fp32; True also
         when sampling (the same distribution, other draws) and on quantized graphs (their kernels compute a
         multi-token check with other rounding, so greedy tokens can differ where logits nearly tie). Off with a constraint, and where the graph cannot
-        take several tokens after a cache (a state, a fused batch).
+        take several tokens after a cache (a state, a fused batch). draft: a smaller export with the same
+        tokenizer whose greedy tokens are the drafts instead (on whenever given, unless speculate is False).
         """
         for i, p in enumerate(prompts):
             self.check_prompt(p, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")
@@ -518,9 +526,10 @@ class OnnxLM:
         state = self.start(prompts, max_new_tokens)
         logits = state.logits
         lookup = None
-        if (config.greedy and self.exact_checks if speculate is None else speculate) and guides is None \
-                and state.can_extend:
-            lookup = PromptLookup(prompts, int(lengths.max()) + max_new_tokens)
+        on = (draft is not None or config.greedy and self.exact_checks) if speculate is None else speculate
+        if on and guides is None and state.can_extend:
+            lookup = (PromptLookup(prompts, int(lengths.max()) + max_new_tokens) if draft is None else
+                      DraftModel(draft, prompts, max_new_tokens))
             result.speculation = SpeculationStats()
         queue: list[np.ndarray] = []  # tokens already chosen by a check of drafts, emitted one column a step
         # Python's work between two steps runs cold (a step streams the weights through the caches), so while
@@ -587,25 +596,25 @@ class OnnxLM:
 
     def complete(self, prompts: list[str], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                  stop: list[str] | None = None, result: Generation | None = None, constraint=None,
-                 speculate: bool | None = None) -> list[str]:
+                 speculate: bool | None = None, draft: "OnnxLM | None" = None) -> list[str]:
         """Batch text in, one completion per prompt out (cut before a stop string, without the eos)."""
         result = result if result is not None else Generation()
         for _ in self.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, result=result, stop=stop,
-                               constraint=constraint, speculate=speculate):
+                               constraint=constraint, speculate=speculate, draft=draft):
             pass
         return [cut_at_stop(self.tokenizer.decode([t for t in toks if t not in self.eos_ids]), stop)
                 for toks in result.tokens]
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, sampling: SamplingConfig | None = None,
                result: Generation | None = None, stop: list[str] | None = None, constraint=None,
-               speculate: bool | None = None) -> Iterator[str]:
+               speculate: bool | None = None, draft: "OnnxLM | None" = None) -> Iterator[str]:
         """Text pieces as they are generated (whole UTF-8 characters only; never part of a stop string).
         prompt: text, or token ids (a rendered chat). constraint: a guidance.Constraint the text must match."""
         ids = prompt if isinstance(prompt, list) else self.encode(prompt)
         text = CompletionText(self.tokenizer, stop)
         eos = set(self.eos_ids.tolist())
         for nxt in self.generate([ids], max_new_tokens, sampling, result=result, stop=stop, constraint=constraint,
-                                 speculate=speculate):
+                                 speculate=speculate, draft=draft):
             token = int(nxt[0])
             if token in eos:
                 break

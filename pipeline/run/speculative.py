@@ -128,6 +128,75 @@ class PromptLookup:
         self.k[alive] = np.where(whole, np.minimum(self.k[alive] + 2, MAX_DRAFT), np.maximum(self.k[alive] - 1, 1))
 
 
+class DraftModel:
+    """Drafts from a smaller export with the same tokenizer (`--draft EXPORT`): its own greedy tokens, k at a
+    time, so the draft is certain (q a point mass) and verify()'s acceptance stays exact for sampling too. The
+    draft's cache follows the emitted text: the tokens it drafted and the target kept stay in it, the rest are
+    dropped (a length, as the target's), and what it has not seen is fed before the next draft. Same
+    adaptation of k as PromptLookup."""
+
+    def __init__(self, lm, prompts: list[list[int]], budget: int):
+        self.lm = lm
+        self.state = lm.start(prompts, budget + MAX_DRAFT + 1)
+        if not self.state.can_extend:
+            from pipeline.errors import UserError
+
+            raise UserError(f"--draft {lm.folder}: its graph cannot take several tokens after a cache (a model with "
+                            "state, or a fused twin in a batch); give a plain-attention draft, or one prompt")
+        self.logits = self.state.logits  # (B, V) after the last token its cache holds
+        self.unseen: list[np.ndarray] = []  # emitted columns its cache has not taken yet
+        self.skip = 0                       # emitted columns that are its own kept drafts, already in its cache
+        self.k = np.full(len(prompts), FIRST_DRAFT, dtype=np.int64)
+        self.last: np.ndarray | None = None  # the last draft, (B, n)
+
+    def push(self, column: np.ndarray) -> None:
+        if self.skip:
+            self.skip -= 1
+        else:
+            self.unseen.append(np.asarray(column, dtype=np.int64))
+
+    def propose(self, alive: np.ndarray, limit: int) -> np.ndarray | None:
+        n = int(min(self.k[alive].min() if len(alive) else FIRST_DRAFT, limit))
+        if n < 1:
+            return None
+        if len(self.unseen) == 1:
+            self.logits = self.state.step(self.unseen[0], np.zeros(len(self.unseen[0]), bool))
+        elif self.unseen:
+            self.logits = self.state.extend(np.stack(self.unseen, axis=1))[:, -1]
+        self.unseen = []
+        drafts = [self.logits.argmax(-1)]
+        for _ in range(n - 1):
+            self.logits = self.state.step(drafts[-1], np.zeros(len(drafts[-1]), bool))
+            drafts.append(self.logits.argmax(-1))
+        self.last = np.stack(drafts, axis=1)
+        return self.last
+
+    def adapt(self, alive: np.ndarray, drafted: int, accepted: np.ndarray) -> None:
+        """After verify(): the batch kept a = min over live rows of `accepted` drafts. The cache holds the
+        first drafted - 1 of them; keep the kept ones, drop the rest."""
+        a = int(accepted[alive].min()) if len(alive) else 0
+        in_cache = drafted - 1
+        kept = min(a, in_cache)
+        self.state.drop(in_cache - kept)
+        self.skip = kept  # those emitted columns are already in its cache
+        if a > kept:      # the whole draft kept: its last token was never fed
+            self.unseen.append(self.last[:, -1])
+            self.skip += 1
+        whole = accepted[alive] >= drafted
+        self.k[alive] = np.where(whole, np.minimum(self.k[alive] + 2, MAX_DRAFT), np.maximum(self.k[alive] - 1, 1))
+
+
+def same_tokenizer(target, draft) -> None:
+    """A draft must number tokens as the target does: refused in one line otherwise."""
+    from pipeline.errors import UserError
+
+    a, b = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if a != b:
+        differ = sum(1 for t, i in a.items() if b.get(t) != i)
+        raise UserError(f"--draft {draft.folder}: its tokenizer is not {target.folder}'s ({len(b)} tokens against "
+                        f"{len(a)}, {differ} numbered differently); a draft model must share the tokenizer")
+
+
 def verify(state, sampler: Sampler, nxt: np.ndarray, drafts: np.ndarray, seen: np.ndarray | None,
            alive: np.ndarray, stats: SpeculationStats) -> tuple[np.ndarray, np.ndarray]:
     """Feed nxt (B,) and drafts (B, n) in one call; returns the tokens to emit after nxt, (B, a + 1): the a

@@ -119,6 +119,9 @@ class MarkovState:
     def keep(self, n_keep):
         pass
 
+    def drop(self, n):
+        pass
+
 
 def _markov_lm(table: np.ndarray) -> OnnxLM:
     lm = object.__new__(OnnxLM)  # the generation loop alone, over a model whose distribution is known exactly
@@ -128,10 +131,12 @@ def _markov_lm(table: np.ndarray) -> OnnxLM:
     return lm
 
 
-def test_speculative_sampling_keeps_the_models_distribution():
-    """Thousands of seeded draws of 3 tokens from a 4-token Markov chain whose prompt drafts its likely path:
-    the counts of the 64 sequences fit the chain's exact probabilities (chi-square), where a sampler that kept
-    drafts too often (accepting with p > p(d), or resampling without removing the draft) would not."""
+@pytest.mark.parametrize("drafter", ["lookup", "draft model"])
+def test_speculative_sampling_keeps_the_models_distribution(drafter):
+    """Thousands of seeded draws of 3 tokens from a 4-token Markov chain whose prompt drafts its likely path
+    (or whose draft model, another chain, drafts its own greedy path): the counts of the 64 sequences fit the
+    chain's exact probabilities (chi-square), where a sampler that kept drafts too often (accepting with
+    p > p(d), or resampling without removing the draft) would not."""
     rng = np.random.default_rng(0)
     V, n_tokens, draws = 4, 3, 6000
     table = rng.normal(0, 1.0, (V, V)).astype(np.float32)
@@ -143,9 +148,14 @@ def test_speculative_sampling_keeps_the_models_distribution():
     p[np.arange(V), table.argmin(1)] = 0  # top-k 3: the smallest logit goes
     p /= p.sum(1, keepdims=True)
     lm = _markov_lm(table)
+    draft = None
+    if drafter == "draft model":
+        near = table + rng.normal(0, 0.5, (V, V)).astype(np.float32)  # a draft that is often, not always, right
+        draft = _markov_lm(near)
     counts, accepted, drafted = np.zeros((V,) * n_tokens), 0, 0
     for seed in range(draws):
-        r = _generate(lm, [prompt], n_tokens, sampling=SamplingConfig(seed=seed, **config), speculate=True)
+        r = _generate(lm, [prompt], n_tokens, sampling=SamplingConfig(seed=seed, **config), speculate=True,
+                      draft=draft)
         counts[tuple(r.tokens[0])] += 1
         accepted, drafted = accepted + r.speculation.accepted, drafted + r.speculation.drafted
     assert 0 < accepted < drafted  # drafts were kept and refused
@@ -178,4 +188,32 @@ def test_speculative_sampling_is_checked_by_a_test_that_catches_a_biased_sampler
 
     monkeypatch.setattr(Sampler, method, bias)
     with pytest.raises(AssertionError):
-        test_speculative_sampling_keeps_the_models_distribution()
+        test_speculative_sampling_keeps_the_models_distribution("lookup")
+
+
+def test_a_draft_model_gives_the_targets_greedy_tokens(tiny_fused_export, tiny_export):
+    """The same tiny model's plain graph drafting for its fused twin: every draft the target agrees with is
+    kept, the tokens are the target's own."""
+    lm, draft = OnnxLM(tiny_fused_export, fused=True), OnnxLM(tiny_export)
+    for text in ["import os", REPEATING[:80]]:
+        ids = lm.encode(text)
+        plain = _generate(lm, [ids], 40, speculate=False)
+        fast = _generate(lm, [ids], 40, draft=draft)
+        assert fast.tokens == plain.tokens
+        assert fast.speculation.rate > 0.9, fast.speculation  # the draft is the model itself
+
+
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_export, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_export, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    proc = onnxgen("run", tiny_export, "import os", "--draft", other, "--unsafe-skip-verify", check=False)
+    assert proc.returncode == 2 and "--draft" in proc.stderr and "tokenizer" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
