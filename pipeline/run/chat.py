@@ -240,8 +240,7 @@ class ChatSession:
             logits = state.logits
             lookup, queue, one = None, [], np.zeros(1, np.int64)
             exact = self.draft is not None or self.sampling.greedy and getattr(self.lm, "exact_checks", False)
-            if (exact if self.speculate is None else self.speculate) and guides is None \
-                    and state.can_extend:
+            if (exact if self.speculate is None else self.speculate) and state.can_extend:
                 lookup = (PromptLookup([ids], len(ids) + budget + 1) if self.draft is None else
                           DraftModel(self.draft, [ids], budget))
                 turn.speculation = SpeculationStats()
@@ -276,7 +275,7 @@ class ChatSession:
                     drafts = lookup.propose(one, room) if room > 0 else None
                     if drafts is not None:
                         emitted, accepted = verify(state, self.sampler, np.array([nxt]), drafts, None, one,
-                                                   turn.speculation)
+                                                   turn.speculation, guides)
                         lookup.adapt(one, drafts.shape[1], accepted)
                         queue = list(emitted.T)
                         continue

@@ -206,6 +206,23 @@ class Guides:
         assert m.consume_token(int(token)), f"llguidance refused a token its own mask allowed: {m.get_error()}"
 
 
+    def advance(self, row: int, token: int) -> int:
+        """Speculation's check of a draft token the row's mask allowed: consumed now (the next apply() masks the
+        position after it), and 1 returned when the matcher took it, for rollback() after the check."""
+        m = self.matchers.get(row)
+        if m is None or m.is_stopped():
+            return 0
+        self.consume(row, token)
+        return 1
+
+    def rollback(self, row: int, n: int) -> None:
+        """Undo the last n tokens the row's matcher took (llguidance's rollback)."""
+        if n and row in self.matchers:
+            self.wait()
+            assert self.matchers[row].rollback(n), self.matchers[row].get_error()
+            self.ready = False
+
+
 def constraint_from_options(json_schema=None, json_object: bool = False, regex: str | None = None,
                             grammar=None) -> Constraint | None:
     """The CLI's --json-schema FILE, --json, --regex RE and --grammar FILE.lark (at most one), or None."""

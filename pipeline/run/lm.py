@@ -497,8 +497,9 @@ class OnnxLM:
         masked to its grammar (run/guidance.py). speculate: check prompt-lookup drafts several tokens a call
         (run/speculative.py); None (the default) where it cannot change the output: greedy on fp32; True also
         when sampling (the same distribution, other draws) and on quantized graphs (their kernels compute a
-        multi-token check with other rounding, so greedy tokens can differ where logits nearly tie). Off with a constraint, and where the graph cannot
-        take several tokens after a cache (a state, a fused batch). draft: a smaller export with the same
+        multi-token check with other rounding, so greedy tokens can differ where logits nearly tie). A
+        constraint masks each checked position as its matcher stands after the drafts before it. Off where the
+        graph cannot take several tokens after a cache (a state, a fused batch). draft: a smaller export with the same
         tokenizer whose greedy tokens are the drafts instead (on whenever given, unless speculate is False).
         """
         for i, p in enumerate(prompts):
@@ -527,7 +528,7 @@ class OnnxLM:
         logits = state.logits
         lookup = None
         on = (draft is not None or config.greedy and self.exact_checks) if speculate is None else speculate
-        if on and guides is None and state.can_extend:
+        if on and state.can_extend:
             lookup = (PromptLookup(prompts, int(lengths.max()) + max_new_tokens) if draft is None else
                       DraftModel(draft, prompts, max_new_tokens))
             result.speculation = SpeculationStats()
@@ -586,7 +587,7 @@ class OnnxLM:
                 live = np.flatnonzero(~done)
                 drafts = lookup.propose(live, room) if room > 0 else None
                 if drafts is not None:
-                    emitted, accepted = verify(state, sampler, nxt, drafts, seen, live, result.speculation)
+                    emitted, accepted = verify(state, sampler, nxt, drafts, seen, live, result.speculation, guides)
                     lookup.adapt(live, drafts.shape[1], accepted)
                     queue = list(emitted.T)
                     continue

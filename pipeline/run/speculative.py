@@ -198,32 +198,42 @@ def same_tokenizer(target, draft) -> None:
 
 
 def verify(state, sampler: Sampler, nxt: np.ndarray, drafts: np.ndarray, seen: np.ndarray | None,
-           alive: np.ndarray, stats: SpeculationStats) -> tuple[np.ndarray, np.ndarray]:
+           alive: np.ndarray, stats: SpeculationStats, guides=None) -> tuple[np.ndarray, np.ndarray]:
     """Feed nxt (B,) and drafts (B, n) in one call; returns the tokens to emit after nxt, (B, a + 1): the a
     drafts every live row accepted, then each row's own next token, and each row's own acceptance count (B,)
     (for PromptLookup.adapt). The cache keeps nxt and the a drafts (state.keep); the last emitted token is not
-    in it yet (it is fed next, as a picked token is)."""
+    in it yet (it is fed next, as a picked token is). guides: the rows' grammars (run/guidance.py): each
+    position's logits are masked by the matcher's state after the drafts before it (a draft the grammar
+    refuses is refused), and the matchers are rolled back after, to take the emitted tokens as the loop
+    emits them."""
     B, n = drafts.shape
     logits = state.extend(np.concatenate([nxt[:, None], drafts], axis=1))  # (B, n + 1, V)
     seen = None if seen is None else seen.copy()  # a row's accepted drafts count for the penalty further on
     own = np.zeros(B, dtype=np.int64)             # per row: drafts its model accepted before its first refusal
     refused = np.zeros(B, dtype=bool)
+    consumed = np.zeros(B, dtype=np.int64)        # draft tokens each row's matcher took during the check
     final = None
     a = n
     for j in range(n):
         d = drafts[:, j]
-        take = sampler.accepts(logits[:, j], d, seen)  # (B,) bool
+        lj = logits[:, j] if guides is None else guides.apply(logits[:, j])
+        take = sampler.accepts(lj, d, seen)  # (B,) bool
         own = np.where(refused | ~take, own, own + 1)
         refused |= ~take
         if not take[alive].all():
             # the batch stops at j: a refusing row draws from its residual, an accepting one gives its draft
-            final = np.where(take, d, sampler.residual(logits[:, j], d, seen, ~take))
+            final = np.where(take, d, sampler.residual(lj, d, seen, ~take))
             a = j
             break
         if seen is not None:
             seen[np.arange(B), d] = True
+        if guides is not None:
+            for b in alive.tolist():
+                consumed[b] += guides.advance(b, int(d[b]))
     if final is None:  # every draft kept: the model's own token after the last one
-        final = sampler(logits[:, n], seen)
+        final = sampler(logits[:, n] if guides is None else guides.apply(logits[:, n]), seen)
+    for b in np.flatnonzero(consumed):
+        guides.rollback(int(b), int(consumed[b]))
     state.keep(a + 1)
     stats.calls += 1
     stats.drafted += n * len(alive)

@@ -217,3 +217,22 @@ def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny_export, tmp_
     proc = onnxgen("run", tiny_export, "import os", "--draft", other, "--unsafe-skip-verify", check=False)
     assert proc.returncode == 2 and "--draft" in proc.stderr and "tokenizer" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_constrained_rows_speculate_with_their_grammar(tiny_export):
+    """Under a regex the drafts must also pass the grammar: a batch of a constrained and a free row gives the
+    tokens of one step a call, the constrained row's text matches, and drafts were kept."""
+    import re
+
+    from pipeline.run.guidance import Constraint
+
+    lm = OnnxLM(tiny_export)
+    pattern = r"(import (os|sys)\n){2,12}"
+    rows = [Constraint.regex(pattern, "--regex"), None]
+    prompts = [lm.encode("import os\nimport sys\nimport os\n"), lm.encode("import os\nimport sys\nimport os\n")]
+    plain = _generate(lm, prompts, 40, speculate=False, constraint=rows)
+    fast = _generate(lm, prompts, 40, constraint=rows)
+    assert fast.tokens == plain.tokens
+    assert fast.speculation.accepted > 0, fast.speculation
+    text = lm.tokenizer.decode([t for t in fast.tokens[0] if t not in lm.eos_ids])
+    assert re.fullmatch(pattern, text) or re.fullmatch(r"(import (os|sys)\n)*(import (os|sys)\n?|import ?)?", text), text
