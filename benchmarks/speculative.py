@@ -9,7 +9,9 @@ it), rewriting (the answer follows the text), and two open-ended prompts where n
 must cost nothing there). For each graph (int4 fused: what `onnxgen run` picks, fp32 fused, fp32 plain) and
 each prompt, rounds interleave `speculate=False` and the default (on): decode rate = new tokens / time after
 the first token, medians over the rounds, the ratio on/off, the share of drafted tokens kept, and whether the
-tokens are identical (counted over every run: the verdict stands on all generated tokens, not one).
+tokens are identical (counted over every run: the verdict stands on all generated tokens, not one). The last
+graph drafts with a model instead of prompt lookup: the same export's int4 twin for its fp32 twin (`--draft`),
+whose "off" is the fp32 twin alone.
 """
 from __future__ import annotations
 
@@ -50,13 +52,14 @@ TASKS = {
 }
 
 
-def run_once(lm, ids, tokens, speculate):
+def run_once(lm, ids, tokens, speculate, draft=None):
     from pipeline.run.lm import Generation
 
     result = Generation()
     t0 = time.perf_counter()
     first = None
-    for _ in lm.generate([ids], tokens, speculate=speculate, result=result, stop_at_eos=False):
+    for _ in lm.generate([ids], tokens, speculate=speculate, result=result, stop_at_eos=False,
+                         draft=draft if speculate else None):
         first = first or time.perf_counter()
     end = time.perf_counter()
     n = len(result.tokens[0])
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--report-only", action="store_true", help="rewrite the note and chart from speculative.json")
+    ap.add_argument("--only", nargs="*", help="measure these graphs only, keeping the others' saved results")
     args = ap.parse_args()
     if args.report_only:
         saved = json.loads((args.out / "speculative.json").read_text())
@@ -84,10 +88,19 @@ def main() -> None:
     from pipeline.run.lm import OnnxLM
 
     graphs = {"int4 fused": dict(variant="int4", fused=True), "fp32 fused": dict(variant="fp32", fused=True),
-              "fp32 plain": dict(variant="fp32", fused=False)}
-    results = {}
+              "fp32 plain": dict(variant="fp32", fused=False),
+              # the same export's int4 twin drafting for its fp32 twin: the fp32 tokens, drafted at int4's speed
+              "fp32 fused, int4 draft": dict(variant="fp32", fused=True, draft="int4")}
+    if args.only:
+        graphs = {k: v for k, v in graphs.items() if k in args.only}
+    saved = args.out / "speculative.json"
+    results = json.loads(saved.read_text())["results"] if args.only and saved.is_file() else {}
     for gname, kw in graphs.items():
+        kw = dict(kw)
+        draft_variant = kw.pop("draft", None)
         lm = OnnxLM(args.export, threads=args.threads, **kw)
+        draft = None if draft_variant is None else OnnxLM(args.export, variant=draft_variant, fused=True,
+                                                          threads=args.threads)
         chat = ChatFormat.of(lm)
         for task, text in TASKS.items():
             ids = chat.encode([{"role": "user", "content": text}])
@@ -95,7 +108,7 @@ def main() -> None:
             runs = {False: [], True: []}
             for _ in range(args.rounds):
                 for spec in (False, True):
-                    runs[spec].append(run_once(lm, ids, args.tokens, spec))
+                    runs[spec].append(run_once(lm, ids, args.tokens, spec, draft))
             off, on = runs[False], runs[True]
             same = sum(a["tokens"] == b["tokens"] for a in off for b in on)
             mism = sum(x != y for a, b in zip(off, on) for x, y in zip(a["tokens"], b["tokens"]))
@@ -109,7 +122,7 @@ def main() -> None:
             results.setdefault(gname, {})[task] = r
             print(f"{gname:11s} {task:24s} off {r['off']:6.1f} on {r['on']:6.1f} tok/s  x{r['ratio']:.2f}  "
                   f"kept {r['accepted']}/{r['drafted']}  identical {same}/{r['pairs']}", flush=True)
-        del lm
+        del lm, draft
 
     meta = {"machine": machine(), "versions": versions(), "threads": args.threads, "rounds": args.rounds,
             "tokens": args.tokens, "export": str(args.export)}
@@ -129,7 +142,7 @@ def write_report(meta, results, out: Path) -> None:
     for i, (g, rows) in enumerate(results.items()):
         ax.bar([t + i * width for t in range(len(tasks))], [rows[k]["ratio"] for k in tasks], width, label=g)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks([t + width for t in range(len(tasks))], tasks, rotation=20, ha="right")
+    ax.set_xticks([t + width * (len(results) - 1) / 2 for t in range(len(tasks))], tasks, rotation=20, ha="right")
     ax.set_ylabel("decode tok/s, speculation on / off")
     ax.set_title(f"Prompt lookup on SmolLM2-135M-Instruct, greedy, {meta['tokens']} tokens, "
                  f"{meta['threads']} threads (median of {meta['rounds']})", fontsize=10)
