@@ -281,16 +281,17 @@ def test_smollm2_from_its_gguf_to_the_fast_path(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_speculation_gives_its_greedy_tokens(smollm2):
-    """Prompt lookup on the real model, on a rewrite whose answer repeats the prompt: fp32 (plain graph and
-    fused twin) gives token for token what one token a call gives; int4 (MatMulNBits rounds a multi-token
-    check otherwise) does not speculate unless asked, so its default tokens are its own too."""
+    """Prompt lookup on the real model, on a rewrite whose answer repeats the prompt: fp32 (the plain graph;
+    the fused twin in benchmarks/SPECULATIVE.md) gives token for token what one token a call gives; int4
+    (MatMulNBits rounds a multi-token check otherwise) does not speculate unless asked, so its default tokens
+    are its own too."""
     from pipeline.run.chat import ChatFormat
     from pipeline.run.lm import Generation
 
     out, _ = smollm2
     doc = ("The Lindqvist Bridge spans the Ume River at Norrfors. It was opened in 1962, is 412 metres long and "
            "carries two lanes of road traffic and a footpath. In 2019 the footpath was widened to three metres.")
-    for variant, fused in (("fp32", False), ("fp32", True), ("int4", True)):
+    for variant, fused in (("fp32", False), ("int4", True)):  # the fixture fuses int4 only
         lm = OnnxLM(out, variant=variant, fused=fused)
         ids = ChatFormat.of(lm).encode([{"role": "user", "content": "Repeat this text, replacing 'bridge' with "
                                          f"'crossing':\n\n{doc}"}])
