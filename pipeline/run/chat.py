@@ -241,7 +241,8 @@ class ChatSession:
             lookup, queue, one = None, [], np.zeros(1, np.int64)
             exact = self.draft is not None or self.sampling.greedy and getattr(self.lm, "exact_checks", False)
             if (exact if self.speculate is None else self.speculate) and state.can_extend:
-                lookup = (PromptLookup([ids], len(ids) + budget + 1) if self.draft is None else
+                lookup = (PromptLookup([ids], len(ids) + budget + 1, getattr(self.lm, "max_draft", 4))
+                          if self.draft is None else
                           DraftModel(self.draft, [ids], budget))
                 turn.speculation = SpeculationStats()
             while True:

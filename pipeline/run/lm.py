@@ -32,7 +32,8 @@ from pipeline.exports import (INPUTS, LOGITS_TO_KEEP, MAX_LEN, fused_path, gener
                               variant_path)
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
-from pipeline.run.speculative import DraftModel, PromptLookup, SpeculationStats, verify
+from pipeline.run.speculative import (MAX_DRAFT, MAX_DRAFT_QUANTIZED, DraftModel, PromptLookup, SpeculationStats,
+                                      verify)
 from pipeline.run.text import CompletionText, cut_at_stop
 from pipeline.tokenizer import prompt_tokenizer
 
@@ -422,6 +423,7 @@ class OnnxLM:
         # 0.15 median |Δlogit| from 10 steps) nor int8's dynamic per-tensor quantization, so speculation is
         # on by default for fp32 only (run/speculative.py)
         self.exact_checks = variant == "fp32"
+        self.max_draft = MAX_DRAFT if variant in ("fp32", "fp16") else MAX_DRAFT_QUANTIZED
         # a fused twin made since speculative decoding came in returns the logits of n positions on request
         self.keeps_logits = self.fused and any(i.name == LOGITS_TO_KEEP
                                                for i in self.session.get_overridable_initializers())
@@ -529,7 +531,7 @@ class OnnxLM:
         lookup = None
         on = (draft is not None or config.greedy and self.exact_checks) if speculate is None else speculate
         if on and state.can_extend:
-            lookup = (PromptLookup(prompts, int(lengths.max()) + max_new_tokens) if draft is None else
+            lookup = (PromptLookup(prompts, int(lengths.max()) + max_new_tokens, self.max_draft) if draft is None else
                       DraftModel(draft, prompts, max_new_tokens))
             result.speculation = SpeculationStats()
         queue: list[np.ndarray] = []  # tokens already chosen by a check of drafts, emitted one column a step

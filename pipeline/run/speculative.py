@@ -45,6 +45,10 @@ from pipeline.run.sampling import Sampler
 NGRAMS = (3, 2)      # tail lengths to match, longest first (a 1-token match drafts poorly: the next token differs)
 FIRST_DRAFT = 4      # tokens drafted on a row's first match
 MAX_DRAFT = 12       # at most this many (each adds a position to the verifying call)
+# int4/int8 kernels pay for a check by its rows: 8 tokens cost 2.7x a step with MatMulNBits against 1.35-1.5x
+# for fp32 MatMul (SmolLM2, benchmarks/SPECULATIVE.md), so a long draft costs more than its expected gain
+# there; at an acceptance of 0.7 a token, tokens per step-cost peak near 3-4 drafts
+MAX_DRAFT_QUANTIZED = 4
 
 
 @dataclass
@@ -66,14 +70,19 @@ class PromptLookup:
     """Each row's tokens (prompt and output so far) and its draft length, adapted as transformers' assisted
     generation adapts its own: +2 after a draft kept whole, -1 after one cut short (never below 1)."""
 
-    def __init__(self, prompts: list[list[int]], capacity: int):
+    def __init__(self, prompts: list[list[int]], capacity: int, k_max: int = MAX_DRAFT):
         B = len(prompts)
+        self.k_max = k_max
         self.tokens = np.zeros((B, capacity), dtype=np.int64)
         self.length = np.zeros(B, dtype=np.int64)
         for b, p in enumerate(prompts):
             self.tokens[b, :len(p)] = p
             self.length[b] = len(p)
-        self.k = np.full(B, FIRST_DRAFT, dtype=np.int64)
+        self.k = np.full(B, min(FIRST_DRAFT, k_max), dtype=np.int64)
+        # after a check that kept nothing, a row waits this many steps before drafting again (doubling while its
+        # drafts keep failing, up to 16): in open-ended text a stray match costs a check and saves nothing
+        self.wait = np.zeros(B, dtype=np.int64)
+        self.backoff = np.zeros(B, dtype=np.int64)
 
     def push(self, column: np.ndarray) -> None:
         """One new token per row (B,)."""
@@ -108,6 +117,9 @@ class PromptLookup:
 
     def propose(self, alive: np.ndarray, limit: int) -> np.ndarray | None:
         """(B, n) drafts, n the shortest of the live rows' (rows go together); None where a live row has none."""
+        if (self.wait[alive] > 0).any():
+            self.wait[alive] = np.maximum(self.wait[alive] - 1, 0)
+            return None
         drafts = {}
         for b in alive.tolist():
             d = self.draft(b, limit)
@@ -125,7 +137,10 @@ class PromptLookup:
     def adapt(self, alive: np.ndarray, drafted: int, accepted: np.ndarray) -> None:
         """accepted (B,): how many of the `drafted` tokens each row's model agreed with."""
         whole = accepted[alive] >= drafted
-        self.k[alive] = np.where(whole, np.minimum(self.k[alive] + 2, MAX_DRAFT), np.maximum(self.k[alive] - 1, 1))
+        self.k[alive] = np.where(whole, np.minimum(self.k[alive] + 2, self.k_max), np.maximum(self.k[alive] - 1, 1))
+        none = accepted[alive] == 0
+        self.backoff[alive] = np.where(none, np.minimum(np.maximum(2 * self.backoff[alive], 2), 16), 0)
+        self.wait[alive] = self.backoff[alive]
 
 
 class DraftModel:

@@ -125,7 +125,7 @@ class MarkovState:
 
 def _markov_lm(table: np.ndarray) -> OnnxLM:
     lm = object.__new__(OnnxLM)  # the generation loop alone, over a model whose distribution is known exactly
-    lm.vocab_size, lm.n_ctx, lm.pad_id = table.shape[0], 1 << 20, 0
+    lm.vocab_size, lm.n_ctx, lm.pad_id, lm.max_draft = table.shape[0], 1 << 20, 0, MAX_DRAFT
     lm.eos_ids = np.array([table.shape[0] + 7], dtype=np.int64)  # never produced
     lm.start = lambda prompts, budget: MarkovState(table, prompts)
     return lm
