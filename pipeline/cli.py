@@ -64,7 +64,10 @@ def load_draft(lm, draft_dir, draft_variant, threads, verify):
     from pipeline.run.speculative import same_tokenizer
 
     variant = draft_variant or ("int4" if variant_path(draft_dir, "int4").is_file() else "fp32")
-    draft = OnnxLM(draft_dir, variant=variant, threads=threads, verify=verify, fused="auto")
+    try:
+        draft = OnnxLM(draft_dir, variant=variant, threads=threads, verify=verify, fused="auto")
+    except UserError as e:  # the draft's, not the target's: say so
+        raise UserError(f"--draft {draft_dir}: {str(e).replace('--variant', '--draft-variant')}") from None
     same_tokenizer(lm, draft)
     return draft
 

@@ -236,3 +236,9 @@ def test_constrained_rows_speculate_with_their_grammar(tiny_export):
     assert fast.speculation.accepted > 0, fast.speculation
     text = lm.tokenizer.decode([t for t in fast.tokens[0] if t not in lm.eos_ids])
     assert re.fullmatch(pattern, text) or re.fullmatch(r"(import (os|sys)\n)*(import (os|sys)\n?|import ?)?", text), text
+
+
+def test_a_bad_draft_variant_is_one_line_naming_the_draft(tiny_export):
+    proc = onnxgen("run", tiny_export, "import os", "--draft", tiny_export, "--draft-variant", "int9", check=False)
+    assert proc.returncode == 2 and "--draft" in proc.stderr and "--draft-variant int9" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
