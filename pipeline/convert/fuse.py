@@ -57,7 +57,8 @@ from pipeline import manifest
 from pipeline.convert.optimize import optimize_export
 from pipeline.check.parity import parity_of, source_of
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging, variant_path
+from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging,
+                              variant_path)
 from pipeline.model.decoder import DecoderConfig, Rotary, rope_kind
 from pipeline.model.families import arch_of
 

@@ -28,8 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.exports import (INPUTS, LOGITS_TO_KEEP, MAX_LEN, fused_path, generation_ids, is_state, present_of, read_config,
-                              variant_path)
+from pipeline.exports import (INPUTS, LOGITS_TO_KEEP, MAX_LEN, fused_path, generation_ids, is_state, present_of,
+                              read_config, variant_path)
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
 from pipeline.run.speculative import (MAX_DRAFT, MAX_DRAFT_QUANTIZED, DraftModel, PromptLookup, SpeculationStats,
@@ -501,8 +501,9 @@ class OnnxLM:
         when sampling (the same distribution, other draws) and on quantized graphs (their kernels compute a
         multi-token check with other rounding, so greedy tokens can differ where logits nearly tie). A
         constraint masks each checked position as its matcher stands after the drafts before it. Off where the
-        graph cannot take several tokens after a cache (a state, a fused batch). draft: a smaller export with the same
-        tokenizer whose greedy tokens are the drafts instead (on whenever given, unless speculate is False).
+        graph cannot take several tokens after a cache (a state, a fused batch). draft: a smaller export with
+        the same tokenizer whose greedy tokens are the drafts instead (on whenever given, unless speculate is
+        False).
         """
         for i, p in enumerate(prompts):
             self.check_prompt(p, f"prompt {i + 1}" if len(prompts) > 1 else "prompt")

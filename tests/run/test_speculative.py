@@ -235,7 +235,8 @@ def test_constrained_rows_speculate_with_their_grammar(tiny_export):
     assert fast.tokens == plain.tokens
     assert fast.speculation.accepted > 0, fast.speculation
     text = lm.tokenizer.decode([t for t in fast.tokens[0] if t not in lm.eos_ids])
-    assert re.fullmatch(pattern, text) or re.fullmatch(r"(import (os|sys)\n)*(import (os|sys)\n?|import ?)?", text), text
+    cut = r"(import (os|sys)\n)*(import (os|sys)\n?|import ?)?"  # the pattern cut at the token budget
+    assert re.fullmatch(pattern, text) or re.fullmatch(cut, text), text
 
 
 def test_a_bad_draft_variant_is_one_line_naming_the_draft(tiny_export):
