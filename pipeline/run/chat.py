@@ -25,7 +25,8 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.exports import CHAT_TEMPLATE, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, ChatTemplate, chat_template
 from pipeline.run.sampling import Sampler, SamplingConfig
-from pipeline.run.speculative import DraftModel, PromptLookup, SpeculationStats, verify
+from pipeline.run import speculative
+from pipeline.run.speculative import SpeculationStats
 from pipeline.run.text import StreamDecoder
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -238,16 +239,11 @@ class ChatSession:
         try:
             state = self._prefill(ids, turn)
             logits = state.logits
-            lookup, queue, one = None, [], np.zeros(1, np.int64)
-            exact = self.draft is not None or self.sampling.greedy and getattr(self.lm, "exact_checks", False)
-            if (exact if self.speculate is None else self.speculate) and state.can_extend:
-                lookup = (PromptLookup([ids], len(ids) + budget + 1, getattr(self.lm, "max_draft", 4))
-                          if self.draft is None else
-                          DraftModel(self.draft, [ids], budget))
-                turn.speculation = SpeculationStats()
+            spec = speculative.start(self.lm, state, [ids], budget, self.sampling.greedy, self.speculate, self.draft)
+            turn.speculation, going = spec and spec.stats, np.zeros(1, bool)
             while True:
-                if queue:
-                    nxt = int(queue.pop(0)[0])
+                if spec is not None and spec.queue:  # chosen by a check of drafts
+                    nxt = int(spec.queue.pop(0)[0])
                 else:
                     if guides is not None:
                         logits = guides.apply(logits[:1])
@@ -268,19 +264,10 @@ class ChatSession:
                 if guides is not None:
                     guides.consume(0, nxt)
                     guides.prefetch()
-                if lookup is not None:
-                    lookup.push(np.array([nxt]))
-                    if queue:
-                        continue  # chosen by the check that computed its logits
-                    room = min(budget - len(answer) - 1, self.lm.n_ctx - 1 - len(self.cached))
-                    drafts = lookup.propose(one, room) if room > 0 else None
-                    if drafts is not None:
-                        emitted, accepted = verify(state, self.sampler, np.array([nxt]), drafts, None, one,
-                                                   turn.speculation, guides)
-                        lookup.adapt(one, drafts.shape[1], accepted)
-                        queue = list(emitted.T)
-                        continue
-                logits = state.step(np.array([nxt], np.int64), np.zeros(1, bool))
+                room = min(budget - len(answer) - 1, self.lm.n_ctx - 1 - len(self.cached))
+                if spec is not None and spec.after(state, self.sampler, np.array([nxt]), going, room, None, guides):
+                    continue  # the next tokens were chosen by a check of drafts
+                logits = state.step(np.array([nxt], np.int64), going)
         finally:
             if self.state is not None and hasattr(self.state, "lengths"):
                 self.cached = self.cached[:int(self.state.lengths[0])]

@@ -32,8 +32,8 @@ from pipeline.exports import (INPUTS, LOGITS_TO_KEEP, MAX_LEN, fused_path, gener
                               read_config, variant_path)
 from pipeline.preflight import preflight
 from pipeline.run.sampling import Sampler, SamplingConfig
-from pipeline.run.speculative import (MAX_DRAFT, MAX_DRAFT_QUANTIZED, DraftModel, PromptLookup, SpeculationStats,
-                                      verify)
+from pipeline.run import speculative
+from pipeline.run.speculative import MAX_DRAFT, MAX_DRAFT_QUANTIZED, SpeculationStats
 from pipeline.run.text import CompletionText, cut_at_stop
 from pipeline.tokenizer import prompt_tokenizer
 
@@ -529,19 +529,14 @@ class OnnxLM:
         guides = self.guides(constraint, B)  # None without a constraint: the loop below is unchanged
         state = self.start(prompts, max_new_tokens)
         logits = state.logits
-        lookup = None
-        on = (draft is not None or config.greedy and self.exact_checks) if speculate is None else speculate
-        if on and state.can_extend:
-            lookup = (PromptLookup(prompts, int(lengths.max()) + max_new_tokens, self.max_draft) if draft is None else
-                      DraftModel(draft, prompts, max_new_tokens))
-            result.speculation = SpeculationStats()
-        queue: list[np.ndarray] = []  # tokens already chosen by a check of drafts, emitted one column a step
+        spec = speculative.start(self, state, prompts, max_new_tokens, config.greedy, speculate, draft)
+        result.speculation = spec and spec.stats
         # Python's work between two steps runs cold (a step streams the weights through the caches), so while
         # no row is done (always, for one row) the masks by `done` are skipped: the same results, fewer calls
         n_done, everyone = 0, np.arange(B)
         for step in range(max_new_tokens):
-            if queue:
-                nxt = queue.pop(0)
+            if spec is not None and spec.queue:  # chosen by a check of drafts
+                nxt = spec.queue.pop(0)
             else:
                 if guides is not None:
                     logits = guides.apply(logits)
@@ -581,19 +576,10 @@ class OnnxLM:
                     else:
                         guides.consume(b, ids[b])
                 guides.prefetch()
-            if lookup is not None:
-                lookup.push(nxt)
-                if queue:
-                    continue  # its logits were computed by the check that chose it
-                # drafts: within the tokens still to come and the model's context
-                room = min(max_new_tokens - step - 2, self.n_ctx - 1 - int(lengths.max()))
-                live = np.flatnonzero(~done)
-                drafts = lookup.propose(live, room) if room > 0 else None
-                if drafts is not None:
-                    emitted, accepted = verify(state, sampler, nxt, drafts, seen, live, result.speculation, guides)
-                    lookup.adapt(live, drafts.shape[1], accepted)
-                    queue = list(emitted.T)
-                    continue
+            # drafts within the tokens still to come and the model's context
+            if spec is not None and spec.after(state, sampler, nxt, done, min(max_new_tokens - step - 2,
+                                               self.n_ctx - 1 - int(lengths.max())), seen, guides):
+                continue  # the next tokens were chosen by a check of drafts
             logits = state.step(nxt, done)
         for b in range(B):
             result.stop_reason[b] = result.stop_reason[b] or "length"

@@ -201,6 +201,44 @@ class DraftModel:
         self.k[alive] = np.where(whole, np.minimum(self.k[alive] + 2, MAX_DRAFT), np.maximum(self.k[alive] - 1, 1))
 
 
+class Speculation:
+    """One generation's speculation, as the loops of OnnxLM.generate and ChatSession.reply run it: its drafter,
+    its counts, and the tokens a check chose that are not emitted yet (`queue`, one (B,) column a step)."""
+
+    def __init__(self, drafter):
+        self.drafter, self.stats, self.queue = drafter, SpeculationStats(), []
+
+    def after(self, state, sampler: Sampler, nxt: np.ndarray, done: np.ndarray, room: int,
+              seen: np.ndarray | None, guides=None) -> bool:
+        """After nxt (B,) was emitted: True when the next tokens are chosen already (queued by this or an
+        earlier check), so the caller does not step; False when nothing was drafted (the caller steps)."""
+        self.drafter.push(nxt)
+        if self.queue:
+            return True
+        live = np.flatnonzero(~done)
+        drafts = self.drafter.propose(live, room) if room > 0 else None
+        if drafts is None:
+            return False
+        emitted, accepted = verify(state, sampler, nxt, drafts, seen, live, self.stats, guides)
+        self.drafter.adapt(live, drafts.shape[1], accepted)
+        self.queue = list(emitted.T)
+        return True
+
+
+def start(lm, state, prompts: list[list[int]], budget: int, greedy: bool, speculate: bool | None,
+          draft=None) -> Speculation | None:
+    """The speculation of one generation, or None: speculate None means on where it cannot change the output
+    (greedy on a graph whose checks are exact, lm.exact_checks) or with a draft model; off where the state
+    cannot take several tokens after its cache."""
+    on = (draft is not None or greedy and getattr(lm, "exact_checks", False)) if speculate is None else speculate
+    if not (on and state.can_extend):
+        return None
+    if draft is not None:
+        return Speculation(DraftModel(draft, prompts, budget))
+    capacity = max(len(p) for p in prompts) + budget + 1
+    return Speculation(PromptLookup(prompts, capacity, getattr(lm, "max_draft", MAX_DRAFT)))
+
+
 def same_tokenizer(target, draft) -> None:
     """A draft must number tokens as the target does: refused in one line otherwise."""
     from pipeline.errors import UserError
