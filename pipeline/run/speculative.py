@@ -1,13 +1,14 @@
-"""Speculative decoding without a draft model: prompt lookup (n-gram drafts from the text itself).
+"""Speculative decoding: prompt lookup (n-gram drafts from the text itself), or a draft model's greedy tokens.
 
-At batch 1 a decode step costs one pass over the weights (the MatMulNBits kernel's bandwidth wall,
-benchmarks/REAL_MODEL.md), and checking several tokens in one pass costs about what one token does. Text
-people generate locally repeats what the prompt holds (code being edited, a document being answered from),
-so the last few tokens often occurred before, followed by what comes next again:
+At batch 1 a decode step costs one pass over the weights, and with float weights checking several tokens in one
+pass costs little more (an fp32 check of 8 tokens: 1.35-1.5 steps on SmolLM2; int4's MatMulNBits pays by the
+row: 2.7 steps, benchmarks/SPECULATIVE.md). Text people generate locally repeats what the prompt holds (code
+being edited, a document being answered from), so the last few tokens often occurred before, followed by what
+comes next again. The generation loops (OnnxLM.generate, ChatSession.reply) run it as:
 
-    lookup = PromptLookup(prompts)            # each row's tokens so far
-    drafts = lookup.propose(rows, room)       # (B, n): what followed the last match of each row's tail
-    emitted, accepted = verify(state, sampler, nxt, drafts, seen, done)
+    spec = start(lm, state, prompts, budget, greedy, speculate, draft)   # None: off
+    ... after emitting nxt:  if spec.after(state, sampler, nxt, done, room, seen, guides): emit spec.queue
+                             else: state.step(nxt)
 
 verify() feeds the last picked token and the n drafts in one call (state.extend returns the logits at every
 one of them), keeps the longest run of drafts the model itself would have chosen, plus the model's own next
@@ -18,10 +19,10 @@ would need a snapshot of the state at every draft position, which the graph does
 
 Exactness:
   - greedy: a draft is kept only where it equals the argmax of the model's logits at that position (with the
-    same repetition penalty), so the tokens are the model's greedy tokens. The logits of a multi-token call
-    are the same computation as one token's but for the order of some sums (float rounding, ~1e-6), so a
-    near-tie could in principle go the other way; tests/run/test_speculative.py holds greedy output equal
-    token for token, and benchmarks/SPECULATIVE.md counts any difference over its runs.
+    same repetition penalty), so the tokens are the model's greedy tokens. With fp32 weights the logits of a
+    multi-token call are one token's but for the order of some sums (~5e-6), and greedy output is equal token
+    for token (tests/run/test_speculative.py, benchmarks/SPECULATIVE.md); int4's MatMulNBits rounds a check
+    otherwise (0.15 median |dlogit|), so near-ties go another way and it is off by default there.
   - sampling: speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a point-mass draft:
     a draft token d is accepted with probability min(1, p(d)/q(d)) = p(d), and on rejection the token is drawn
     from the residual max(0, p - q), i.e. p without d, renormalised. Each token is then distributed as the
