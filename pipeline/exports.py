@@ -10,6 +10,8 @@ Every stage that reads or writes an export asks this module:
     atomic_write / atomic_file    one file: written beside its target, renamed over it when whole
     staging                       a whole folder: built beside its target, renamed into place when whole
     save_graph                    a graph, whole or with its weights in transformers.js-named chunks
+    detach_weights                a graph's weights to one file beside it, the graph kept without them
+    release_memory                freed buffers handed back to the kernel between the large steps of a stage
     transformers_js_config        config.json's `transformers.js_config` for the graphs that have chunks
 """
 from __future__ import annotations
@@ -176,6 +178,41 @@ def save_graph(model, path: str | Path, limit: int = PROTOBUF_LIMIT, chunk_bytes
         filled += len(t.raw_data)
     onnx.save_model(model, str(path))  # writes each tensor's raw_data into its location
     return [path.name, *external_data_names(path.name, chunk + 1)]
+
+
+def detach_weights(model, folder: str | Path, data_name: str, min_bytes: int = 1 << 16):
+    """Write the weight matrices of `model` (initializers of two or more dims and at least `min_bytes`) to
+    folder/data_name (one file, ONNX external data) and return a copy of the graph that points to it, holding
+    no weights. The caller drops `model`: protobuf (upb) keeps a message's bytes in its arena until the whole
+    message goes, so clearing the fields of `model` would free nothing. The copy is what the graph-only work
+    of a stage runs on (fusions, shape inference), each of which copies the model it is given; saved in
+    `folder`, it is a graph with external data that onnx.load and ONNX Runtime read whole. Vectors stay in
+    the graph: shape inference reads the values of a norm's weight (benchmarks/MEMORY_NOTES.md)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data, write_external_data_tensors
+
+    assert not (Path(folder) / data_name).exists(), f"{data_name} exists: its tensors would be appended to it"
+    for t in model.graph.initializer:
+        if len(t.dims) >= 2 and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+            set_external_data(t, data_name)
+    write_external_data_tensors(model, str(folder))
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    return light
+
+
+def release_memory() -> None:
+    """Collect garbage, then hand the heap's free pages back to the kernel (glibc's malloc_trim). A stage's
+    large buffers (a parsed graph, a session's weights, a call's logits) are freed into malloc's arenas, which
+    otherwise keep them resident: the next step's peak would stand on top of the last one's."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its own pages
+        pass
 
 
 def transformers_js_config(config: dict, chunks: dict[str, int]) -> dict:

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import read_config
+from pipeline.exports import detach_weights, read_config, release_memory
 from pipeline.model.families import arch_of
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,25 @@ def matmuls_without_constant_weight(model: onnx.ModelProto) -> list[str]:
 
 def optimize(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int, fuse: bool = True,
              norm: str = "layernorm") -> dict:
-    """The optimize stage: src (plain fp32 graph) -> dst (fused fp32 graph). Returns what it did:
-    {"fused": {op: count}, "constant_head_folded": n}. dst is written whole (callers rename it)."""
+    """The optimize stage: src (plain fp32 graph) -> dst (fused fp32 graph), its weights in dst + ".data"
+    beside it (ONNX external data: the file is a stage's intermediate, read whole by onnx.load and ONNX
+    Runtime). Returns what it did: {"fused": {op: count}, "constant_head_folded": n}. dst is written whole
+    (callers rename it).
+
+    The fusions and the shape inference run on the graph without its weights: both copy the model they are
+    given (onnxruntime.transformers' fusions, ORT's symbolic shape inference twice), which with the weights
+    was 4.3 GB at the peak for SmolLM2's 0.54 GB (benchmarks/MEMORY_NOTES.md). The weights go to dst's data
+    file first, and only what the passes add (a fused node's new constants) stays in the graph."""
     from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_model
 
+    dst = Path(dst)
+    data = dst.with_name(dst.name + ".data")
+    data.unlink(missing_ok=True)
     model = onnx.load(str(src))
     folded = constant_head(model)
+    model = detach_weights(model, dst.parent, data.name)
+    release_memory()
     if fuse:
         # opt_level=0: only the Python fusions. Levels 1+ run an ORT session and save its optimized graph,
         # which bakes in this machine's kernels (and is what a session does at load anyway).

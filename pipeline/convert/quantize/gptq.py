@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -117,30 +119,46 @@ def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: 
     return codes.T.copy(), scales.T.astype(np.float32), zeros.T.astype(np.uint8)
 
 
-def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray, progress: bool,
+def hessians(src: Path, graph: onnx.ModelProto, activations: list[str], windows: np.ndarray, progress: bool,
              batch: int = 4) -> dict[str, np.ndarray]:
-    """{activation: 2·XᵀX/n} over every token of `windows` (n, T), from one run of the fp32 graph per batch
-    with the activations as extra outputs. Written by hand: onnxruntime's gptq_quantize runs the whole
-    model once per activation and per window (121 activations in SmolLM2-135M: 121x the forwards)."""
-    import onnxruntime as ort
+    """{activation: 2·XᵀX/n} over every token of `windows` (n, T), from one run per batch of `src`'s graph with
+    the activations as extra outputs. `graph` is src loaded without its external data (its structure is all
+    this needs). Written by hand: onnxruntime's gptq_quantize runs the whole model once per activation and per
+    window (121 activations in SmolLM2-135M: 121x the forwards).
 
-    # the graph with the activations as its outputs, serialized without a second in-memory copy of the model:
-    # the outputs are swapped on `model` itself for the time of SerializeToString, then put back
-    outputs = list(model.graph.output)
-    del model.graph.output[:]
-    model.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
-    try:
-        serialized = model.SerializeToString()
-    finally:
-        del model.graph.output[:]
-        model.graph.output.extend(outputs)
+    Memory: the weights are read by ONNX Runtime alone. When src keeps them as external data (the optimize
+    stage's graph), the calibration graph is the structure with other outputs, saved beside src so that its
+    weights resolve to the same file; no Python copy of them exists while the session runs. A batch's
+    activations are ~0.4 MB a token for SmolLM2 (121 outputs: 0.4 GB for 4 windows of 256), beside the fp64
+    sums (0.64 GB)."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+    from onnx.external_data_helper import uses_external_data
+
+    calib = onnx.ModelProto()
+    calib.CopyFrom(graph)
+    del calib.graph.output[:]
+    calib.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # no pre-packed second copy of the fp32 weights: calibration runs the graph a few dozen times, and on
     # SmolLM2 that copy is 0.5 GB of the quantize stage's peak (benchmarks/MEMORY.md)
     options.add_session_config_entry("session.disable_prepacking", "1")
-    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-    del serialized
+    options.enable_cpu_mem_arena = False  # a batch's 121 outputs are freed, not kept in an arena for the next
+    if any(uses_external_data(t) for t in calib.graph.initializer):
+        fd, name = tempfile.mkstemp(prefix=".calibration-", suffix=".onnx", dir=Path(src).parent)
+        os.close(fd)
+        try:
+            onnx.save(calib, name)
+            del calib
+            session = ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
+        finally:
+            os.unlink(name)
+    else:
+        session = ort.InferenceSession(calib.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del calib
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.") or is_state(i.name)]
     H = {a: None for a in activations}
     n = 0
@@ -156,31 +174,42 @@ def hessians(model: onnx.ModelProto, activations: list[str], windows: np.ndarray
             x = x.reshape(-1, x.shape[-1])
             xx = (x.T @ x).astype(np.float64)  # fp32 products (BLAS), summed per batch into fp64
             H[a] = xx if H[a] is None else H[a] + xx
+        del outs
         n += ids.size
         bar.update(len(ids))
     bar.close()
     del session
-    return {a: 2 * h / n for a, h in H.items()}
+    for a, h in H.items():  # in place: a second set of fp64 matrices would be 0.64 GB more for SmolLM2
+        h *= 2
+        h /= n
+    return H
 
 
-def gptq_quantize(model: onnx.ModelProto, nodes: list[str], windows: np.ndarray, recipe: "Recipe",
-                  progress: bool, hessian_cache: dict | None = None, head: str | None = None) -> None:
-    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place); `head`, when
-    one of them, is solved symmetric at recipe.head_block_size (see Recipe.head).
+def gptq_hessians(src: Path, graph: onnx.ModelProto, nodes: list[str], windows: np.ndarray, progress: bool,
+                  hessian_cache: dict | None = None) -> dict[str, np.ndarray]:
+    """The Hessians of the inputs of the MatMuls `nodes` of `graph` (src's structure, see hessians).
     hessian_cache: a dict kept by a caller that quantizes the same graph on the same windows again."""
     import hashlib
 
-    g = model.graph
-    by_name = {n.name: n for n in g.node}
+    by_name = {n.name: n for n in graph.graph.node}
     acts = sorted({by_name[n].input[0] for n in nodes})
     key = (hashlib.sha256(windows.astype(np.int64).tobytes()).hexdigest(), tuple(acts))
     if hessian_cache is not None and key in hessian_cache:
-        H = hessian_cache[key]
-    else:
-        H = hessians(model, acts, windows, progress)
-        if hessian_cache is not None:
-            hessian_cache.clear()
-            hessian_cache[key] = H
+        return hessian_cache[key]
+    H = hessians(src, graph, acts, windows, progress)
+    if hessian_cache is not None:
+        hessian_cache.clear()
+        hessian_cache[key] = H
+    return H
+
+
+def gptq_quantize(model: onnx.ModelProto, nodes: list[str], H: dict[str, np.ndarray], recipe: "Recipe",
+                  progress: bool, head: str | None = None) -> None:
+    """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place), `H` the Hessians of
+    their inputs (gptq_hessians); `head`, when one of them, is solved symmetric at recipe.head_block_size (see
+    Recipe.head)."""
+    g = model.graph
+    by_name = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}
     bits = recipe.bits
     for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):

@@ -25,7 +25,7 @@ from pipeline.convert.quantize.variants import (
     quantize_weights,
 )
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, fused_path, read_config, variant_path
+from pipeline.exports import VARIANTS, fused_path, read_config, release_memory, variant_path
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict
     try:
         log.info("quantize: building onnx/%s", final.name)
         details = build(src, tmp)
+        release_memory()  # the builder's graphs go before the check reads the new one
         check_graph(tmp)  # a structurally broken file never replaces a good one
+        release_memory()
         os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
         # the fused twin of the variant being replaced was made from the old graph: it goes first, so that
         # `run` never pairs it with the new one (onnxgen fuse makes a new one)

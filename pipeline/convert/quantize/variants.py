@@ -8,7 +8,7 @@ from onnx import helper
 
 from pipeline.convert.quantize.calibration import Windows, calibration_windows
 from pipeline.convert.quantize.experts import quantize_experts
-from pipeline.convert.quantize.gptq import gptq_quantize
+from pipeline.convert.quantize.gptq import gptq_hessians, gptq_quantize
 from pipeline.convert.quantize.graph import (
     block_of,
     compact_embedding,
@@ -22,6 +22,7 @@ from pipeline.convert.quantize.graph import (
 )
 from pipeline.convert.quantize.recipe import DEFAULT_RECIPES, Recipe
 from pipeline.errors import UserError
+from pipeline.exports import release_memory
 from pipeline.train.runs import load_model
 
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
@@ -40,17 +41,26 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     windows, for GPTQ. Returns the manifest's details: the recipe and the bits each tensor got."""
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
-    tied = is_tied(model)
-    head = head_matmul(model)
-    plan = plan_bits(model, recipe)
-    fp32 = select(model, recipe.fp32_compute)
+    # the plan from the graph's structure; GPTQ's calibration runs before the weights are loaded into Python
+    # (gptq.hessians: ONNX Runtime alone holds them then)
+    graph = onnx.load(str(src), load_external_data=False)
+    head = head_matmul(graph)
+    plan = plan_bits(graph, recipe)
+    fp32 = select(graph, recipe.fp32_compute)
     body4 = [n for n, b in plan.items() if b == 4 and n != head]
     solved = body4 + [head] * recipe.gptq_head if recipe.method == "gptq" else []
+    H = None
     if solved:
         if calibration is None or not len(calibration):
             raise UserError("--method gptq: needs calibration text (--calibration)")
-        gptq_quantize(model, solved, calibration, recipe, progress, hessian_cache, head=head)
+        H = gptq_hessians(src, graph, solved, calibration, progress, hessian_cache)
+    del graph
+    release_memory()
+    model = onnx.load(str(src))
+    tied = is_tied(model)
+    if solved:
+        gptq_quantize(model, solved, H, recipe, progress, head=head)
+        del H
     groups = []  # (nodes, bits, symmetric, algo_config, block size)
     if recipe.method == "hqq" and body4:
         groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4),
@@ -138,6 +148,7 @@ def quantize_int4(src: Path, dst: Path, recipe: Recipe | None = None, calibratio
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = OnnxModel(onnx.load(str(src)))
@@ -150,10 +161,14 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     graph = model.model.graph
     states = [v.name for v in [*graph.input, *graph.output] if v.name.startswith(STATE_FP32)]
     blocked = list(FP32_OPS) + [op for op in FP32_STATE_OPS if any(n.op_type == op for n in graph.node)]
-    # the optimize stage typed every tensor (its shape inference knows the state ops, ORT's own does not and
-    # would leave sym_shape_infer_temp.onnx in the working directory): not again for a graph with state ops
-    model.convert_float_to_float16(keep_io_types=["logits", *states], op_block_list=blocked,
-                                   use_symbolic_shape_infer=len(blocked) == len(FP32_OPS))
+    # the optimize stage typed every tensor (convert/optimize.py's _record_types, with the weights aside), which
+    # is all the conversion needs: so no shape inference here, which would copy the whole model with its
+    # weights (OnnxModel.convert_float_to_float16 runs it: 0.6 GB of SmolLM2's quantize peak) and does not
+    # know the state ops. What that wrapper does after converting is done the same below.
+    model.initialize(convert_float_to_float16(model.model, disable_shape_infer=True,
+                                              keep_io_types=["logits", *states], op_block_list=blocked))
+    model.remove_cascaded_cast_nodes()
+    model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
     model.save_model_to_file(str(dst), use_external_data_format=False)
     info = {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked}

@@ -1,0 +1,49 @@
+"""The memory moves of the stages (benchmarks/MEMORY.md) change no result: the graph-only work on a graph whose
+weights were detached to a file, and GPTQ's calibration read through that file, give what the whole graph in
+memory gave."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pipeline.convert.optimize import optimize_export
+from pipeline.convert.quantize.gptq import gptq_hessians
+from pipeline.convert.quantize.graph import weight_matmuls
+from pipeline.exports import detach_weights, variant_path
+
+
+def test_detached_weights_leave_a_graph_without_them_that_reads_back_whole(tiny_export, tmp_path):
+    whole = onnx.load(str(variant_path(tiny_export, "fp32")))
+    values = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+    light = detach_weights(whole, tmp_path, "graph.onnx.data", min_bytes=1024)
+    matrices = [t for t in light.graph.initializer if len(t.dims) >= 2 and values[t.name].nbytes >= 1024]
+    assert matrices and all(not t.HasField("raw_data") for t in matrices)
+    # vectors stay in the graph: shape inference reads a norm's weight
+    assert all(t.HasField("raw_data") for t in light.graph.initializer if len(t.dims) < 2)
+    assert light.ByteSize() < sum(v.nbytes for v in values.values()) / 4
+    onnx.save(light, str(tmp_path / "graph.onnx"))
+    back = onnx.load(str(tmp_path / "graph.onnx"))
+    assert {t.name for t in back.graph.initializer} == set(values)
+    for t in back.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), values[t.name])
+
+
+def test_calibration_through_detached_weights_gives_the_same_hessians(tiny_export, tmp_path):
+    """GPTQ's Hessians from a graph whose weights ONNX Runtime reads from the data file (what the quantize stage
+    does now: no Python copy of them beside the session) equal those of the same graph held whole."""
+    optimize_export(tiny_export, variant_path(tiny_export, "fp32"), tmp_path / "opt.onnx")
+    whole = onnx.load(str(tmp_path / "opt.onnx"))
+    onnx.save(whole, str(tmp_path / "inline.onnx"))
+    (tmp_path / "ext").mkdir()
+    light = detach_weights(whole, tmp_path / "ext", "opt.onnx.data", min_bytes=1024)
+    onnx.save(light, str(tmp_path / "ext" / "opt.onnx"))
+    nodes = weight_matmuls(light)
+    windows = np.random.default_rng(0).integers(0, 200, (6, 32))
+    inline = gptq_hessians(tmp_path / "inline.onnx", onnx.load(str(tmp_path / "inline.onnx")), nodes, windows, False)
+    ext = tmp_path / "ext" / "opt.onnx"
+    detached = gptq_hessians(ext, onnx.load(str(ext), load_external_data=False), nodes, windows, False)
+    assert inline.keys() == detached.keys() and len(inline) > 1
+    for a in inline:
+        np.testing.assert_array_equal(detached[a], inline[a])
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == ["opt.onnx", "opt.onnx.data"]  # no leftovers
