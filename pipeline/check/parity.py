@@ -33,7 +33,6 @@ over at least MIN_WINDOWS windows; the report says how many each figure stands o
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ import torch
 from pipeline import manifest
 from pipeline.check.sources import Source, open_source
 from pipeline.errors import UserError
-from pipeline.exports import atomic_write, fused_path, present_variants, read_config, variant_path
+from pipeline.exports import atomic_write, fused_path, present_variants, read_config, release_memory, variant_path
 from pipeline.run.lm import OnnxLM
 
 log = logging.getLogger(__name__)
@@ -579,7 +578,7 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
         ref_greedy = _greedy(ref, prompt, greedy_tokens)
         if release:  # the reference has done its part: its model goes before the first graph opens
             source.reference = ref = None
-            gc.collect()
+            release_memory()
         results = []
         for g in graphs:
             t = thresholds.get(g.variant, Thresholds())
@@ -624,6 +623,7 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
             r.greedy_tokens = greedy_tokens
             results.append(r.check(t))
             del lm  # its session's memory goes before the next graph's
+            release_memory()
         bar.close()
     finally:
         reference.close()
@@ -649,8 +649,10 @@ def open_graphs(folder: Path, variants: list[str], kinds=("plain", "fused")) -> 
             # the fp32 and fp16 graphs without pre-packed weights: ONNX Runtime's second copy of their weights is
             # the largest thing parity could do without (0.5 GB of SmolLM2's peak, benchmarks/MEMORY.md); the
             # quantized ones keep it (MatMulNBits' packed blocks are its fast kernels' layout, and small)
+            # and no CPU arena for any (make_session: a call's buffers are freed, not held under the next peak)
             graphs.append(Graph(f"{v} fused" if twin else v, v, partial(OnnxLM, folder, variant=v, provider=_provider(v),
-                                                                       fused=twin, prepack=v not in ("fp32", "fp16")),
+                                                                       fused=twin, prepack=v not in ("fp32", "fp16"),
+                                                                       arena=False),
                                 twin))
     return graphs
 
@@ -673,21 +675,31 @@ def parity_of(folder: Path, variants: list[str], source: Source, kinds=("plain",
     return report
 
 
+def source_checkpoint(folder: Path) -> Path:
+    """The source checkpoint the export's manifest records; a UserError when it names none or it is gone.
+    Cheap: a stage asks before its work, and loads the reference (source_of) only when it needs it."""
+    checkpoint = (manifest.load(folder).get("source") or {}).get("checkpoint")
+    if checkpoint is None:
+        raise UserError(f"export {folder}: manifest names no source checkpoint; pass --checkpoint")
+    if not Path(checkpoint).exists():
+        raise UserError(f"export {folder}: its source checkpoint {checkpoint} does not exist; pass --checkpoint")
+    return Path(checkpoint)
+
+
 def source_of(folder: Path, checkpoint: str | Path | None = None, model=None,
               min_scored: int = MIN_SCORED) -> Source:
     """The reference recorded in the export's manifest (or `checkpoint`), with the windows plan."""
     folder = Path(folder)
     if checkpoint is None:
-        checkpoint = (manifest.load(folder).get("source") or {}).get("checkpoint")
-        if checkpoint is None:
-            raise UserError(f"export {folder}: manifest names no source checkpoint; pass --checkpoint")
+        checkpoint = source_checkpoint(folder)
     n, T = window_plan(read_config(folder).context, min_scored)
     return open_source(folder, Path(checkpoint), n, T, model=model)
 
 
 def parity_for_run(folder: Path, checkpoint: Path, variants: list[str], model=None) -> ParityReport:
-    """The export in `folder` (its `variants` and their twins) against the PyTorch model it came from."""
-    return parity_of(folder, variants, source_of(folder, checkpoint, model=model))
+    """The export in `folder` (its `variants` and their twins) against the PyTorch model it came from (`model`,
+    or loaded here), which is released once its logits are written."""
+    return parity_of(folder, variants, source_of(folder, checkpoint, model=model), release=True)
 
 
 def check_export(folder: str | Path, checkpoint: str | Path | None = None, variants: list[str] | None = None,

@@ -8,6 +8,8 @@ import logging
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -17,8 +19,8 @@ from pipeline import manifest
 from pipeline.convert.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, is_state, save_graph, staging,
-                              transformers_js_config, write_json)
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, is_state, release_memory, save_graph,
+                              staging, transformers_js_config, write_json)
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
 from pipeline.model.decoder import Decoder
 from pipeline.train.runs import checkpoint_dir, load_model, source_details
@@ -42,10 +44,39 @@ class _CacheGraph(torch.nn.Module):
 
 
 def export_graph(model: Decoder, path: Path) -> list[str]:
+    """torch.onnx.export to the graph contract (trace_graph, then TracedGraph.write). Returns the files
+    written beside `path`: the graph, then its external-data chunks if it is over 2 GB."""
+    with trace_graph(model, path) as traced:
+        return traced.write()
+
+
+@dataclass
+class TracedGraph:
+    """A decoder traced to a temporary file beside `path`; write() rewrites it to the contract at `path`.
+    The decoder can be dropped between the two: write() loads the traced graph whole, and the decoder held
+    beside it was 0.5 GB of SmolLM2's export peak (benchmarks/MEMORY_NOTES.md)."""
+    file: Path
+    path: Path
+    states: dict[str, tuple]  # a state output -> its fixed dims after batch (_fixed_states)
+
+    def write(self) -> list[str]:
+        """Returns the files written beside `path`: the graph, then its external-data chunks if it is over
+        2 GB (named as transformers.js expects, exports.save_graph; the exporter's own layout is a file per
+        tensor)."""
+        graph = onnx.load(str(self.file))
+        self.file.unlink()
+        names = save_graph(_fixed_states(_kept_inputs(graph), self.states), self.path)
+        del graph
+        release_memory()
+        onnx.checker.check_model(str(self.path), full_check=True)
+        return names
+
+
+@contextmanager
+def trace_graph(model: Decoder, path: Path):
     """torch.onnx.export to the graph contract: symbolic batch and sequence dims, fixed heads and head size.
     Any configuration of the decoder: our trained GPT, or a Hugging Face family (convert/hf_import.py).
-    Returns the files written beside `path`: the graph, then its external-data chunks if it is over 2 GB
-    (named as transformers.js expects, exports.save_graph; the exporter's own layout is a file per tensor).
+    Yields a TracedGraph, whose write() puts the graph at `path`.
 
     The TorchScript exporter (dynamo=False) is used on purpose: it names the symbolic dims as the
     contract does from `dynamic_axes`, constant-folds the tied head's transpose, and handles past = 0;
@@ -70,6 +101,7 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
                  for n in pasts})
     axes.update({n: {0: "batch_size"} if is_state(n) else {0: "batch_size", 2: "total_sequence_length"}
                  for n in presents})
+    states = {q: tuple(t.shape[1:]) for t, p, q in zip(past, pasts, presents) if is_state(p)}
     with tempfile.TemporaryDirectory(prefix="onnxgen-export-", dir=path.parent) as work:
         traced = Path(work) / path.name
         with warnings.catch_warnings():
@@ -77,9 +109,8 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
             torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
                               output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
                               do_constant_folding=True)
-        names = save_graph(_fixed_states(_kept_inputs(onnx.load(str(traced))), past, pasts, presents), path)
-    onnx.checker.check_model(str(path), full_check=True)
-    return names
+        del model, c, ids, mask, pos, past  # this frame would keep the decoder alive while the caller writes
+        yield TracedGraph(traced, path, states)
 
 
 def _kept_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:
@@ -92,13 +123,12 @@ def _kept_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:
     return graph
 
 
-def _fixed_states(graph: onnx.ModelProto, past: list, pasts: list[str], presents: list[str]) -> onnx.ModelProto:
+def _fixed_states(graph: onnx.ModelProto, states: dict[str, tuple]) -> onnx.ModelProto:
     """A state output's dims after batch as the fixed integers of its input: the exporter names the sizes
     it cannot infer through a slice of a symbolic length (transformers.js would read those as 0)."""
-    shapes = {q: tuple(t.shape[1:]) for t, p, q in zip(past, pasts, presents) if is_state(p)}
     for value in graph.graph.output:
-        if value.name in shapes:
-            for d, size in zip(value.type.tensor_type.shape.dim[1:], shapes[value.name], strict=True):
+        if value.name in states:
+            for d, size in zip(value.type.tensor_type.shape.dim[1:], states[value.name], strict=True):
                 d.Clear()
                 d.dim_value = size
     return graph
@@ -146,16 +176,19 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Pari
         raise UserError(f"tokenizer {run / 'tokenizer.json'}: {tok.get_vocab_size()} tokens but the model "
                         f"has vocab_size {model.config.vocab_size}")
     eot = tok.token_to_id(EOT)
+    config, n_ctx = hf_config(model, eot), model.config.n_ctx
     with staging(out, force) as tmp:
         (tmp / "onnx").mkdir()
         t0 = time.time()
-        graph_files = export_graph(model, tmp / "onnx" / VARIANTS["fp32"])
+        with trace_graph(model, tmp / "onnx" / VARIANTS["fp32"]) as traced:
+            del model  # parity loads the reference itself; the graph is rewritten without the model beside it
+            release_memory()
+            graph_files = traced.write()
         log.info("exported onnx/%s in %.1fs", VARIANTS["fp32"], time.time() - t0)
         # a graph over 2 GB: config.json tells transformers.js how many external-data chunks it has
-        write_json(tmp / "config.json", transformers_js_config(hf_config(model, eot),
-                                                               {VARIANTS["fp32"]: len(graph_files) - 1}))
-        write_json(tmp / "generation_config.json", generation_config(eot, model.config.n_ctx))
-        write_hf_tokenizer_files(tok, tmp, model.config.n_ctx)
+        write_json(tmp / "config.json", transformers_js_config(config, {VARIANTS["fp32"]: len(graph_files) - 1}))
+        write_json(tmp / "generation_config.json", generation_config(eot, n_ctx))
+        write_hf_tokenizer_files(tok, tmp, n_ctx)
         write_genai_config(tmp)  # onnxruntime-genai runs the folder as it stands
         ckpt = checkpoint_dir(run)
         source = {"checkpoint": str(run.resolve()), "step": json.loads((ckpt / "state.json").read_text())["step"],

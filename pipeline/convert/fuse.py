@@ -55,10 +55,10 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from pipeline import manifest
 from pipeline.convert.optimize import optimize_export
-from pipeline.check.parity import parity_of, source_of
+from pipeline.check.parity import parity_of, source_checkpoint, source_of
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, present_variants, read_json, staging,
-                              variant_path)
+from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, present_variants, read_json,
+                              release_memory, staging, variant_path)
 from pipeline.model.decoder import DecoderConfig, Rotary, rope_kind
 from pipeline.model.families import arch_of
 
@@ -457,7 +457,9 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None, progress:
     for v in variants:
         if not variant_path(folder, v).is_file():
             raise UserError(f"--variant {v}: {variant_path(folder, v)} does not exist in this export")
-    source = source_of(folder) if check else None  # before any work: a missing source is the user's to fix
+    # before any work: a missing source is the user's to fix. The reference itself loads after the graphs are
+    # fused (the optimize step copies graphs; the model held beside it was 0.6 GB of SmolLM2's fuse peak)
+    checkpoint = source_checkpoint(folder) if check else None
     written = [str(fused_path(folder, v).relative_to(folder)) for v in variants]
     with staging(folder, force=True, copy_from=folder) as tmp, tempfile.TemporaryDirectory(prefix="onnxgen-fuse-") as work:
         for v in tqdm(variants, desc="fuse", unit="graph", disable=not progress, leave=False):
@@ -472,7 +474,9 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None, progress:
         if not check:
             manifest.record(tmp, "fuse", written, fused="not judged")
             return written
-        report = parity_of(tmp, variants, source, kinds=("fused",), progress=progress, release=True)
+        release_memory()
+        report = parity_of(tmp, variants, source_of(folder, checkpoint), kinds=("fused",), progress=progress,
+                           release=True)
         for r in report.results:
             log.info("fused %s: KL %.2e, same top-1 %.2f%% over %d tokens, max |Δlogit| %.2e: %s", r.variant,
                      r.kl_mean, 100 * r.top1, r.scored, r.max_abs, r.status)

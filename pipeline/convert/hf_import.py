@@ -20,7 +20,6 @@ manifest names the GGUF as the source, so `onnxgen parity` stages it again.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import onnx
 
 from pipeline import manifest
 from pipeline.check.parity import ParityReport, parity_for_run
-from pipeline.convert.export import OPSET, export_graph, publish_parity
+from pipeline.convert.export import OPSET, publish_parity, trace_graph
 from pipeline.convert.genai import unsupported, write_genai_config
 from pipeline.errors import UserError
 from pipeline.exports import (
@@ -49,6 +48,7 @@ from pipeline.exports import (
     past_names,
     present_names,
     read_json,
+    release_memory,
     save_graph,
     staging,
     transformers_js_config,
@@ -182,17 +182,18 @@ def export_hf(src: str | Path, out: str | Path, force: bool = False, corpus: str
     config = check_hf_folder(src)
     t0 = time.time()
     ours = load_decoder(src) if config["model_type"] in SUPPORTED else None  # refusals before the heavy load
-    # the reference loads once ours is exported and freed: the two models are never held at once
+    # the reference loads once ours is exported and freed (parity loads it, and frees it once its logits are
+    # on disk): the two models are never held at once
     model = None if ours is not None else load_hf_model(src)
     with staging(out, force) as tmp:
         if ours is not None:
             log.info("exporting %s (%s) through onnxgen's decoder", src, SUPPORTED[config["model_type"]])
             (tmp / "onnx").mkdir()
-            graph_files = export_graph(ours, tmp / "onnx" / VARIANTS["fp32"])
+            with trace_graph(ours, tmp / "onnx" / VARIANTS["fp32"]) as traced:
+                del ours  # the traced graph is rewritten without the decoder beside it
+                release_memory()
+                graph_files = traced.write()
             exporter = {"exporter": "onnxgen", "opset": OPSET}
-            del ours
-            gc.collect()
-            model = load_hf_model(src)  # the reference
         else:
             graph_files = export_with_optimum(model, model.config.num_hidden_layers, tmp / "onnx", tmp / "optimum")
             shutil.rmtree(tmp / "optimum")

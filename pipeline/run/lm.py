@@ -67,7 +67,7 @@ def require_cuda() -> None:
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool | None = None,
-                 prepack: bool = True):
+                 prepack: bool = True, arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -85,6 +85,10 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if not prepack:  # no second, pre-packed copy of the fp32 weights (parity: memory over speed)
         options.add_session_config_entry("session.disable_prepacking", "1")
+    # arena=False (parity): each run's buffers are freed, not kept in ONNX Runtime's CPU arena. A parity call's
+    # logits are hundreds of MB; the arena kept them, and glibc kept 0.6-0.8 GB of SmolLM2's even after the
+    # session was gone, under the next graph's peak (benchmarks/MEMORY_NOTES.md)
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
@@ -371,12 +375,14 @@ class SharedBufferDecode:
 class OnnxLM:
     def __init__(self, folder: str | Path, variant: str = "fp32", provider: str = "cpu", threads: int = 0,
                  verify: bool = False, fused: bool | str = False, spin: bool | None = None,
-                 special_tokens: bool = True, prepack: bool = True):
+                 special_tokens: bool = True, prepack: bool = True, arena: bool = True):
         """fused: False runs the plain contract graph; True the fused twin (onnxgen fuse);
         "auto" the fused twin when the export has it. spin: let ONNX Runtime's idle threads spin
         (faster only on cores nothing else wants); None: ONNX Runtime's default, spinning.
         special_tokens: text prompts get the special tokens transformers' tokenizer adds (a BOS where the
-        folder declares one: tokenizer.prompt_tokenizer); False encodes the bare text (raw continuations)."""
+        folder declares one: tokenizer.prompt_tokenizer); False encodes the bare text (raw continuations).
+        prepack, arena: ONNX Runtime's pre-packed weights and CPU memory arena (make_session); parity turns
+        them off for memory."""
         self.folder = Path(folder)
         self.verify = verify  # the chat template's files are checked when a chat reads them (run/chat.py)
         if not self.folder.is_dir():
@@ -404,7 +410,7 @@ class OnnxLM:
         if not path.is_file():
             raise UserError(f"--variant {variant}: {path} does not exist in this export")
         self.provider = provider
-        self.session = make_session(path, provider, threads, spin, prepack)
+        self.session = make_session(path, provider, threads, spin, prepack, arena)
         inputs = {i.name: i for i in self.session.get_inputs()}
         # the cache in the graph's order: K/V (past_key_values.*) and, in a hybrid model, fixed-size state
         # (LFM2's past_conv.*, docs/contract.md part 3), each fed back from its present
