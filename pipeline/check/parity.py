@@ -17,12 +17,14 @@ next token is known):
 Memory: the windows stream, and one graph is open at a time. The reference runs once per call of a few
 windows (CHUNK, fewer for a wide vocabulary: LOGITS_BUDGET) and its fp32 logits go to a temporary file on
 disk (n x T x V x 4 bytes: 1.7 GB for SmolLM2's 49k vocabulary, 8.8 GB for Gemma 3's 262k), never to memory
-whole. Then each graph is opened alone (its ONNX Runtime session, weights pre-packed, is the largest thing
-parity holds), run over the windows call by call against the reference's logits read back from the file, and
-closed before the next opens. The scores are running sums (the KL per position, a fixed-stride sample of
-|Δlogit| for the p99), so parity holds at most a call's logits, whatever the number of windows, the number of
-graphs or the vocabulary. Measured on SmolLM2 (four variants and four twins): 7.81 GB at the peak with every
-session open at once, see benchmarks/MEMORY.md for the figure now.
+whole, and the reference's model is released (`release`). Then each graph is opened alone (its ONNX Runtime
+session is the largest thing parity holds: no pre-packed second copy of float weights, no CPU arena that would
+keep a call's logits), run over the windows call by call against the reference's logits read back from the
+file, and closed, its memory handed back (exports.release_memory), before the next opens. The scores are
+running sums (the KL per position, a fixed-stride sample of |Δlogit| for the p99), so parity holds at most a
+call's logits, whatever the number of windows, the number of graphs or the vocabulary. Measured on SmolLM2
+(four variants and four twins): 7.81 GB at the peak with every session open at once; the figure now is in
+benchmarks/MEMORY.md.
 
 How a graph is run: a plain graph takes each window whole (past 0). A fused twin is run as `onnxgen run`
 runs it: row b prefills its first 1 + b % 8 tokens (a right-padded batch) and is then teacher-forced one
