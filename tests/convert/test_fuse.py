@@ -319,3 +319,19 @@ def test_run_samples_with_the_exports_generation_config_by_default():
     greedy_file = {"do_sample": False, "temperature": 0.7, "top_k": 50}
     assert SamplingConfig.from_defaults(greedy_file).greedy
     assert not SamplingConfig.from_defaults(greedy_file, top_p=0.9).greedy  # asking for top-p means sampling
+
+
+def test_fuse_of_an_export_whose_source_is_gone_is_refused_before_any_work(tiny_export, tmp_path):
+    """The reference loads only after the graphs are fused (memory), but a missing source is still the user's to
+    fix before any work: one line, exit 2, no twin written."""
+    import shutil
+
+    out = tmp_path / "moved"
+    shutil.copytree(tiny_export, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["source"]["checkpoint"] = str(tmp_path / "gone")
+    (out / "manifest.json").write_text(json.dumps(m))
+    proc = onnxgen("fuse", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"its source checkpoint {tmp_path / 'gone'} does not exist" in proc.stderr.strip().splitlines()[-1]
+    assert not fused_path(out, "fp32").exists()
