@@ -165,17 +165,20 @@ def save_graph(model, path: str | Path, limit: int = PROTOBUF_LIMIT, chunk_bytes
     path = Path(path)
     for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
         stale.unlink()  # onnx appends a tensor to its location: an old file would grow, not be replaced
-    tensors = [t for t in _get_all_tensors(model) if t.HasField("raw_data") and len(t.raw_data) >= 1024]
+    sized = [(t, len(t.raw_data)) for t in _get_all_tensors(model) if t.HasField("raw_data")]
     assert not any(uses_external_data(t) for t in _get_all_tensors(model)), "load the weights before saving"
-    if model.ByteSize() <= limit:
+    # the weights' bytes first: protobuf cannot even size a message past 2 GiB (ByteSize raises EncodeError)
+    if sum(n for _, n in sized) <= limit and model.ByteSize() <= limit:
         onnx.save_model(model, str(path))
         return [path.name]
     chunk, filled = 0, 0
-    for t in tensors:
-        if filled and filled + len(t.raw_data) > chunk_bytes:
+    for t, n in sized:
+        if n < 1024:
+            continue
+        if filled and filled + n > chunk_bytes:
             chunk, filled = chunk + 1, 0
         set_external_data(t, external_data_names(path.name, chunk + 1)[-1])
-        filled += len(t.raw_data)
+        filled += n
     onnx.save_model(model, str(path))  # writes each tensor's raw_data into its location
     return [path.name, *external_data_names(path.name, chunk + 1)]
 
