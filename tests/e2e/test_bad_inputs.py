@@ -353,3 +353,15 @@ def test_an_export_that_cannot_fit_in_memory_is_refused_before_it_starts(hf_mode
     line = assert_user_error(onnxgen_in_process("export", "--hf", hf_models["llama"], "--out", out),
                              "needs about", "GB of memory", "free", "--no-memory-check")
     assert "fp32 weights" in line and not out.exists()
+
+
+def test_the_memory_estimate_covers_every_export_peak_measured():
+    """export's refusal stands on an estimate: it must be at least every export peak benchmarks/memory.py
+    measured (an import under 2 GiB and one past it), or it would let through a model that then gets killed."""
+    from pipeline.preflight import export_peak
+
+    rows = [r for r in json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "MEMORY.json").read_text())
+            if r["stage"] == "export" and r["status"] == 0 and r["weights"]]
+    assert {r["weights"] >= 1 << 31 for r in rows} == {False, True}, "both regimes measured"
+    for r in rows:
+        assert export_peak(r["weights"]) >= r["peak"], r["model"]
