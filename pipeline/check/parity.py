@@ -18,13 +18,13 @@ Memory: the windows stream, and one graph is open at a time. The reference runs 
 windows (CHUNK, fewer for a wide vocabulary: LOGITS_BUDGET) and its fp32 logits go to a temporary file on
 disk (n x T x V x 4 bytes: 1.7 GB for SmolLM2's 49k vocabulary, 8.8 GB for Gemma 3's 262k), never to memory
 whole, and the reference's model is released (`release`). Then each graph is opened alone (its ONNX Runtime
-session is the largest thing parity holds: no pre-packed second copy of float weights, no CPU arena that would
-keep a call's logits), run over the windows call by call against the reference's logits read back from the
-file, and closed, its memory handed back (exports.release_memory), before the next opens. The scores are
-running sums (the KL per position, a fixed-stride sample of |Δlogit| for the p99), so parity holds at most a
-call's logits, whatever the number of windows, the number of graphs or the vocabulary. Measured on SmolLM2
-(four variants and four twins): 7.81 GB at the peak with every session open at once; the figure now is in
-benchmarks/MEMORY.md.
+session is the largest thing parity holds: no pre-packed second copy of float weights, and for a plain graph
+no CPU arena that would keep a call's logits), run over the windows call by call against the reference's
+logits read back from the file, and closed, its memory handed back (exports.release_memory), before the next
+opens. The scores are running sums (the KL per position, a fixed-stride sample of |Δlogit| for the p99), so
+parity holds at most a call's logits, whatever the number of windows, the number of graphs or the vocabulary.
+Measured on SmolLM2 (four variants and four twins): 7.81 GB at the peak with every session open at once; the
+figure now is in benchmarks/MEMORY.md.
 
 How a graph is run: a plain graph takes each window whole (past 0). A fused twin is run as `onnxgen run`
 runs it: row b prefills its first 1 + b % 8 tokens (a right-padded batch) and is then teacher-forced one
@@ -651,10 +651,12 @@ def open_graphs(folder: Path, variants: list[str], kinds=("plain", "fused")) -> 
             # the fp32 and fp16 graphs without pre-packed weights: ONNX Runtime's second copy of their weights is
             # the largest thing parity could do without (0.5 GB of SmolLM2's peak, benchmarks/MEMORY.md); the
             # quantized ones keep it (MatMulNBits' packed blocks are its fast kernels' layout, and small)
-            # and no CPU arena for any (make_session: a call's buffers are freed, not held under the next peak)
+            # and the plain graphs without a CPU arena (make_session: a call's logits, hundreds of MB, are freed,
+            # not held under the next peak); a twin's steps return one position and keep the arena: without it
+            # its teacher-forced steps ran 1.16x slower (SmolLM2 int4, 8 windows, medians of 3; plain 0.98x)
             graphs.append(Graph(f"{v} fused" if twin else v, v, partial(OnnxLM, folder, variant=v, provider=_provider(v),
                                                                        fused=twin, prepack=v not in ("fp32", "fp16"),
-                                                                       arena=False),
+                                                                       arena=twin),
                                 twin))
     return graphs
 
