@@ -85,7 +85,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int = 0, spin: bool
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if not prepack:  # no second, pre-packed copy of the fp32 weights (parity: memory over speed)
         options.add_session_config_entry("session.disable_prepacking", "1")
-    # arena=False (parity): each run's buffers are freed, not kept in ONNX Runtime's CPU arena. A parity call's
+    # arena=False (parity's plain graphs): each run's buffers are freed, not kept in ONNX Runtime's CPU arena. A parity call's
     # logits are hundreds of MB; the arena kept them, and glibc kept 0.6-0.8 GB of SmolLM2's even after the
     # session was gone, under the next graph's peak (benchmarks/MEMORY_NOTES.md)
     options.enable_cpu_mem_arena = arena
@@ -382,7 +382,7 @@ class OnnxLM:
         special_tokens: text prompts get the special tokens transformers' tokenizer adds (a BOS where the
         folder declares one: tokenizer.prompt_tokenizer); False encodes the bare text (raw continuations).
         prepack, arena: ONNX Runtime's pre-packed weights and CPU memory arena (make_session); parity turns
-        them off for memory."""
+        prepack off for float graphs and the arena off for plain graphs, for memory (check/parity.open_graphs)."""
         self.folder = Path(folder)
         self.verify = verify  # the chat template's files are checked when a chat reads them (run/chat.py)
         if not self.folder.is_dir():
