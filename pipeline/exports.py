@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -181,6 +182,98 @@ def save_graph(model, path: str | Path, limit: int = PROTOBUF_LIMIT, chunk_bytes
         filled += n
     onnx.save_model(model, str(path))  # writes each tensor's raw_data into its location
     return [path.name, *external_data_names(path.name, chunk + 1)]
+
+
+def save_graph_streamed(model, weights: dict, path: str | Path, limit: int = PROTOBUF_LIMIT,
+                        chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """save_graph for a graph held without its weights: `weights` maps each initializer to add, in order, to its
+    array (numpy, any strides), and each is written from that memory into the file, one at a time, so the
+    weights are never serialized whole in memory beside the model they come from. The layout is save_graph's:
+    one file when it fits `limit` (the initializers as raw_data inside it), else chunks. Returns the names
+    written beside `path`.
+
+    Written by hand: protobuf and onnx serialize a message whole in memory, and onnx.save of external data takes
+    each tensor's bytes from a TensorProto (a copy). A message is its fields in any order and a repeated field
+    is its entries one after the other, so the file is the model without its graph, then the graph's field:
+    the graph without initializers, then one initializer field per tensor, each a TensorProto's header (dims,
+    type, name) followed by its raw_data field, the bytes straight from the array."""
+    import numpy as np
+    import onnx
+
+    assert sys.byteorder == "little", "raw_data is little-endian"
+    path = Path(path)
+    for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
+        stale.unlink()
+    headers = [(tensor_header(name, array), array) for name, array in weights.items()]
+    total = sum(array.nbytes for _, array in headers)
+    if total + model.ByteSize() <= limit:
+        graph = model.graph.SerializeToString()
+        fields = [(h.SerializeToString() + _tag(9) + _varint(a.nbytes), a) for h, a in headers]
+        sizes = [len(head) + a.nbytes for head, a in fields]
+        rest = onnx.ModelProto()
+        rest.CopyFrom(model)
+        rest.ClearField("graph")
+        with open(path, "wb") as f:
+            f.write(rest.SerializeToString())
+            f.write(_tag(7) + _varint(len(graph) + sum(len(_tag(5) + _varint(n)) + n for n in sizes)))
+            f.write(graph)
+            for (head, array), n in zip(fields, sizes):
+                f.write(_tag(5) + _varint(n) + head)
+                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        return [path.name]
+    chunk, filled, files = 0, 0, {}
+    try:
+        for header, array in headers:
+            n = array.nbytes
+            if n < 1024:
+                header.raw_data = np.ascontiguousarray(array).tobytes()
+                continue
+            if filled and filled + n > chunk_bytes:
+                chunk, filled = chunk + 1, 0
+            name = external_data_names(path.name, chunk + 1)[-1]
+            f = files.get(name) or files.setdefault(name, open(path.parent / name, "wb"))
+            offset = f.tell()
+            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            declare_external(header, name, offset, n)
+            filled += n
+    finally:
+        for f in files.values():
+            f.close()
+    model.graph.initializer.extend(h for h, _ in headers)
+    onnx.save_model(model, str(path))
+    return [path.name, *external_data_names(path.name, chunk + 1)]
+
+
+def tensor_header(name: str, array):
+    """A TensorProto with the array's name, dims and type, and no data."""
+    import onnx
+    from onnx.helper import np_dtype_to_tensor_dtype
+
+    return onnx.TensorProto(name=name, dims=array.shape, data_type=np_dtype_to_tensor_dtype(array.dtype))
+
+
+def declare_external(tensor, location: str, offset: int, length: int) -> None:
+    """Point a TensorProto (with no data) at its bytes in an external-data file (onnx's set_external_data
+    wants the bytes in the tensor first)."""
+    import onnx
+
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _tag(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # a length-delimited field
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 def detach_weights(model, folder: str | Path, data_name: str, min_bytes: int = 1 << 16):

@@ -9,6 +9,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from pipeline import manifest
 from pipeline.convert.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, is_state, release_memory, save_graph,
-                              staging, transformers_js_config, write_json)
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, is_state,
+                              release_memory, save_graph_streamed, staging, transformers_js_config, write_json)
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
 from pipeline.model.decoder import Decoder
 from pipeline.train.runs import checkpoint_dir, load_model, source_details
@@ -52,24 +53,47 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
 
 @dataclass
 class TracedGraph:
-    """A decoder traced to a temporary file beside `path`; write() rewrites it to the contract at `path`.
-    The decoder can be dropped between the two: write() loads the traced graph whole, and the decoder held
-    beside it was 0.5 GB of SmolLM2's export peak (benchmarks/MEMORY_NOTES.md)."""
+    """A decoder traced to a temporary file beside `path`, without its weights; write() puts the graph with them
+    at `path`. The decoder can be dropped between the two: `weights` holds what the graph needs of it."""
     file: Path
     path: Path
     states: dict[str, tuple]  # a state output -> its fixed dims after batch (_fixed_states)
+    weights: dict  # initializer name -> its array, in the graph's order (the exporter's constant-folded values)
 
     def write(self) -> list[str]:
         """Returns the files written beside `path`: the graph, then its external-data chunks if it is over
-        2 GB (named as transformers.js expects, exports.save_graph; the exporter's own layout is a file per
-        tensor)."""
-        graph = onnx.load(str(self.file))
+        2 GB (named as transformers.js expects, exports.save_graph_streamed; the exporter's own layout is a
+        file per tensor). The weights go from their arrays into the file one at a time (the exporter would
+        serialize the whole graph three times over in memory: benchmarks/MEMORY_NOTES.md)."""
+        graph = _fixed_states(_kept_inputs(onnx.load(str(self.file))), self.states)
         self.file.unlink()
-        names = save_graph(_fixed_states(_kept_inputs(graph), self.states), self.path)
-        del graph
+        _check(graph, self.weights)
+        # the exporter, told not to write the weights, lists them as inputs: they become initializers
+        kept = [i for i in graph.graph.input if i.name not in self.weights]
+        graph.graph.ClearField("input")
+        graph.graph.input.extend(kept)
+        names = save_graph_streamed(graph, self.weights, self.path)
+        self.weights.clear()
         release_memory()
-        onnx.checker.check_model(str(self.path), full_check=True)
         return names
+
+
+def _check(graph: onnx.ModelProto, weights: dict) -> None:
+    """onnx.checker's full check (shape inference included) of the traced graph, in memory: its small constants
+    as initializers (shape inference reads a shape's values), its weight matrices still as the typed inputs the
+    exporter listed them as. Checking the written file instead would parse it whole, twice the graph's size
+    (1.3 GB for SmolLM2's 0.65 GB); ONNX Runtime reads the file itself in parity, next."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    checked = onnx.ModelProto()
+    checked.CopyFrom(graph)
+    small = {name for name, array in weights.items() if array.nbytes < 1024}
+    inputs = [i for i in checked.graph.input if i.name not in small]
+    checked.graph.ClearField("input")
+    checked.graph.input.extend(inputs)
+    checked.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(weights[n]), n) for n in small)
+    onnx.checker.check_model(checked, full_check=True)
 
 
 @contextmanager
@@ -104,13 +128,24 @@ def trace_graph(model: Decoder, path: Path):
     states = {q: tuple(t.shape[1:]) for t, p, q in zip(past, pasts, presents) if is_state(p)}
     with tempfile.TemporaryDirectory(prefix="onnxgen-export-", dir=path.parent) as work:
         traced = Path(work) / path.name
-        with warnings.catch_warnings():
+        weights = {}
+        deduplicate = torch._C._jit_pass_onnx_deduplicate_initializers
+
+        def keep(graph, params, training):  # the exporter's last word on its initializers (torch 2.13)
+            params = deduplicate(graph, params, training)
+            weights.update(params)
+            return params
+
+        with warnings.catch_warnings(), mock.patch.object(torch._C, "_jit_pass_onnx_deduplicate_initializers", keep):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
                               output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True)
+                              do_constant_folding=True, export_params=False)
+        assert weights, "the exporter's initializers were not seen: its passes changed (torch.onnx.utils)"
+        order = [i.name for i in onnx.load(str(traced)).graph.input if i.name in weights]
+        weights = {name: weights[name].detach().numpy() for name in order}  # views of the decoder's tensors
         del model, c, ids, mask, pos, past  # this frame would keep the decoder alive while the caller writes
-        yield TracedGraph(traced, path, states)
+        yield TracedGraph(traced, path, states, weights)
 
 
 def _kept_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:

@@ -10,7 +10,8 @@ from onnx import numpy_helper
 from pipeline.convert.optimize import optimize_export
 from pipeline.convert.quantize.gptq import gptq_hessians
 from pipeline.convert.quantize.graph import weight_matmuls
-from pipeline.exports import detach_weights, variant_path
+from pipeline.exports import (CHUNK_BYTES, PROTOBUF_LIMIT, detach_weights, save_graph, save_graph_streamed,
+                              variant_path)
 
 
 def test_detached_weights_leave_a_graph_without_them_that_reads_back_whole(tiny_export, tmp_path):
@@ -47,3 +48,38 @@ def test_calibration_through_detached_weights_gives_the_same_hessians(tiny_expor
     for a in inline:
         np.testing.assert_array_equal(detached[a], inline[a])
     assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == ["opt.onnx", "opt.onnx.data"]  # no leftovers
+
+
+def test_weights_streamed_into_the_file_read_back_as_save_graph_wrote_them(tiny_export, tmp_path):
+    """export writes the weights from the decoder's own arrays into the file (save_graph_streamed), not through a
+    serialized copy of the graph: the file reads back as the graph save_graph writes, in one file and in
+    chunks (a small limit stands in for 2 GB), and the chunks are byte for byte save_graph's."""
+    whole = onnx.load(str(variant_path(tiny_export, "fp32")))
+    weights = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+    matrix = next(k for k, v in weights.items() if v.ndim == 2)
+    weights[matrix] = np.ascontiguousarray(weights[matrix].T).T  # strided, as the exporter's folded transposes are
+    light = onnx.ModelProto()
+    light.CopyFrom(whole)
+    light.graph.ClearField("initializer")
+    total = sum(v.nbytes for v in weights.values())
+    for limit, chunk in ((PROTOBUF_LIMIT, CHUNK_BYTES), (total // 2, total // 3)):
+        ours, theirs = tmp_path / f"streamed-{limit}", tmp_path / f"saved-{limit}"
+        ours.mkdir(), theirs.mkdir()
+        graph = onnx.ModelProto()
+        graph.CopyFrom(light)
+        names = save_graph_streamed(graph, weights, ours / "model.onnx", limit=limit, chunk_bytes=chunk)
+        expected = save_graph(onnx.load(str(variant_path(tiny_export, "fp32"))), theirs / "model.onnx",
+                              limit=limit, chunk_bytes=chunk)
+        assert names == expected and (len(names) == 1) == (limit == PROTOBUF_LIMIT)
+        assert _read(ours / "model.onnx") == _read(theirs / "model.onnx") == whole
+        for name in names[1:]:
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes()
+
+
+def _read(path):
+    """The graph with its external data loaded, as it was before saving (onnx's loader marks each tensor it
+    read back as stored in the graph, a field the graph never had)."""
+    graph = onnx.load(str(path))
+    for t in graph.graph.initializer:
+        t.ClearField("data_location")
+    return graph
