@@ -18,7 +18,6 @@ files it points to, and only after its own sha256 has been checked.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 

@@ -42,7 +42,7 @@ from pipeline.errors import UserError
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.tokenizer import encode_documents, eot_id, load_tokenizer, token_dtype
 from pipeline.train.loop import TrainConfig, fit, get_batch, make_optimizer, restore, save_checkpoint
-from pipeline.train.runs import (ADAPTER, ADAPTER_CONFIG, adapter_files, checkpoint_dir, load_adapter, load_model,
+from pipeline.train.runs import (adapter_files, checkpoint_dir, load_adapter, load_model,
                                  weights_sha256)
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from pipeline import manifest
