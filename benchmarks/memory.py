@@ -25,7 +25,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("export", "quantize", "fuse", "parity")
+STAGES = ("export", "quantize", "fuse", "parity", "run")
+# `run`: the plain fp32 graph (every prompt position's logits: the runtime's worst case, prefilled in chunks)
+# on a long prompt, the first 6,000 characters of the standard library's argparse.py (about 1,500 tokens)
+PROMPT = Path(argparse.__file__).read_text()[:6000]
 GB = 1e9
 
 
@@ -69,7 +72,7 @@ def fp32_weight_bytes(source: Path, export: Path) -> int:
     return sum(p.stat().st_size for p in (export / "onnx").glob("model.onnx*"))
 
 
-def commands(name: str, source: Path, export: Path, no_memory_check: bool = False) -> dict[str, list[str]]:
+def commands(name: str, source: Path, export: Path, prompt: Path, no_memory_check: bool = False) -> dict[str, list[str]]:
     onnxgen = [sys.executable, "-m", "pipeline.cli"]
     if source.suffix == ".gguf":
         export_cmd = [*onnxgen, "export", "--gguf", str(source)]
@@ -82,7 +85,9 @@ def commands(name: str, source: Path, export: Path, no_memory_check: bool = Fals
     return {"export": [*export_cmd, "--out", str(export), "--force"],
             "quantize": [*onnxgen, "quantize", str(export), "--variant", "all"],
             "fuse": [*onnxgen, "fuse", str(export)],
-            "parity": [*onnxgen, "parity", str(export)]}
+            "parity": [*onnxgen, "parity", str(export)],
+            "run": [*onnxgen, "run", str(export), "--prompt-file", str(prompt), "--max-new-tokens", "32", "--plain",
+                    "--variant", "fp32"]}
 
 
 def write_report(rows: list[dict], out: Path, chart: Path) -> None:
@@ -92,6 +97,7 @@ def write_report(rows: list[dict], out: Path, chart: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
+    rows = sorted(rows, key=lambda r: (models.index(r["model"]), STAGES.index(r["stage"])))
     lines = ["# Peak memory of each stage", "",
              "`python benchmarks/memory.py` (see its docstring): each stage as a user runs it, in a child process, "
              "its peak RSS (process tree, psutil every 50 ms) beside the budget of issue 36: 2 x the fp32 weights "
@@ -138,8 +144,10 @@ def main() -> None:
     for spec in [] if args.report_only else args.model:
         name, _, source = spec.partition("=")
         export = ROOT / "exports" / f"bench-memory-{name}"
-        rows = [r for r in rows if r["model"] != name]
-        for stage, cmd in commands(name, Path(source), export, args.no_memory_check).items():
+        rows = [r for r in rows if not (r["model"] == name and r["stage"] in stages)]
+        prompt = export.with_name(export.name + "-prompt.txt")
+        prompt.write_text(PROMPT)
+        for stage, cmd in commands(name, Path(source), export, prompt, args.no_memory_check).items():
             if stage not in stages:
                 continue
             peak, seconds, code, err = peak_rss(cmd, args.timeout)
@@ -150,6 +158,7 @@ def main() -> None:
             if code not in (0, 1):
                 print(err, file=sys.stderr)
                 break
+        prompt.unlink()
         if not args.keep:
             subprocess.run(["rm", "-rf", str(export)], check=False)
     for r in rows:  # every row of a model carries its fp32 weights

@@ -13,8 +13,8 @@ parser that reads wherever a graph's external-data entries point. So, before a s
 4. the sizes the runtime takes from config.json and generation_config.json are possible and agree
    with the graph (context length, vocab_size = the logits' width, eos/pad ids inside the vocabulary).
 
-The graph is read with onnx.load(load_external_data=False): only the protobuf, never the data
-files it points to, and only after its own sha256 has been checked.
+The graph is read without its weights (exports.read_graph_only): its structure only, never the weights'
+bytes (inside the file or in the data files it points to), and only after its own sha256 has been checked.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import read_json, variant_path
+from pipeline.exports import read_graph_only, read_json, variant_path
 
 # The files every variant needs besides its graph; the runtime reads all three.
 SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json")
@@ -92,11 +92,9 @@ def _positive_int(x) -> bool:
 
 
 def read_graph(path: Path):
-    """The graph's protobuf only: external data stays unread."""
-    import onnx
-
+    """The graph's protobuf only: weights stay unread, in the file or beside it (exports.read_graph_only)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_graph_only(path)
     except Exception as e:  # the protobuf parser raises several types for a file that is not a model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"model {path}: not a readable ONNX file ({first})") from None
@@ -161,7 +159,8 @@ def external_data_files(folder: Path, path: Path, model) -> list[str]:
         if size < end:
             raise UserError(f"external data {folder / rel}: {size} bytes, but the graph reads up to byte {end} "
                             "(truncated?)")
-    return sorted(needed)
+    own = path.resolve().relative_to(folder.resolve()).as_posix()  # read_graph_only's weights inside the graph
+    return sorted(rel for rel in needed if rel != own)
 
 
 # The peak of `onnxgen export --hf/--gguf` (export, then parity against the transformers reference), from the

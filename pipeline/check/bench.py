@@ -31,7 +31,8 @@ import numpy as np
 from pipeline import manifest
 from pipeline.check.sources import open_source
 from pipeline.errors import UserError
-from pipeline.exports import GENAI_CONFIG, VARIANTS, fused_path, generation_ids, read_config, read_json
+from pipeline.exports import (GENAI_CONFIG, VARIANTS, fused_path, generation_ids, read_config, read_graph_only,
+                              read_json)
 from pipeline.run.lm import OnnxLM
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def weight_bytes_per_step(path: Path) -> int:
     """Initializer bytes a decode step reads: all of them except tables read one row at a time (Gather)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_graph_only(path)
     readers: dict[str, set] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, generation_ids, is_state
+from pipeline.exports import VARIANTS, generation_ids, is_state, read_graph_only
 from pipeline.model.reference import checkpoint_kind, gpt_reference, hf_reference, load_gguf_model, load_hf_model
 from pipeline.tokenizer import EOT, load_tokenizer, prompt_prefix, prompt_tokenizer
 from pipeline.train.corpus import load_corpus
@@ -44,7 +43,7 @@ def hf_windows(folder: Path, corpus: str | None, eos_id: int, n_windows: int, le
 def hf_empty_past(folder: Path):
     """The reference's empty cache: fp32 zeros shaped as the fp32 graph's past inputs (heads, head size fixed),
     in the graph's order: K/V of length 0, a fixed-size state (LFM2's past_conv.*) of zeros."""
-    graph = onnx.load(str(folder / "onnx" / VARIANTS["fp32"]), load_external_data=False).graph
+    graph = read_graph_only(folder / "onnx" / VARIANTS["fp32"]).graph
     shapes = [(is_state(i.name), [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input
               if i.name.startswith("past")]
 

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import (GENAI_CONFIG, first_id, fused_path, generation_ids, read_config, read_json, variant_path,
-                              write_json)
+from pipeline.exports import (GENAI_CONFIG, first_id, fused_path, generation_ids, read_config, read_graph_only,
+                              read_json, variant_path, write_json)
 from pipeline.run.sampling import SamplingConfig
 
 
 def _conv_layers(model_path: Path) -> dict[int, int]:
     """LFM2's conv layers in the graph: layer -> its state's width (past_conv.{i}: batch, hidden, width)."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = read_graph_only(model_path).graph
     return {int(i.name.split(".")[1]): i.type.tensor_type.shape.dim[2].dim_value for i in graph.input
             if i.name.startswith("past_conv.")}
 
@@ -37,7 +36,7 @@ def _conv_layers(model_path: Path) -> dict[int, int]:
 def unsupported(model_path: Path) -> str | None:
     """Why onnxruntime-genai cannot run this graph, or None: 0.18 carries LFM2's conv state but has no Mamba-2
     SSM state (Granite 4's past_ssm.*: its granitemoehybrid builder knows only attention layers)."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = read_graph_only(model_path).graph
     if any(i.name.startswith("past_ssm.") for i in graph.input):
         return ("onnxruntime-genai (0.18) has no Mamba-2 state (past_ssm.*): no genai_config.json for this export; "
                 "onnxgen run and transformers.js run it")
@@ -46,13 +45,13 @@ def unsupported(model_path: Path) -> str | None:
 
 def _recurrent_layers(model_path: Path) -> set[int]:
     """Qwen3.5's linear_attention layers in the graph (past_recurrent.{i})."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = read_graph_only(model_path).graph
     return {int(i.name.split(".")[1]) for i in graph.input if i.name.startswith("past_recurrent.")}
 
 
 def _cache_shape(model_path: Path) -> tuple[int, int, int, int]:
     """(layers, kv heads, head size, vocab) from the graph's declared inputs and outputs; weights not loaded."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = read_graph_only(model_path).graph
 
     def dims(v):
         return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
