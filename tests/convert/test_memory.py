@@ -10,8 +10,8 @@ from onnx import numpy_helper
 from pipeline.convert.optimize import optimize_export
 from pipeline.convert.quantize.gptq import gptq_hessians
 from pipeline.convert.quantize.graph import weight_matmuls
-from pipeline.exports import (CHUNK_BYTES, PROTOBUF_LIMIT, detach_weights, save_graph, save_graph_streamed,
-                              variant_path)
+from pipeline.exports import (CHUNK_BYTES, PROTOBUF_LIMIT, detach_weights, read_graph_only, save_graph,
+                              save_graph_streamed, variant_path)
 
 
 def test_detached_weights_leave_a_graph_without_them_that_reads_back_whole(tiny_export, tmp_path):
@@ -83,3 +83,22 @@ def _read(path):
     for t in graph.graph.initializer:
         t.ClearField("data_location")
     return graph
+
+
+def test_a_graph_read_without_its_weights_keeps_its_structure_and_finds_them_where_they_lie(tiny_export, tmp_path):
+    """read_graph_only (preflight, genai's config, parity's sources): the structure whole, each weight inside the
+    file declared as external data at its own place there, which onnx's helpers read back as the weight; a graph
+    whose weights are already beside it reads as onnx.load(load_external_data=False) reads it."""
+    path = variant_path(tiny_export, "fp32")
+    whole, light = onnx.load(str(path)), read_graph_only(path)
+    for field in ("node", "input", "output", "value_info"):
+        assert getattr(light.graph, field) == getattr(whole.graph, field)
+    assert light.opset_import == whole.opset_import and light.ir_version == whole.ir_version
+    assert [t.name for t in light.graph.initializer] == [t.name for t in whole.graph.initializer]
+    declared = [t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert declared and {e.value for t in declared for e in t.external_data if e.key == "location"} == {path.name}
+    for mine, theirs in zip(light.graph.initializer, whole.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(mine, str(path.parent)), numpy_helper.to_array(theirs))
+    assert light.ByteSize() < whole.ByteSize() / 20
+    save_graph(whole, tmp_path / "model.onnx", limit=1 << 16, chunk_bytes=1 << 16)
+    assert read_graph_only(tmp_path / "model.onnx") == onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
