@@ -31,17 +31,67 @@ log = logging.getLogger(__name__)
 OPSET = 17  # LayerNormalization is a standard op from 17
 
 
+TABLE, HEAD = "model.wte.weight", "model.lm_head.MatMul.weight"  # the embedding table, the head's (C, V) matrix
+
+
 class _CacheGraph(torch.nn.Module):
-    """Flat inputs and outputs in the contract's order, for the exporter."""
+    """Flat inputs and outputs in the contract's order, for the exporter; the embedding table and the head's
+    matrix come last, as inputs (_Tables)."""
 
-    def __init__(self, model: Decoder):
+    def __init__(self, model: Decoder, tables: _Tables):
         super().__init__()
-        self.model = model
+        self.model, self.tables = model, tables
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *rest):
+        *past, self.tables.table, self.tables.head = rest
         layers = self.model.split_cache(past)  # each layer's entries (K and V, or one state)
         logits, presents = self.model.forward_with_cache(input_ids, attention_mask, position_ids, layers)
         return (logits, *[t for entries in presents for t in entries])
+
+
+class _Tables:
+    """The embedding table and the LM head's matrix, traced as inputs of the graph rather than as parameters
+    (write() makes them its initializers, as every other weight). The TorchScript exporter's per-node ONNX
+    shape inference copies each parameter a node reads into a one-node model, three times over for a moment:
+    for Gemma 3's 262k x 640 table (0.67 GB) that was 2 GB above the decoder, measured from outside the process
+    (an input is only its shape and type there). The graph is the same: Gather(table, input_ids) and
+    MatMul(hidden, head), the head as the exporter folded Transpose(lm_head.weight)."""
+    table: torch.Tensor
+    head: torch.Tensor
+
+    @staticmethod
+    @contextmanager
+    def swapped(model: Decoder):
+        tables = _Tables()
+        wte, lm_head = model.wte, model.lm_head
+        model.wte, model.lm_head = _Lookup(tables), _Project(tables, lm_head.bias)
+        try:
+            yield tables
+        finally:
+            model.wte, model.lm_head = wte, lm_head
+
+
+class _Lookup(torch.nn.Module):
+    def __init__(self, tables: _Tables):
+        super().__init__()
+        self.tables = tables
+
+    @property
+    def weight(self):  # the decoder reads its dtype
+        return self.tables.table
+
+    def forward(self, ids):
+        return torch.nn.functional.embedding(ids, self.tables.table)
+
+
+class _Project(torch.nn.Module):
+    def __init__(self, tables: _Tables, bias):
+        super().__init__()
+        self.tables, self.bias = tables, bias
+
+    def forward(self, x):
+        y = torch.matmul(x, self.tables.head)
+        return y if self.bias is None else y + self.bias
 
 
 def export_graph(model: Decoder, path: Path) -> list[str]:
@@ -136,15 +186,19 @@ def trace_graph(model: Decoder, path: Path):
             weights.update(params)
             return params
 
-        with warnings.catch_warnings(), mock.patch.object(torch._C, "_jit_pass_onnx_deduplicate_initializers", keep):
+        table, head = model.wte.weight.detach(), model.lm_head.weight.detach().t()
+        with warnings.catch_warnings(), mock.patch.object(torch._C, "_jit_pass_onnx_deduplicate_initializers", keep), \
+                _Tables.swapped(model) as tables:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            torch.onnx.export(_CacheGraph(model).eval(), (ids, mask, pos, *past), str(traced), input_names=ins,
-                              output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True, export_params=False)
+            torch.onnx.export(_CacheGraph(model, tables).eval(), (ids, mask, pos, *past, table, head), str(traced),
+                              input_names=[*ins, TABLE, HEAD], output_names=outs, dynamic_axes=axes,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True, export_params=False)
         assert weights, "the exporter's initializers were not seen: its passes changed (torch.onnx.utils)"
+        weights.update({TABLE: table, HEAD: head})
         order = [i.name for i in onnx.load(str(traced)).graph.input if i.name in weights]
+        order = [TABLE, *(n for n in order if n not in (TABLE, HEAD)), HEAD]  # where the exporter put them
         weights = {name: weights[name].detach().numpy() for name in order}  # views of the decoder's tensors
-        del model, c, ids, mask, pos, past  # this frame would keep the decoder alive while the caller writes
+        del model, c, ids, mask, pos, past, table, head  # this frame would keep the decoder alive while the caller writes
         yield TracedGraph(traced, path, states, weights)
 
 
