@@ -57,8 +57,8 @@ from pipeline import manifest
 from pipeline.convert.optimize import optimize_export
 from pipeline.check.parity import parity_of, source_checkpoint, source_of
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, present_variants, read_json,
-                              release_memory, staging, variant_path)
+from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, load_graph, present_variants,
+                              read_json, release_memory, staging, variant_path)
 from pipeline.model.decoder import DecoderConfig, Rotary, rope_kind
 from pipeline.model.families import arch_of
 
@@ -432,7 +432,7 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
 
 def fuse_file(src: Path, dst: Path, arch: DecoderConfig, last_logits: bool = True) -> None:
     """src graph -> dst graph with GroupQueryAttention; written to a temp name, then renamed."""
-    model = onnx.load(str(src))
+    model = load_graph(src)
     fuse_graph(model, arch, last_logits)
     large = model.ByteSize() > (1 << 31) - (1 << 26)
     data = dst.name + "_data"

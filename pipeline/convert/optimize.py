@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from pipeline import manifest
 from pipeline.errors import UserError
-from pipeline.exports import detach_weights, read_config, release_memory
+from pipeline.exports import detach_weights, load_graph, read_config, release_memory
 from pipeline.model.families import arch_of
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def optimize(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int,
     dst = Path(dst)
     data = dst.with_name(dst.name + ".data")
     data.unlink(missing_ok=True)
-    model = onnx.load(str(src))
+    model = load_graph(src)
     folded = constant_head(model)
     model = detach_weights(model, dst.parent, data.name)
     release_memory()

@@ -8,9 +8,9 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline.convert.optimize import optimize_export
-from pipeline.convert.quantize.gptq import gptq_hessians
+from pipeline.convert.quantize.gptq import gptq_hessians, gptq_weight
 from pipeline.convert.quantize.graph import weight_matmuls
-from pipeline.exports import (CHUNK_BYTES, PROTOBUF_LIMIT, detach_weights, read_graph_only, save_graph,
+from pipeline.exports import (CHUNK_BYTES, PROTOBUF_LIMIT, detach_weights, load_graph, read_graph_only, save_graph,
                               save_graph_streamed, variant_path)
 
 
@@ -102,3 +102,23 @@ def test_a_graph_read_without_its_weights_keeps_its_structure_and_finds_them_whe
     assert light.ByteSize() < whole.ByteSize() / 20
     save_graph(whole, tmp_path / "model.onnx", limit=1 << 16, chunk_bytes=1 << 16)
     assert read_graph_only(tmp_path / "model.onnx") == onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+
+
+def test_gptq_solves_a_matrix_a_slice_of_columns_at_a_time_as_it_solves_it_whole():
+    """gptq_quantize solves a wide matrix (a 262k-vocabulary head) in slices of output columns: GPTQ's columns
+    are independent, so the codes, scales and zero points are the whole matrix's, bit for bit."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((96, 300)).astype(np.float32)
+    X = rng.standard_normal((500, 96))
+    H = 2 * X.T @ X / len(X)
+    for options in (dict(symmetric=True), dict(symmetric=False, act_order=True, grid_search=True)):
+        whole = gptq_weight(W, H, 4, 32, **options)
+        parts = [gptq_weight(W[:, j:j + 70], H, 4, 32, **options) for j in range(0, W.shape[1], 70)]
+        for a, b in zip(whole, (np.concatenate(x) for x in zip(*parts))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_graph_loaded_a_weight_at_a_time_is_what_onnx_load_reads(tiny_export):
+    """load_graph (optimize, quantize, fuse) reads each weight's bytes once; the model is onnx.load's."""
+    path = variant_path(tiny_export, "fp32")
+    assert load_graph(path) == onnx.load(str(path))

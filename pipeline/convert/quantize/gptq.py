@@ -60,6 +60,9 @@ def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float,
     return scale, np.clip(np.round(-lo / scale), 0, maxq)
 
 
+GPTQ_BLOCK_BYTES = 256 << 20  # a float64 slice of a weight GPTQ solves at once
+
+
 def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
                 percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False, grid_search: bool = False,
                 fp16_scales: bool = False):
@@ -216,8 +219,15 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], H: dict[str, np.ndar
         node = by_name[name]
         W = numpy_helper.to_array(inits[node.input[1]])
         group, symmetric = (recipe.head_block_size, True) if name == head else (recipe.block_size, recipe.symmetric)
-        codes, scales, zeros = gptq_weight(W, H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order,
-                                           grid_search=recipe.grid_search, fp16_scales=recipe.scales == "fp16")
+        # output columns are independent in GPTQ (each is solved against the same Hessian of the shared input),
+        # so a wide matrix is solved a slice of columns at a time: its float64 working copies stay near
+        # GPTQ_BLOCK_BYTES (a 262k-vocabulary head's were 1.3 GB each, benchmarks/MEMORY_NOTES.md)
+        cols = max(1, GPTQ_BLOCK_BYTES // (8 * W.shape[0]))
+        parts = [gptq_weight(W[:, j:j + cols], H[node.input[0]], bits, group, symmetric, act_order=recipe.act_order,
+                             grid_search=recipe.grid_search, fp16_scales=recipe.scales == "fp16")
+                 for j in range(0, W.shape[1], cols)]
+        codes, scales, zeros = (np.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+        del parts
         q_node, new = matmul_nbits(node, W.shape, codes, scales, None if symmetric else zeros,
                                    bits, group, recipe.accuracy_level)
         g.initializer.extend(new)

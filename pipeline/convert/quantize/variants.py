@@ -22,7 +22,7 @@ from pipeline.convert.quantize.graph import (
 )
 from pipeline.convert.quantize.recipe import DEFAULT_RECIPES, Recipe
 from pipeline.errors import UserError
-from pipeline.exports import release_memory
+from pipeline.exports import load_graph, release_memory
 from pipeline.train.runs import load_model
 
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
@@ -56,7 +56,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
         H = gptq_hessians(src, graph, solved, calibration, progress, hessian_cache)
     del graph
     release_memory()
-    model = onnx.load(str(src))
+    model = load_graph(src)
     tied = is_tied(model)
     if solved:
         gptq_quantize(model, solved, H, recipe, progress, head=head)
@@ -106,7 +106,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src))
+    model = load_graph(src)
     nodes = weight_matmuls(model)
     experts = quantize_experts(model, 8, 0)
     quantize_dynamic(model, str(dst), per_channel=True, weight_type=QuantType.QInt8,
@@ -121,7 +121,7 @@ def quantize_int8_static(src: Path, dst: Path, run: Path, progress: bool) -> dic
 
     c = load_model(run).config
     windows = calibration_windows(run, c.n_ctx)
-    model = onnx.load(str(src))
+    model = load_graph(src)
     nodes = weight_matmuls(model)
     experts = quantize_experts(model, 8, 0)
     reader = Windows(windows, c.n_layer, c.n_head, c.head_dim, progress)
@@ -151,7 +151,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(onnx.load(str(src)))
+    model = OnnxModel(load_graph(src))
     # keep_io_types=["logits"]: the logits output stays fp32 (the contract), past/present go fp16.
     # LayerNorms stay fp32 (their mean and variance lose most in half precision; the weights are tiny):
     # measured on the fully trained `small`, all-fp16 max |Δlogit| 1.45e-2 (misses 1e-2), LayerNorms
