@@ -62,6 +62,7 @@ PREFILL_SPREAD = 8       # fused twins: row b prefills 1 + b % PREFILL_SPREAD to
 CHUNK = 8                # windows per forward call, at most (SmolLM2's 49k vocabulary: 28 MB of logits a window)
 LOGITS_BUDGET = 256 << 20  # bytes of one graph's fp32 logits per forward call: fewer windows a call for a wider
                          # vocabulary (Gemma 3's 262k: 151 MB a window, so one), never the whole run's logits
+PADDED_LOGITS = 256 << 20  # bytes of the padded check's batch logits (4 rows): shorter rows for a wide vocabulary
 BLOCK_BYTES = 32 << 20   # the float64 maths of scoring runs over blocks of positions of about this size
 CACHE_WINDOWS = CHUNK    # plain graphs: the two-step (past > 0) check runs on the first windows
 GREEDY_TOKENS = 64
@@ -414,15 +415,15 @@ def _tol_ratio(ref: np.ndarray, got: np.ndarray, t: Thresholds) -> float:
     V = ref.shape[-1]
     ref, got = ref.reshape(-1, V), got.reshape(-1, V)
     block = max(1, BLOCK_BYTES // (8 * V))
-    return max(float((np.abs(got[i:i + block].astype(np.float64) - ref[i:i + block]) / _bound(ref[i:i + block], t)).max())
-               for i in range(0, len(ref), block))
+    return max(float((np.abs(got[i:i + block].astype(np.float64) - r) / _bound(r, t)).max())
+               for i in range(0, len(ref), block) for r in (ref[i:i + block],))
 
 
 def _padded_vs_alone(lm: OnnxLM, windows: np.ndarray, pad_id: int, t: Thresholds) -> tuple[float, float]:
     """Left-pad 4 rows of different lengths; each row's logits must equal that row run alone, at the
     prompt and at one further step with past > 0. Returns (max |Δ|, tolerance ratio). The batch's logits stay
-    within LOGITS_BUDGET: a wide vocabulary pads shorter rows (Gemma 3's 262k: 64 tokens, not 144)."""
-    L = min(windows.shape[1], max(8, LOGITS_BUDGET // (4 * 4 * lm.vocab_size)))
+    within PADDED_LOGITS: a wide vocabulary pads shorter rows (Gemma 3's 262k: 64 tokens; 144 up to 116k)."""
+    L = min(windows.shape[1], max(8, PADDED_LOGITS // (4 * 4 * lm.vocab_size)))
     lengths = [L, (3 * L) // 4, L // 2, max(2, L // 4)]
     rows = [windows[i % len(windows), :n] for i, n in enumerate(lengths)]
     ids = np.full((4, L), pad_id, dtype=np.int64)
