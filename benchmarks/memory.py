@@ -72,7 +72,8 @@ def fp32_weight_bytes(source: Path, export: Path) -> int:
     return sum(p.stat().st_size for p in (export / "onnx").glob("model.onnx*"))
 
 
-def commands(name: str, source: Path, export: Path, prompt: Path, no_memory_check: bool = False) -> dict[str, list[str]]:
+def commands(name: str, source: Path, export: Path, prompt: Path,
+             no_memory_check: bool = False) -> dict[str, list[str]]:
     onnxgen = [sys.executable, "-m", "pipeline.cli"]
     if source.suffix == ".gguf":
         export_cmd = [*onnxgen, "export", "--gguf", str(source)]

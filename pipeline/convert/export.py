@@ -9,9 +9,9 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import onnx
 import torch
@@ -20,8 +20,9 @@ from pipeline import manifest
 from pipeline.convert.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, is_state,
-                              release_memory, save_graph_streamed, staging, transformers_js_config, write_json)
+from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, check_structure, declare_external,
+                              is_state, release_memory, save_graph_streamed, staging, tensor_header,
+                              transformers_js_config, write_json)
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
 from pipeline.model.decoder import Decoder
 from pipeline.train.runs import checkpoint_dir, load_model, source_details
@@ -103,9 +104,9 @@ def export_graph(model: Decoder, path: Path) -> list[str]:
 
 @dataclass
 class TracedGraph:
-    """A decoder traced to a temporary file beside `path`, without its weights; write() puts the graph with them
-    at `path`. The decoder can be dropped between the two: `weights` holds what the graph needs of it."""
-    file: Path
+    """A decoder traced without its weights; write() puts the graph with them at `path`. The decoder can be
+    dropped between the two: `weights` holds what the graph needs of it."""
+    graph: onnx.ModelProto  # as the exporter wrote it, each weight a graph input
     path: Path
     states: dict[str, tuple]  # a state output -> its fixed dims after batch (_fixed_states)
     weights: dict  # initializer name -> its array, in the graph's order (the exporter's constant-folded values)
@@ -115,35 +116,34 @@ class TracedGraph:
         2 GB (named as transformers.js expects, exports.save_graph_streamed; the exporter's own layout is a
         file per tensor). The weights go from their arrays into the file one at a time (the exporter would
         serialize the whole graph three times over in memory: benchmarks/MEMORY_NOTES.md)."""
-        graph = _fixed_states(_kept_inputs(onnx.load(str(self.file))), self.states)
-        self.file.unlink()
-        _check(graph, self.weights)
-        # the exporter, told not to write the weights, lists them as inputs: they become initializers
-        kept = [i for i in graph.graph.input if i.name not in self.weights]
+        graph = _fixed_states(_kept_inputs(self.graph), self.states)
+        kept = [i for i in graph.graph.input if i.name not in self.weights]  # the weights become initializers
         graph.graph.ClearField("input")
         graph.graph.input.extend(kept)
+        # onnx.checker's full check (shape inference included) in memory: checking the written file would parse
+        # it whole, twice the graph's size (1.3 GB for SmolLM2's 0.65 GB); ONNX Runtime reads it in parity, next
+        check_structure(_declared(graph, self.weights), full_check=True)
         names = save_graph_streamed(graph, self.weights, self.path)
         self.weights.clear()
         release_memory()
         return names
 
 
-def _check(graph: onnx.ModelProto, weights: dict) -> None:
-    """onnx.checker's full check (shape inference included) of the traced graph, in memory: its small constants
-    as initializers (shape inference reads a shape's values), its weight matrices still as the typed inputs the
-    exporter listed them as. Checking the written file instead would parse it whole, twice the graph's size
-    (1.3 GB for SmolLM2's 0.65 GB); ONNX Runtime reads the file itself in parity, next."""
+def _declared(graph: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
+    """A copy of the graph with its initializers declared but not read: small ones whole (shape inference reads
+    a shape's or an axis' values), the weight matrices as external data."""
     import numpy as np
-    from onnx import numpy_helper
 
-    checked = onnx.ModelProto()
-    checked.CopyFrom(graph)
-    small = {name for name, array in weights.items() if array.nbytes < 1024}
-    inputs = [i for i in checked.graph.input if i.name not in small]
-    checked.graph.ClearField("input")
-    checked.graph.input.extend(inputs)
-    checked.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(weights[n]), n) for n in small)
-    onnx.checker.check_model(checked, full_check=True)
+    declared = onnx.ModelProto()
+    declared.CopyFrom(graph)
+    for name, array in weights.items():
+        header = tensor_header(name, array)
+        if array.nbytes < 1024:
+            header.raw_data = np.ascontiguousarray(array).tobytes()
+        else:
+            declare_external(header, "weights", 0, array.nbytes)
+        declared.graph.initializer.append(header)
+    return declared
 
 
 @contextmanager
@@ -153,7 +153,7 @@ def trace_graph(model: Decoder, path: Path):
     Yields a TracedGraph, whose write() puts the graph at `path`.
 
     The TorchScript exporter (dynamo=False) is used on purpose: it names the symbolic dims as the
-    contract does from `dynamic_axes`, constant-folds the tied head's transpose, and handles past = 0;
+    contract does from `dynamic_axes`, constant-folds what depends on the weights alone, and handles past = 0;
     the dynamo exporter cannot express total = past + sequence for a flat list of caches by name.
     Example sizes are >= 2 everywhere: the exporter would specialize a dim of size 0 or 1.
     """
@@ -176,30 +176,31 @@ def trace_graph(model: Decoder, path: Path):
     axes.update({n: {0: "batch_size"} if is_state(n) else {0: "batch_size", 2: "total_sequence_length"}
                  for n in presents})
     states = {q: tuple(t.shape[1:]) for t, p, q in zip(past, pasts, presents) if is_state(p)}
+    weights = {}
+    deduplicate = torch._C._jit_pass_onnx_deduplicate_initializers
+
+    def keep(graph, params, training):  # the exporter's last word on its initializers (torch 2.13)
+        params = deduplicate(graph, params, training)
+        weights.update(params)
+        return params
+
+    table, head = model.wte.weight.detach(), model.lm_head.weight.detach().t()
     with tempfile.TemporaryDirectory(prefix="onnxgen-export-", dir=path.parent) as work:
         traced = Path(work) / path.name
-        weights = {}
-        deduplicate = torch._C._jit_pass_onnx_deduplicate_initializers
-
-        def keep(graph, params, training):  # the exporter's last word on its initializers (torch 2.13)
-            params = deduplicate(graph, params, training)
-            weights.update(params)
-            return params
-
-        table, head = model.wte.weight.detach(), model.lm_head.weight.detach().t()
         with warnings.catch_warnings(), mock.patch.object(torch._C, "_jit_pass_onnx_deduplicate_initializers", keep), \
                 _Tables.swapped(model) as tables:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(_CacheGraph(model, tables).eval(), (ids, mask, pos, *past, table, head), str(traced),
                               input_names=[*ins, TABLE, HEAD], output_names=outs, dynamic_axes=axes,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True, export_params=False)
-        assert weights, "the exporter's initializers were not seen: its passes changed (torch.onnx.utils)"
-        weights.update({TABLE: table, HEAD: head})
-        order = [i.name for i in onnx.load(str(traced)).graph.input if i.name in weights]
-        order = [TABLE, *(n for n in order if n not in (TABLE, HEAD)), HEAD]  # where the exporter put them
-        weights = {name: weights[name].detach().numpy() for name in order}  # views of the decoder's tensors
-        del model, c, ids, mask, pos, past, table, head  # this frame would keep the decoder alive while the caller writes
-        yield TracedGraph(traced, path, states, weights)
+        graph = onnx.load(str(traced))  # the structure alone: the exporter wrote no weights
+    assert weights, "the exporter's initializers were not seen: its passes changed (torch.onnx.utils)"
+    weights.update({TABLE: table, HEAD: head})
+    order = [i.name for i in graph.graph.input if i.name in weights]
+    order = [TABLE, *(n for n in order if n not in (TABLE, HEAD)), HEAD]  # where the exporter put them
+    weights = {name: weights[name].detach().numpy() for name in order}  # views of the decoder's tensors
+    del model, c, ids, mask, pos, past, table, head  # this frame would keep the decoder alive past the trace
+    yield TracedGraph(graph, path, states, weights)
 
 
 def _kept_inputs(graph: onnx.ModelProto) -> onnx.ModelProto:
