@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
