@@ -137,6 +137,7 @@ def present_variants(folder: str | Path) -> list[str]:
 # each chunk whole into one ArrayBuffer, so a chunk stays under 2 GB (a single larger tensor gets its own).
 PROTOBUF_LIMIT = (1 << 31) - (1 << 26)   # 64 MB short of 2 GiB: room for the graph's own nodes
 CHUNK_BYTES = (1 << 31) - (1 << 20)
+INLINE_BYTES = 1024  # a tensor smaller than this stays inside the graph when its weights go to chunks
 TRANSFORMERS_JS_CONFIG = "transformers.js_config"
 
 
@@ -164,24 +165,40 @@ def save_graph(model, path: str | Path, limit: int = PROTOBUF_LIMIT, chunk_bytes
     from onnx.external_data_helper import _get_all_tensors, set_external_data, uses_external_data
 
     path = Path(path)
-    for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
-        stale.unlink()  # onnx appends a tensor to its location: an old file would grow, not be replaced
+    _clear_chunks(path)
     sized = [(t, len(t.raw_data)) for t in _get_all_tensors(model) if t.HasField("raw_data")]
     assert not any(uses_external_data(t) for t in _get_all_tensors(model)), "load the weights before saving"
     # the weights' bytes first: protobuf cannot even size a message past 2 GiB (ByteSize raises EncodeError)
     if sum(n for _, n in sized) <= limit and model.ByteSize() <= limit:
         onnx.save_model(model, str(path))
         return [path.name]
-    chunk, filled = 0, 0
-    for t, n in sized:
-        if n < 1024:
+    locations, chunks = _chunk_locations(path.name, [n for _, n in sized], chunk_bytes)
+    for (t, _), location in zip(sized, locations):
+        if location is not None:
+            set_external_data(t, location)
+    onnx.save_model(model, str(path))  # writes each tensor's raw_data into its location
+    return [path.name, *external_data_names(path.name, chunks)]
+
+
+def _clear_chunks(path: Path) -> None:
+    for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
+        stale.unlink()  # onnx appends a tensor to its location: an old file would grow, not be replaced
+
+
+def _chunk_locations(graph_name: str, sizes: list[int], chunk_bytes: int) -> tuple[list[str | None], int]:
+    """Where each tensor of these sizes goes when a graph's weights go to chunks: None for one that stays in
+    the graph (under INLINE_BYTES), else its chunk's name (transformers.js's); a chunk holds at most
+    `chunk_bytes` unless one tensor alone is larger. Also returns the number of chunks."""
+    locations, chunk, filled = [], 0, 0
+    for n in sizes:
+        if n < INLINE_BYTES:
+            locations.append(None)
             continue
         if filled and filled + n > chunk_bytes:
             chunk, filled = chunk + 1, 0
-        set_external_data(t, external_data_names(path.name, chunk + 1)[-1])
+        locations.append(external_data_names(graph_name, chunk + 1)[-1])
         filled += n
-    onnx.save_model(model, str(path))  # writes each tensor's raw_data into its location
-    return [path.name, *external_data_names(path.name, chunk + 1)]
+    return locations, chunk + 1
 
 
 def save_graph_streamed(model, weights: dict, path: str | Path, limit: int = PROTOBUF_LIMIT,
@@ -202,8 +219,7 @@ def save_graph_streamed(model, weights: dict, path: str | Path, limit: int = PRO
 
     assert sys.byteorder == "little", "raw_data is little-endian"
     path = Path(path)
-    for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
-        stale.unlink()
+    _clear_chunks(path)
     headers = [(tensor_header(name, array), array) for name, array in weights.items()]
     total = sum(array.nbytes for _, array in headers)
     if total + model.ByteSize() <= limit:
@@ -221,30 +237,26 @@ def save_graph_streamed(model, weights: dict, path: str | Path, limit: int = PRO
                 f.write(_tag(5) + _varint(n) + head)
                 f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
         return [path.name]
-    chunk, filled, files = 0, 0, {}
+    locations, chunks = _chunk_locations(path.name, [a.nbytes for _, a in headers], chunk_bytes)
+    files = {}
     try:
-        for header, array in headers:
-            n = array.nbytes
-            if n < 1024:
+        for (header, array), name in zip(headers, locations):
+            if name is None:
                 header.raw_data = np.ascontiguousarray(array).tobytes()
                 continue
-            if filled and filled + n > chunk_bytes:
-                chunk, filled = chunk + 1, 0
-            name = external_data_names(path.name, chunk + 1)[-1]
             f = files.get(name) or files.setdefault(name, open(path.parent / name, "wb"))
             offset = f.tell()
             f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-            declare_external(header, name, offset, n)
-            filled += n
+            declare_external(header, name, offset, array.nbytes)
     finally:
         for f in files.values():
             f.close()
     model.graph.initializer.extend(h for h, _ in headers)
     onnx.save_model(model, str(path))
-    return [path.name, *external_data_names(path.name, chunk + 1)]
+    return [path.name, *external_data_names(path.name, chunks)]
 
 
-def read_graph_only(path: str | Path, min_bytes: int = 1024):
+def read_graph_only(path: str | Path, min_bytes: int = INLINE_BYTES):
     """The model at `path` without reading its weights: each initializer of `min_bytes` or more whose bytes are
     inside the file comes back declared as external data at its place in that same file (location: the file's
     own name, its offset and length), so onnx's external-data helpers still read it where it lies; a tensor

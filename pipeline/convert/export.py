@@ -20,8 +20,8 @@ from pipeline import manifest
 from pipeline.convert.genai import write_genai_config
 from pipeline.check.parity import ParityReport, parity_for_run
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (GENAI_CONFIG, INPUTS, VARIANTS, cache_names, check_structure, declare_external,
-                              is_state, release_memory, save_graph_streamed, staging, tensor_header,
+from pipeline.exports import (GENAI_CONFIG, INLINE_BYTES, INPUTS, VARIANTS, cache_names, check_structure,
+                              declare_external, is_state, release_memory, save_graph_streamed, staging, tensor_header,
                               transformers_js_config, write_json)
 from pipeline.tokenizer import EOT, load_tokenizer, write_hf_tokenizer_files
 from pipeline.model.decoder import Decoder
@@ -138,7 +138,7 @@ def _declared(graph: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
     declared.CopyFrom(graph)
     for name, array in weights.items():
         header = tensor_header(name, array)
-        if array.nbytes < 1024:
+        if array.nbytes < INLINE_BYTES:
             header.raw_data = np.ascontiguousarray(array).tobytes()
         else:
             declare_external(header, "weights", 0, array.nbytes)
