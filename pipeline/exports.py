@@ -307,25 +307,85 @@ def load_graph(path: str | Path):
     loader refuses a file with several hard links, which a staged export's graph has), or beside it, through
     onnx's loader and its checks of each location."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_tensor
 
     path = Path(path)
     model = read_graph_only(path)
     with open(path, "rb") as f:
         for t in model.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in t.external_data}
-            if info.get("location") == path.name:  # read_graph_only's: at its place in this very file
-                f.seek(int(info["offset"]))
-                t.raw_data = f.read(int(info["length"]))
-                t.ClearField("data_location")
-                del t.external_data[:]
-            else:
-                load_external_data_for_tensor(t, str(path.parent))
-                t.data_location = onnx.TensorProto.DEFAULT  # as onnx.load leaves it
-                del t.external_data[:]
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                materialize(t, path, f)
     return model
+
+
+def materialize(tensor, path: Path, f=None) -> None:
+    """An initializer declared as external data by read_graph_only (`path`: that graph's file) given its bytes,
+    in place, as onnx.load leaves a tensor (tensor_bytes)."""
+    tensor.raw_data = tensor_bytes(tensor, Path(path), f)
+    tensor.ClearField("data_location")
+    del tensor.external_data[:]
+
+
+def initializer_array(tensor, path: Path):
+    """An initializer's values, from the tensor or, declared external by read_graph_only, from its file."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return np.asarray(StoredArray(tensor, path))
+    return numpy_helper.to_array(tensor)
+
+
+def tensor_bytes(tensor, path: Path, f=None) -> bytes:
+    """The bytes of an initializer declared as external data by read_graph_only (`path`: that graph's file):
+    read here when they lie inside the graph's own file (`f`: it, open), else through onnx's loader and its
+    checks of the location (a file beside the graph, never outside its folder)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    info = {e.key: e.value for e in tensor.external_data}
+    if info.get("location") == path.name:  # read_graph_only's: at its place in this very file
+        if f is None:
+            with open(path, "rb") as own:
+                return tensor_bytes(tensor, path, own)
+        f.seek(int(info["offset"]))
+        return f.read(int(info["length"]))
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    load_external_data_for_tensor(copy, str(path.parent))
+    return copy.raw_data
+
+
+class StoredArray:
+    """An initializer of a graph read by read_graph_only, its bytes left where they lie until numpy asks for
+    them (np.asarray): save_graph_streamed then writes a graph of these holding one tensor in memory at a
+    time. `convert` maps the stored array to the one written, of `dtype`, slice by slice along the first axis
+    (an elementwise conversion: fp32 -> fp16)."""
+
+    SLICE_BYTES = 64 << 20
+
+    def __init__(self, tensor, path: Path, dtype=None, convert=None):
+        import numpy as np
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        self.tensor, self.path, self.convert = tensor, Path(path), convert
+        self.stored = np.dtype(tensor_dtype_to_np_dtype(tensor.data_type))
+        self.dtype = np.dtype(dtype or self.stored)
+        self.shape = tuple(tensor.dims)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        stored = np.frombuffer(tensor_bytes(self.tensor, self.path), dtype=self.stored).reshape(self.shape)
+        if self.convert is None:
+            return stored
+        out = np.empty(self.shape, self.dtype)
+        flat_in, flat_out = stored.reshape(-1), out.reshape(-1)
+        step = max(1, self.SLICE_BYTES // self.stored.itemsize)
+        for i in range(0, flat_in.size, step):
+            flat_out[i:i + step] = self.convert(flat_in[i:i + step])
+        return out
 
 
 def check_structure(model, full_check: bool = False) -> None:

@@ -122,3 +122,101 @@ def test_a_graph_loaded_a_weight_at_a_time_is_what_onnx_load_reads(tiny_export):
     """load_graph (optimize, quantize, fuse) reads each weight's bytes once; the model is onnx.load's."""
     path = variant_path(tiny_export, "fp32")
     assert load_graph(path) == onnx.load(str(path))
+
+
+def test_fp16_converted_weight_by_weight_equals_the_converter_on_the_graph_in_memory(tiny_export, tmp_path):
+    """The fp16 variant is converted from the graph's structure, each weight read and converted as it is written
+    (convert_fp16): the same nodes and the same fp16 (or kept fp32) values as onnxruntime's converter gives on
+    the whole graph in memory with the same options."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from pipeline.convert.quantize.graph import drop_duplicate_casts
+    from pipeline.convert.quantize.variants import FP32_OPS, convert_fp16
+
+    optimize_export(tiny_export, variant_path(tiny_export, "fp32"), tmp_path / "opt.onnx")
+    details = convert_fp16(tmp_path / "opt.onnx", tmp_path / "fp16.onnx")
+    ours = onnx.load(str(tmp_path / "fp16.onnx"))
+    whole = OnnxModel(onnx.load(str(tmp_path / "opt.onnx")))  # the conversion as it was, in memory
+    whole.initialize(convert_float_to_float16(whole.model, disable_shape_infer=True, keep_io_types=["logits"],
+                                              op_block_list=list(FP32_OPS)))
+    whole.remove_cascaded_cast_nodes()
+    whole.remove_useless_cast_nodes()
+    drop_duplicate_casts(whole.model.graph)
+    ref = whole.model
+    assert details["fp32_ops"] == list(FP32_OPS)
+    assert sorted(n.op_type for n in ours.graph.node) == sorted(n.op_type for n in ref.graph.node)
+    mine = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    theirs = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
+    assert mine.keys() == theirs.keys()
+    kinds = {str(v.dtype) for v in mine.values()}
+    assert {"float16", "float32"} <= kinds  # weights turned, norms kept
+    for name, value in theirs.items():
+        assert mine[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(mine[name], value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx", "opt.onnx", "opt.onnx.data"]  # fp16: one file
+
+
+def test_a_variant_past_the_protobuf_limit_lands_with_its_chunks_and_a_smaller_one_takes_them_away(
+        tiny_export, tmp_path, monkeypatch):
+    """A variant whose graph goes to chunks (the fp16 of a 1B model is past 2 GiB; here a small limit stands in)
+    is built in a folder of its own and moved in with its chunks, recorded with them, and loads; rebuilt in one
+    file, the old chunks go."""
+    import functools
+    import shutil
+
+    from pipeline import manifest
+    from pipeline.convert.quantize import quantize, variants
+    from pipeline.exports import save_graph_streamed as streamed
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    quantize(folder, "fp16", progress=False)
+    whole = variant_path(folder, "fp16")
+
+    def logits():
+        from pipeline.run.lm import OnnxLM
+
+        lm = OnnxLM(folder, "fp16")
+        ids = np.array([[5, 6, 7, 8]], np.int64)
+        return lm.forward(ids, np.ones_like(ids), np.arange(4)[None], lm.empty_past(1))[0]
+
+    ref = logits()
+    monkeypatch.setattr(variants, "save_graph_streamed", functools.partial(streamed, limit=4096, chunk_bytes=1 << 16))
+    quantize(folder, "fp16", progress=False)
+    chunks = sorted(p.name for p in (folder / "onnx").glob("model_fp16.onnx_data*"))
+    assert len(chunks) >= 2
+    assert not list((folder / "onnx").glob(".model_fp16*"))  # no build folder left
+    files = manifest.load(folder)["files"]
+    assert all(files[f"onnx/{c}"]["stage"] == "quantize:fp16" for c in ["model_fp16.onnx", *chunks])
+    np.testing.assert_array_equal(logits(), ref)
+    monkeypatch.undo()
+    quantize(folder, "fp16", progress=False)
+    assert not list((folder / "onnx").glob("model_fp16.onnx_data*"))
+
+
+def test_gptq_a_run_of_hessians_at_a_time_solves_what_all_at_once_does(tiny_export, tmp_path, monkeypatch):
+    """GPTQ calibrates and solves its MatMuls in runs whose Hessians fit HESSIAN_BYTES (a 1B model's do not fit
+    at once): with a budget of one Hessian a run, the graph is the one a single run gives, bit for bit."""
+    from pipeline.convert.quantize import gptq
+    from pipeline.convert.quantize.recipe import recipe_for
+    from pipeline.convert.quantize.variants import quantize_weights
+
+    optimize_export(tiny_export, variant_path(tiny_export, "fp32"), tmp_path / "opt.onnx")
+    recipe = recipe_for(tiny_export, "int4", method="gptq", head="int4")
+    windows = np.random.default_rng(0).integers(0, 200, (6, 32))
+    structure = read_graph_only(tmp_path / "opt.onnx")
+    assert len(gptq.hessian_groups(structure, weight_matmuls(structure))) == 1  # the default: one run
+    quantize_weights(tmp_path / "opt.onnx", tmp_path / "one.onnx", recipe, calibration=windows)
+    monkeypatch.setattr(gptq, "HESSIAN_BYTES", 1)
+    runs = gptq.hessian_groups(structure, weight_matmuls(structure))
+    acts = {n.name: n.input[0] for n in structure.graph.node if n.input}
+    assert len(runs) == len({acts[n] for n in weight_matmuls(structure)}) > 2  # one input's MatMuls a run
+    quantize_weights(tmp_path / "opt.onnx", tmp_path / "runs.onnx", recipe, calibration=windows)
+    one, runs = onnx.load(str(tmp_path / "one.onnx")), onnx.load(str(tmp_path / "runs.onnx"))
+    assert [n.SerializeToString() for n in one.graph.node] == [n.SerializeToString() for n in runs.graph.node]
+    a = {t.name: numpy_helper.to_array(t) for t in one.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in runs.graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 from tqdm import tqdm
 
 from pipeline.convert.quantize.graph import matmul_nbits, stored
 from pipeline.convert.quantize.recipe import Recipe
-from pipeline.exports import is_state
+from pipeline.exports import initializer_array, is_state
 
 
 def _grid(group: np.ndarray, bits: int, symmetric: bool, importance: np.ndarray | None = None,
@@ -61,6 +61,9 @@ def _range_grid(group: np.ndarray, bits: int, symmetric: bool, shrink: float,
 
 
 GPTQ_BLOCK_BYTES = 256 << 20  # a float64 slice of a weight GPTQ solves at once
+# the float64 Hessians calibrated and solved at once (hessian_groups): SmolLM2's 0.8 GB and Gemma 3 270M's 0.87 GB
+# are one run; a 1.2B Llama-3.2 shape's 10 GB five or six
+HESSIAN_BYTES = 2 << 30
 
 
 def gptq_weight(W: np.ndarray, H: np.ndarray, bits: int, group: int, symmetric: bool,
@@ -144,6 +147,7 @@ def hessians(src: Path, graph: onnx.ModelProto, activations: list[str], windows:
     calib.CopyFrom(graph)
     del calib.graph.output[:]
     calib.graph.output.extend([helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, None) for a in activations])
+    _keep_only_what_computes(calib.graph, activations)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # no pre-packed second copy of the fp32 weights: calibration runs the graph a few dozen times, and on
@@ -188,6 +192,27 @@ def hessians(src: Path, graph: onnx.ModelProto, activations: list[str], windows:
     return H
 
 
+def _keep_only_what_computes(g, outputs: list[str]) -> None:
+    """Drop the nodes and initializers of `g` that the `outputs` do not depend on, in place. ONNX Runtime runs
+    every node of a graph, wanted or not: without this, calibration computed the logits of each batch (4 x 256
+    positions x 262k for Gemma 3: 1.07 GB) and loaded the head's weight, for outputs it never asked for.
+    Written by hand: onnx.utils.Extractor runs shape inference over the whole model first."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for a in node.attribute:  # a subgraph's outer-scope names
+                for sub in [a.g] * (a.type == onnx.AttributeProto.GRAPH) + list(a.graphs):
+                    needed.update(i for n in sub.node for i in n.input)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
 def gptq_hessians(src: Path, graph: onnx.ModelProto, nodes: list[str], windows: np.ndarray, progress: bool,
                   hessian_cache: dict | None = None) -> dict[str, np.ndarray]:
     """The Hessians of the inputs of the MatMuls `nodes` of `graph` (src's structure, see hessians).
@@ -206,18 +231,43 @@ def gptq_hessians(src: Path, graph: onnx.ModelProto, nodes: list[str], windows: 
     return H
 
 
+def hessian_groups(graph: onnx.ModelProto, nodes: list[str], budget: int | None = None) -> list[list[str]]:
+    """`nodes` (in order) in runs whose input Hessians fit `budget` bytes together (HESSIAN_BYTES): K x K float64
+    for each distinct input of K features, MatMuls that read one input (q, k, v) sharing it. Each run is
+    calibrated and solved before the next, so the Hessians of a 1B model (10 GB for a Llama-3.2-1B shape, the
+    8192-wide down projections 0.5 GB each) are never all held; a model whose Hessians fit is one run, as
+    before. Each run costs one pass over the calibration windows."""
+    budget = HESSIAN_BYTES if budget is None else budget
+    by_name = {n.name: n for n in graph.graph.node}
+    dims = {t.name: list(t.dims) for t in graph.graph.initializer}
+    groups: list[list[str]] = []
+    held: set[str] = set()
+    size = 0
+    for name in nodes:
+        act, weight = by_name[name].input[0], by_name[name].input[1]
+        need = 0 if act in held else 8 * dims[weight][0] ** 2
+        if not groups or (need and size + need > budget and groups[-1]):
+            groups.append([])
+            held, size = set(), 0
+        groups[-1].append(name)
+        if act not in held:
+            held.add(act)
+            size += 8 * dims[weight][0] ** 2
+    return groups
+
+
 def gptq_quantize(model: onnx.ModelProto, nodes: list[str], H: dict[str, np.ndarray], recipe: "Recipe",
-                  progress: bool, head: str | None = None) -> None:
+                  progress: bool, head: str | None = None, src: Path | None = None) -> None:
     """Replace each MatMul in `nodes` by a MatMulNBits holding its GPTQ solution (in place), `H` the Hessians of
     their inputs (gptq_hessians); `head`, when one of them, is solved symmetric at recipe.head_block_size (see
-    Recipe.head)."""
+    Recipe.head). `src`: the file of a graph read by read_graph_only, each weight read from it when solved."""
     g = model.graph
     by_name = {n.name: n for n in g.node}
     inits = {i.name: i for i in g.initializer}
     bits = recipe.bits
     for name in tqdm(nodes, desc="GPTQ", unit="matmul", disable=not progress):
         node = by_name[name]
-        W = numpy_helper.to_array(inits[node.input[1]])
+        W = initializer_array(inits[node.input[1]], src)
         group, symmetric = (recipe.head_block_size, True) if name == head else (recipe.block_size, recipe.symmetric)
         # output columns are independent in GPTQ (each is solved against the same Hessian of the shared input),
         # so a wide matrix is solved a slice of columns at a time: its float64 working copies stay near

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from pipeline.convert.quantize.recipe import KINDS, Recipe
 from pipeline.errors import UserError
-from pipeline.exports import check_structure, read_graph_only
+from pipeline.exports import check_structure, initializer_array, materialize, read_graph_only
 
 
 def _layers(spec: str, known: list[int]) -> set[int]:
@@ -94,23 +94,30 @@ def _embedding_gather(model: onnx.ModelProto):
                  and n.input[1] == "input_ids"), None)
 
 
-def is_tied(model: onnx.ModelProto) -> bool:
-    """The LM head's weight is the embedding transposed (a tied head: GPT-2, SmolLM2, ...)."""
+def is_tied(model: onnx.ModelProto, src: Path | None = None) -> bool:
+    """The LM head's weight is the embedding transposed (a tied head: GPT-2, SmolLM2, ...). `src`: the file of a
+    graph read by read_graph_only, the two read from it."""
     inits = {i.name: i for i in model.graph.initializer}
     gather, head = _embedding_gather(model), next(n for n in model.graph.node if n.name == head_matmul(model))
     if gather is None or head.input[1] not in inits:
         return False
-    table, weight = (numpy_helper.to_array(inits[n]) for n in (gather.input[0], head.input[1]))
-    return table.shape[::-1] == weight.shape and np.array_equal(table.T, weight)
+    table, weight = inits[gather.input[0]], inits[head.input[1]]
+    if list(table.dims)[::-1] != list(weight.dims):
+        return False
+    table = initializer_array(table, src)
+    weight = initializer_array(weight, src)
+    step = max(1, (64 << 20) // max(1, table.strides[0]))  # in slices: no whole-table boolean temporary
+    return all(np.array_equal(table[i:i + step].T, weight[:, i:i + step]) for i in range(0, len(table), step))
 
 
-def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size: int) -> dict:
+def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size: int,
+                      src: Path | None = None) -> dict:
     """The embedding lookup quantized with the weights: a com.microsoft GatherBlockQuantized (blocks of
     `block_size` along the hidden axis, symmetric, `bits` bits). A tied head's MatMulNBits already holds the
     same table quantized the same way, (V, C/block, block*bits/8) bytes and (V, C/block) scales, so the lookup
     reads those through a Reshape and the file carries the table once (as onnxruntime-genai's builder does).
     Written by hand: onnxruntime's MatMulNBitsQuantizer quantizes a Gather on its own (a second copy of a tied
-    table), and nothing in it shares one. Returns what it did, for the manifest."""
+    table), and nothing in it shares one. `src`: as is_tied's. Returns what it did, for the manifest."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     g = model.graph
@@ -128,6 +135,12 @@ def compact_embedding(model: onnx.ModelProto, bits: int, tied: bool, block_size:
                 or len(head.input) > 3:
             head = None  # a head kept fp32 or at other bits: the lookup gets its own table
     if head is None:
+        # the quantizer takes every Gather of a constant table (GPT-2's positions too): those tables are read
+        # now when the graph was read by read_graph_only
+        tables = {n.input[0] for n in g.node if n.op_type == "Gather"}
+        for t in g.initializer:
+            if t.name in tables and t.data_location == onnx.TensorProto.EXTERNAL:
+                materialize(t, src)
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                  op_types_to_quantize=("Gather",), quant_axes=(("Gather", 1),),
                                  nodes_to_include=[gather.name])

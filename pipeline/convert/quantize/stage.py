@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pipeline.convert.quantize.variants import (
     quantize_weights,
 )
 from pipeline.errors import UserError
-from pipeline.exports import VARIANTS, fused_path, read_config, release_memory, variant_path
+from pipeline.exports import fused_path, read_config, release_memory, variant_files, variant_path
 
 log = logging.getLogger(__name__)
 
@@ -100,27 +101,34 @@ def quantize(folder: str | Path, variant: str, overrides: dict | None = None, *,
 def _write_variant(folder: Path, variant: str, build, src: Path, opt_stats: dict) -> dict:
     final = variant_path(folder, variant)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a run killed with SIGKILL
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=".onnx", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    # built in a folder of its own beside the final file: a graph past 2 GiB (the fp16 of a 1B model) comes with
+    # chunks named after it (save_graph_streamed), which move in before the graph that names them
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         log.info("quantize: building onnx/%s", final.name)
-        details = build(src, tmp)
+        details = build(src, tmp / final.name)
         release_memory()  # the builder's graphs go before the check reads the new one
-        check_graph(tmp)  # a structurally broken file never replaces a good one
+        check_graph(tmp / final.name)  # a structurally broken file never replaces a good one
         release_memory()
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; an export is meant to be shared
         # the fused twin of the variant being replaced was made from the old graph: it goes first, so that
         # `run` never pairs it with the new one (onnxgen fuse makes a new one)
         fused_path(folder, variant).unlink(missing_ok=True)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    size = final.stat().st_size
+        old_chunks = variant_files(folder, variant)[1:]
+        chunks = [p for p in tmp.iterdir() if p.name != final.name]
+        new_chunks = {f"onnx/{p.name}" for p in chunks}
+        if chunks:  # a moment without the variant rather than the old graph beside chunks not its own
+            final.unlink(missing_ok=True)
+        for p in [*chunks, tmp / final.name]:  # the graph last, once the chunks it names are in place
+            os.chmod(p, 0o644)  # an export is meant to be shared
+            os.replace(p, final.parent / p.name)
+        for name in set(old_chunks) - new_chunks:
+            (folder / name).unlink()  # the old graph's chunks that the new one does not have
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum((folder / name).stat().st_size for name in variant_files(folder, variant))
     details = {**details, "optimize": opt_stats, "bytes": size}
-    manifest.record(folder, f"quantize:{variant}", [f"onnx/{VARIANTS[variant]}"], variant=variant, **details)
+    manifest.record(folder, f"quantize:{variant}", variant_files(folder, variant), variant=variant, **details)
     if follow_replaced_twin(folder, variant):
         log.warning("quantize: genai_config.json named the fused twin of %s, which the new graph replaces: it "
                     "now names onnx/%s (onnxgen fuse, then onnxgen genai --fused, to go back)", variant, final.name)

@@ -8,7 +8,7 @@ from onnx import helper
 
 from pipeline.convert.quantize.calibration import Windows, calibration_windows
 from pipeline.convert.quantize.experts import quantize_experts
-from pipeline.convert.quantize.gptq import gptq_hessians, gptq_quantize
+from pipeline.convert.quantize.gptq import gptq_hessians, gptq_quantize, hessian_groups
 from pipeline.convert.quantize.graph import (
     block_of,
     compact_embedding,
@@ -22,7 +22,8 @@ from pipeline.convert.quantize.graph import (
 )
 from pipeline.convert.quantize.recipe import DEFAULT_RECIPES, Recipe
 from pipeline.errors import UserError
-from pipeline.exports import load_graph, release_memory
+from pipeline.exports import (StoredArray, load_graph, materialize, read_graph_only, release_memory,
+                              save_graph_streamed)
 from pipeline.train.runs import load_model
 
 FP32_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
@@ -38,29 +39,32 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
                      progress: bool = False, hessian_cache: dict | None = None) -> dict:
     """The fused fp32 graph `src` -> `dst` with every weight MatMul a MatMulNBits per `recipe` (the head
     as recipe.head says) and the embedding lookup sharing a tied head's table. `calibration`: (n, T) token
-    windows, for GPTQ. Returns the manifest's details: the recipe and the bits each tensor got."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    windows, for GPTQ. Returns the manifest's details: the recipe and the bits each tensor got.
 
-    # the plan from the graph's structure; GPTQ's calibration runs before the weights are loaded into Python
-    # (gptq.hessians: ONNX Runtime alone holds them then)
-    graph = onnx.load(str(src), load_external_data=False)
-    head = head_matmul(graph)
-    plan = plan_bits(graph, recipe)
-    fp32 = select(graph, recipe.fp32_compute)
+    Memory: the graph is held without its weights (read_graph_only); each weight is read from src's file when
+    its MatMul is quantized and only its quantized form stays, and what stays fp32 is written from the file
+    (save_graph_streamed). Holding the fp32 model instead cost its whole size beside the Hessians, and protobuf
+    keeps a replaced tensor's bytes until the model goes (benchmarks/MEMORY_NOTES.md)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+    model = read_graph_only(src)
+    head = head_matmul(model)
+    plan = plan_bits(model, recipe)
+    fp32 = select(model, recipe.fp32_compute)
     body4 = [n for n, b in plan.items() if b == 4 and n != head]
     solved = body4 + [head] * recipe.gptq_head if recipe.method == "gptq" else []
-    H = None
-    if solved:
-        if calibration is None or not len(calibration):
-            raise UserError("--method gptq: needs calibration text (--calibration)")
-        H = gptq_hessians(src, graph, solved, calibration, progress, hessian_cache)
-    del graph
-    release_memory()
-    model = load_graph(src)
-    tied = is_tied(model)
-    if solved:
-        gptq_quantize(model, solved, H, recipe, progress, head=head)
+    if solved and (calibration is None or not len(calibration)):
+        raise UserError("--method gptq: needs calibration text (--calibration)")
+    tied = is_tied(model, src)
+    # GPTQ's Hessians are calibrated on the fp32 graph (its structure as read, not the one being quantized), a
+    # run of MatMuls at a time (hessian_groups: one for models whose Hessians fit HESSIAN_BYTES)
+    calibrated = read_graph_only(src) if solved else None
+    for nodes in hessian_groups(calibrated, solved) if solved else []:
+        H = gptq_hessians(src, calibrated, nodes, calibration, progress, hessian_cache)
+        gptq_quantize(model, nodes, H, recipe, progress, head=head, src=src)
         del H
+        release_memory()
+    del calibrated
     groups = []  # (nodes, bits, symmetric, algo_config, block size)
     if recipe.method == "hqq" and body4:
         groups.append((body4, 4, False, HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4),
@@ -73,11 +77,7 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     if plan[head] and head not in solved:  # the head (and a tied embedding): symmetric RTN, its own block size
         groups.append(([head], plan[head], True, None, recipe.head_block_size))
     for nodes, bits, symmetric, algo, block in groups:
-        others = [n for n in weight_matmuls(model, routers=True) if n not in nodes]
-        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
-                                 accuracy_level=recipe.accuracy_level, nodes_to_exclude=others, algo_config=algo)
-        q.process()
-        model = q.model.model
+        quantize_nodes(model, src, nodes, bits, block, symmetric, recipe.accuracy_level, algo)
     for node in model.graph.node:  # HQQ and GPTQ nodes carry no accuracy_level of their own
         if node.op_type == "MatMulNBits":
             level = 0 if any(node.name.startswith(n) for n in fp32) else recipe.accuracy_level
@@ -87,10 +87,16 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
             node.attribute.append(helper.make_attribute("accuracy_level", level))
     left = [n for n in weight_matmuls(model) if n != head]
     assert not left, f"quantize: MatMuls left unquantized: {left}"
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:  # the experts' weights, quantized whole (quantize/experts.py)
+        if node.op_type == "MoE":
+            for name in node.input[2:]:
+                if name in inits and inits[name].data_location == onnx.TensorProto.EXTERNAL:
+                    materialize(inits[name], src)
     experts = quantize_experts(model, recipe.bits, recipe.block_size)
-    table = compact_embedding(model, plan[head] or 4, tied, recipe.head_block_size)
+    table = compact_embedding(model, plan[head] or 4, tied, recipe.head_block_size, src)
     stored = {"fp16_scales": store_scales_fp16(model)} if recipe.scales == "fp16" else {}
-    onnx.save(model, str(dst))
+    save_graph_streamed(*held_apart(model, src), dst)
     counts = {}
     for b in plan.values():
         counts[str(b or 32)] = counts.get(str(b or 32), 0) + 1
@@ -101,6 +107,49 @@ def quantize_weights(src: Path, dst: Path, recipe: Recipe, calibration: np.ndarr
     eight_bit_blocks = sorted(k for k, bs in blocks.items() if all(b == 8 for b in bs)) if recipe.bits == 4 else []
     return {**recipe.summary(), "matmuls_by_bits": counts, "eight_bit_blocks": eight_bit_blocks,
             "bits_per_tensor": {n: b for n, b in plan.items()}, **table, **stored, **experts}
+
+
+def quantize_nodes(model: onnx.ModelProto, src: Path, nodes: list[str], bits: int, block: int, symmetric: bool,
+                   accuracy_level: int, algo=None) -> None:
+    """The MatMuls `nodes` of `model` (read by read_graph_only from `src`) -> MatMulNBits through onnxruntime's
+    weight-only quantizer (its default, or `algo`: HQQ), in place. MatMulNBitsQuantizer.process quantizes a
+    whole model held with its weights; here its node quantizer is given one node at a time, with that node's
+    weight alone read from the file into a graph of its own (what process does per node, over a graph stack)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level, algo_config=algo).node_quantizer
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    by_name = {n.name: n for n in g.node}
+    for name in nodes:
+        node = by_name[name]
+        weight = node.input[1]
+        alone = onnx.GraphProto()
+        alone.initializer.add().CopyFrom(inits[weight])
+        if alone.initializer[0].data_location == onnx.TensorProto.EXTERNAL:
+            materialize(alone.initializer[0], src)
+        new = quantizer.quantize(node, [alone])
+        at = list(g.node).index(node)
+        g.node.remove(node)
+        for k, n in enumerate(new):
+            g.node.insert(at + k, n)
+        g.initializer.extend(t for t in alone.initializer if t.name != weight)
+        if not any(weight in n.input for n in g.node):
+            g.initializer.remove(inits.pop(weight))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def held_apart(model: onnx.ModelProto, src: Path) -> tuple[onnx.ModelProto, dict]:
+    """(model without the initializers still declared in `src`'s file, those as StoredArrays): for
+    save_graph_streamed, which writes them from the file one at a time."""
+    weights = {t.name: StoredArray(onnx.TensorProto.FromString(t.SerializeToString()), src)
+               for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    kept = [t for t in model.graph.initializer if t.name not in weights]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model, weights
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
@@ -148,10 +197,19 @@ def quantize_int4(src: Path, dst: Path, recipe: Recipe | None = None, calibratio
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from unittest import mock
+
+    from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(load_graph(src))
+    # the graph's structure only (its weights stay in the file, declared external where they lie): the converter
+    # decides from the nodes alone which initializers turn fp16 and only flips their type, and each weight is
+    # converted when it is written, one at a time (converting in memory held the fp32 model, the fp16 one and
+    # the converter's whole-tensor temporaries together: 5.6 GB for Gemma 3 270M's 1.07 GB of weights)
+    structure = read_graph_only(src)
+    stored = {t.name: (onnx.TensorProto.FromString(t.SerializeToString()), t.data_type)
+              for t in structure.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    model = OnnxModel(structure)
     # keep_io_types=["logits"]: the logits output stays fp32 (the contract), past/present go fp16.
     # LayerNorms stay fp32 (their mean and variance lose most in half precision; the weights are tiny):
     # measured on the fully trained `small`, all-fp16 max |Δlogit| 1.45e-2 (misses 1e-2), LayerNorms
@@ -165,11 +223,26 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     # is all the conversion needs: so no shape inference here, which would copy the whole model with its
     # weights (OnnxModel.convert_float_to_float16 runs it: 0.6 GB of SmolLM2's quantize peak) and does not
     # know the state ops. What that wrapper does after converting is done the same below.
-    model.initialize(convert_float_to_float16(model.model, disable_shape_infer=True,
-                                              keep_io_types=["logits", *states], op_block_list=blocked))
+    # the converter types each turned initializer by reading it whole (make_value_info_from_tensor calls
+    # numpy_helper.to_array for its shape, from the working directory): given the same from its dims here
+    with mock.patch.object(float16, "make_value_info_from_tensor",
+                           lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))):
+        model.initialize(float16.convert_float_to_float16(model.model, disable_shape_infer=True,
+                                                          keep_io_types=["logits", *states], op_block_list=blocked))
     model.remove_cascaded_cast_nodes()
     model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
-    model.save_model_to_file(str(dst), use_external_data_format=False)
+    model.topological_sort()
+    out = model.model
+    weights = {}
+    for t in [t for t in out.graph.initializer if t.name in stored]:
+        header, was = stored[t.name]
+        turned = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
+        weights[t.name] = StoredArray(header, src, np.float16 if turned else None,
+                                      float16.convert_np_to_float16 if turned else None)
+    kept = [t for t in out.graph.initializer if t.name not in weights]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    save_graph_streamed(out, weights, dst)
     info = {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked}
     return {**info, "state": "fp32", "fp32_state": states} if states else info
