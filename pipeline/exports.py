@@ -181,8 +181,12 @@ def save_graph(model, path: str | Path, limit: int = PROTOBUF_LIMIT, chunk_bytes
 
 
 def _clear_chunks(path: Path) -> None:
+    """The graph at `path` and its chunks removed before they are written: onnx appends a tensor to its location
+    (an old file would grow, not be replaced), and a file hard-linked from another export (exports.staging's
+    copies) must be replaced, never written into."""
+    path.unlink(missing_ok=True)
     for stale in path.parent.glob(glob.escape(path.name) + "_data*"):
-        stale.unlink()  # onnx appends a tensor to its location: an old file would grow, not be replaced
+        stale.unlink()
 
 
 def _chunk_locations(graph_name: str, sizes: list[int], chunk_bytes: int) -> tuple[list[str | None], int]:
@@ -323,6 +327,19 @@ def materialize(tensor, path: Path, f=None) -> None:
     tensor.raw_data = tensor_bytes(tensor, Path(path), f)
     tensor.ClearField("data_location")
     del tensor.external_data[:]
+
+
+def held_apart(model, src: Path) -> tuple:
+    """(model without the initializers still declared external in `src`'s files by read_graph_only, those as
+    StoredArrays), in place: for save_graph_streamed, which then writes them from the file one at a time."""
+    import onnx
+
+    weights = {t.name: StoredArray(onnx.TensorProto.FromString(t.SerializeToString()), src)
+               for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    kept = [t for t in model.graph.initializer if t.name not in weights]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model, weights
 
 
 def initializer_array(tensor, path: Path):

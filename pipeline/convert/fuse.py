@@ -57,8 +57,8 @@ from pipeline import manifest
 from pipeline.convert.optimize import optimize_export
 from pipeline.check.parity import parity_of, source_checkpoint, source_of
 from pipeline.errors import ParityError, UserError
-from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, atomic_file, fused_path, load_graph, present_variants,
-                              read_json, release_memory, staging, variant_path)
+from pipeline.exports import (LOGITS_TO_KEEP, MAX_LEN, fused_path, held_apart, present_variants, read_graph_only,
+                              read_json, release_memory, save_graph_streamed, staging, variant_path)
 from pipeline.model.decoder import DecoderConfig, Rotary, rope_kind
 from pipeline.model.families import arch_of
 
@@ -430,14 +430,13 @@ def fuse_graph(model: onnx.ModelProto, arch: DecoderConfig, last_logits: bool = 
     return model
 
 
-def fuse_file(src: Path, dst: Path, arch: DecoderConfig, last_logits: bool = True) -> None:
-    """src graph -> dst graph with GroupQueryAttention; written to a temp name, then renamed."""
-    model = load_graph(src)
+def fuse_file(src: Path, dst: Path, arch: DecoderConfig, last_logits: bool = True) -> list[str]:
+    """src graph -> dst graph with GroupQueryAttention, fused on src's structure (read_graph_only) and written
+    with each weight read from src's files as it goes (save_graph_streamed): one file, or chunks past 2 GiB.
+    Written in place: fuse_export works in a staged copy of the export. Returns the names written."""
+    model = read_graph_only(src)
     fuse_graph(model, arch, last_logits)
-    large = model.ByteSize() > (1 << 31) - (1 << 26)
-    data = dst.name + "_data"
-    with atomic_file(dst) as tmp:
-        onnx.save(model, str(tmp), save_as_external_data=large, location=data if large else None)
+    return save_graph_streamed(*held_apart(model, src), dst)
 
 
 def fuse_export(folder: str | Path, variants: list[str] | None = None, progress: bool = False,
@@ -460,7 +459,7 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None, progress:
     # before any work: a missing source is the user's to fix. The reference itself loads after the graphs are
     # fused (the optimize step copies graphs; the model held beside it was 0.6 GB of SmolLM2's fuse peak)
     checkpoint = source_checkpoint(folder) if check else None
-    written = [str(fused_path(folder, v).relative_to(folder)) for v in variants]
+    written = []
     with staging(folder, force=True, copy_from=folder) as tmp, tempfile.TemporaryDirectory(prefix="onnxgen-fuse-") as work:
         for v in tqdm(variants, desc="fuse", unit="graph", disable=not progress, leave=False):
             src = variant_path(tmp, v)
@@ -470,7 +469,7 @@ def fuse_export(folder: str | Path, variants: list[str] | None = None, progress:
                 # further: the small preset's decode step goes from 103 kernels to 56 (convert/optimize.py)
                 optimize_export(tmp, src, Path(work) / "model_optimized.onnx")
                 src = Path(work) / "model_optimized.onnx"
-            fuse_file(src, fused_path(tmp, v), arch)
+            written += [f"onnx/{name}" for name in fuse_file(src, fused_path(tmp, v), arch)]
         if not check:
             manifest.record(tmp, "fuse", written, fused="not judged")
             return written

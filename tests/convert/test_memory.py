@@ -172,7 +172,6 @@ def test_a_variant_past_the_protobuf_limit_lands_with_its_chunks_and_a_smaller_o
     folder = tmp_path / "export"
     shutil.copytree(tiny_export, folder)
     quantize(folder, "fp16", progress=False)
-    whole = variant_path(folder, "fp16")
 
     def logits():
         from pipeline.run.lm import OnnxLM

@@ -22,7 +22,7 @@ from pipeline.convert.quantize.graph import (
 )
 from pipeline.convert.quantize.recipe import DEFAULT_RECIPES, Recipe
 from pipeline.errors import UserError
-from pipeline.exports import (StoredArray, load_graph, materialize, read_graph_only, release_memory,
+from pipeline.exports import (StoredArray, held_apart, load_graph, materialize, read_graph_only, release_memory,
                               save_graph_streamed)
 from pipeline.train.runs import load_model
 
@@ -139,17 +139,6 @@ def quantize_nodes(model: onnx.ModelProto, src: Path, nodes: list[str], bits: in
             g.initializer.remove(inits.pop(weight))
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
-def held_apart(model: onnx.ModelProto, src: Path) -> tuple[onnx.ModelProto, dict]:
-    """(model without the initializers still declared in `src`'s file, those as StoredArrays): for
-    save_graph_streamed, which writes them from the file one at a time."""
-    weights = {t.name: StoredArray(onnx.TensorProto.FromString(t.SerializeToString()), src)
-               for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    kept = [t for t in model.graph.initializer if t.name not in weights]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model, weights
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict:
