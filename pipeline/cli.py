@@ -117,6 +117,11 @@ def main(quiet: bool, verbose: bool):
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
+NO_MEMORY_CHECK = click.option(
+    "--no-memory-check", is_flag=True,
+    help="Go on when the estimated peak memory is more than this machine has free (export: with --hf/--gguf).")
+
+
 @main.command()
 @click.option("--preset", default="small", show_default=True, help="models/NAME.json or a path to a preset file.")
 @click.option("--corpus", default=None, help="A file, a folder or a glob of text. Default: Python's standard library.")
@@ -202,8 +207,7 @@ def finetune(checkpoint, data, method, out, rank, alpha, dropout, target_modules
 @click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None,
               help="Import a llama.cpp GGUF file (llama, qwen2; dequantized to fp32) instead.")
 @click.option("--corpus", default=None, help="With --hf/--gguf: text for the parity windows [Python's standard library].")
-@click.option("--no-memory-check", is_flag=True,
-              help="With --hf/--gguf: go on when the estimated peak memory is more than this machine has free.")
+@NO_MEMORY_CHECK
 def export(checkpoint, out, force, hf, gguf, corpus, no_memory_check):
     """Export a trained run folder (or, with --hf, a Hugging Face model; with --gguf, a GGUF file) to ONNX
     (fp32, KV cache) with configs, tokenizer, genai_config.json, parity and manifest."""
@@ -246,10 +250,14 @@ def export(checkpoint, out, force, hf, gguf, corpus, no_memory_check):
 @click.option("--variant", "variants", multiple=True, help="Variants to check [all present].")
 @click.option("--tokens", type=click.IntRange(min=64), default=None,
               help="Scored positions per graph, at least [8192, over at least 32 windows].")
-def parity(export_dir, checkpoint, variants, tokens):
+@NO_MEMORY_CHECK
+def parity(export_dir, checkpoint, variants, tokens, no_memory_check):
     """Compare the export's ONNX graphs (variants and fused twins) with the PyTorch model; write
     parity.json, parity.md and parity.png, and print the table."""
     from pipeline.check.parity import MIN_SCORED, check_export
+    from pipeline.preflight import check_stage_memory
+
+    check_stage_memory(export_dir, "parity", skip=no_memory_check)
 
     report = check_export(export_dir, checkpoint, list(variants) or None, min_scored=tokens or MIN_SCORED,
                           progress=sys.stderr.isatty())
@@ -301,11 +309,16 @@ def parity(export_dir, checkpoint, variants, tokens):
               help="GPTQ: seeded windows of calibration text [128].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Source run for static calibration [the one recorded in the manifest].")
+@NO_MEMORY_CHECK
 def quantize(export_dir, variant, preset, int8_mode, head, method, block_size, head_block_size, symmetric, act_order,
-             grid_search, scales, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint):
+             grid_search, scales, accuracy_level, eight_bit, calibration, calibration_windows, checkpoint,
+             no_memory_check):
     """Add or rebuild quantized variants (int8, int4, fp16) from onnx/model.onnx; run `onnxgen parity` after."""
     from pipeline.convert.quantize import quantize as quantize_export
     from pipeline.exports import VARIANTS
+    from pipeline.preflight import check_stage_memory
+
+    check_stage_memory(export_dir, "quantize", skip=no_memory_check)
 
     overrides = dict(method=method, block_size=int(block_size) if block_size else None, head=head,
                      head_block=int(head_block_size) if head_block_size else None, symmetric=symmetric,
@@ -619,9 +632,13 @@ def genai(export_dir, variant, fused):
 @main.command()
 @click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
 @click.option("--variant", "variants", multiple=True, help="Variants to fuse [all present].")
-def fuse(export_dir, variants):
+@NO_MEMORY_CHECK
+def fuse(export_dir, variants, no_memory_check):
     """Write each variant's fused-attention twin (onnx/*_gqa.onnx: GroupQueryAttention, shared KV buffer)."""
     from pipeline.convert.fuse import fuse_export
+    from pipeline.preflight import check_stage_memory
+
+    check_stage_memory(export_dir, "fuse", skip=no_memory_check)
 
     written = fuse_export(export_dir, list(variants) or None, progress=sys.stderr.isatty())
     click.echo(f"fused {export_dir}: " + ", ".join(written) + " (each judged against PyTorch)")

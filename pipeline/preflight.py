@@ -178,6 +178,22 @@ def export_peak(fp32_bytes: int) -> float:
     return a * fp32_bytes + b
 
 
+def check_stage_memory(folder: Path, stage: str, skip: bool = False) -> None:
+    """quantize, fuse and parity of an export, refused before any work as export is (check_memory), on the same
+    estimate taken over the fp32 graph's bytes G (what these stages load). G is at least the weights W (a tied
+    head is stored twice), so export_peak(G) >= export_peak(W), which every peak of these stages in
+    benchmarks/MEMORY.json stays under (tested). An export without its fp32 graph is left to the stage to
+    refuse."""
+    from pipeline.exports import variant_files
+
+    files = [Path(folder) / name for name in variant_files(folder, "fp32")]
+    if not files[0].is_file():
+        return
+    graph = sum(f.stat().st_size for f in files)
+    size = f"{graph / 1e9:.2f} GB" if graph >= 1e8 else f"{graph / 1e6:.1f} MB"
+    check_memory(export_peak(graph), f"{stage} {folder} ({size} fp32 graph)", skip=skip)
+
+
 def check_memory(need: float, what: str, skip: bool = False) -> None:
     """Refuse, before any work, a stage whose estimated peak `need` (bytes) passes the memory this machine has
     free now: one line naming both, rather than the kernel's OOM killer halfway (`skip`: go on anyway)."""

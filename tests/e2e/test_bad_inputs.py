@@ -355,13 +355,34 @@ def test_an_export_that_cannot_fit_in_memory_is_refused_before_it_starts(hf_mode
     assert "fp32 weights" in line and not out.exists()
 
 
-def test_the_memory_estimate_covers_every_export_peak_measured():
-    """export's refusal stands on an estimate: it must be at least every export peak benchmarks/memory.py
-    measured (an import under 2 GiB and one past it), or it would let through a model that then gets killed."""
+@pytest.mark.parametrize("stage", ["quantize", "fuse", "parity"])
+def test_a_stage_that_cannot_fit_in_memory_is_refused_before_it_starts(tiny_export, stage, monkeypatch):
+    """quantize, fuse and parity estimate their peak from the fp32 graph's bytes and refuse, in one line, an
+    export that would not fit, before any work (the export is left as it was); --no-memory-check goes on."""
+    from pipeline import preflight
+
+    before = snapshot(tiny_export)
+    monkeypatch.setattr(preflight, "EXPORT_PEAK", (1e9, 0.0))
+    line = assert_user_error(onnxgen_in_process(stage, tiny_export), "needs about", "GB of memory", "free",
+                             "--no-memory-check")
+    assert line.startswith(f"error: {stage} ") and "fp32 graph" in line
+    assert snapshot(tiny_export) == before
+    # let through, the stage goes on to its own checks (a variant that is not there, refused before any work)
+    line = assert_user_error(onnxgen_in_process(stage, tiny_export, "--no-memory-check", "--variant", "int2"),
+                             "int2")
+    assert "memory" not in line and snapshot(tiny_export) == before
+
+
+def test_the_memory_estimate_covers_every_peak_measured():
+    """The refusals stand on an estimate: it must be at least every export, quantize, fuse and parity peak
+    benchmarks/memory.py measured (an import under 2 GiB and one past it), or it would let through a model that
+    then gets killed. quantize, fuse and parity take it over the fp32 graph's bytes, never fewer than the
+    weights' (check_stage_memory), so holding it over the weights holds theirs."""
     from pipeline.preflight import export_peak
 
     rows = [r for r in json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "MEMORY.json").read_text())
-            if r["stage"] == "export" and r["status"] == 0 and r["weights"]]
-    assert {r["weights"] >= 1 << 31 for r in rows} == {False, True}, "both regimes measured"
+            if r["stage"] != "run" and r["status"] == 0 and r["weights"]]
+    assert {r["weights"] >= 1 << 31 for r in rows if r["stage"] == "export"} == {False, True}, "both regimes"
+    assert {r["stage"] for r in rows} == {"export", "quantize", "fuse", "parity"}
     for r in rows:
-        assert export_peak(r["weights"]) >= r["peak"], r["model"]
+        assert export_peak(r["weights"]) >= r["peak"], (r["model"], r["stage"])
