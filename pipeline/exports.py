@@ -11,6 +11,8 @@ Every stage that reads or writes an export asks this module:
     staging                       a whole folder: built beside its target, renamed into place when whole
     save_graph                    a graph, whole or with its weights in transformers.js-named chunks
     detach_weights                a graph's weights to one file beside it, the graph kept without them
+    read_graph_only / load_graph  a graph's structure without its weights / whole, each weight read once
+    StoredArray / held_apart      a weight left in its file until save_graph_streamed writes it
     release_memory                freed buffers handed back to the kernel between the large steps of a stage
     transformers_js_config        config.json's `transformers.js_config` for the graphs that have chunks
 """
