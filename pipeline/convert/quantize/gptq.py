@@ -245,14 +245,14 @@ def hessian_groups(graph: onnx.ModelProto, nodes: list[str], budget: int | None 
     size = 0
     for name in nodes:
         act, weight = by_name[name].input[0], by_name[name].input[1]
-        need = 0 if act in held else 8 * dims[weight][0] ** 2
-        if not groups or (need and size + need > budget and groups[-1]):
-            groups.append([])
-            held, size = set(), 0
-        groups[-1].append(name)
         if act not in held:
+            need = 8 * dims[weight][0] ** 2
+            if not groups or (size and size + need > budget):  # a new run (an input past the budget: one alone)
+                groups.append([])
+                held, size = set(), 0
             held.add(act)
-            size += 8 * dims[weight][0] ** 2
+            size += need
+        groups[-1].append(name)
     return groups
 
 

@@ -218,6 +218,10 @@ def convert_fp16(src: Path, dst: Path) -> dict:
                            lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))):
         model.initialize(float16.convert_float_to_float16(model.model, disable_shape_infer=True,
                                                           keep_io_types=["logits", *states], op_block_list=blocked))
+    # the Casts' types come from the value_info the optimize stage and the converter wrote: the symbolic shape
+    # inference remove_useless_cast_nodes would try first cannot read weights left in the file (it printed
+    # "failed in shape inference" and went on with the value_info alone)
+    model.disable_shape_inference()
     model.remove_cascaded_cast_nodes()
     model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
