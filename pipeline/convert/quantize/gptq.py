@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 from tqdm import tqdm
 
-from pipeline.convert.quantize.graph import matmul_nbits, stored
+from pipeline.convert.quantize.graph import matmul_nbits, replace_matmul, stored
 from pipeline.convert.quantize.recipe import Recipe
 from pipeline.exports import initializer_array, is_state
 
@@ -280,9 +280,4 @@ def gptq_quantize(model: onnx.ModelProto, nodes: list[str], H: dict[str, np.ndar
         del parts
         q_node, new = matmul_nbits(node, W.shape, codes, scales, None if symmetric else zeros,
                                    bits, group, recipe.accuracy_level)
-        g.initializer.extend(new)
-        at = list(g.node).index(node)
-        g.node.remove(node)
-        g.node.insert(at, q_node)
-        if not any(node.input[1] in n.input for n in g.node):
-            g.initializer.remove(inits[node.input[1]])
+        replace_matmul(g, node, [q_node], new, inits)

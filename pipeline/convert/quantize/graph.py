@@ -186,6 +186,19 @@ def _pack_zero_points(zeros: np.ndarray, bits: int) -> np.ndarray:
     return (zeros[:, ::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
 
 
+def replace_matmul(g, node, new_nodes: list, new_initializers, inits: dict) -> None:
+    """MatMul `node` of graph `g` replaced, where it stands, by `new_nodes` reading `new_initializers`; its weight
+    (in `inits`, name -> TensorProto) goes once no node reads it (a tied table's Gather still may)."""
+    g.initializer.extend(new_initializers)
+    at = list(g.node).index(node)
+    g.node.remove(node)
+    for k, n in enumerate(new_nodes):
+        g.node.insert(at + k, n)
+    weight = node.input[1]
+    if not any(weight in n.input for n in g.node):
+        g.initializer.remove(inits.pop(weight))
+
+
 def matmul_nbits(node, shape: tuple[int, int], codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                  bits: int, group: int, accuracy_level: int):
     """(MatMulNBits node, its initializers) for MatMul `node` whose (K, N) weight is codes (N, K padded),

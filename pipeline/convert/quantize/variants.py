@@ -16,6 +16,7 @@ from pipeline.convert.quantize.graph import (
     head_matmul,
     is_tied,
     plan_bits,
+    replace_matmul,
     select,
     store_scales_fp16,
     weight_matmuls,
@@ -130,13 +131,7 @@ def quantize_nodes(model: onnx.ModelProto, src: Path, nodes: list[str], bits: in
         if alone.initializer[0].data_location == onnx.TensorProto.EXTERNAL:
             materialize(alone.initializer[0], src)
         new = quantizer.quantize(node, [alone])
-        at = list(g.node).index(node)
-        g.node.remove(node)
-        for k, n in enumerate(new):
-            g.node.insert(at + k, n)
-        g.initializer.extend(t for t in alone.initializer if t.name != weight)
-        if not any(weight in n.input for n in g.node):
-            g.initializer.remove(inits.pop(weight))
+        replace_matmul(g, node, new, [t for t in alone.initializer if t.name != weight], inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
@@ -226,16 +221,10 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     model.remove_useless_cast_nodes()
     drop_duplicate_casts(model.model.graph)
     model.topological_sort()
-    out = model.model
-    weights = {}
-    for t in [t for t in out.graph.initializer if t.name in stored]:
-        header, was = stored[t.name]
-        turned = was == onnx.TensorProto.FLOAT and t.data_type == onnx.TensorProto.FLOAT16
-        weights[t.name] = StoredArray(header, src, np.float16 if turned else None,
-                                      float16.convert_np_to_float16 if turned else None)
-    kept = [t for t in out.graph.initializer if t.name not in weights]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
+    out, weights = held_apart(model.model, src)
+    for name, (header, was) in stored.items():  # those the converter turned: read as stored, written as fp16
+        if was == onnx.TensorProto.FLOAT and weights[name].stored == np.float16:
+            weights[name] = StoredArray(header, src, np.float16, float16.convert_np_to_float16)
     save_graph_streamed(out, weights, dst)
     info = {"method": "float16", "logits": "fp32", "past": "fp16", "fp32_ops": blocked}
     return {**info, "state": "fp32", "fp32_state": states} if states else info
