@@ -27,8 +27,13 @@ Measured on SmolLM2 (four variants and four twins): 7.81 GB at the peak with eve
 figure now is in benchmarks/MEMORY.md.
 
 How a graph is run: a plain graph takes each window whole (past 0). A fused twin is run as `onnxgen run`
-runs it: row b prefills its first 1 + b % 8 tokens (a right-padded batch) and is then teacher-forced one
-token per step through the shared KV buffer, so its prefill, padding and decode paths are all scored.
+runs it, through its shared KV buffer. Row b prefills its first 1 + b % 8 tokens. In the first call (a
+right-padded batch) each row is then teacher-forced one token per step, so the padded prefill and the batched
+decode step are scored. In later calls each row goes alone: DECODE_STEPS single steps, then the rest of the
+window in one call that returns every position's logits (the twin's logits_to_keep input, what speculation's
+check and a chat's next turn use): one pass a window where one step a token made a wide vocabulary's head
+the whole cost (Gemma 3: 8,437 passes through its 262k head per twin). The same positions are scored either
+way. A twin with state (LFM2, Granite 4) or from before logits_to_keep is teacher-forced throughout.
 
 Enough tokens that one token cannot flip a verdict: by default at least MIN_SCORED positions per graph
 over at least MIN_WINDOWS windows; the report says how many each figure stands on.
@@ -59,6 +64,7 @@ MIN_SCORED = 8192        # scored positions per graph, at least
 MIN_WINDOWS = 32
 WINDOW_LENGTH = 144      # tokens per window (shorter when the context is)
 PREFILL_SPREAD = 8       # fused twins: row b prefills 1 + b % PREFILL_SPREAD tokens
+DECODE_STEPS = 8         # fused twins after the first call: single steps before the rest of a window in one call
 CHUNK = 8                # windows per forward call, at most (SmolLM2's 49k vocabulary: 28 MB of logits a window)
 LOGITS_BUDGET = 256 << 20  # bytes of one graph's fp32 logits per forward call: fewer windows a call for a wider
                          # vocabulary (Gemma 3's 262k: 151 MB a window, so one), never the whole run's logits
@@ -402,6 +408,26 @@ def _teacher_forced(lm: OnnxLM, windows: np.ndarray) -> tuple[np.ndarray, np.nda
     return out, valid
 
 
+def _extended(lm: OnnxLM, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As _teacher_forced, the same positions scored, each row alone: prefill its first p_b tokens, DECODE_STEPS
+    single steps, then the rest of the window in one call with every position's logits (SharedBufferDecode.
+    extend; GroupQueryAttention takes several new tokens after a past for one row only)."""
+    n, T = windows.shape
+    p = prefill_lengths(n)
+    out = np.zeros((n, T, lm.vocab_size), np.float32)
+    valid = np.zeros((n, T), bool)
+    for b, k in enumerate(p.tolist()):
+        state = lm.start([list(windows[b, :k])], budget=T - k)
+        out[b, k - 1] = state.logits[0]
+        rest = min(k + DECODE_STEPS, T - 1)  # the first position fed in one call
+        for t in range(k, rest):
+            out[b, t] = state.step(windows[b, t:t + 1], np.zeros(1, bool))[0]
+        if rest < T - 1:
+            out[b, rest:T - 1] = state.extend(windows[b:b + 1, rest:T - 1])[0]
+        valid[b, k - 1:T - 1] = True
+    return out, valid
+
+
 def _bound(ref: np.ndarray, t: Thresholds) -> np.ndarray:
     """Each logit's allowed |Δ|: atol + rtol·(the largest |logit| of its row), see Thresholds."""
     return t.atol + t.rtol * np.abs(ref).max(-1, keepdims=True)
@@ -607,7 +633,8 @@ def run_parity(graphs: list[Graph], source: Source, greedy_tokens: int = GREEDY_
             for call, (start, stop) in enumerate(calls):
                 w, want = windows[start:stop], reference[call]
                 if g.fused:
-                    got, valid = _teacher_forced(lm, w)
+                    one_call = call > 0 and lm.keeps_logits and not lm.has_state
+                    got, valid = (_extended if one_call else _teacher_forced)(lm, w)
                     scored = valid & plain_scored[start:stop]
                 else:
                     got, scored = _full(lm, w), plain_scored[start:stop]

@@ -55,6 +55,23 @@ def test_fused_twin_is_judged_against_pytorch(tiny_fused_export):
     assert twin["max_abs"] < 1e-4 and twin["top1"] == 1.0 and twin["greedy_match"] == twin["greedy_tokens"]
 
 
+def test_a_twins_window_in_one_call_scores_what_its_steps_score(tiny_fused_export):
+    """Parity's two ways through a fused twin (check/parity.py): a right-padded batch teacher-forced one token a
+    step, and each row alone with the rest of its window in one call (logits_to_keep). The same positions are
+    scored, and their logits agree to the fp32 bound's atol: the one-call way judges the twin as the steps do."""
+    from pipeline.check.parity import _extended, _teacher_forced
+
+    lm = OnnxLM(tiny_fused_export, fused=True)
+    assert lm.keeps_logits and not lm.has_state
+    ids = lm.encode("".join(PROMPTS) * 8)
+    windows = np.stack([ids[i:i + 40] for i in range(0, 9 * 5, 5)])  # prefills 1..8 and 1 again: a batch of 9
+    stepped, stepped_valid = _teacher_forced(lm, windows)
+    one_call, valid = _extended(lm, windows)
+    assert (valid == stepped_valid).all() and valid.sum() == sum(40 - k for k in 1 + np.arange(9) % 8)
+    assert np.abs(one_call[valid] - stepped[valid]).max() < 1e-4
+    assert not one_call[~valid].any()
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_batch_rows_give_the_same_tokens_as_alone(tiny_fused_export, fused):
     lm = OnnxLM(tiny_fused_export, fused=fused)
