@@ -28,6 +28,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -369,10 +370,48 @@ def tensor_bytes(tensor, path: Path, f=None) -> bytes:
                 return tensor_bytes(tensor, path, own)
         f.seek(int(info["offset"]))
         return f.read(int(info["length"]))
+    staged = _staged_chunk(path.parent, info.get("location", ""))
+    if staged is not None:
+        return _read_staged(staged, tensor.name, int(info.get("offset", 0)), info.get("length"))
     copy = onnx.TensorProto()
     copy.CopyFrom(tensor)
-    load_external_data_for_tensor(copy, str(path.parent))
+    try:
+        load_external_data_for_tensor(copy, str(path.parent))
+    except onnx.checker.ValidationError as e:  # a location outside the folder, a link: one line, no traceback
+        raise UserError(f"{path}: the weights of {tensor.name}: {e}") from None
     return copy.raw_data
+
+
+def _staged_chunk(folder: Path, location: str) -> Path | None:
+    """The file `location` names beside a graph in `folder` when it is a copy that staging() hard-linked, else
+    None. onnx's loader refuses a file with several hard links (a link planted in a folder can point at a file
+    its owner never meant to share), and a staged export's chunks have two: the export's and staging's. So
+    these are read here, after the checks onnx makes: a plain name (no folder, no '..'), a regular file that
+    is not a symlink, and the very file staging linked (its device and inode, two links)."""
+    import stat
+
+    if not location or Path(location).name != location or location in (".", ".."):
+        return None
+    target = folder / location
+    try:
+        st = os.lstat(target)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 2 or (st.st_dev, st.st_ino) not in _STAGED_LINKS:
+        return None
+    return target
+
+
+def _read_staged(target: Path, name: str, offset: int, length: str | None) -> bytes:
+    with open(target, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) not in _STAGED_LINKS:  # replaced since it was checked
+            raise UserError(f"{target}: changed while it was read (tensor {name})")
+        size = st.st_size - offset if length is None else int(length)
+        if offset < 0 or size < 0 or offset + size > st.st_size:
+            raise UserError(f"{target}: tensor {name} lies past the end of the file")
+        f.seek(offset)
+        return f.read(size)
 
 
 class StoredArray:
@@ -758,23 +797,37 @@ def staging(out: Path, force: bool, copy_from: Path | None = None):
     out.parent.mkdir(parents=True, exist_ok=True)
     clear_interrupted(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    linked: set[tuple[int, int]] = set()
     try:
         if copy_from is not None:
             tmp.rmdir()
-            shutil.copytree(copy_from, tmp, copy_function=_link_or_copy)
+            shutil.copytree(copy_from, tmp, copy_function=partial(_link_or_copy, linked=linked))
+            _STAGED_LINKS.update(linked)
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
         publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:  # the staged copy is gone: a second link to one of these files now is nobody's we know
+        _STAGED_LINKS.difference_update(linked)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+# (device, inode) of the files a staging() block hard-linked from a file that had one link, while the block
+# runs: the second link is ours, and tensor_bytes reads their weights, which onnx's loader refuses for a file of
+# several links
+_STAGED_LINKS: set[tuple[int, int]] = set()
+
+
+def _link_or_copy(src: str, dst: str, linked: set) -> None:
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+        return
+    st = os.lstat(dst)
+    if st.st_nlink == 2:
+        linked.add((st.st_dev, st.st_ino))
 
 
 def write_chat_template(folder: str | Path, source: str) -> list[str]:

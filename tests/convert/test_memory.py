@@ -219,3 +219,40 @@ def test_gptq_a_run_of_hessians_at_a_time_solves_what_all_at_once_does(tiny_expo
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_fuse_reads_a_staged_export_whose_graph_lies_in_chunks(tiny_export, tmp_path):
+    """A graph past 2 GiB keeps its weights in chunks beside it (a 1B model's fp32; here a small limit stands in).
+    fuse works in a staged copy whose files are hard links to the export's, and onnx's loader refuses a file of
+    several links: the staged chunks are read as staging linked them, the twin lands and gives the plain graph's
+    logits. A chunk hard-linked by anyone else is still refused."""
+    import os
+    import shutil
+
+    import pytest
+
+    from pipeline import manifest
+    from pipeline.convert.fuse import fuse_export
+    from pipeline.errors import UserError
+    from pipeline.exports import tensor_bytes
+    from pipeline.run.lm import OnnxLM
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    graph = folder / "onnx" / "model.onnx"
+    names = save_graph(load_graph(graph), graph, limit=4096, chunk_bytes=1 << 16)
+    assert len(names) > 2
+    manifest.record(folder, "export", [f"onnx/{n}" for n in names])
+    fuse_export(folder, ["fp32"])
+    ids = np.array([[5, 6, 7, 8, 9]], np.int64)
+    plain = OnnxLM(folder, "fp32")
+    want = plain.forward(ids, np.ones_like(ids), np.arange(5)[None], plain.empty_past(1))[0][0, -1]
+    fused = OnnxLM(folder, "fp32", fused=True)
+    np.testing.assert_allclose(fused.start([list(ids[0])], budget=4).logits[0], want, atol=1e-4)
+
+    os.link(folder / "onnx" / names[1], tmp_path / "planted")  # a second link nobody staged
+    chunked = read_graph_only(graph)
+    tensor = next(t for t in chunked.graph.initializer
+                  if any(e.key == "location" and e.value == names[1] for e in t.external_data))
+    with pytest.raises(UserError, match="hard link"):
+        tensor_bytes(tensor, graph)
