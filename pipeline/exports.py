@@ -405,7 +405,7 @@ def _staged_chunk(folder: Path, location: str) -> Path | None:
 def _read_staged(target: Path, name: str, offset: int, length: str | None) -> bytes:
     with open(target, "rb") as f:
         st = os.fstat(f.fileno())
-        if (st.st_dev, st.st_ino) not in _STAGED_LINKS:  # replaced since it was checked
+        if st.st_nlink != 2 or (st.st_dev, st.st_ino) not in _STAGED_LINKS:  # replaced or linked since checked
             raise UserError(f"{target}: changed while it was read (tensor {name})")
         size = st.st_size - offset if length is None else int(length)
         if offset < 0 or size < 0 or offset + size > st.st_size:
